@@ -1,0 +1,265 @@
+//! One `Config`, layered: defaults → TOML file → `FERROTUNE_*` environment → command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Every setting of the server. Field names are the TOML keys; the environment variable of a
+/// field is `FERROTUNE_` + its name in upper case (e.g. `FERROTUNE_MAX_UPLOAD_BYTES`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP server listens on.
+    pub bind: SocketAddr,
+    /// Where the store, uploaded datasets, task outputs and the JWT secret live.
+    pub data_dir: PathBuf,
+    /// Base models, one folder each.
+    pub models_dir: PathBuf,
+    /// Largest dataset upload accepted, in bytes.
+    pub max_upload_bytes: u64,
+    /// Largest JSON request body, in bytes.
+    pub max_json_bytes: usize,
+    /// Origins allowed by CORS. Empty: no CORS headers (the UI is same-origin). `*`: any origin.
+    /// A list, or one comma-separated string (handy in the environment).
+    #[serde(deserialize_with = "string_or_list")]
+    pub cors_origins: Vec<String>,
+    /// Lifetime of an access token (JWT), in seconds.
+    pub access_token_ttl_secs: u64,
+    /// Lifetime of a refresh token, in seconds.
+    pub refresh_token_ttl_secs: u64,
+    /// Lifetime of a refresh token when the user asked to be remembered, in seconds.
+    pub remember_me_ttl_secs: u64,
+    /// Failed logins on one account, inside `login_window_secs`, before it is throttled.
+    pub login_max_failures: u32,
+    /// Failed logins from one client address, inside `login_window_secs`, before it is throttled.
+    pub login_max_failures_per_ip: u32,
+    /// The window over which failures are counted and how long a throttle lasts, in seconds.
+    pub login_window_secs: u64,
+    /// Take the client address from `X-Forwarded-For` (only behind a trusted reverse proxy).
+    pub trust_forwarded_for: bool,
+    /// Mark the refresh-token cookie `Secure` (set when served over HTTPS).
+    pub cookie_secure: bool,
+    /// Signing secret for access tokens. Empty: a random secret is generated at first start
+    /// and kept in `<data_dir>/jwt_secret` (mode 0600). Set it only to share tokens between
+    /// several servers.
+    pub jwt_secret: String,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `ferrotune=debug,info`.
+    pub log: String,
+    /// Log format: `text` or `json`.
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./data"),
+            models_dir: PathBuf::from("./models"),
+            max_upload_bytes: 100 * 1024 * 1024,
+            max_json_bytes: 2 * 1024 * 1024,
+            cors_origins: Vec::new(),
+            access_token_ttl_secs: 60 * 60,
+            refresh_token_ttl_secs: 24 * 60 * 60,
+            remember_me_ttl_secs: 30 * 24 * 60 * 60,
+            login_max_failures: 5,
+            login_max_failures_per_ip: 20,
+            login_window_secs: 15 * 60,
+            trust_forwarded_for: false,
+            cookie_secure: false,
+            jwt_secret: String::new(),
+            log: "info".into(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// Values given on the command line; `None` leaves the lower layers in force.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub models_dir: Option<PathBuf>,
+}
+
+/// The config file used when `--config` / `FERROTUNE_CONFIG` names none.
+pub const DEFAULT_CONFIG_FILE: &str = "ferrotune.toml";
+
+impl Config {
+    /// Loads the layers. An explicitly named file must exist; the default `ferrotune.toml` in
+    /// the working directory is read only when present.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Config> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) => {
+                if !path.is_file() {
+                    anyhow::bail!("config file {} does not exist", path.display());
+                }
+                figment = figment.merge(Toml::file(path));
+            }
+            None => {
+                let default = Path::new(DEFAULT_CONFIG_FILE);
+                if default.is_file() {
+                    figment = figment.merge(Toml::file(default));
+                }
+            }
+        }
+        figment = figment
+            // Only variables naming a setting: others (FERROTUNE_CONFIG, FERROTUNE_PASSWORD…)
+            // belong to the command line.
+            .merge(Env::prefixed("FERROTUNE_").filter(|key| Config::is_setting(key.as_str())))
+            .merge(Serialized::globals(overrides));
+        let mut config: Config = figment
+            .extract()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        config.normalise();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// True when `name` (any case) is a setting's name.
+    pub fn is_setting(name: &str) -> bool {
+        static NAMES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+        let names = NAMES.get_or_init(|| match serde_json::to_value(Config::default()) {
+            Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+            _ => Vec::new(),
+        });
+        names.iter().any(|n| n.eq_ignore_ascii_case(name))
+    }
+
+    fn normalise(&mut self) {
+        let origins: Vec<String> = self
+            .cors_origins
+            .iter()
+            .flat_map(|o| o.split(','))
+            .map(|o| o.trim().to_string())
+            .filter(|o| !o.is_empty())
+            .collect();
+        self.cors_origins = origins;
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.max_upload_bytes == 0 {
+            anyhow::bail!("max_upload_bytes must be greater than 0");
+        }
+        if self.access_token_ttl_secs == 0 || self.refresh_token_ttl_secs == 0 {
+            anyhow::bail!("token lifetimes must be greater than 0");
+        }
+        if self.login_max_failures == 0 || self.login_max_failures_per_ip == 0 {
+            anyhow::bail!("login failure limits must be greater than 0");
+        }
+        if !self.jwt_secret.is_empty() && self.jwt_secret.len() < 32 {
+            anyhow::bail!("jwt_secret must be at least 32 characters (or empty to generate one)");
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, with secrets masked, for the start-up log.
+    pub fn display_masked(&self) -> String {
+        let mut shown = self.clone();
+        if !shown.jwt_secret.is_empty() {
+            shown.jwt_secret = "********".into();
+        }
+        toml::to_string(&shown).unwrap_or_else(|e| format!("<unprintable: {e}>"))
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.data_dir.join("store")
+    }
+
+    pub fn datasets_dir(&self) -> PathBuf {
+        self.data_dir.join("datasets")
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.data_dir.join("tmp")
+    }
+
+    pub fn jwt_secret_path(&self) -> PathBuf {
+        self.data_dir.join("jwt_secret")
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "custom.toml",
+                "max_upload_bytes = 1000\nmodels_dir = \"/m\"\nlog = \"debug\"",
+            )?;
+            jail.set_env("FERROTUNE_MAX_UPLOAD_BYTES", "2000");
+            jail.set_env(
+                "FERROTUNE_CORS_ORIGINS",
+                "http://a.example, http://b.example",
+            );
+            jail.set_env("FERROTUNE_CONFIG", "ignored-here.toml");
+            let overrides = Overrides {
+                models_dir: Some("/flag".into()),
+                ..Overrides::default()
+            };
+            let c = Config::load(Some(Path::new("custom.toml")), &overrides)
+                .map_err(|e| e.to_string())?;
+            assert_eq!(c.max_upload_bytes, 2000, "env beats file");
+            assert_eq!(c.models_dir, PathBuf::from("/flag"), "flag beats file");
+            assert_eq!(c.log, "debug", "file beats default");
+            assert_eq!(c.bind, Config::default().bind);
+            assert_eq!(c.cors_origins, vec!["http://a.example", "http://b.example"]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_files_are_errors() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "max_uplod_bytes = 1")?;
+            let err = Config::load(Some(Path::new("bad.toml")), &Overrides::default())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("max_uplod_bytes"), "{err}");
+            assert!(Config::load(Some(Path::new("nope.toml")), &Overrides::default()).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        let c = Config {
+            jwt_secret: "x".repeat(40),
+            ..Config::default()
+        };
+        let shown = c.display_masked();
+        assert!(!shown.contains(&"x".repeat(40)));
+        assert!(shown.contains("********"));
+    }
+}

@@ -1,0 +1,139 @@
+//! `/api/admin/*`: accounts and counts, for administrators only.
+
+use axum::Router;
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::AppState;
+use super::auth::UserView;
+use super::error::{Json, Path};
+use super::extract::AdminUser;
+use crate::error::{Error, Result};
+use crate::store::{Role, User};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/admin/users", get(list_users))
+        .route(
+            "/api/admin/users/{id}",
+            get(get_user).patch(update_user).delete(delete_user),
+        )
+        .route("/api/admin/stats", get(stats))
+}
+
+async fn list_users(state: AppState, _admin: AdminUser) -> Result<Json<serde_json::Value>> {
+    let users: Vec<UserView> = state.store.users()?.iter().map(UserView::from).collect();
+    Ok(Json(json!({ "users": users })))
+}
+
+async fn get_user(
+    state: AppState,
+    _admin: AdminUser,
+    Path(id): Path<String>,
+) -> Result<Json<UserView>> {
+    let user = state
+        .store
+        .user(&id)?
+        .ok_or_else(|| Error::not_found("user"))?;
+    Ok(Json(UserView::from(&user)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateBody {
+    role: Option<Role>,
+    disabled: Option<bool>,
+}
+
+/// True when `user` is the last enabled admin, so removing their powers would leave the
+/// service without one.
+fn is_last_admin(state: &AppState, user: &User) -> Result<bool> {
+    if user.role != Role::Admin || user.disabled {
+        return Ok(false);
+    }
+    let others = state
+        .store
+        .users()?
+        .iter()
+        .filter(|u| u.role == Role::Admin && !u.disabled && u.user_id != user.user_id)
+        .count();
+    Ok(others == 0)
+}
+
+async fn update_user(
+    state: AppState,
+    AdminUser(admin): AdminUser,
+    Path(id): Path<String>,
+    Json(body): Json<UpdateBody>,
+) -> Result<Json<UserView>> {
+    let mut user = state
+        .store
+        .user(&id)?
+        .ok_or_else(|| Error::not_found("user"))?;
+    let demotes = body.role == Some(Role::User) || body.disabled == Some(true);
+    if demotes && is_last_admin(&state, &user)? {
+        return Err(Error::conflict(
+            "last_admin",
+            "this is the last active administrator; promote another account first",
+        ));
+    }
+    if let Some(role) = body.role {
+        user.role = role;
+    }
+    if let Some(disabled) = body.disabled {
+        user.disabled = disabled;
+    }
+    user.updated_at = time::OffsetDateTime::now_utc();
+    state.store.update_user(&user).await?;
+    if user.disabled {
+        // Their access tokens stop at the next request (checked per request); end their
+        // refresh tokens too.
+        state
+            .store
+            .revoke_refresh_where(|t| t.user_id == user.user_id)?;
+        state.store.flush().await?;
+    }
+    tracing::info!(admin = %admin.user.user_id, user_id = %user.user_id, role = user.role.as_str(), disabled = user.disabled, "account updated");
+    Ok(Json(UserView::from(&user)))
+}
+
+async fn delete_user(
+    state: AppState,
+    AdminUser(admin): AdminUser,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>> {
+    let user = state
+        .store
+        .user(&id)?
+        .ok_or_else(|| Error::not_found("user"))?;
+    if is_last_admin(&state, &user)? {
+        return Err(Error::conflict(
+            "last_admin",
+            "this is the last active administrator; promote another account first",
+        ));
+    }
+    state.store.delete_user(&id).await?;
+    state.datasets.remove_owner_files(&id).await;
+    tracing::info!(admin = %admin.user.user_id, user_id = %id, "account deleted");
+    Ok(Json(
+        json!({"message": format!("deleted user {}", user.username)}),
+    ))
+}
+
+async fn stats(state: AppState, _admin: AdminUser) -> Result<Json<serde_json::Value>> {
+    let users = state.store.users()?;
+    let datasets = state.store.datasets().list_all()?;
+    Ok(Json(json!({
+        "users": {
+            "total": users.len(),
+            "admins": users.iter().filter(|u| u.role == Role::Admin).count(),
+            "disabled": users.iter().filter(|u| u.disabled).count(),
+        },
+        "datasets": {
+            "total": datasets.len(),
+            "bytes": datasets.iter().map(|d| d.size).sum::<u64>(),
+            "rows": datasets.iter().map(|d| d.num_rows).sum::<u64>(),
+        },
+    })))
+}

@@ -1,0 +1,230 @@
+//! The HTTP server: axum router, shared state, middleware, graceful shutdown.
+
+mod admin;
+mod auth;
+mod datasets;
+pub mod error;
+mod extract;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath};
+use axum::http::request::Parts;
+use axum::http::{HeaderName, HeaderValue, Method, Request, header};
+use axum::routing::get;
+use serde_json::json;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::datasets::Datasets;
+use crate::error::{Error, Kind};
+use crate::store::Store;
+
+/// Everything a handler may need. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<App>);
+
+pub struct App {
+    pub config: Config,
+    pub store: Store,
+    pub auth: Arc<Auth>,
+    pub datasets: Datasets,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = App;
+    fn deref(&self) -> &App {
+        &self.0
+    }
+}
+
+impl FromRequestParts<AppState> for AppState {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(_: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        Ok(state.clone())
+    }
+}
+
+impl AppState {
+    /// Opens the store and sets up every service for `config` (whose directories must be
+    /// absolute; see [`absolute_dirs`]).
+    pub fn open(config: Config) -> anyhow::Result<AppState> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let store = Store::open(&config.store_dir())?;
+        let auth = Auth::new(store.clone(), &config)?;
+        let datasets = Datasets::new(
+            store.clone(),
+            config.datasets_dir(),
+            config.tmp_dir(),
+            config.max_upload_bytes,
+        )?;
+        Ok(AppState(Arc::new(App {
+            config,
+            store,
+            auth,
+            datasets,
+        })))
+    }
+}
+
+/// Makes the configured directories absolute, so recorded paths stay valid whatever the
+/// working directory of a later process.
+pub fn absolute_dirs(config: &mut Config) -> std::io::Result<()> {
+    config.data_dir = std::path::absolute(&config.data_dir)?;
+    config.models_dir = std::path::absolute(&config.models_dir)?;
+    Ok(())
+}
+
+pub fn router(state: AppState) -> Router {
+    let x_request_id = HeaderName::from_static("x-request-id");
+    let api = Router::new()
+        .route("/health", get(health))
+        .merge(auth::router())
+        .merge(datasets::router(state.config.max_upload_bytes))
+        .merge(admin::router())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.config.max_json_bytes));
+
+    let trace = TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+        let route = req
+            .extensions()
+            .get::<MatchedPath>()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| req.uri().path().to_string());
+        let id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        tracing::info_span!("request", method = %req.method(), route = %route, request_id = %id)
+    });
+
+    let mut app = api
+        .layer(trace)
+        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
+        .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid));
+    if let Some(cors) = cors_layer(&state.config.cors_origins) {
+        app = app.layer(cors);
+    }
+    app.with_state(state)
+}
+
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let base = CorsLayer::new()
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+        ])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .max_age(Duration::from_secs(3600));
+    if origins.iter().any(|o| o == "*") {
+        return Some(base.allow_origin(AllowOrigin::any()));
+    }
+    let list: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| match HeaderValue::from_str(o) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                tracing::warn!(origin = %o, "ignoring an invalid CORS origin");
+                None
+            }
+        })
+        .collect();
+    Some(base.allow_origin(list).allow_credentials(true))
+}
+
+async fn health() -> axum::Json<serde_json::Value> {
+    axum::Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
+}
+
+async fn not_found() -> Error {
+    Error::new(Kind::NotFound, "no_route", "no such route")
+}
+
+async fn method_not_allowed() -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
+    (
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        axum::Json(json!({"error": "method not allowed", "code": "method_not_allowed"})),
+    )
+}
+
+/// Serves until SIGTERM or Ctrl-C, then drains in-flight requests and flushes the store.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let state = AppState::open(config)?;
+    let listener = tokio::net::TcpListener::bind(state.config.bind)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", state.config.bind))?;
+    let addr = listener.local_addr()?;
+
+    let sweeper = {
+        let auth = state.auth.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tick.tick().await;
+                match auth.sweep_expired() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "expired refresh tokens swept"),
+                    Err(e) => tracing::warn!(error = %e, "refresh token sweep failed"),
+                }
+            }
+        })
+    };
+
+    let store = state.store.clone();
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    tracing::info!(
+        startup_ms = started.elapsed().as_millis() as u64,
+        "listening on http://{addr}"
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    sweeper.abort();
+    store.flush().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}

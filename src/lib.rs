@@ -1,0 +1,11 @@
+//! ferrotune: self-hosted LLM fine-tuning and serving in one binary.
+//!
+//! See ARCHITECTURE.md for the map of the crate.
+
+pub mod auth;
+pub mod config;
+pub mod datasets;
+pub mod error;
+pub mod http;
+pub mod store;
+pub mod telemetry;

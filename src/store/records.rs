@@ -1,0 +1,156 @@
+//! The records kept in the store. Each is self-describing JSON; fields added later carry
+//! `#[serde(default)]` so older records still read.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use super::OwnedRecord;
+use crate::datasets::format::{Container, DatasetFormat};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    User,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::User => "user",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct User {
+    pub user_id: String,
+    pub username: String,
+    pub email: String,
+    /// PHC string (argon2id).
+    pub password_hash: String,
+    pub role: Role,
+    #[serde(default)]
+    pub disabled: bool,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+impl User {
+    pub fn new(username: String, email: String, password_hash: String) -> User {
+        let now = OffsetDateTime::now_utc();
+        User {
+            user_id: super::new_id(),
+            username,
+            email,
+            password_hash,
+            role: Role::User,
+            disabled: false,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
+/// A refresh token, stored under the SHA-256 of its secret.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefreshToken {
+    pub user_id: String,
+    /// Every token rotated from one login shares a family; reuse of a rotated token
+    /// revokes the whole family.
+    pub family: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    pub remember: bool,
+    /// Unix seconds at which this token was rotated away, if it was.
+    #[serde(default)]
+    pub rotated_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub key_id: String,
+    pub owner: String,
+    pub name: String,
+    /// The first characters of the secret, to recognise it in a list.
+    pub prefix: String,
+    /// SHA-256 of the secret (the secret has 256 bits of entropy, so a fast hash suffices).
+    #[serde(with = "hex_bytes")]
+    pub secret_hash: Vec<u8>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+impl OwnedRecord for ApiKey {
+    fn id(&self) -> &str {
+        &self.key_id
+    }
+    fn owner(&self) -> &str {
+        &self.owner
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Dataset {
+    pub file_id: String,
+    pub owner: String,
+    /// The client's file name, sanitised; never used as a path.
+    pub filename: String,
+    /// Absolute path of the stored file.
+    pub file_path: String,
+    pub size: u64,
+    pub format: DatasetFormat,
+    pub container: Container,
+    pub num_rows: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+impl OwnedRecord for Dataset {
+    fn id(&self) -> &str {
+        &self.file_id
+    }
+    fn owner(&self) -> &str {
+        &self.owner
+    }
+}
+
+#[cfg(test)]
+impl Dataset {
+    pub fn example(owner: &str) -> Dataset {
+        Dataset {
+            file_id: super::new_id(),
+            owner: owner.into(),
+            filename: "d.json".into(),
+            file_path: "/tmp/d.json".into(),
+            size: 1,
+            format: DatasetFormat::Alpaca,
+            container: Container::Json,
+            num_rows: 1,
+            created_at: OffsetDateTime::now_utc(),
+        }
+    }
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        s.serialize_str(&hex)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() % 2 != 0 {
+            return Err(serde::de::Error::custom("odd hex length"));
+        }
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
