@@ -1,10 +1,19 @@
 # ferrotune: `make test` runs every test; `make lint` checks formatting and clippy.
+#
+# The tests train for real, so `make test` first makes sure the managed Python training
+# environment exists (`ferrotune setup`: a few minutes and ~6.6 GB the first time, then
+# cached under ~/.cache/ferrotune and reused by every clone).
 CARGO ?= cargo
+BIN := target/debug/ferrotune
 
-.PHONY: test lint run release fmt
+.PHONY: test lint run release fmt setup
 
-test:
-	$(CARGO) test --all-targets --locked
+test: setup
+	FERROTUNE_TRAIN_PYTHON="$$($(BIN) setup --print-python)" $(CARGO) test --all-targets --locked
+
+setup:
+	$(CARGO) build --locked
+	$(BIN) setup
 
 lint:
 	$(CARGO) fmt --all -- --check

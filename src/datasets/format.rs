@@ -5,9 +5,9 @@
 //! * [`Container::Json`]: a JSON array of records (first non-whitespace byte `[`);
 //! * [`Container::Jsonl`]: JSON Lines, one record object per line, blank lines skipped (first
 //!   non-whitespace byte `{`);
-//! * [`Container::Csv`]: CSV with a header row (chosen when the client's file name ends in
-//!   `.csv`, or, whatever the name, when the content is not JSON and its first line is a header
-//!   with `instruction` and `output` columns).
+//! * [`Container::Csv`]: CSV with a header row, chosen when the content does not start with `[`
+//!   or `{` and either the client's file name ends in `.csv` or the first line is a header with
+//!   `instruction` and `output` columns. Blank lines are skipped.
 //!
 //! The content decides between JSON and JSON Lines; a `.json`/`.jsonl` name is only a hint. A
 //! UTF-8 byte order mark is skipped; UTF-16 text is refused.
@@ -33,7 +33,8 @@
 //!
 //! In both conversation formats the text of human/user, gpt/assistant and
 //! function_call/function turns must not be blank; system and observation/tool turns may be.
-//! Fields other than those named here are ignored.
+//! Fields other than those named here are ignored. A record with the keys of two formats
+//! (say `instruction` and `messages`) is refused as ambiguous.
 //!
 //! A CSV file is always alpaca: `instruction` and `output` columns are required, `input` and
 //! `system` are optional, other columns are ignored (and left out of previews). Header names are
@@ -50,16 +51,16 @@
 //! * CSV: `row N`: the 1-based data row (the header is not counted, so row 1 is the record after
 //!   the header; a quoted cell may span several lines), or `header`;
 //! * JSON syntax and UTF-8 errors: `line L, column C`, both 1-based, the column counted in
-//!   bytes (as serde_json counts);
+//!   bytes (as serde_json counts); just `line L` when the array or a JSON Lines record ends
+//!   early;
 //! * problems with the whole file (empty, no records, unknown content): no location.
 //!
 //! Within a record, nested places are JSON paths with 0-based indexes, as in
-//! `record 3 (line 9): conversations[1]: expected a gpt or function_call turn, found `human``.
+//! ``record 3 (line 9): conversations[1]: expected a gpt or function_call turn, found `human` ``.
 //!
 //! Everything is streamed: one record (one JSON value, JSON Lines line or CSV row) is in memory
 //! at a time, however long.
 
-use std::cell::Cell;
 use std::ffi::OsStr;
 use std::fmt;
 use std::fs::File;
@@ -151,6 +152,10 @@ pub struct Summary {
     pub container: Container,
     /// The number of records (data rows for CSV).
     pub num_rows: u64,
+    /// Top-level fields present in at least one record (CSV: those of `instruction`, `input`,
+    /// `output` and `system` in the header), sorted.
+    /// LlamaFactory needs to be told only about optional columns that exist.
+    pub columns: Vec<String>,
 }
 
 /// What is wrong with a dataset, and where (see the module documentation for the location
@@ -224,19 +229,46 @@ pub fn inspect(path: &Path, name_hint: Option<&str>) -> Result<Summary, InspectE
             .is_some_and(|ext| ext.eq_ignore_ascii_case("csv"))
     });
 
+    let mut columns = std::collections::BTreeSet::new();
+    let mut note_keys = |value: &Value| {
+        if let Some(obj) = value.as_object() {
+            for k in obj.keys() {
+                if !columns.contains(k) {
+                    columns.insert(k.clone());
+                }
+            }
+        }
+    };
     let (container, format, num_rows) = match first {
         b'[' => {
             let mut checker = Checker::default();
-            let rows = stream_json_array(path, |value| checker.check(&value).map(|()| true))?;
+            let rows = stream_json_array(path, |value| {
+                checker.check(&value)?;
+                note_keys(&value);
+                Ok(true)
+            })?;
             (Container::Json, checker.format, rows)
         }
         b'{' => {
             let mut checker = Checker::default();
-            let rows = stream_jsonl(path, |value| checker.check(&value).map(|()| true))?;
+            let rows = stream_jsonl(path, |value| {
+                checker.check(&value)?;
+                note_keys(&value);
+                Ok(true)
+            })?;
             (Container::Jsonl, checker.format, rows)
         }
         _ if csv_hint || looks_like_alpaca_csv(path)? => {
             let rows = stream_csv(path, |row| row.check().map(|()| true))?;
+            let mut reader = csv::Reader::from_reader(open_content(path)?);
+            if let Ok(headers) = reader.headers() {
+                for h in headers {
+                    let h = h.trim();
+                    if ["instruction", "input", "output", "system"].contains(&h) {
+                        columns.insert(h.to_string());
+                    }
+                }
+            }
             (Container::Csv, Some(DatasetFormat::Alpaca), rows)
         }
         _ => return Err(FormatError::new(UNKNOWN_CONTENT).into()),
@@ -246,6 +278,7 @@ pub fn inspect(path: &Path, name_hint: Option<&str>) -> Result<Summary, InspectE
             format,
             container,
             num_rows,
+            columns: columns.into_iter().collect(),
         }),
         _ => Err(FormatError::new("no records").into()),
     }
@@ -320,57 +353,74 @@ fn first_content_byte(reader: &mut impl BufRead) -> io::Result<Option<u8>> {
     }
 }
 
-/// Counts lines in what serde_json reads, and notes the line on which a record starts.
-#[derive(Default)]
-struct LineTracker {
-    /// The current 1-based line, less one.
-    newlines: Cell<u64>,
-    /// Whether the next significant byte starts a record.
-    armed: Cell<bool>,
-    /// The 1-based line on which the latest record started.
-    start: Cell<u64>,
-}
-
-impl LineTracker {
-    fn arm(&self) {
-        self.armed.set(true);
-    }
-
-    fn see(&self, bytes: &[u8]) {
-        for &b in bytes {
+/// The 1-based line on which the `index`th (1-based) element of the JSON array starts, found
+/// by scanning the file again. Used only to report an invalid record: tracking lines while
+/// parsing would make serde_json read through a wrapper byte by byte, several times slower.
+/// The elements before `index` parsed, so a scan that only follows strings and brackets is
+/// exact.
+fn array_element_line(path: &Path, index: u64) -> Result<Option<u64>, InspectError> {
+    let mut reader = open_content(path)?;
+    let mut line = 1u64;
+    let mut depth = 0u64;
+    let mut in_string = false;
+    let mut escaped = false;
+    // Whether the next significant byte at depth 1 starts an element.
+    let mut expecting = false;
+    let mut seen = 0u64;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        for &b in buf {
             if b == b'\n' {
-                self.newlines.set(self.newlines.get() + 1);
-            } else if self.armed.get() && !is_json_whitespace(b) && b != b',' {
-                self.armed.set(false);
-                self.start.set(self.newlines.get() + 1);
+                line += 1;
+            }
+            if in_string {
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' {
+                    escaped = true;
+                } else if b == b'"' {
+                    in_string = false;
+                }
+                continue;
+            }
+            if depth == 1 && expecting && !is_json_whitespace(b) && b != b',' && b != b']' {
+                seen += 1;
+                if seen == index {
+                    return Ok(Some(line));
+                }
+                expecting = false;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth == 1 {
+                        expecting = true;
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                b',' if depth == 1 => expecting = true,
+                _ => {}
             }
         }
-    }
-}
-
-struct TrackedReader<'a, R> {
-    inner: R,
-    tracker: &'a LineTracker,
-}
-
-impl<R: Read> Read for TrackedReader<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.tracker.see(&buf[..n]);
-        Ok(n)
+        let n = buf.len();
+        reader.consume(n);
     }
 }
 
 /// Why the array visitor stopped early.
 enum Halt {
-    Invalid(FormatError),
+    /// The record at this 1-based index is invalid.
+    Invalid(u64, String),
     Enough(u64),
 }
 
 /// Pulls the elements of a JSON array one at a time and hands them to `on_record`, which
 /// returns whether to go on, or what is wrong with the record.
 struct ArrayVisitor<'a, F> {
-    tracker: &'a LineTracker,
     halt: &'a mut Option<Halt>,
     on_record: F,
 }
@@ -388,7 +438,6 @@ where
     fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<u64, A::Error> {
         let mut count = 0u64;
         loop {
-            self.tracker.arm();
             let Some(value) = seq.next_element::<Value>()? else {
                 return Ok(count);
             };
@@ -400,8 +449,7 @@ where
                     return Err(de::Error::custom("enough records"));
                 }
                 Err(message) => {
-                    let location = format!("record {count} (line {})", self.tracker.start.get());
-                    *self.halt = Some(Halt::Invalid(FormatError::at(location, message)));
+                    *self.halt = Some(Halt::Invalid(count, message));
                     return Err(de::Error::custom("invalid record"));
                 }
             }
@@ -425,20 +473,21 @@ fn stream_json_array<F>(path: &Path, on_record: F) -> Result<u64, InspectError>
 where
     F: FnMut(Value) -> Result<bool, String>,
 {
-    let tracker = LineTracker::default();
-    let reader = TrackedReader {
-        inner: open_content(path)?,
-        tracker: &tracker,
-    };
+    let reader = open_content(path)?;
     let mut de = serde_json::Deserializer::from_reader(reader);
     let mut halt = None;
     let result = (&mut de).deserialize_seq(ArrayVisitor {
-        tracker: &tracker,
         halt: &mut halt,
         on_record,
     });
     match (halt, result) {
-        (Some(Halt::Invalid(e)), _) => Err(e.into()),
+        (Some(Halt::Invalid(index, message)), _) => {
+            let location = match array_element_line(path, index)? {
+                Some(line) => format!("record {index} (line {line})"),
+                None => format!("record {index}"),
+            };
+            Err(FormatError::at(location, message).into())
+        }
         (Some(Halt::Enough(count)), _) => Ok(count),
         (None, Ok(count)) => match de.end() {
             Ok(()) => Ok(count),
@@ -948,12 +997,33 @@ mod tests {
         f
     }
 
+    /// The summary without its columns (checked on their own in `columns_are_reported`).
     fn inspect_bytes(bytes: impl AsRef<[u8]>, hint: Option<&str>) -> Summary {
         let f = file(bytes);
         match inspect(f.path(), hint) {
-            Ok(summary) => summary,
+            Ok(summary) => Summary {
+                columns: Vec::new(),
+                ..summary
+            },
             Err(e) => panic!("expected a valid dataset, got: {e}"),
         }
+    }
+
+    #[test]
+    fn columns_are_reported() {
+        let f = file(
+            "{\"instruction\": \"a\", \"output\": \"b\"}\n\
+             {\"instruction\": \"a\", \"output\": \"b\", \"history\": [[\"q\", \"r\"]]}\n",
+        );
+        let s = inspect(f.path(), None).unwrap();
+        assert_eq!(s.columns, vec!["history", "instruction", "output"]);
+        let f = file("instruction,input,output,notes\na,,b,x\n");
+        let s = inspect(f.path(), Some("d.csv")).unwrap();
+        assert_eq!(
+            s.columns,
+            vec!["input", "instruction", "output"],
+            "header columns, known ones"
+        );
     }
 
     /// The user-facing error for invalid content.
@@ -984,6 +1054,7 @@ mod tests {
             format,
             container,
             num_rows,
+            columns: Vec::new(),
         }
     }
 
@@ -1096,6 +1167,18 @@ mod tests {
             inspect_bytes(csv, Some("Data.CSV")),
             summary(DatasetFormat::Alpaca, Container::Csv, 3)
         );
+        // Blank lines and CRLF line ends.
+        assert_eq!(
+            inspect_bytes(
+                "\r\n\r\ninstruction,output\r\nq,a\r\n\r\nq2,a2\r\n",
+                Some("a.csv")
+            ),
+            summary(DatasetFormat::Alpaca, Container::Csv, 2)
+        );
+        assert_eq!(
+            error("instruction,output\r\nq,a\r\n\r\nq2,\r\n", Some("a.csv")),
+            "row 2: `output` is empty"
+        );
         // Not JSON and an alpaca header: CSV whatever the name.
         assert_eq!(
             inspect_bytes("instruction,output\nq,a\n", None),
@@ -1204,8 +1287,8 @@ mod tests {
     fn mixed_shapes() {
         let mut records = alpaca();
         records.push(sharegpt()[0].clone());
-        // Record 4 of the pretty array starts on line 17.
         let text = array(&records);
+        // The record starts on the line before its `conversations` key (0-based index).
         let line = text
             .lines()
             .position(|l| l.contains("conversations"))
@@ -1229,6 +1312,29 @@ mod tests {
     }
 
     #[test]
+    fn record_lines_skip_strings_and_nesting() {
+        let text = r#"[
+  {"instruction": "a [x] {y}, \"q\" \\", "output": "b]", "history": [["p,", "r}"]]},
+  {"instruction": "c",
+   "output": "d"},
+
+  {"conversations": []}, {"instruction": "e", "output": "f"}
+]"#;
+        assert_eq!(
+            error(text, None),
+            "record 3 (line 6): looks like sharegpt (`conversations`) but the file's first \
+             record is alpaca"
+        );
+        let text = text.replace(r#"{"conversations": []}, "#, "");
+        assert_eq!(inspect_bytes(&text, None).num_rows, 3);
+        let text = text.replace(r#""output": "f""#, r#""output": 7"#);
+        assert_eq!(
+            error(&text, None),
+            "record 3 (line 6): `output` must be a string, found a number"
+        );
+    }
+
+    #[test]
     fn huge_line() {
         let big = "x".repeat(20 * 1024 * 1024);
         let records = [
@@ -1236,9 +1342,10 @@ mod tests {
             json!({"instruction": "b", "output": "c"}),
         ];
         let f = file(lines(&records));
+        let s = inspect(f.path(), Some("big.jsonl")).unwrap();
         assert_eq!(
-            inspect(f.path(), Some("big.jsonl")).unwrap(),
-            summary(DatasetFormat::Alpaca, Container::Jsonl, 2)
+            (s.format, s.container, s.num_rows),
+            (DatasetFormat::Alpaca, Container::Jsonl, 2)
         );
         let first = preview(f.path(), Container::Jsonl, 1).unwrap();
         assert_eq!(first.len(), 1);
@@ -1609,59 +1716,5 @@ mod tests {
             ]
         );
         assert_eq!(preview(f.path(), Container::Csv, 10).unwrap().len(), 3);
-    }
-
-    #[test]
-    #[ignore]
-    fn zz_perf() {
-        use std::time::Instant;
-        let dir = std::env::temp_dir();
-        let rec = json!({"instruction": "x".repeat(500), "input": "y".repeat(300), "output": "z é".repeat(100)});
-        let n = 100 * 1024 * 1024 / (rec.to_string().len() + 8);
-        let pa = dir.join("ferro_perf.json");
-        let pl = dir.join("ferro_perf.jsonl");
-        let pc = dir.join("ferro_perf.csv");
-        {
-            let mut a = std::io::BufWriter::new(File::create(&pa).unwrap());
-            let mut l = std::io::BufWriter::new(File::create(&pl).unwrap());
-            let mut c = std::io::BufWriter::new(File::create(&pc).unwrap());
-            writeln!(a, "[").unwrap();
-            writeln!(c, "instruction,input,output").unwrap();
-            for i in 0..n {
-                let sep = if i + 1 == n { "" } else { "," };
-                writeln!(
-                    a,
-                    "  {}{}",
-                    serde_json::to_string_pretty(&rec).unwrap(),
-                    sep
-                )
-                .unwrap();
-                writeln!(l, "{}", rec).unwrap();
-                writeln!(
-                    c,
-                    "{},{},\"{}\"",
-                    "x".repeat(500),
-                    "y".repeat(300),
-                    "z é".repeat(100)
-                )
-                .unwrap();
-            }
-            writeln!(a, "]").unwrap();
-        }
-        for (p, c) in [
-            (&pa, Container::Json),
-            (&pl, Container::Jsonl),
-            (&pc, Container::Csv),
-        ] {
-            let t = Instant::now();
-            let s = inspect(p, Some(&p.to_string_lossy())).unwrap();
-            eprintln!(
-                "{c:?}: {s:?} {} MB in {:?}",
-                std::fs::metadata(p).unwrap().len() / 1_000_000,
-                t.elapsed()
-            );
-            assert_eq!(s.container, c);
-            std::fs::remove_file(p).unwrap();
-        }
     }
 }

@@ -121,6 +121,7 @@ impl Datasets {
             format: summary.format,
             container: summary.container,
             num_rows: summary.num_rows,
+            columns: summary.columns,
             created_at: OffsetDateTime::now_utc(),
         };
         // If recording fails, the guard removes the renamed file too.

@@ -5,6 +5,7 @@ mod auth;
 mod datasets;
 pub mod error;
 mod extract;
+mod tasks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,7 +25,9 @@ use crate::auth::Auth;
 use crate::config::Config;
 use crate::datasets::Datasets;
 use crate::error::{Error, Kind};
+use crate::pyenv::{EnvTracker, PyEnv};
 use crate::store::Store;
+use crate::training::Trainer;
 
 /// Everything a handler may need. Cheap to clone.
 #[derive(Clone)]
@@ -35,6 +38,18 @@ pub struct App {
     pub store: Store,
     pub auth: Arc<Auth>,
     pub datasets: Datasets,
+    pub trainer: Arc<Trainer>,
+    /// Progress of the default model's pull at start, for `/api/system/status`.
+    pub model_pull: std::sync::RwLock<PullStatus>,
+}
+
+/// What the server is doing about its default model.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PullStatus {
+    /// `idle`, `pulling`, `done` or `failed`.
+    pub state: String,
+    pub model: String,
+    pub message: String,
 }
 
 impl std::ops::Deref for AppState {
@@ -65,11 +80,18 @@ impl AppState {
             config.tmp_dir(),
             config.max_upload_bytes,
         )?;
+        let env = EnvTracker::new(PyEnv::locate(Some(&config.python_env_dir)));
+        let trainer = Trainer::new(store.clone(), &config, env);
         Ok(AppState(Arc::new(App {
             config,
             store,
             auth,
             datasets,
+            trainer,
+            model_pull: std::sync::RwLock::new(PullStatus {
+                state: "idle".into(),
+                ..PullStatus::default()
+            }),
         })))
     }
 }
@@ -89,6 +111,7 @@ pub fn router(state: AppState) -> Router {
         .merge(auth::router())
         .merge(datasets::router(state.config.max_upload_bytes))
         .merge(admin::router())
+        .merge(tasks::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_json_bytes));
@@ -186,6 +209,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         })
     };
 
+    state.trainer.recover().await?;
+    let scheduler = state.trainer.spawn_scheduler();
+    if state.config.auto_setup && !state.trainer.env().is_ready() {
+        let env = state.trainer.env().clone();
+        tokio::spawn(async move { env.ensure().await });
+    }
+    spawn_default_model_pull(&state);
+
     let store = state.store.clone();
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     tracing::info!(
@@ -196,9 +227,57 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     sweeper.abort();
+    scheduler.abort();
     store.flush().await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Pulls the configured default model in the background when the models dir has none, so a
+/// fresh install can chat and train without a manual step.
+fn spawn_default_model_pull(state: &AppState) {
+    let name = state.config.default_model.trim().to_string();
+    if name.is_empty() {
+        return;
+    }
+    let models_dir = state.config.models_dir.clone();
+    match crate::models::list_base_models(&models_dir) {
+        Ok(models) if !models.is_empty() => return,
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(dir = %models_dir.display(), error = %e, "cannot read the models dir");
+            return;
+        }
+        _ => {}
+    }
+    let state = state.clone();
+    tokio::spawn(async move {
+        let set = |st: &str, msg: &str| {
+            if let Ok(mut s) = state.model_pull.write() {
+                s.state = st.into();
+                s.model = name.clone();
+                s.message = msg.into();
+            }
+        };
+        set("pulling", "starting");
+        tracing::info!(model = %name, dir = %models_dir.display(), "no base model yet: pulling the default model");
+        let progress = |line: &str| {
+            tracing::info!(target: "ferrotune::models", "{line}");
+            if let Ok(mut s) = state.model_pull.write() {
+                s.message = line.to_string();
+            }
+        };
+        let python = std::path::PathBuf::from(crate::pyenv::BUILD_PYTHON);
+        match crate::models::pull(&models_dir, &name, &python, progress).await {
+            Ok(m) => {
+                set("done", &format!("{} ready at {}", m.name, m.path.display()));
+                tracing::info!(model = %m.name, "default model ready");
+            }
+            Err(e) => {
+                set("failed", &format!("{e:#}"));
+                tracing::error!(model = %name, error = %format!("{e:#}"), "pulling the default model failed");
+            }
+        }
+    });
 }
 
 async fn shutdown_signal() {

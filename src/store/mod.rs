@@ -184,6 +184,9 @@ struct Inner {
     api_key_hashes: sled::Tree,
     api_keys: Owned<ApiKey>,
     datasets: Owned<Dataset>,
+    tasks: Owned<Task>,
+    models: Owned<ModelRecord>,
+    task_metrics: sled::Tree,
 }
 
 /// A migration from version `N` (its index + 1... see [`MIGRATIONS`]) to the next.
@@ -220,6 +223,9 @@ impl Store {
             api_key_hashes: db.open_tree("api_key_hashes")?,
             api_keys: Owned::open(&db, "api_keys")?,
             datasets: Owned::open(&db, "datasets")?,
+            tasks: Owned::open(&db, "tasks")?,
+            models: Owned::open(&db, "models")?,
+            task_metrics: db.open_tree("task_metrics")?,
             db,
         };
         Ok(Store {
@@ -233,6 +239,44 @@ impl Store {
 
     pub fn datasets(&self) -> &Owned<Dataset> {
         &self.inner.datasets
+    }
+
+    pub fn tasks(&self) -> &Owned<Task> {
+        &self.inner.tasks
+    }
+
+    pub fn models(&self) -> &Owned<ModelRecord> {
+        &self.inner.models
+    }
+
+    /// Appends a loss-curve point (not flushed: points are cheap to lose, the task is not).
+    pub fn add_metric(&self, task_id: &str, point: &MetricPoint) -> Result<()> {
+        let mut key = owner_prefix(task_id);
+        key.extend_from_slice(&point.step.to_be_bytes());
+        self.inner.task_metrics.insert(key, encode(point)?)?;
+        Ok(())
+    }
+
+    /// A task's loss-curve points, by step.
+    pub fn metrics(&self, task_id: &str) -> Result<Vec<MetricPoint>> {
+        self.inner
+            .task_metrics
+            .scan_prefix(owner_prefix(task_id))
+            .values()
+            .map(|v| decode(&v?))
+            .collect()
+    }
+
+    pub fn remove_metrics(&self, task_id: &str) -> Result<()> {
+        for key in self
+            .inner
+            .task_metrics
+            .scan_prefix(owner_prefix(task_id))
+            .keys()
+        {
+            self.inner.task_metrics.remove(key?)?;
+        }
+        Ok(())
     }
 
     pub fn api_keys_of(&self) -> &Owned<ApiKey> {

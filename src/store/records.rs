@@ -105,6 +105,9 @@ pub struct Dataset {
     pub format: DatasetFormat,
     pub container: Container,
     pub num_rows: u64,
+    /// Top-level fields present in the records (CSV: recognised header columns).
+    #[serde(default)]
+    pub columns: Vec<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
 }
@@ -130,6 +133,7 @@ impl Dataset {
             format: DatasetFormat::Alpaca,
             container: Container::Json,
             num_rows: 1,
+            columns: vec!["instruction".into(), "output".into()],
             created_at: OffsetDateTime::now_utc(),
         }
     }
@@ -153,4 +157,125 @@ mod hex_bytes {
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(serde::de::Error::custom))
             .collect()
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskStatus {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl TaskStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Queued => "queued",
+            TaskStatus::Running => "running",
+            TaskStatus::Completed => "completed",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_active(self) -> bool {
+        matches!(self, TaskStatus::Queued | TaskStatus::Running)
+    }
+}
+
+/// Live progress of a task, as the worker last reported it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    pub current_step: u64,
+    pub total_steps: u64,
+    pub percentage: f64,
+    pub epoch: f64,
+    pub loss: Option<f64>,
+    pub learning_rate: Option<f64>,
+    pub elapsed_s: f64,
+    pub eta_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Task {
+    pub task_id: String,
+    pub owner: String,
+    pub spec: crate::training::spec::TaskSpec,
+    pub dataset_id: Option<String>,
+    pub paths: crate::training::spec::RunPaths,
+    pub status: TaskStatus,
+    #[serde(default)]
+    pub progress: Progress,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub diagnosis: Option<String>,
+    #[serde(default)]
+    pub model_id: Option<String>,
+    #[serde(default)]
+    pub pid: Option<u32>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub started_at: Option<OffsetDateTime>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+}
+
+impl OwnedRecord for Task {
+    fn id(&self) -> &str {
+        &self.task_id
+    }
+    fn owner(&self) -> &str {
+        &self.owner
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    Base,
+    Adapter,
+    /// A full fine-tune: a complete model of its own.
+    Full,
+}
+
+/// A model a user owns: today, the adapter a finished task produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelRecord {
+    pub model_id: String,
+    pub owner: String,
+    pub name: String,
+    pub model_path: String,
+    pub kind: ModelKind,
+    /// The base model's name (its folder in the models dir).
+    pub base_model: String,
+    pub task_id: Option<String>,
+    pub size: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+impl OwnedRecord for ModelRecord {
+    fn id(&self) -> &str {
+        &self.model_id
+    }
+    fn owner(&self) -> &str {
+        &self.owner
+    }
+}
+
+/// One point of a task's loss curve.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MetricPoint {
+    pub step: u64,
+    pub loss: Option<f64>,
+    pub learning_rate: Option<f64>,
+    pub epoch: f64,
+    /// Seconds since the worker started.
+    pub t: f64,
 }

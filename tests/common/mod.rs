@@ -14,6 +14,7 @@ pub struct Server {
     child: Option<Child>,
     pub base: String,
     pub data_dir: PathBuf,
+    pub models_dir: PathBuf,
     _dir: Option<tempfile::TempDir>,
     env: Vec<(String, String)>,
 }
@@ -21,8 +22,27 @@ pub struct Server {
 impl Server {
     /// A server with a fresh data dir and the given extra `FERROTUNE_*` settings.
     pub fn start(env: &[(&str, &str)]) -> Server {
+        Self::start_with(None, env)
+    }
+
+    /// Like [`Server::start`], with a given models dir (default: an empty temporary one).
+    /// Unless `env` says otherwise, the server neither installs the Python environment nor
+    /// pulls a default model.
+    pub fn start_with(models_dir: Option<&Path>, env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let data_dir = dir.path().join("data");
+        let models_dir = models_dir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.path().join("models"));
+        let mut env: Vec<(&str, &str)> = env.to_vec();
+        for (k, v) in [
+            ("FERROTUNE_AUTO_SETUP", "false"),
+            ("FERROTUNE_DEFAULT_MODEL", ""),
+        ] {
+            if !env.iter().any(|(key, _)| *key == k) {
+                env.push((k, v));
+            }
+        }
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -31,6 +51,7 @@ impl Server {
             child: None,
             base: String::new(),
             data_dir,
+            models_dir,
             _dir: Some(dir),
             env,
         };
@@ -39,7 +60,7 @@ impl Server {
     }
 
     fn spawn(&mut self) {
-        let models = self.data_dir.parent().expect("parent").join("models");
+        let models = self.models_dir.clone();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrotune"));
         cmd.arg("serve")
             .arg("--bind")

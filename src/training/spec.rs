@@ -1,0 +1,609 @@
+//! A training task's specification: what the client sends, its validation (every bad value is
+//! a 422 at submit time), and its mapping to LlamaFactory arguments.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::datasets::format::{Container, DatasetFormat};
+use crate::error::{Error, Kind, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    #[default]
+    Sft,
+    Pt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FinetuningType {
+    #[default]
+    Lora,
+    Full,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Auto,
+    Bf16,
+    Fp16,
+    Fp32,
+}
+
+/// The body of `POST /api/tasks`. Unknown fields are refused.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskRequest {
+    pub name: String,
+    pub model_name: String,
+    pub dataset_id: Option<String>,
+    pub dataset_path: Option<String>,
+    pub epochs: Option<f64>,
+    pub learning_rate: Option<f64>,
+    pub batch_size: Option<u32>,
+    pub output_dir: Option<String>,
+    pub stage: Option<Stage>,
+    pub finetuning_type: Option<FinetuningType>,
+    pub lora_rank: Option<u32>,
+    pub lora_alpha: Option<u32>,
+    pub lora_dropout: Option<f64>,
+    pub lora_target: Option<String>,
+    pub template: Option<String>,
+    pub system: Option<String>,
+    pub cutoff_len: Option<u32>,
+    pub val_size: Option<f64>,
+    pub seed: Option<u64>,
+    pub precision: Option<Precision>,
+    pub gradient_accumulation_steps: Option<u32>,
+    pub max_steps: Option<u64>,
+    pub save_steps: Option<u64>,
+    pub logging_steps: Option<u64>,
+    pub gpus: Option<u32>,
+    pub priority: Option<i32>,
+}
+
+/// The validated specification with every default filled in: what a task runs with.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TaskSpec {
+    pub name: String,
+    pub model_name: String,
+    pub epochs: f64,
+    pub learning_rate: f64,
+    pub batch_size: u32,
+    pub stage: Stage,
+    pub finetuning_type: FinetuningType,
+    pub lora_rank: u32,
+    pub lora_alpha: u32,
+    pub lora_dropout: f64,
+    pub lora_target: String,
+    /// Empty: chosen from the model when the task is created.
+    pub template: String,
+    pub system: Option<String>,
+    pub cutoff_len: u32,
+    pub val_size: f64,
+    pub seed: u64,
+    pub precision: Precision,
+    pub gradient_accumulation_steps: u32,
+    pub max_steps: Option<u64>,
+    pub save_steps: u64,
+    pub logging_steps: u64,
+    pub gpus: u32,
+    pub priority: i32,
+}
+
+fn invalid(field: &str, why: impl std::fmt::Display) -> Error {
+    Error::new(Kind::Invalid, "invalid_spec", format!("{field}: {why}"))
+}
+
+fn range_f(field: &str, v: f64, lo: f64, hi: f64, lo_inclusive: bool) -> Result<f64> {
+    let lo_ok = if lo_inclusive { v >= lo } else { v > lo };
+    if v.is_finite() && lo_ok && v <= hi {
+        Ok(v)
+    } else {
+        let open = if lo_inclusive { "[" } else { "(" };
+        Err(invalid(
+            field,
+            format!("must be in {open}{lo}, {hi}], got {v}"),
+        ))
+    }
+}
+
+fn range_u<T: PartialOrd + std::fmt::Display + Copy>(field: &str, v: T, lo: T, hi: T) -> Result<T> {
+    if v >= lo && v <= hi {
+        Ok(v)
+    } else {
+        Err(invalid(
+            field,
+            format!("must be between {lo} and {hi}, got {v}"),
+        ))
+    }
+}
+
+/// LlamaFactory template names accepted in `template` (a subset of 0.9.5's registry that
+/// covers the model families ferrotune serves; the check catches typos before a run).
+pub const KNOWN_TEMPLATES: &[&str] = &[
+    "default",
+    "empty",
+    "alpaca",
+    "chatml",
+    "smollm",
+    "smollm2",
+    "llama2",
+    "llama3",
+    "llama4",
+    "mistral",
+    "ministral",
+    "qwen",
+    "qwen2_vl",
+    "qwen3",
+    "qwen3_nothink",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "phi",
+    "phi4",
+    "deepseek",
+    "deepseek3",
+    "yi",
+    "glm4",
+    "cpm4",
+    "vicuna",
+    "zephyr",
+];
+
+impl TaskRequest {
+    /// Validates every field and fills the defaults.
+    pub fn into_spec(self) -> Result<TaskSpec> {
+        let name = self.name.trim().to_string();
+        if name.is_empty() || name.chars().count() > 100 {
+            return Err(invalid("name", "must be 1 to 100 characters"));
+        }
+        let model_name = self.model_name.trim().to_string();
+        if model_name.is_empty() {
+            return Err(invalid("model_name", "is required"));
+        }
+        let finetuning_type = self.finetuning_type.unwrap_or_default();
+        let lora_rank = range_u("lora_rank", self.lora_rank.unwrap_or(8), 1, 1024)?;
+        let lora_target = self.lora_target.unwrap_or_else(|| "all".into());
+        let lora_target = lora_target.trim().to_string();
+        if lora_target.is_empty()
+            || !lora_target.split(',').all(|t| {
+                !t.trim().is_empty()
+                    && t.trim()
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+            })
+        {
+            return Err(invalid(
+                "lora_target",
+                "must be `all` or a comma-separated list of module names (e.g. q_proj,v_proj)",
+            ));
+        }
+        let template = self.template.unwrap_or_default().trim().to_string();
+        if !template.is_empty() && !KNOWN_TEMPLATES.contains(&template.as_str()) {
+            return Err(invalid(
+                "template",
+                format!(
+                    "unknown template `{template}` (known: {})",
+                    KNOWN_TEMPLATES.join(", ")
+                ),
+            ));
+        }
+        let system = self.system.filter(|s| !s.trim().is_empty());
+        if system.as_ref().is_some_and(|s| s.len() > 32 * 1024) {
+            return Err(invalid("system", "must be at most 32 KiB"));
+        }
+        let save_steps = range_u("save_steps", self.save_steps.unwrap_or(500), 1, 10_000_000)?;
+        let spec = TaskSpec {
+            name,
+            model_name,
+            epochs: range_f("epochs", self.epochs.unwrap_or(3.0), 0.0, 1000.0, false)?,
+            learning_rate: range_f(
+                "learning_rate",
+                self.learning_rate.unwrap_or(5e-5),
+                0.0,
+                1.0,
+                false,
+            )?,
+            batch_size: range_u("batch_size", self.batch_size.unwrap_or(4), 1, 1024)?,
+            stage: self.stage.unwrap_or_default(),
+            finetuning_type,
+            lora_rank,
+            lora_alpha: range_u(
+                "lora_alpha",
+                self.lora_alpha.unwrap_or(lora_rank * 2),
+                1,
+                4096,
+            )?,
+            lora_dropout: range_f(
+                "lora_dropout",
+                self.lora_dropout.unwrap_or(0.0),
+                0.0,
+                0.9,
+                true,
+            )?,
+            lora_target,
+            template,
+            system,
+            cutoff_len: range_u("cutoff_len", self.cutoff_len.unwrap_or(2048), 16, 1_048_576)?,
+            val_size: range_f("val_size", self.val_size.unwrap_or(0.0), 0.0, 0.5, true)?,
+            seed: self.seed.unwrap_or(42),
+            precision: self.precision.unwrap_or_default(),
+            gradient_accumulation_steps: range_u(
+                "gradient_accumulation_steps",
+                self.gradient_accumulation_steps.unwrap_or(1),
+                1,
+                1024,
+            )?,
+            max_steps: self
+                .max_steps
+                .map(|v| range_u("max_steps", v, 1, 100_000_000))
+                .transpose()?,
+            save_steps,
+            logging_steps: range_u(
+                "logging_steps",
+                self.logging_steps.unwrap_or(10),
+                1,
+                1_000_000,
+            )?,
+            gpus: range_u("gpus", self.gpus.unwrap_or(1), 0, 64)?,
+            priority: range_u("priority", self.priority.unwrap_or(0), -100, 100)?,
+        };
+        Ok(spec)
+    }
+}
+
+/// Where a task's inputs and outputs are, resolved when it is created.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunPaths {
+    /// The base model's HF folder.
+    pub model_dir: String,
+    /// The dataset file and its shape.
+    pub dataset_file: String,
+    pub dataset_format: DatasetFormat,
+    pub dataset_container: Container,
+    /// Top-level fields present in the dataset's records.
+    #[serde(default)]
+    pub dataset_columns: Vec<String>,
+    /// The task's own folder (holds `dataset_info.json`, the log, the events).
+    pub task_dir: String,
+    /// LlamaFactory's `output_dir`.
+    pub output_dir: String,
+}
+
+/// The dataset's name in the task's `dataset_info.json`.
+pub const DATASET_NAME: &str = "ferrotune_dataset";
+
+/// The `dataset_info.json` entry describing the dataset to LlamaFactory.
+/// Optional columns are named only when the dataset has them (LlamaFactory fails on a named
+/// column that no record has).
+pub fn dataset_info(paths: &RunPaths) -> Value {
+    let present = |c: &str| paths.dataset_columns.iter().any(|k| k == c);
+    let mut columns = Map::new();
+    let entry = match paths.dataset_format {
+        DatasetFormat::Alpaca => {
+            columns.insert("prompt".into(), json!("instruction"));
+            columns.insert("response".into(), json!("output"));
+            for (role, field) in [
+                ("query", "input"),
+                ("system", "system"),
+                ("history", "history"),
+            ] {
+                if present(field) {
+                    columns.insert(role.into(), json!(field));
+                }
+            }
+            json!({"file_name": paths.dataset_file, "formatting": "alpaca", "columns": columns})
+        }
+        DatasetFormat::Sharegpt => {
+            columns.insert("messages".into(), json!("conversations"));
+            for field in ["system", "tools"] {
+                if present(field) {
+                    columns.insert(field.into(), json!(field));
+                }
+            }
+            json!({"file_name": paths.dataset_file, "formatting": "sharegpt", "columns": columns})
+        }
+        DatasetFormat::Openai => json!({
+            "file_name": paths.dataset_file,
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages"},
+            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                     "assistant_tag": "assistant", "observation_tag": "tool",
+                     "function_tag": "function", "system_tag": "system"},
+        }),
+    };
+    json!({ DATASET_NAME: entry })
+}
+
+/// LlamaFactory's `run_exp` arguments for a task (the keys of its HfArgumentParser; values
+/// typed as it expects: real floats and ints).
+pub fn llamafactory_args(spec: &TaskSpec, paths: &RunPaths, has_gpu: bool) -> Map<String, Value> {
+    let mut a = Map::new();
+    let mut set = |k: &str, v: Value| {
+        a.insert(k.to_string(), v);
+    };
+    set("model_name_or_path", json!(paths.model_dir));
+    set("trust_remote_code", json!(false));
+    set(
+        "stage",
+        json!(match spec.stage {
+            Stage::Sft => "sft",
+            Stage::Pt => "pt",
+        }),
+    );
+    set("do_train", json!(true));
+    set(
+        "finetuning_type",
+        json!(match spec.finetuning_type {
+            FinetuningType::Lora => "lora",
+            FinetuningType::Full => "full",
+        }),
+    );
+    if spec.finetuning_type == FinetuningType::Lora {
+        set("lora_rank", json!(spec.lora_rank));
+        set("lora_alpha", json!(spec.lora_alpha));
+        set("lora_dropout", json!(spec.lora_dropout));
+        set("lora_target", json!(spec.lora_target));
+    }
+    set("dataset", json!(DATASET_NAME));
+    set("dataset_dir", json!(paths.task_dir));
+    set("template", json!(spec.template));
+    if let Some(system) = &spec.system {
+        set("default_system", json!(system));
+    }
+    set("cutoff_len", json!(spec.cutoff_len));
+    set("overwrite_cache", json!(true));
+    set("preprocessing_num_workers", json!(1));
+    set("dataloader_num_workers", json!(0));
+    set("output_dir", json!(paths.output_dir));
+    set("logging_steps", json!(spec.logging_steps));
+    set("save_steps", json!(spec.save_steps));
+    set("plot_loss", json!(true));
+    set("overwrite_output_dir", json!(false));
+    set("save_only_model", json!(false));
+    set("report_to", json!("none"));
+    set("per_device_train_batch_size", json!(spec.batch_size));
+    set(
+        "gradient_accumulation_steps",
+        json!(spec.gradient_accumulation_steps),
+    );
+    set("learning_rate", json!(spec.learning_rate));
+    set("num_train_epochs", json!(spec.epochs));
+    if let Some(max) = spec.max_steps {
+        set("max_steps", json!(max));
+    }
+    set("lr_scheduler_type", json!("cosine"));
+    set("warmup_ratio", json!(0.1));
+    set("seed", json!(spec.seed));
+    match (spec.precision, has_gpu) {
+        (Precision::Bf16, _) | (Precision::Auto, true) => set("bf16", json!(true)),
+        (Precision::Fp16, _) => set("fp16", json!(true)),
+        (Precision::Fp32, _) | (Precision::Auto, false) => {}
+    }
+    if spec.val_size > 0.0 {
+        set("val_size", json!(spec.val_size));
+        set("per_device_eval_batch_size", json!(spec.batch_size));
+        set("eval_strategy", json!("steps"));
+        set("eval_steps", json!(spec.save_steps));
+    }
+    a
+}
+
+/// The arguments as a LlamaFactory YAML config (`llamafactory-cli train this.yaml`). Values
+/// are scalars; strings are written as JSON strings, which YAML reads unchanged.
+pub fn to_yaml(args: &Map<String, Value>) -> String {
+    let mut out = String::from("# LlamaFactory 0.9.5 config written by ferrotune\n");
+    for (k, v) in args {
+        let value = match v {
+            Value::String(s) => serde_json::to_string(s).unwrap_or_default(),
+            other => other.to_string(),
+        };
+        out.push_str(&format!("{k}: {value}\n"));
+    }
+    out
+}
+
+/// The LlamaFactory template for a model, from its name and `model_type` (see ENV.md):
+/// SmolLM2 → `smollm2`, Llama 3 → `llama3`, Qwen2/2.5 → `qwen`, Qwen3 → `qwen3`
+/// (`qwen3_nothink` for *-Instruct-2507), Mistral → `mistral`; any other model with a chat
+/// template → `chatml`; a base model without one → `default`.
+pub fn choose_template(
+    model_name: &str,
+    model_type: Option<&str>,
+    has_chat_template: bool,
+) -> &'static str {
+    let name = model_name.to_ascii_lowercase();
+    let ty = model_type.unwrap_or("").to_ascii_lowercase();
+    if name.contains("smollm2") {
+        "smollm2"
+    } else if name.contains("smollm") {
+        "smollm"
+    } else if ty == "qwen3" || name.contains("qwen3") {
+        if name.contains("2507") && name.contains("instruct") {
+            "qwen3_nothink"
+        } else {
+            "qwen3"
+        }
+    } else if ty == "qwen2" || name.contains("qwen2") {
+        "qwen"
+    } else if ty == "mistral" || name.contains("mistral") {
+        "mistral"
+    } else if ty == "llama" && (name.contains("llama-3") || name.contains("llama3")) {
+        "llama3"
+    } else if ty == "llama" && (name.contains("llama-2") || name.contains("llama2")) {
+        "llama2"
+    } else if has_chat_template {
+        "chatml"
+    } else {
+        "default"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(extra: Value) -> Result<TaskSpec> {
+        let mut base =
+            json!({"name": "t", "model_name": "SmolLM2-135M-Instruct", "dataset_id": "x"});
+        if let (Some(b), Some(e)) = (base.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        let r: TaskRequest =
+            serde_json::from_value(base).map_err(|e| Error::invalid(e.to_string()))?;
+        r.into_spec()
+    }
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let s = req(json!({})).unwrap();
+        assert_eq!(s.epochs, 3.0);
+        assert_eq!(s.learning_rate, 5e-5);
+        assert_eq!(s.batch_size, 4);
+        assert_eq!(s.stage, Stage::Sft);
+        assert_eq!(s.finetuning_type, FinetuningType::Lora);
+        assert_eq!(s.lora_rank, 8);
+        assert_eq!(s.lora_alpha, 16);
+        assert_eq!(s.lora_target, "all");
+        assert_eq!(s.template, "");
+    }
+
+    #[test]
+    fn out_of_range_and_unknown_values_are_refused() {
+        for (bad, field) in [
+            (json!({"epochs": 0}), "epochs"),
+            (json!({"epochs": -1}), "epochs"),
+            (json!({"learning_rate": 2.0}), "learning_rate"),
+            (json!({"learning_rate": 0}), "learning_rate"),
+            (json!({"batch_size": 0}), "batch_size"),
+            (json!({"lora_rank": 0}), "lora_rank"),
+            (json!({"lora_dropout": 1.5}), "lora_dropout"),
+            (json!({"val_size": 0.9}), "val_size"),
+            (json!({"cutoff_len": 1}), "cutoff_len"),
+            (json!({"template": "nope"}), "template"),
+            (json!({"lora_target": "q_proj; rm -rf /"}), "lora_target"),
+            (json!({"name": ""}), "name"),
+            (json!({"model_name": " "}), "model_name"),
+            (json!({"max_steps": 0}), "max_steps"),
+            (json!({"priority": 1000}), "priority"),
+        ] {
+            let e = req(bad.clone())
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(e.message.starts_with(field), "{bad}: {}", e.message);
+        }
+        for bad in [
+            json!({"stage": "ppo"}),
+            json!({"precision": "int3"}),
+            json!({"bogus": 1}),
+        ] {
+            assert!(req(bad.clone()).is_err(), "{bad}");
+        }
+    }
+
+    fn paths(format: DatasetFormat) -> RunPaths {
+        RunPaths {
+            model_dir: "/m/SmolLM2".into(),
+            dataset_file: "/d/x.jsonl".into(),
+            dataset_format: format,
+            dataset_container: Container::Jsonl,
+            dataset_columns: vec!["instruction".into(), "input".into(), "output".into()],
+            task_dir: "/t/1".into(),
+            output_dir: "/t/1/output".into(),
+        }
+    }
+
+    #[test]
+    fn maps_to_llamafactory_arguments() {
+        let mut s = req(json!({"max_steps": 8, "system": "Be brief.", "val_size": 0.1})).unwrap();
+        s.template = "smollm2".into();
+        let a = llamafactory_args(&s, &paths(DatasetFormat::Alpaca), false);
+        assert_eq!(a["model_name_or_path"], "/m/SmolLM2");
+        assert_eq!(a["stage"], "sft");
+        assert_eq!(a["finetuning_type"], "lora");
+        assert_eq!(a["lora_rank"], 8);
+        assert_eq!(a["dataset"], DATASET_NAME);
+        assert_eq!(a["dataset_dir"], "/t/1");
+        assert_eq!(a["template"], "smollm2");
+        assert_eq!(a["default_system"], "Be brief.");
+        assert_eq!(a["max_steps"], 8);
+        assert_eq!(a["eval_strategy"], "steps");
+        assert!(a["learning_rate"].is_f64(), "a real float");
+        assert!(a["num_train_epochs"].is_f64());
+        assert!(a.get("bf16").is_none(), "fp32 on CPU");
+        assert_eq!(
+            llamafactory_args(&s, &paths(DatasetFormat::Alpaca), true)["bf16"],
+            true
+        );
+
+        let mut full = s.clone();
+        full.finetuning_type = FinetuningType::Full;
+        assert!(
+            llamafactory_args(&full, &paths(DatasetFormat::Alpaca), false)
+                .get("lora_rank")
+                .is_none()
+        );
+
+        let yaml = to_yaml(&a);
+        assert!(yaml.contains("model_name_or_path: \"/m/SmolLM2\"\n"));
+        assert!(yaml.contains("lora_rank: 8\n"));
+        assert!(yaml.contains("do_train: true\n"));
+    }
+
+    #[test]
+    fn dataset_info_per_format() {
+        let i = dataset_info(&paths(DatasetFormat::Alpaca));
+        assert_eq!(i[DATASET_NAME]["formatting"], "alpaca");
+        assert_eq!(i[DATASET_NAME]["columns"]["response"], "output");
+        assert_eq!(i[DATASET_NAME]["columns"]["query"], "input");
+        assert!(
+            i[DATASET_NAME]["columns"].get("history").is_none(),
+            "absent column not named"
+        );
+        let i = dataset_info(&paths(DatasetFormat::Sharegpt));
+        assert_eq!(i[DATASET_NAME]["columns"]["messages"], "conversations");
+        let i = dataset_info(&paths(DatasetFormat::Openai));
+        assert_eq!(i[DATASET_NAME]["formatting"], "sharegpt");
+        assert_eq!(i[DATASET_NAME]["tags"]["role_tag"], "role");
+        assert_eq!(i[DATASET_NAME]["tags"]["observation_tag"], "tool");
+    }
+
+    #[test]
+    fn template_choice() {
+        assert_eq!(
+            choose_template("SmolLM2-135M-Instruct", Some("llama"), true),
+            "smollm2"
+        );
+        assert_eq!(
+            choose_template("Meta-Llama-3-8B-Instruct", Some("llama"), true),
+            "llama3"
+        );
+        assert_eq!(
+            choose_template("Qwen2.5-7B-Instruct", Some("qwen2"), true),
+            "qwen"
+        );
+        assert_eq!(choose_template("Qwen3-4B", Some("qwen3"), true), "qwen3");
+        assert_eq!(
+            choose_template("Qwen3-4B-Instruct-2507", Some("qwen3"), true),
+            "qwen3_nothink"
+        );
+        assert_eq!(
+            choose_template("Mistral-7B-Instruct-v0.3", Some("mistral"), true),
+            "mistral"
+        );
+        assert_eq!(
+            choose_template("my-model", Some("gpt_neox"), true),
+            "chatml"
+        );
+        assert_eq!(
+            choose_template("my-base", Some("gpt_neox"), false),
+            "default"
+        );
+    }
+}

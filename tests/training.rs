@@ -1,0 +1,294 @@
+//! Training for real: the server installs (or finds) the managed Python environment, pulls
+//! SmolLM2-135M-Instruct, and trains a LoRA with LlamaFactory in a worker process on CPU.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{Client, Server};
+use serde_json::{Value, json};
+
+/// Models shared by test runs (the pull is cached; the folder survives fresh clones).
+fn test_models_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FERROTUNE_TEST_MODELS_DIR") {
+        return PathBuf::from(dir);
+    }
+    ferrotune::pyenv::cache_root().join("test-models")
+}
+
+const MODEL: &str = "SmolLM2-135M-Instruct";
+
+fn arithmetic_dataset() -> Vec<u8> {
+    let rows: Vec<Value> = (1..=16)
+        .map(|i| {
+            let (a, b) = (i % 7 + 1, i % 5 + 2);
+            json!({"instruction": format!("What is {a} plus {b}?"), "input": "", "output": format!("{a} plus {b} is {}.", a + b)})
+        })
+        .collect();
+    serde_json::to_vec(&rows).unwrap()
+}
+
+async fn wait_until<F>(what: &str, timeout: Duration, mut check: F) -> Value
+where
+    F: AsyncFnMut() -> Option<Value>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn wait_for_environment_and_model(c: &Client) {
+    wait_until(
+        "the training environment and the default model",
+        Duration::from_secs(1200),
+        async || {
+            let s = c.get("/api/system/status").await;
+            let env = s.body["environment"]["state"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            assert_ne!(
+                env, "failed",
+                "environment install failed: {:?}",
+                s.body["environment"]
+            );
+            assert_ne!(
+                s.body["model_pull"]["state"], "failed",
+                "model pull failed: {:?}",
+                s.body["model_pull"]
+            );
+            let has_model = s.body["models"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|n| n == MODEL));
+            (env == "ready" && has_model).then_some(s.body)
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_lora_trains_for_real_and_its_adapter_is_registered() {
+    let models = test_models_dir();
+    std::fs::create_dir_all(&models).unwrap();
+    let server = Server::start_with(
+        Some(&models),
+        &[
+            ("FERROTUNE_AUTO_SETUP", "true"),
+            ("FERROTUNE_DEFAULT_MODEL", "smollm2-135m-instruct"),
+        ],
+    );
+    let c = server.client();
+    let (alice, _) = c.signup("alice").await;
+    let (bob, _) = c.signup("bob").await;
+    let up = alice.upload("arith.json", arithmetic_dataset()).await;
+    assert_eq!(up.status, 201, "{:?}", up.body);
+    let dataset_id = up.body["file_id"].as_str().unwrap().to_string();
+
+    wait_for_environment_and_model(&alice).await;
+
+    let submitted = Instant::now();
+    let r = alice
+        .post(
+            "/api/tasks",
+            json!({
+                "name": "arith-lora", "model_name": MODEL, "dataset_id": dataset_id,
+                "epochs": 2, "learning_rate": 0.001, "batch_size": 4, "cutoff_len": 128,
+                "logging_steps": 1, "save_steps": 4, "lora_rank": 8,
+            }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["status"], "queued");
+    assert_eq!(
+        r.body["template"], "smollm2",
+        "template chosen from the model"
+    );
+    let id = r.body["task_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        bob.get(&format!("/api/tasks/{id}")).await.status,
+        404,
+        "not bob's"
+    );
+
+    // Live progress: the first step shows up while the task runs.
+    let first = wait_until("the first step", Duration::from_secs(600), async || {
+        let t = alice.get(&format!("/api/tasks/{id}")).await.body;
+        assert_ne!(
+            t["status"], "failed",
+            "task failed: {} / {}",
+            t["error"], t["diagnosis"]
+        );
+        (t["progress"]["current_step"].as_u64().unwrap_or(0) >= 1).then_some(t)
+    })
+    .await;
+    let to_first_step = submitted.elapsed();
+    assert!(
+        first["progress"]["total_steps"].as_u64().unwrap_or(0) >= 8,
+        "{first}"
+    );
+
+    let done = wait_until("the task to finish", Duration::from_secs(900), async || {
+        let t = alice.get(&format!("/api/tasks/{id}")).await.body;
+        matches!(t["status"].as_str(), Some("completed" | "failed")).then_some(t)
+    })
+    .await;
+    let total = submitted.elapsed();
+    let logs = alice
+        .get(&format!("/api/tasks/{id}/logs?tail=400"))
+        .await
+        .body["logs"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert_eq!(
+        done["status"], "completed",
+        "task: {done}\nlog tail:\n{logs}"
+    );
+    assert!(!logs.trim().is_empty(), "the log is not empty");
+    assert_eq!(done["progress"]["percentage"], 100.0);
+
+    let points = alice.get(&format!("/api/tasks/{id}/metrics")).await.body["points"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(points.len() >= 4, "loss points arrived: {points:?}");
+    let first_loss = points[0]["loss"].as_f64().unwrap();
+    let last_loss = points[points.len() - 1]["loss"].as_f64().unwrap();
+    assert!(
+        last_loss < first_loss,
+        "loss fell: {first_loss} → {last_loss}"
+    );
+
+    let out = PathBuf::from(done["output_dir"].as_str().unwrap());
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        assert!(out.join(f).is_file(), "{f} in {}", out.display());
+    }
+
+    let model_id = done["model_id"].as_str().expect("model_id").to_string();
+    let models = alice.get("/api/files/models").await.body["models"]
+        .as_array()
+        .cloned()
+        .unwrap();
+    let m = models
+        .iter()
+        .find(|m| m["model_id"] == model_id.as_str())
+        .expect("registered");
+    assert_eq!(m["kind"], "adapter");
+    assert_eq!(m["base_model"], MODEL);
+    assert_eq!(m["task_id"], id.as_str());
+    assert!(m["size"].as_u64().unwrap() > 1_000_000);
+    assert!(
+        models
+            .iter()
+            .any(|m| m["kind"] == "base" && m["name"] == MODEL)
+    );
+    let bobs = bob.get("/api/files/models").await.body["models"]
+        .as_array()
+        .cloned()
+        .unwrap();
+    assert!(
+        !bobs.iter().any(|m| m["model_id"] == model_id.as_str()),
+        "adapters are their owner's"
+    );
+    assert_eq!(
+        bob.get(&format!("/api/files/models/{model_id}"))
+            .await
+            .status,
+        404
+    );
+
+    let (status, yaml, _) = alice.get_bytes(&format!("/api/tasks/{id}/config")).await;
+    assert_eq!(status, 200);
+    let yaml = String::from_utf8(yaml).unwrap();
+    assert!(yaml.contains("stage: \"sft\""), "{yaml}");
+    assert!(yaml.contains("template: \"smollm2\""), "{yaml}");
+
+    let step_of = |p: &Value| p["step"].as_f64().unwrap_or(0.0);
+    let t_of = |p: &Value| p["t"].as_f64().unwrap_or(0.0);
+    let (p0, pn) = (&points[0], &points[points.len() - 1]);
+    let steps = step_of(pn);
+    let train_time = (t_of(pn) - t_of(p0)).max(1e-3) * steps / (step_of(pn) - step_of(p0)).max(1.0);
+    eprintln!(
+        "training report: POST→first step {:.1} s, POST→completed {:.1} s, {} steps, {:.2} steps/s (worker clock), loss {first_loss:.3} → {last_loss:.3}",
+        to_first_step.as_secs_f64(),
+        total.as_secs_f64(),
+        steps,
+        steps / train_time
+    );
+}
+
+#[tokio::test]
+async fn bad_task_requests_are_422_before_anything_runs() {
+    let server = Server::start(&[]);
+    let c = server.client();
+    let (alice, _) = c.signup("alice").await;
+    let (bob, _) = c.signup("bob").await;
+    let up = alice
+        .upload("d.json", br#"[{"instruction":"a","output":"b"}]"#.to_vec())
+        .await;
+    let ds = up.body["file_id"].as_str().unwrap().to_string();
+    let path = up.body["file_path"].as_str().unwrap().to_string();
+    let base = json!({"name": "t", "model_name": MODEL, "dataset_id": ds});
+    let with = |extra: Value| {
+        let mut b = base.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    for (body, code) in [
+        (with(json!({"learning_rate": -1})), "invalid_spec"),
+        (with(json!({"epochs": 0})), "invalid_spec"),
+        (with(json!({"stage": "ppo"})), "invalid_body"),
+        (with(json!({"unknown_field": 1})), "invalid_body"),
+        (with(json!({"template": "nonsense"})), "invalid_spec"),
+        (with(json!({"output_dir": "../../etc"})), "invalid_spec"),
+        (with(json!({"dataset_id": "nope"})), "dataset_not_found"),
+    ] {
+        let r = alice.post("/api/tasks", body.clone()).await;
+        assert_eq!(r.status, 422, "{body}: {:?}", r.body);
+        assert_eq!(r.code(), code, "{body}: {:?}", r.body);
+    }
+    // No base model in this server's (empty) models dir.
+    let r = alice.post("/api/tasks", base.clone()).await;
+    assert_eq!(r.code(), "model_not_found");
+    // Bob can use neither alice's dataset id nor its path.
+    let r = bob.post("/api/tasks", base.clone()).await;
+    assert_eq!(r.code(), "dataset_not_found");
+    let r = bob
+        .post(
+            "/api/tasks",
+            json!({"name": "t", "model_name": MODEL, "dataset_path": path}),
+        )
+        .await;
+    assert_eq!(r.code(), "dataset_not_found");
+    let r = bob
+        .post(
+            "/api/tasks",
+            json!({"name": "t", "model_name": MODEL, "dataset_path": "/etc/passwd"}),
+        )
+        .await;
+    assert_eq!(r.code(), "dataset_not_found");
+    assert!(
+        alice.get("/api/tasks").await.body["tasks"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        !server.data_path().join("tasks").exists()
+            || std::fs::read_dir(server.data_path().join("tasks"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
+}
