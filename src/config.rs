@@ -46,8 +46,23 @@ pub struct Config {
     /// and kept in `<data_dir>/jwt_secret` (mode 0600). Set it only to share tokens between
     /// several servers.
     pub jwt_secret: String,
-    /// Training workers that may run at once.
+    /// Training workers that may run at once. 0: one per GPU, or one on a CPU-only machine.
     pub max_concurrent_tasks: usize,
+    /// Tasks one user may have running at once.
+    pub max_running_per_user: usize,
+    /// GPUs the scheduler hands out (indices for `CUDA_VISIBLE_DEVICES`). Empty: every GPU
+    /// `nvidia-smi` lists. A list, or a comma-separated string (`FERROTUNE_GPU_IDS=0,1`).
+    #[serde(deserialize_with = "u32_list")]
+    pub gpu_ids: Vec<u32>,
+    /// A running worker that reports nothing (not even its heartbeat) for this long is
+    /// stopped and its task failed, in seconds.
+    pub heartbeat_timeout_secs: u64,
+    /// After a cancel's "stop and save" request, how long the worker may take to save and
+    /// exit before it is terminated (SIGTERM, then SIGKILL 5 s later), in seconds.
+    pub cancel_grace_secs: u64,
+    /// Days the outputs of finished tasks are kept (a registered model keeps its own files);
+    /// 0 keeps them forever.
+    pub retention_days: u64,
     /// The managed Python training environment. Empty: `~/.cache/ferrotune/pyenv/<key>`
     /// (key = hash of the pinned requirements and the Python version).
     pub python_env_dir: PathBuf,
@@ -86,7 +101,12 @@ impl Default for Config {
             trust_forwarded_for: false,
             cookie_secure: false,
             jwt_secret: String::new(),
-            max_concurrent_tasks: 1,
+            max_concurrent_tasks: 0,
+            max_running_per_user: 1,
+            gpu_ids: Vec::new(),
+            heartbeat_timeout_secs: 300,
+            cancel_grace_secs: 30,
+            retention_days: 7,
             python_env_dir: PathBuf::new(),
             auto_setup: true,
             default_model: "smollm2-135m-instruct".into(),
@@ -107,6 +127,26 @@ fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>,
         OneOrMany::One(s) => vec![s],
         OneOrMany::Many(v) => v,
     })
+}
+
+fn u32_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(u32),
+        Text(String),
+        Many(Vec<u32>),
+    }
+    match OneOrMany::deserialize(d)? {
+        OneOrMany::One(n) => Ok(vec![n]),
+        OneOrMany::Many(v) => Ok(v),
+        OneOrMany::Text(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| p.parse::<u32>().map_err(serde::de::Error::custom))
+            .collect(),
+    }
 }
 
 /// Values given on the command line; `None` leaves the lower layers in force.
@@ -182,6 +222,9 @@ impl Config {
         }
         if self.access_token_ttl_secs == 0 || self.refresh_token_ttl_secs == 0 {
             anyhow::bail!("token lifetimes must be greater than 0");
+        }
+        if self.max_running_per_user == 0 || self.heartbeat_timeout_secs == 0 {
+            anyhow::bail!("max_running_per_user and heartbeat_timeout_secs must be greater than 0");
         }
         if self.login_max_failures == 0 || self.login_max_failures_per_ip == 0 {
             anyhow::bail!("login failure limits must be greater than 0");

@@ -6,74 +6,10 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{Client, Server};
+use common::{
+    MODEL, Server, arithmetic_dataset, test_models_dir, wait_for_environment_and_model, wait_until,
+};
 use serde_json::{Value, json};
-
-/// Models shared by test runs (the pull is cached; the folder survives fresh clones).
-fn test_models_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("FERROTUNE_TEST_MODELS_DIR") {
-        return PathBuf::from(dir);
-    }
-    ferrotune::pyenv::cache_root().join("test-models")
-}
-
-const MODEL: &str = "SmolLM2-135M-Instruct";
-
-fn arithmetic_dataset() -> Vec<u8> {
-    let rows: Vec<Value> = (1..=16)
-        .map(|i| {
-            let (a, b) = (i % 7 + 1, i % 5 + 2);
-            json!({"instruction": format!("What is {a} plus {b}?"), "input": "", "output": format!("{a} plus {b} is {}.", a + b)})
-        })
-        .collect();
-    serde_json::to_vec(&rows).unwrap()
-}
-
-async fn wait_until<F>(what: &str, timeout: Duration, mut check: F) -> Value
-where
-    F: AsyncFnMut() -> Option<Value>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-async fn wait_for_environment_and_model(c: &Client) {
-    wait_until(
-        "the training environment and the default model",
-        Duration::from_secs(1200),
-        async || {
-            let s = c.get("/api/system/status").await;
-            let env = s.body["environment"]["state"]
-                .as_str()
-                .unwrap_or("")
-                .to_string();
-            assert_ne!(
-                env, "failed",
-                "environment install failed: {:?}",
-                s.body["environment"]
-            );
-            assert_ne!(
-                s.body["model_pull"]["state"], "failed",
-                "model pull failed: {:?}",
-                s.body["model_pull"]
-            );
-            let has_model = s.body["models"]
-                .as_array()
-                .is_some_and(|m| m.iter().any(|n| n == MODEL));
-            (env == "ready" && has_model).then_some(s.body)
-        },
-    )
-    .await;
-}
 
 #[tokio::test]
 async fn a_lora_trains_for_real_and_its_adapter_is_registered() {

@@ -229,6 +229,12 @@ async fn remove(
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>> {
+    if state.trainer.dataset_in_use(&p.user.user_id, &id)? {
+        return Err(Error::conflict(
+            "dataset_in_use",
+            "a queued or running task uses this dataset; cancel it first",
+        ));
+    }
     let d = state.datasets.delete(&p.user.user_id, &id).await?;
     Ok(Json(json!({"message": format!("deleted {}", d.filename)})))
 }

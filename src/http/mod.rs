@@ -210,7 +210,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
 
     state.trainer.recover().await?;
-    let scheduler = state.trainer.spawn_scheduler();
+    let background = state.trainer.spawn_background();
     if state.config.auto_setup && !state.trainer.env().is_ready() {
         let env = state.trainer.env().clone();
         tokio::spawn(async move { env.ensure().await });
@@ -227,7 +227,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     sweeper.abort();
-    scheduler.abort();
+    for task in background {
+        task.abort();
+    }
     store.flush().await?;
     tracing::info!("stopped");
     Ok(())

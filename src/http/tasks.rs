@@ -1,12 +1,20 @@
 //! `/api/tasks…`, `/api/files/models…`, `/api/models/available` and `/api/system/status`.
 
+use std::convert::Infallible;
+use std::time::Duration;
+
 use axum::Router;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
+use futures_util::Stream;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
+use tokio::sync::broadcast::error::RecvError;
 
 use super::AppState;
 use super::error::{Json, Path, Query};
@@ -18,7 +26,14 @@ use crate::training::spec::TaskRequest;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/tasks", get(list).post(create))
-        .route("/api/tasks/{id}", get(detail))
+        .route("/api/tasks/{id}", get(detail).delete(delete_task))
+        .route("/api/tasks/{id}/cancel", post(cancel))
+        .route("/api/tasks/{id}/resume", post(resume))
+        .route("/api/tasks/{id}/clone", post(clone_task))
+        .route("/api/tasks/{id}/events", get(events))
+        .route("/api/tasks/{id}/ws", get(websocket))
+        .route("/api/tasks/{id}/artifacts/{name}", get(artifact))
+        .route("/api/system/resources", get(resources))
         .route("/api/tasks/{id}/logs", get(logs))
         .route("/api/tasks/{id}/metrics", get(metrics))
         .route("/api/tasks/{id}/config", get(config))
@@ -38,31 +53,41 @@ struct TaskSummary<'a> {
     model_name: &'a str,
     status: TaskStatus,
     progress: &'a Progress,
+    queue_position: Option<usize>,
     #[serde(with = "time::serde::rfc3339")]
     created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     updated_at: OffsetDateTime,
 }
 
-fn summary(t: &Task) -> TaskSummary<'_> {
+fn summary<'a>(
+    t: &'a Task,
+    positions: &std::collections::HashMap<String, usize>,
+) -> TaskSummary<'a> {
     TaskSummary {
         task_id: &t.task_id,
         name: &t.spec.name,
         model_name: &t.spec.model_name,
         status: t.status,
         progress: &t.progress,
+        queue_position: positions.get(&t.task_id).copied(),
         created_at: t.created_at,
         updated_at: t.updated_at,
     }
 }
 
 /// Every parameter, the status, progress, error, diagnosis and model of a task.
-fn detail_view(t: &Task) -> Value {
+fn detail_view(t: &Task, queue_position: Option<usize>) -> Value {
     let mut v = serde_json::to_value(&t.spec).unwrap_or_else(|_| json!({}));
     let fields = json!({
         "task_id": t.task_id,
         "status": t.status,
+        "queue_position": queue_position,
         "progress": t.progress,
+        "gpu_ids": t.gpu_ids,
+        "pid": t.pid,
+        "resume_from": t.resume_from,
+        "outputs_removed": t.outputs_removed,
         "error": t.error,
         "diagnosis": t.diagnosis,
         "model_id": t.model_id,
@@ -112,7 +137,8 @@ async fn create(
 
 async fn list(state: AppState, CurrentUser(p): CurrentUser) -> Result<Json<Value>> {
     let tasks = state.trainer.list(&p.user.user_id)?;
-    let items: Vec<TaskSummary> = tasks.iter().map(summary).collect();
+    let positions = state.trainer.queue_positions()?;
+    let items: Vec<TaskSummary> = tasks.iter().map(|t| summary(t, &positions)).collect();
     Ok(Json(json!({ "tasks": items })))
 }
 
@@ -122,7 +148,340 @@ async fn detail(
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
     let task = state.trainer.get(&p.user.user_id, &id)?;
-    Ok(Json(detail_view(&task)))
+    let position = state.trainer.queue_positions()?.get(&task.task_id).copied();
+    Ok(Json(detail_view(&task, position)))
+}
+
+async fn cancel(
+    state: AppState,
+    CurrentUser(p): CurrentUser,
+    Path(id): Path<String>,
+) -> Result<Json<Value>> {
+    let status = state.trainer.cancel(&p.user.user_id, &id).await?;
+    let message = match status {
+        TaskStatus::Running => {
+            "stopping: the worker saves a checkpoint and exits (terminated after the grace period)"
+        }
+        _ => "cancelled",
+    };
+    Ok(Json(
+        json!({"task_id": id, "status": if status == TaskStatus::Running { "cancelling" } else { "cancelled" }, "message": message}),
+    ))
+}
+
+async fn resume(
+    state: AppState,
+    CurrentUser(p): CurrentUser,
+    Path(id): Path<String>,
+) -> Result<Json<Value>> {
+    let task = state.trainer.resume(&p.user.user_id, &id).await?;
+    Ok(Json(
+        json!({"task_id": task.task_id, "status": task.status, "resume_from": task.resume_from}),
+    ))
+}
+
+async fn clone_task(
+    state: AppState,
+    CurrentUser(p): CurrentUser,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Value>)> {
+    let overrides: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            Error::new(
+                crate::error::Kind::BadRequest,
+                "malformed_body",
+                e.to_string(),
+            )
+        })?
+    };
+    let task = state
+        .trainer
+        .clone_task(&p.user.user_id, &id, overrides)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            json!({"task_id": task.task_id, "status": task.status, "cloned_from": id, "message": "queued"}),
+        ),
+    ))
+}
+
+async fn delete_task(
+    state: AppState,
+    CurrentUser(p): CurrentUser,
+    Path(id): Path<String>,
+) -> Result<Json<Value>> {
+    state.trainer.delete(&p.user.user_id, &id).await?;
+    Ok(Json(json!({"message": "task deleted"})))
+}
+
+/// The snapshot every event stream starts with: the task as `GET /api/tasks/{id}` shows it.
+async fn snapshot(state: &AppState, owner: &str, id: &str) -> Result<(Value, u64)> {
+    let task = state.trainer.get(owner, id)?;
+    let position = state.trainer.queue_positions()?.get(&task.task_id).copied();
+    let last = state.trainer.last_event_id(&task).await;
+    Ok((detail_view(&task, position), last))
+}
+
+fn last_event_id(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn event_type(data: &str) -> String {
+    serde_json::from_str::<Value>(data)
+        .ok()
+        .and_then(|v| v["type"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "message".into())
+}
+
+/// The task's events as they happen (SSE). The stream opens with a `snapshot` event; a
+/// client reconnecting with `Last-Event-ID` gets every event it missed instead. Each event's
+/// id is its line number in the task's events file.
+async fn events(
+    state: AppState,
+    CurrentUser(p): CurrentUser,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>> {
+    let task = state.trainer.get(&p.user.user_id, &id)?;
+    // Subscribe before reading history, so nothing falls between the two.
+    let live = state.trainer.subscribe(&id);
+    let resume_after = last_event_id(&headers);
+    let (first, mut seen): (Vec<Event>, u64) = match resume_after {
+        Some(after) => {
+            let missed = state.trainer.events_since(&task, after).await?;
+            let seen = missed.last().map(|e| e.id).unwrap_or(after);
+            let events = missed
+                .into_iter()
+                .map(|e| {
+                    Event::default()
+                        .id(e.id.to_string())
+                        .event(event_type(&e.data))
+                        .data(&*e.data)
+                })
+                .collect();
+            (events, seen)
+        }
+        None => {
+            let (snap, last) = snapshot(&state, &p.user.user_id, &id).await?;
+            (
+                vec![
+                    Event::default()
+                        .id(last.to_string())
+                        .event("snapshot")
+                        .data(snap.to_string()),
+                ],
+                last,
+            )
+        }
+    };
+    let stream = async_stream_events(first, live, move |e: &crate::training::TaskEvent| {
+        if e.id <= seen {
+            return None;
+        }
+        seen = e.id;
+        Some(
+            Event::default()
+                .id(e.id.to_string())
+                .event(event_type(&e.data))
+                .data(&*e.data),
+        )
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// `first`, then every live event mapped through `map` (skipping `None`), until the channel
+/// closes. A subscriber that lags behind gets a `lagged` event telling it to reconnect with
+/// its last id.
+fn async_stream_events<M>(
+    first: Vec<Event>,
+    mut live: tokio::sync::broadcast::Receiver<crate::training::TaskEvent>,
+    mut map: M,
+) -> impl Stream<Item = std::result::Result<Event, Infallible>>
+where
+    M: FnMut(&crate::training::TaskEvent) -> Option<Event> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
+    tokio::spawn(async move {
+        for e in first {
+            if tx.send(e).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                next = live.recv() => match next {
+                    Ok(event) => {
+                        if let Some(e) = map(&event) {
+                            if tx.send(e).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        let e = Event::default().event("lagged").data(json!({"missed": n}).to_string());
+                        if tx.send(e).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        }
+    });
+    futures_util::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
+}
+
+/// The same events over a WebSocket: JSON messages `{"id", "event", "data"}`, starting with a
+/// snapshot (or, with `?last_event_id=N`, every event after N).
+async fn websocket(
+    state: AppState,
+    CurrentUser(p): CurrentUser,
+    Path(id): Path<String>,
+    Query(q): Query<WsQuery>,
+    ws: WebSocketUpgrade,
+) -> Result<Response> {
+    let task = state.trainer.get(&p.user.user_id, &id)?;
+    let live = state.trainer.subscribe(&id);
+    let owner = p.user.user_id.clone();
+    Ok(ws.on_upgrade(move |socket| ws_session(socket, state, owner, task, live, q.last_event_id)))
+}
+
+#[derive(Deserialize)]
+struct WsQuery {
+    last_event_id: Option<u64>,
+}
+
+async fn ws_session(
+    mut socket: WebSocket,
+    state: AppState,
+    owner: String,
+    task: Task,
+    mut live: tokio::sync::broadcast::Receiver<crate::training::TaskEvent>,
+    after: Option<u64>,
+) {
+    let msg = |id: u64, event: &str, data: Value| {
+        Message::Text(
+            json!({"id": id, "event": event, "data": data})
+                .to_string()
+                .into(),
+        )
+    };
+    let mut seen = match after {
+        Some(after) => {
+            let Ok(missed) = state.trainer.events_since(&task, after).await else {
+                return;
+            };
+            let mut seen = after;
+            for e in missed {
+                let data: Value = serde_json::from_str(&e.data).unwrap_or(Value::Null);
+                if socket
+                    .send(msg(e.id, &event_type(&e.data), data))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                seen = e.id;
+            }
+            seen
+        }
+        None => {
+            let Ok((snap, last)) = snapshot(&state, &owner, &task.task_id).await else {
+                return;
+            };
+            if socket.send(msg(last, "snapshot", snap)).await.is_err() {
+                return;
+            }
+            last
+        }
+    };
+    loop {
+        tokio::select! {
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+            next = live.recv() => match next {
+                Ok(e) if e.id > seen => {
+                    seen = e.id;
+                    let data: Value = serde_json::from_str(&e.data).unwrap_or(Value::Null);
+                    if socket.send(msg(e.id, &event_type(&e.data), data)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(n)) => {
+                    if socket.send(msg(seen, "lagged", json!({"missed": n}))).await.is_err() {
+                        return;
+                    }
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+async fn artifact(
+    state: AppState,
+    CurrentUser(p): CurrentUser,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Response> {
+    let task = state.trainer.get(&p.user.user_id, &id)?;
+    let artifact = crate::training::artifacts::Artifact::parse(&name)
+        .ok_or_else(|| Error::not_found("artifact (use adapter, logs or checkpoint-N)"))?;
+    let (filename, stream) = crate::training::artifacts::archive(&task, &artifact)?;
+    let mut response = Body::from_stream(stream).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/gzip"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
+        headers.insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(response)
+}
+
+/// GPUs (utilisation, memory, temperature) where present; CPU and memory always; the
+/// running workers with their memory and GPU figures.
+async fn resources(state: AppState, CurrentUser(p): CurrentUser) -> Result<Json<Value>> {
+    let cpu = crate::system::cpu(Duration::from_millis(200)).await;
+    let (gpus, procs) =
+        tokio::task::spawn_blocking(|| (crate::system::gpus(), crate::system::gpu_processes()))
+            .await?;
+    let mut running = Vec::new();
+    for (task_id, pid, gpu_ids) in state.trainer.running_workers() {
+        let mine = state
+            .store
+            .tasks()
+            .get(&p.user.user_id, &task_id)?
+            .is_some();
+        if !mine && !p.is_admin() {
+            continue;
+        }
+        running.push(json!({
+            "task_id": task_id,
+            "pid": pid,
+            "gpu_ids": gpu_ids,
+            "rss_bytes": crate::system::process_rss(pid),
+            "gpu_memory_mib": procs.get(&pid),
+        }));
+    }
+    Ok(Json(json!({
+        "cpu": cpu,
+        "memory": crate::system::memory(),
+        "gpus": gpus,
+        "scheduler": {"slots": state.trainer.max_concurrent(), "gpu_ids": state.trainer.gpu_ids()},
+        "running_tasks": running,
+    })))
 }
 
 #[derive(Deserialize)]

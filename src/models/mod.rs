@@ -17,9 +17,9 @@
 //! in Rust ([`convert_gguf_to_hf`]) and renames a temporary sibling folder into place, so a
 //! failed pull leaves nothing half-written.
 
-mod convert;
-mod gguf;
-mod tokenizer;
+pub(crate) mod convert;
+pub(crate) mod gguf;
+pub(crate) mod tokenizer;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -468,10 +468,13 @@ async fn extract(python: &Path, archive: &Path, member: &str, dest: &Path) -> an
         .with_context(|| format!("cannot run {}", python.display()))?;
     if !output.status.success() {
         let _ = std::fs::remove_file(dest);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        // The exception is the last line of the traceback.
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
         bail!(
             "unzip failed ({}): {}",
             output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
+            last.unwrap_or("").trim()
         );
     }
     Ok(())

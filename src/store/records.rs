@@ -216,6 +216,15 @@ pub struct Task {
     pub model_id: Option<String>,
     #[serde(default)]
     pub pid: Option<u32>,
+    /// GPUs handed to the running worker.
+    #[serde(default)]
+    pub gpu_ids: Vec<u32>,
+    /// The checkpoint the next run resumes from.
+    #[serde(default)]
+    pub resume_from: Option<String>,
+    /// The retention sweep removed the outputs.
+    #[serde(default)]
+    pub outputs_removed: bool,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]

@@ -16,6 +16,9 @@ pub fn diagnose(error: &str, log_tail: &str) -> Option<String> {
         "Out of memory: lower batch_size (and raise gradient_accumulation_steps to keep the \
          effective batch), shorten cutoff_len, or use LoRA instead of a full fine-tune."
     } else if has(&[
+        "loss became nan",
+        "loss became inf",
+        "loss became -inf",
         "loss is nan",
         "nan loss",
         "loss: nan",
@@ -39,6 +42,7 @@ pub fn diagnose(error: &str, log_tail: &str) -> Option<String> {
         "no such file or directory",
         "is not a local folder",
         "does not appear to have a file",
+        "no file named",
         "can't load tokenizer",
         "can't load the configuration",
     ]) && has(&["model", "tokenizer", "config"])
@@ -74,6 +78,8 @@ mod tests {
         assert!(oom.unwrap().contains("batch_size"));
         let nan = diagnose("", "{'loss': nan, 'grad_norm': nan}\nerror");
         assert!(nan.unwrap().contains("learning_rate"));
+        let nan = diagnose("FloatingPointError: the loss became nan at step 3", "");
+        assert!(nan.unwrap().contains("learning_rate"));
         let env = diagnose("ModuleNotFoundError: No module named 'llamafactory'", "");
         assert!(env.unwrap().contains("ferrotune setup"));
         let data = diagnose(
@@ -81,6 +87,11 @@ mod tests {
             "",
         );
         assert!(data.unwrap().contains("format"));
+        let model = diagnose(
+            "OSError: Error no file named model.safetensors, or pytorch_model.bin, found in directory /m/x.",
+            "",
+        );
+        assert!(model.unwrap().contains("base model could not be loaded"));
         assert_eq!(diagnose("something else entirely", "all fine"), None);
     }
 }

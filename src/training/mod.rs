@@ -1,54 +1,90 @@
-//! Training as a service: task submission and validation, a scheduler that starts
-//! `ferrotune worker` processes when a slot is free and the Python environment is ready, and
-//! a supervisor that turns their events into progress, metrics, a final status and — on
-//! success — a registered adapter model.
+//! Training as a service: task submission and validation, a persistent priority queue with
+//! global and per-user limits and GPU assignment, workers supervised through their events
+//! file (so a restarted server re-attaches to workers that outlived it), live fan-out of
+//! events, cancel / resume / clone / delete, failure diagnosis, and retention.
 
+pub mod artifacts;
 pub mod diagnose;
 pub mod spec;
+mod supervisor;
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use time::OffsetDateTime;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::broadcast;
 
 use crate::config::Config;
 use crate::error::{Error, Kind, Result};
 use crate::pyenv::EnvTracker;
-use crate::store::{
-    Dataset, MetricPoint, ModelKind, ModelRecord, Progress, Store, Task, TaskStatus, new_id,
-};
-use crate::worker::Job;
-use spec::{FinetuningType, RunPaths, TaskRequest};
+use crate::store::{Dataset, MetricPoint, Progress, Store, Task, TaskStatus, new_id};
+use spec::{RunPaths, TaskRequest};
 
 /// Lines of the log returned by default.
 pub const DEFAULT_LOG_TAIL: usize = 500;
+/// Events kept in memory per task for subscribers that lag behind.
+const CHANNEL_CAPACITY: usize = 1024;
+
+/// One line of a task's events file, numbered from 1 (the SSE event id).
+#[derive(Debug, Clone)]
+pub struct TaskEvent {
+    pub id: u64,
+    pub data: Arc<str>,
+}
+
+/// A worker this process supervises.
+struct Running {
+    owner: String,
+    pid: u32,
+    gpus: Vec<u32>,
+    cancel_requested: bool,
+}
 
 pub struct Trainer {
     store: Store,
     data_dir: PathBuf,
     models_dir: PathBuf,
     max_concurrent: usize,
+    max_per_user: usize,
+    gpus: Vec<u32>,
+    heartbeat_timeout: Duration,
+    cancel_grace: Duration,
+    retention: Option<Duration>,
     env: EnvTracker,
     wake: tokio::sync::Notify,
-    /// task id → worker pid, for the tasks this process supervises.
-    running: Mutex<HashMap<String, u32>>,
+    running: Mutex<HashMap<String, Running>>,
+    channels: Mutex<HashMap<String, broadcast::Sender<TaskEvent>>>,
 }
 
 impl Trainer {
     pub fn new(store: Store, config: &Config, env: EnvTracker) -> Arc<Trainer> {
+        let gpus = if config.gpu_ids.is_empty() {
+            crate::system::gpus().iter().map(|g| g.index).collect()
+        } else {
+            config.gpu_ids.clone()
+        };
+        let max_concurrent = match config.max_concurrent_tasks {
+            0 => gpus.len().max(1),
+            n => n,
+        };
         Arc::new(Trainer {
             store,
             data_dir: config.data_dir.clone(),
             models_dir: config.models_dir.clone(),
-            max_concurrent: config.max_concurrent_tasks.max(1),
+            max_concurrent,
+            max_per_user: config.max_running_per_user.max(1),
+            gpus,
+            heartbeat_timeout: Duration::from_secs(config.heartbeat_timeout_secs),
+            cancel_grace: Duration::from_secs(config.cancel_grace_secs),
+            retention: (config.retention_days > 0)
+                .then(|| Duration::from_secs(config.retention_days * 86_400)),
             env,
             wake: tokio::sync::Notify::new(),
             running: Mutex::new(HashMap::new()),
+            channels: Mutex::new(HashMap::new()),
         })
     }
 
@@ -56,40 +92,112 @@ impl Trainer {
         &self.env
     }
 
+    pub fn gpu_ids(&self) -> &[u32] {
+        &self.gpus
+    }
+
+    pub fn max_concurrent(&self) -> usize {
+        self.max_concurrent
+    }
+
     fn tasks_dir(&self) -> PathBuf {
         self.data_dir.join("tasks")
     }
 
-    /// Tasks left `running` by a previous server process have no supervisor any more: they
-    /// become `failed` (reason `interrupted`).
-    pub async fn recover(&self) -> Result<()> {
-        for mut task in self.store.tasks().list_all()? {
-            if task.status == TaskStatus::Running {
-                if let Some(pid) = task.pid {
-                    // SAFETY: kill with a pid recorded by this service; signal 0 only probes.
-                    // A worker still alive from a crashed server is stopped: its events pipe
-                    // is gone, so nobody could supervise it.
-                    unsafe {
-                        if libc::kill(-(pid as i32), 0) == 0 {
-                            libc::kill(-(pid as i32), libc::SIGTERM);
-                        }
-                    }
-                }
-                task.status = TaskStatus::Failed;
-                task.error = Some("interrupted: the server stopped while this task ran".into());
-                task.diagnosis = Some(
-                    "The task was interrupted by a server restart; clone it to run it again."
-                        .into(),
-                );
-                task.pid = None;
-                task.finished_at = Some(OffsetDateTime::now_utc());
-                task.updated_at = OffsetDateTime::now_utc();
-                self.store.tasks().put(&task).await?;
-                tracing::warn!(task_id = %task.task_id, "task interrupted by a restart marked failed");
-            }
-        }
-        Ok(())
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// The pids of the workers this process supervises, by task id.
+    pub fn running_workers(&self) -> Vec<(String, u32, Vec<u32>)> {
+        self.lock_running()
+            .iter()
+            .map(|(id, r)| (id.clone(), r.pid, r.gpus.clone()))
+            .collect()
+    }
+
+    // ---- events -------------------------------------------------------------------------
+
+    /// Subscribes to a task's live events (call before reading the file's history, then skip
+    /// ids already seen).
+    pub fn subscribe(&self, task_id: &str) -> broadcast::Receiver<TaskEvent> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        channels
+            .entry(task_id.to_string())
+            .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
+            .subscribe()
+    }
+
+    fn publish(&self, task_id: &str, event: TaskEvent) {
+        let channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = channels.get(task_id) {
+            let _ = tx.send(event);
+        }
+    }
+
+    /// Events recorded after `after`, from the task's events file.
+    pub async fn events_since(&self, task: &Task, after: u64) -> Result<Vec<TaskEvent>> {
+        let path = events_path(task);
+        let text = match tokio::fs::read(&path).await {
+            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(text
+            .lines()
+            .enumerate()
+            .map(|(i, l)| (i as u64 + 1, l))
+            .filter(|(id, l)| *id > after && !l.trim().is_empty())
+            .map(|(id, l)| TaskEvent {
+                id,
+                data: Arc::from(l),
+            })
+            .collect())
+    }
+
+    /// Number of event lines recorded so far (the id of the last one).
+    pub async fn last_event_id(&self, task: &Task) -> u64 {
+        match tokio::fs::read(events_path(task)).await {
+            Ok(b) => b.iter().filter(|c| **c == b'\n').count() as u64,
+            Err(_) => 0,
+        }
+    }
+
+    /// Appends a server-side event (status changes) to the task's file and publishes it.
+    async fn record_event(&self, task: &Task, mut event: Value) {
+        let now = OffsetDateTime::now_utc();
+        event["ts"] = json!((now.unix_timestamp_nanos() / 1_000_000) as f64 / 1000.0);
+        let line = event.to_string();
+        let path = events_path(task);
+        if let Some(parent) = path.parent() {
+            let _ = tokio::fs::create_dir_all(parent).await;
+        }
+        let result = async {
+            use tokio::io::AsyncWriteExt;
+            let mut f = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .await?;
+            f.write_all(format!("{line}\n").as_bytes()).await?;
+            f.flush().await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(task_id = %task.task_id, error = %e, "could not record an event");
+            return;
+        }
+        let id = self.last_event_id(task).await;
+        self.publish(
+            &task.task_id,
+            TaskEvent {
+                id,
+                data: Arc::from(line.as_str()),
+            },
+        );
+    }
+
+    // ---- submission ---------------------------------------------------------------------
 
     /// Validates a request and queues the task.
     pub async fn submit(&self, owner: &str, request: TaskRequest) -> Result<Task> {
@@ -118,6 +226,17 @@ impl Trainer {
         };
         let dataset =
             self.resolve_dataset(owner, dataset_id.as_deref(), dataset_path.as_deref())?;
+        if spec.gpus as usize > self.gpus.len().max(1) && !self.gpus.is_empty() {
+            return Err(Error::new(
+                Kind::Invalid,
+                "invalid_spec",
+                format!("gpus: this machine has {} GPU(s)", self.gpus.len()),
+            ));
+        }
+        if self.gpus.is_empty() {
+            // CPU-only machine: the task runs on the CPU.
+            spec.gpus = 0;
+        }
 
         let base = crate::models::find_base_model(&self.models_dir, &spec.model_name)?.ok_or_else(
             || {
@@ -152,7 +271,6 @@ impl Trainer {
 
         let task_id = new_id();
         let task_dir = self.tasks_dir().join(&task_id);
-        let output = task_dir.join(output_rel);
         let paths = RunPaths {
             model_dir: model_dir.to_string_lossy().into_owned(),
             dataset_file: dataset.file_path.clone(),
@@ -160,13 +278,8 @@ impl Trainer {
             dataset_container: dataset.container,
             dataset_columns: dataset.columns.clone(),
             task_dir: task_dir.to_string_lossy().into_owned(),
-            output_dir: output.to_string_lossy().into_owned(),
+            output_dir: task_dir.join(output_rel).to_string_lossy().into_owned(),
         };
-        tokio::fs::create_dir_all(&task_dir).await?;
-        let info =
-            serde_json::to_vec_pretty(&spec::dataset_info(&paths)).map_err(Error::internal)?;
-        tokio::fs::write(task_dir.join("dataset_info.json"), info).await?;
-
         let now = OffsetDateTime::now_utc();
         let task = Task {
             task_id,
@@ -180,15 +293,30 @@ impl Trainer {
             diagnosis: None,
             model_id: None,
             pid: None,
+            gpu_ids: Vec::new(),
+            resume_from: None,
+            outputs_removed: false,
             created_at: now,
             updated_at: now,
             started_at: None,
             finished_at: None,
         };
-        if let Err(e) = self.store.tasks().put(&task).await {
-            let _ = tokio::fs::remove_dir_all(&task_dir).await;
-            return Err(e.into());
+        let written = async {
+            tokio::fs::create_dir_all(&task_dir).await?;
+            let info = serde_json::to_vec_pretty(&spec::dataset_info(&task.paths))
+                .map_err(Error::internal)?;
+            tokio::fs::write(task_dir.join("dataset_info.json"), info).await?;
+            self.store.tasks().put(&task).await?;
+            Ok::<(), Error>(())
         }
+        .await;
+        if let Err(e) = written {
+            // Nothing half-written stays behind.
+            let _ = tokio::fs::remove_dir_all(&task_dir).await;
+            return Err(e);
+        }
+        self.record_event(&task, json!({"type": "status", "status": "queued"}))
+            .await;
         tracing::info!(task_id = %task.task_id, owner, model = %task.spec.model_name, "task queued");
         self.wake.notify_one();
         Ok(task)
@@ -245,9 +373,59 @@ impl Trainer {
             .ok_or_else(|| Error::not_found("task"))
     }
 
+    /// Queue positions (1 = next to start) of every queued task, by id.
+    pub fn queue_positions(&self) -> Result<HashMap<String, usize>> {
+        Ok(self
+            .queued_in_order()?
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (t.task_id, i + 1))
+            .collect())
+    }
+
+    fn queued_in_order(&self) -> Result<Vec<Task>> {
+        let mut queued: Vec<Task> = self
+            .store
+            .tasks()
+            .list_all()?
+            .into_iter()
+            .filter(|t| t.status == TaskStatus::Queued)
+            .collect();
+        queued.sort_by(|a, b| {
+            b.spec
+                .priority
+                .cmp(&a.spec.priority)
+                .then(a.created_at.cmp(&b.created_at))
+                .then(a.task_id.cmp(&b.task_id))
+        });
+        Ok(queued)
+    }
+
+    /// Whether a queued or running task of the owner uses the dataset.
+    pub fn dataset_in_use(&self, owner: &str, dataset_id: &str) -> Result<bool> {
+        Ok(self
+            .store
+            .tasks()
+            .list(owner)?
+            .iter()
+            .any(|t| t.status.is_active() && t.dataset_id.as_deref() == Some(dataset_id)))
+    }
+
     /// The exact LlamaFactory configuration of the task, as YAML.
     pub fn config_yaml(&self, task: &Task) -> String {
-        spec::to_yaml(&spec::llamafactory_args(&task.spec, &task.paths, false))
+        spec::to_yaml(&self.run_args(task))
+    }
+
+    fn run_args(&self, task: &Task) -> serde_json::Map<String, Value> {
+        let mut args = spec::llamafactory_args(
+            &task.spec,
+            &task.paths,
+            !task.gpu_ids.is_empty() || task.spec.gpus > 0,
+        );
+        if let Some(ckpt) = &task.resume_from {
+            args.insert("resume_from_checkpoint".into(), json!(ckpt));
+        }
+        args
     }
 
     /// The last `tail` lines of the task's log (empty before it starts).
@@ -264,11 +442,172 @@ impl Trainer {
         Ok(self.store.metrics(&task.task_id)?)
     }
 
-    /// Starts the scheduler: it starts queued tasks whenever a slot is free and the
-    /// environment is ready.
-    pub fn spawn_scheduler(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+    // ---- control ------------------------------------------------------------------------
+
+    /// Cancels a queued task at once; asks a running one to stop and save, then terminates
+    /// its process group if it has not exited within the grace period. Returns the status
+    /// the task has now (`cancelled`, or still `running` while it stops).
+    pub async fn cancel(self: &Arc<Self>, owner: &str, task_id: &str) -> Result<TaskStatus> {
+        let mut task = self.get(owner, task_id)?;
+        match task.status {
+            TaskStatus::Queued => {
+                task.status = TaskStatus::Cancelled;
+                task.finished_at = Some(OffsetDateTime::now_utc());
+                task.updated_at = OffsetDateTime::now_utc();
+                self.store.tasks().put(&task).await?;
+                self.record_event(&task, json!({"type": "status", "status": "cancelled"}))
+                    .await;
+                Ok(TaskStatus::Cancelled)
+            }
+            TaskStatus::Running => {
+                let pid = {
+                    let mut running = self.lock_running();
+                    match running.get_mut(task_id) {
+                        Some(r) => {
+                            r.cancel_requested = true;
+                            Some(r.pid)
+                        }
+                        None => None,
+                    }
+                };
+                let Some(pid) = pid else {
+                    return Err(Error::conflict(
+                        "not_supervised",
+                        "the task's worker is not supervised by this server",
+                    ));
+                };
+                self.record_event(&task, json!({"type": "status", "status": "cancelling"}))
+                    .await;
+                // SAFETY: `pid` is our worker; SIGUSR1 = stop and save at the next step end.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGUSR1);
+                }
+                let grace = self.cancel_grace;
+                tokio::spawn(async move {
+                    supervisor::terminate_after(pid, grace).await;
+                });
+                tracing::info!(task_id, pid, "cancel requested: stop and save");
+                Ok(TaskStatus::Running)
+            }
+            other => Err(Error::conflict(
+                "not_active",
+                format!(
+                    "the task is {}; only queued or running tasks can be cancelled",
+                    other.as_str()
+                ),
+            )),
+        }
+    }
+
+    /// The newest `checkpoint-N` folder of a task's output, if any.
+    pub fn latest_checkpoint(task: &Task) -> Option<(u64, PathBuf)> {
+        std::fs::read_dir(&task.paths.output_dir)
+            .ok()?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let step: u64 = name.strip_prefix("checkpoint-")?.parse().ok()?;
+                e.path()
+                    .join("trainer_state.json")
+                    .is_file()
+                    .then(|| (step, e.path()))
+            })
+            .max_by_key(|(step, _)| *step)
+    }
+
+    /// Queues a failed or cancelled task again, continuing from its latest checkpoint.
+    pub async fn resume(&self, owner: &str, task_id: &str) -> Result<Task> {
+        let mut task = self.get(owner, task_id)?;
+        if !matches!(task.status, TaskStatus::Failed | TaskStatus::Cancelled) {
+            return Err(Error::conflict(
+                "not_resumable",
+                format!(
+                    "the task is {}; only failed or cancelled tasks can be resumed",
+                    task.status.as_str()
+                ),
+            ));
+        }
+        let (step, ckpt) = Self::latest_checkpoint(&task).ok_or_else(|| {
+            Error::conflict(
+                "no_checkpoint",
+                "the task has no checkpoint to resume from; clone it to start again",
+            )
+        })?;
+        task.status = TaskStatus::Queued;
+        task.resume_from = Some(ckpt.to_string_lossy().into_owned());
+        task.error = None;
+        task.diagnosis = None;
+        task.finished_at = None;
+        task.updated_at = OffsetDateTime::now_utc();
+        self.store.tasks().put(&task).await?;
+        self.record_event(
+            &task,
+            json!({"type": "status", "status": "queued", "resume_from_step": step}),
+        )
+        .await;
+        self.wake.notify_one();
+        Ok(task)
+    }
+
+    /// A new queued task with the same specification, with `overrides` (any task field)
+    /// applied.
+    pub async fn clone_task(&self, owner: &str, task_id: &str, overrides: Value) -> Result<Task> {
+        let task = self.get(owner, task_id)?;
+        let mut body = serde_json::to_value(&task.spec).map_err(Error::internal)?;
+        body["dataset_id"] = json!(task.dataset_id);
+        body["name"] = json!(format!("{} (copy)", task.spec.name));
+        if let Some(obj) = overrides.as_object() {
+            if obj.contains_key("model_name") && !obj.contains_key("template") {
+                body["template"] = json!("");
+            }
+            if obj.contains_key("dataset_path") && !obj.contains_key("dataset_id") {
+                body["dataset_id"] = Value::Null;
+            }
+            for (k, v) in obj {
+                body[k] = v.clone();
+            }
+        } else if !overrides.is_null() {
+            return Err(Error::bad_request(
+                "the body must be a JSON object of fields to change",
+            ));
+        }
+        let request: TaskRequest = serde_json::from_value(body)
+            .map_err(|e| Error::new(Kind::Invalid, "invalid_body", e.to_string()))?;
+        self.submit(owner, request).await
+    }
+
+    /// Deletes a finished task: its record, metrics and files (a registered model keeps its
+    /// own files).
+    pub async fn delete(&self, owner: &str, task_id: &str) -> Result<()> {
+        let task = self.get(owner, task_id)?;
+        if task.status.is_active() {
+            return Err(Error::conflict(
+                "task_active",
+                "cancel the task before deleting it",
+            ));
+        }
+        self.store.tasks().remove(owner, task_id).await?;
+        self.store.remove_metrics(task_id)?;
+        self.store.flush().await?;
+        if let Err(e) = tokio::fs::remove_dir_all(&task.paths.task_dir).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(task_id, error = %e, "could not remove a task's files");
+            }
+        }
+        self.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(task_id);
+        Ok(())
+    }
+
+    // ---- background ---------------------------------------------------------------------
+
+    /// Starts the scheduler (queued tasks start whenever a slot and GPUs are free and the
+    /// environment is ready) and the retention sweep.
+    pub fn spawn_background(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
         let this = self.clone();
-        tokio::spawn(async move {
+        let scheduler = tokio::spawn(async move {
             let ready = this.env.ready_signal();
             loop {
                 if let Err(e) = this.start_queued().await {
@@ -280,33 +619,55 @@ impl Trainer {
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                 }
             }
-        })
+        });
+        let this = self.clone();
+        let sweeper = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tick.tick().await;
+                match this.sweep_outputs().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(tasks = n, "removed expired task outputs"),
+                    Err(e) => tracing::warn!(error = %e, "retention sweep failed"),
+                }
+            }
+        });
+        vec![scheduler, sweeper]
     }
 
     async fn start_queued(self: &Arc<Self>) -> Result<()> {
         if !self.env.is_ready() {
             return Ok(());
         }
-        let mut queued: Vec<Task> = self
-            .store
-            .tasks()
-            .list_all()?
-            .into_iter()
-            .filter(|t| t.status == TaskStatus::Queued)
-            .collect();
-        queued.sort_by(|a, b| {
-            b.spec
-                .priority
-                .cmp(&a.spec.priority)
-                .then(a.created_at.cmp(&b.created_at))
-        });
-        for task in queued {
-            let busy = self.running.lock().map(|r| r.len()).unwrap_or(usize::MAX);
-            if busy >= self.max_concurrent {
-                break;
-            }
+        for task in self.queued_in_order()? {
+            let gpus = {
+                let running = self.lock_running();
+                if running.len() >= self.max_concurrent {
+                    break;
+                }
+                let mine = running.values().filter(|r| r.owner == task.owner).count();
+                if mine >= self.max_per_user {
+                    continue;
+                }
+                let busy: Vec<u32> = running
+                    .values()
+                    .flat_map(|r| r.gpus.iter().copied())
+                    .collect();
+                let free: Vec<u32> = self
+                    .gpus
+                    .iter()
+                    .copied()
+                    .filter(|g| !busy.contains(g))
+                    .collect();
+                let want = task.spec.gpus as usize;
+                if want > free.len() {
+                    // Strict order: a task waiting for GPUs is not overtaken.
+                    break;
+                }
+                free[..want].to_vec()
+            };
             let task_id = task.task_id.clone();
-            if let Err(e) = self.start(task).await {
+            if let Err(e) = self.start(task, gpus).await {
                 tracing::error!(task_id = %task_id, error = %e, "could not start a worker");
                 self.finish(
                     &task_id,
@@ -320,169 +681,80 @@ impl Trainer {
         Ok(())
     }
 
-    async fn start(self: &Arc<Self>, mut task: Task) -> Result<()> {
-        let task_dir = PathBuf::from(&task.paths.task_dir);
-        tokio::fs::create_dir_all(&task_dir).await?;
-        let log_file = task_dir.join("train.log");
-        let env = self.env.env();
-        let job = Job {
-            task_id: task.task_id.clone(),
-            args: spec::llamafactory_args(&task.spec, &task.paths, false),
-            env_dir: env.dir.clone(),
-            site_packages: env.site_packages(),
-            log_file: log_file.clone(),
-        };
-        let job_path = task_dir.join("job.json");
-        tokio::fs::write(
-            &job_path,
-            serde_json::to_vec_pretty(&job).map_err(Error::internal)?,
-        )
-        .await?;
-        let early_log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_file)?;
-
-        let exe = std::env::current_exe()?;
-        let mut cmd = tokio::process::Command::new(exe);
-        cmd.arg("worker")
-            .arg("--job")
-            .arg(&job_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(early_log))
-            .env("PYTHONUNBUFFERED", "1")
-            .env("PYTHONNOUSERSITE", "1")
-            .env("DISABLE_VERSION_CHECK", "1")
-            .env("TOKENIZERS_PARALLELISM", "false")
-            .env("HF_HUB_OFFLINE", "1")
-            .env("HF_HOME", self.data_dir.join("cache").join("huggingface"))
-            .env("RUST_LOG", "warn")
-            .process_group(0)
-            .kill_on_drop(false);
-        let mut child = cmd.spawn()?;
-        let pid = child.id().unwrap_or(0);
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| Error::internal("worker stdout missing"))?;
-
-        task.status = TaskStatus::Running;
-        task.pid = Some(pid);
-        task.started_at = Some(OffsetDateTime::now_utc());
-        task.updated_at = OffsetDateTime::now_utc();
-        self.store.tasks().put(&task).await?;
-        if let Ok(mut r) = self.running.lock() {
-            r.insert(task.task_id.clone(), pid);
-        }
-        tracing::info!(task_id = %task.task_id, pid, "worker started");
-
-        let this = self.clone();
-        tokio::spawn(async move {
-            this.supervise(task, child, stdout).await;
-        });
-        Ok(())
-    }
-
-    /// Reads the worker's events until it exits, then settles the task.
-    async fn supervise(
-        self: Arc<Self>,
-        task: Task,
-        mut child: tokio::process::Child,
-        stdout: tokio::process::ChildStdout,
-    ) {
-        let task_id = task.task_id.clone();
-        let owner = task.owner.clone();
-        let events_path = Path::new(&task.paths.task_dir).join("events.jsonl");
-        let mut events_file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&events_path)
-            .await
-            .ok();
-        let mut lines = BufReader::new(stdout).lines();
-        let mut last_error: Option<String> = None;
-        let mut done = false;
-        let mut progress = task.progress.clone();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let Ok(event) = serde_json::from_str::<Value>(&line) else {
-                tracing::debug!(task_id = %task_id, line = %line, "non-event output from the worker");
+    /// Re-attaches to workers a previous server process left running; tasks whose worker is
+    /// gone become `failed` (`interrupted`, resumable from their last checkpoint).
+    pub async fn recover(self: &Arc<Self>) -> Result<()> {
+        for task in self.store.tasks().list_all()? {
+            if task.status != TaskStatus::Running {
                 continue;
-            };
-            if let Some(f) = events_file.as_mut() {
-                let _ = f.write_all(line.as_bytes()).await;
-                let _ = f.write_all(b"\n").await;
             }
-            match event["type"].as_str().unwrap_or("") {
-                "error" => last_error = event["message"].as_str().map(str::to_string),
-                "done" => done = true,
-                _ => {}
-            }
-            if apply_event(&mut progress, &event) {
-                if event["type"] == "log" {
-                    let point = MetricPoint {
-                        step: progress.current_step,
-                        loss: progress.loss,
-                        learning_rate: progress.learning_rate,
-                        epoch: progress.epoch,
-                        t: event["t"].as_f64().unwrap_or(0.0),
+            match task.pid {
+                Some(pid) if supervisor::is_our_worker(pid, &task) => {
+                    tracing::info!(task_id = %task.task_id, pid, "re-attaching to a running worker");
+                    self.lock_running().insert(
+                        task.task_id.clone(),
+                        Running {
+                            owner: task.owner.clone(),
+                            pid,
+                            gpus: task.gpu_ids.clone(),
+                            cancel_requested: false,
+                        },
+                    );
+                    let this = self.clone();
+                    tokio::spawn(async move { this.supervise(task, pid, None).await });
+                }
+                _ => {
+                    let has_ckpt = Self::latest_checkpoint(&task).is_some();
+                    let advice = if has_ckpt {
+                        "resume it to continue from its last checkpoint"
+                    } else {
+                        "clone it to run it again"
                     };
-                    if let Err(e) = self.store.add_metric(&task_id, &point) {
-                        tracing::warn!(task_id = %task_id, error = %e, "could not record a metric");
-                    }
-                }
-                if let Ok(Some(mut current)) = self.store.tasks().get(&owner, &task_id) {
-                    current.progress = progress.clone();
-                    current.updated_at = OffsetDateTime::now_utc();
-                    if let Err(e) = self.store.tasks().put(&current).await {
-                        tracing::warn!(task_id = %task_id, error = %e, "could not record progress");
-                    }
-                }
-            }
-        }
-        let status = child.wait().await;
-        let exit = match &status {
-            Ok(s) => s.code(),
-            Err(_) => None,
-        };
-        if let Some(f) = events_file.as_mut() {
-            let _ = f.flush().await;
-        }
-        let success = done && exit == Some(0);
-        if success {
-            match self.register_model(&task_id, &owner).await {
-                Ok(model_id) => {
-                    self.finish(&task_id, TaskStatus::Completed, None, Some(model_id))
-                        .await;
-                }
-                Err(e) => {
+                    tracing::warn!(task_id = %task.task_id, "task interrupted by a restart: marked failed");
                     self.finish(
-                        &task_id,
+                        &task.task_id,
                         TaskStatus::Failed,
                         Some(format!(
-                            "training finished but its output could not be registered: {}",
-                            e.message
+                            "interrupted: the worker stopped while the server was down; {advice}"
                         )),
                         None,
                     )
                     .await;
                 }
             }
-        } else {
-            let error = last_error.unwrap_or_else(|| match &status {
-                Ok(s) => describe_exit(s),
-                Err(e) => format!("could not wait for the worker: {e}"),
-            });
-            self.finish(&task_id, TaskStatus::Failed, Some(error), None)
-                .await;
         }
-        if let Ok(mut r) = self.running.lock() {
-            r.remove(&task_id);
-        }
-        self.wake.notify_one();
+        Ok(())
     }
 
-    /// Records a task's final state (with a diagnosis when it failed).
+    /// Removes outputs of tasks finished longer ago than the retention period.
+    pub async fn sweep_outputs(&self) -> Result<usize> {
+        let Some(retention) = self.retention else {
+            return Ok(0);
+        };
+        let cutoff = OffsetDateTime::now_utc() - retention;
+        let mut n = 0;
+        for mut task in self.store.tasks().list_all()? {
+            let expired = !task.status.is_active()
+                && !task.outputs_removed
+                && task.finished_at.is_some_and(|t| t < cutoff);
+            if !expired {
+                continue;
+            }
+            if let Err(e) = tokio::fs::remove_dir_all(&task.paths.output_dir).await {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(task_id = %task.task_id, error = %e, "could not remove outputs");
+                    continue;
+                }
+            }
+            task.outputs_removed = true;
+            task.updated_at = OffsetDateTime::now_utc();
+            self.store.tasks().put(&task).await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Records a task's final state (with a diagnosis when it failed) and announces it.
     async fn finish(
         &self,
         task_id: &str,
@@ -499,8 +771,11 @@ impl Trainer {
         }
         task.status = status;
         task.error = error;
-        task.model_id = model_id;
+        if model_id.is_some() {
+            task.model_id = model_id;
+        }
         task.pid = None;
+        task.gpu_ids.clear();
         let now = OffsetDateTime::now_utc();
         task.finished_at = Some(now);
         task.updated_at = now;
@@ -518,41 +793,16 @@ impl Trainer {
             ),
             Err(e) => tracing::error!(task_id, error = %e, "could not record a task's end"),
         }
+        self.record_event(
+            &task,
+            json!({"type": "status", "status": status, "error": task.error, "diagnosis": task.diagnosis, "model_id": task.model_id}),
+        )
+        .await;
     }
+}
 
-    /// Registers a finished task's output as the owner's model.
-    async fn register_model(&self, task_id: &str, owner: &str) -> Result<String> {
-        let task = self
-            .store
-            .tasks()
-            .get(owner, task_id)?
-            .ok_or_else(|| Error::not_found("task"))?;
-        let out = PathBuf::from(&task.paths.output_dir);
-        let (kind, marker) = match task.spec.finetuning_type {
-            FinetuningType::Lora => (ModelKind::Adapter, "adapter_model.safetensors"),
-            FinetuningType::Full => (ModelKind::Full, "config.json"),
-        };
-        if !out.join(marker).is_file() {
-            return Err(Error::internal(format!(
-                "{} is missing from {}",
-                marker,
-                out.display()
-            )));
-        }
-        let record = ModelRecord {
-            model_id: new_id(),
-            owner: owner.to_string(),
-            name: task.spec.name.clone(),
-            model_path: out.to_string_lossy().into_owned(),
-            kind,
-            base_model: task.spec.model_name.clone(),
-            task_id: Some(task_id.to_string()),
-            size: dir_size_top(&out),
-            created_at: OffsetDateTime::now_utc(),
-        };
-        self.store.models().put(&record).await?;
-        Ok(record.model_id)
-    }
+fn events_path(task: &Task) -> PathBuf {
+    Path::new(&task.paths.task_dir).join("events.jsonl")
 }
 
 /// Updates `progress` from one worker event; true when it changed.
@@ -594,15 +844,6 @@ pub fn apply_event(progress: &mut Progress, event: &Value) -> bool {
     changed
 }
 
-fn describe_exit(status: &std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("the worker exited with code {code}"),
-        (None, Some(sig)) => format!("the worker was killed by signal {sig}"),
-        _ => "the worker ended abnormally".into(),
-    }
-}
-
 fn has_chat_template(model_dir: &Path) -> bool {
     if model_dir.join("chat_template.jinja").is_file() {
         return true;
@@ -611,19 +852,6 @@ fn has_chat_template(model_dir: &Path) -> bool {
         .ok()
         .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
         .is_some_and(|v| v.get("chat_template").is_some_and(|t| !t.is_null()))
-}
-
-/// Bytes of the files directly in `dir` (an adapter's own files; checkpoints excluded).
-fn dir_size_top(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// The last `n` lines of `text`.
@@ -640,7 +868,6 @@ pub fn tail_lines(text: &str, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn progress_follows_events() {

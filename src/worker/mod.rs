@@ -1,21 +1,23 @@
 //! `ferrotune worker`: the child side of training. One process runs one job (an embedded
-//! interpreter cannot be restarted): it moves its stdout to a private events descriptor,
-//! sends its own stdout/stderr (and so everything Python and C code print) to the task's
-//! log, embeds CPython through pyo3 with the managed environment's site-packages on
-//! `sys.path`, checks the interpreter matches the environment, and runs `worker.py`, which
-//! calls LlamaFactory's `run_exp` in-process and reports events as JSON lines.
+//! interpreter cannot be restarted). The supervisor starts it in its own process group with
+//! stdout and stderr on the task's log, so everything Python and native code print lands
+//! there. The worker embeds CPython through pyo3 with the managed environment's
+//! site-packages on `sys.path`, checks the interpreter matches the environment, and runs
+//! `worker.py`, which calls LlamaFactory's `run_exp` in-process and appends events as JSON
+//! lines to the task's events file. At the end it writes `exit.json` next to it, so a
+//! supervisor that re-attaches after a server restart (and so cannot `wait` for it) still
+//! learns how it ended.
 
 use std::ffi::CString;
-use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use pyo3::prelude::*;
 use pyo3::types::PyModule;
 use serde::{Deserialize, Serialize};
 
-const WORKER_PY: &str = include_str!("worker.py");
+/// The Python side, also written to the task folder as `launch.py` for torchrun launches.
+pub const WORKER_PY: &str = include_str!("worker.py");
 
 /// What the supervisor hands the worker, as `job.json` in the task folder.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -26,67 +28,63 @@ pub struct Job {
     /// The managed environment's root and site-packages.
     pub env_dir: PathBuf,
     pub site_packages: PathBuf,
-    /// Where Python's output goes.
-    pub log_file: PathBuf,
+    /// Where events are appended (JSON lines).
+    pub events_file: PathBuf,
+    /// Where the exit code is written at the end.
+    pub exit_file: PathBuf,
+    /// Seconds between heartbeat events.
+    pub heartbeat_secs: f64,
 }
 
-/// Exit codes of the worker, besides what `worker.py` returns (0 done, 1 training failed,
-/// 3 import failed).
+/// Exit codes: 0 done, 1 training failed, 3 import failed, 5 stopped on request (from
+/// `worker.py`); 4 the worker could not set up.
 pub const EXIT_SETUP: i32 = 4;
+pub const EXIT_STOPPED: i32 = 5;
 
-/// Runs a job; returns the process exit code. Events go to the original stdout.
+/// Runs a job; returns the process exit code.
 pub fn run(job_file: &Path) -> i32 {
     let job: Job = match std::fs::read(job_file)
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
     {
         Ok(j) => j,
-        Err(e) => return fail_early(&format!("cannot read job {}: {e}", job_file.display())),
+        Err(e) => {
+            eprintln!(
+                "ferrotune worker: cannot read job {}: {e}",
+                job_file.display()
+            );
+            return EXIT_SETUP;
+        }
     };
-    // SAFETY: dup/dup2 on descriptors this process owns, before any other thread starts.
-    let events_fd = unsafe { libc::dup(1) };
-    if events_fd < 0 {
-        return fail_early("dup(stdout) failed");
-    }
-    let log = match OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&job.log_file)
-    {
-        Ok(f) => f,
-        Err(e) => return fail_early(&format!("cannot open log {}: {e}", job.log_file.display())),
-    };
-    // SAFETY: as above; fds 1 and 2 now write to the log.
-    unsafe {
-        libc::dup2(log.as_raw_fd(), 1);
-        libc::dup2(log.as_raw_fd(), 2);
-    }
-    drop(log);
-    let mut events = unsafe_file(events_fd);
-    match run_python(&job, events_fd) {
+    let code = match run_python(&job) {
         Ok(code) => code,
         Err(message) => {
-            let line = serde_json::json!({"type": "error", "stage": "setup", "message": message});
-            let _ = writeln!(events, "{line}");
             eprintln!("ferrotune worker: {message}");
+            append_event(
+                &job.events_file,
+                &serde_json::json!({"type": "error", "stage": "setup", "message": message}),
+            );
             EXIT_SETUP
         }
+    };
+    let _ = std::fs::write(
+        &job.exit_file,
+        serde_json::json!({ "code": code }).to_string(),
+    );
+    code
+}
+
+fn append_event(path: &Path, event: &serde_json::Value) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(format!("{event}\n").as_bytes());
     }
 }
 
-fn unsafe_file(fd: i32) -> std::fs::File {
-    use std::os::fd::FromRawFd;
-    // SAFETY: `fd` was returned by dup() above and is owned here. Python gets its own dup.
-    unsafe { std::fs::File::from_raw_fd(fd) }
-}
-
-fn fail_early(message: &str) -> i32 {
-    let line = serde_json::json!({"type": "error", "stage": "setup", "message": message});
-    println!("{line}");
-    EXIT_SETUP
-}
-
-fn run_python(job: &Job, events_fd: i32) -> Result<i32, String> {
+fn run_python(job: &Job) -> Result<i32, String> {
     if !job.site_packages.is_dir() {
         return Err(format!(
             "the training environment is missing ({} does not exist); run `ferrotune setup`",
@@ -98,12 +96,6 @@ fn run_python(job: &Job, events_fd: i32) -> Result<i32, String> {
         base_python: PathBuf::new(),
     }
     .recorded_version();
-    // Python gets its own descriptor, so closing its file object leaves ours valid.
-    // SAFETY: dup of a descriptor this process owns.
-    let py_fd = unsafe { libc::dup(events_fd) };
-    if py_fd < 0 {
-        return Err("dup(events) failed".into());
-    }
     let args_json = serde_json::to_string(&job.args).map_err(|e| e.to_string())?;
     Python::attach(|py| -> Result<i32, String> {
         let sys = py.import("sys").map_err(|e| e.to_string())?;
@@ -127,7 +119,8 @@ fn run_python(job: &Job, events_fd: i32) -> Result<i32, String> {
             (0, job.site_packages.to_string_lossy().to_string()),
         )
         .map_err(|e| e.to_string())?;
-        // Make `sys.prefix`-relative lookups (e.g. package data) see the environment.
+        // Child processes Python code starts (e.g. via sys.executable) must be the
+        // environment's interpreter, not this binary.
         let _ = sys.setattr(
             "executable",
             job.env_dir.join("bin/python").to_string_lossy().to_string(),
@@ -137,7 +130,13 @@ fn run_python(job: &Job, events_fd: i32) -> Result<i32, String> {
             .map_err(|e| format!("loading worker.py: {e}"))?;
         let result = module
             .getattr("main")
-            .and_then(|f| f.call1((args_json, py_fd)))
+            .and_then(|f| {
+                f.call1((
+                    args_json,
+                    job.events_file.to_string_lossy().to_string(),
+                    job.heartbeat_secs,
+                ))
+            })
             .map_err(|e| {
                 e.print(py);
                 format!("worker.py: {e}")

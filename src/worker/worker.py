@@ -1,51 +1,83 @@
-"""ferrotune's training worker, run inside the embedded interpreter of `ferrotune worker`.
+"""ferrotune's training worker, run inside the embedded interpreter of `ferrotune worker`
+(or, for a multi-GPU task, by torchrun in every rank).
 
-It calls LlamaFactory's `run_exp` in-process and reports progress as JSON lines on the
-events file descriptor that the Rust side hands over. Everything else Python (and C code)
-prints goes to the task's log file.
+It calls LlamaFactory's `run_exp` in-process and appends progress as JSON lines to the
+task's events file (only rank 0 reports). Everything else Python (and C code) prints goes
+to the task's log file.
+
+Signals: SIGUSR1 asks for "stop and save": at the next step end a checkpoint is saved and
+training stops (the run then ends with a `stopped` event, exit code 5). A heartbeat event is
+written every `heartbeat_secs` so the supervisor can tell a stuck worker from a slow step.
 """
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 
 _t0 = time.time()
 _out = None
+_lock = threading.Lock()
+_stop = threading.Event()
+_rank = int(os.environ.get("RANK", "0"))
+
+EXIT_DONE, EXIT_FAILED, EXIT_IMPORT, EXIT_STOPPED = 0, 1, 3, 5
 
 
 def emit(kind, **fields):
+    if _rank != 0 or _out is None:
+        return
     fields["type"] = kind
-    fields["t"] = round(time.time() - _t0, 3)
+    now = time.time()
+    fields["t"] = round(now - _t0, 3)
+    fields["ts"] = round(now, 4)
     for k, v in list(fields.items()):
         if isinstance(v, float) and not math.isfinite(v):
             fields[k] = str(v)  # JSON has no NaN/inf; keep them visible as strings
-    _out.write(json.dumps(fields, default=str) + "\n")
-    _out.flush()
+    line = json.dumps(fields, default=str) + "\n"
+    with _lock:  # one write per line: lines from threads never interleave
+        _out.write(line)
+        _out.flush()
 
 
-def main(args_json, events_fd):
+def _heartbeat(interval):
+    while not _stop.wait(interval):
+        emit("heartbeat")
+
+
+def main(args_json, events_path, heartbeat_secs=10.0):
     global _out
-    _out = os.fdopen(events_fd, "w", buffering=1)
+    if _rank == 0:
+        _out = open(events_path, "a", buffering=1, encoding="utf-8")
     args = json.loads(args_json)
     emit("starting", pid=os.getpid(), python=sys.version.split()[0])
+    stop_requested = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda *_: stop_requested.set())
+    threading.Thread(target=_heartbeat, args=(heartbeat_secs,), daemon=True).start()
     try:
         from transformers import TrainerCallback
         from llamafactory.train.tuner import run_exp
     except BaseException as e:  # noqa: BLE001 - report whatever stops the import
         emit("error", stage="import", message=f"{type(e).__name__}: {e}",
              traceback=traceback.format_exc())
-        return 3
+        return EXIT_IMPORT
 
     class Reporter(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            emit("train_begin", total_steps=state.max_steps,
+            emit("train_begin", total_steps=state.max_steps, start_step=state.global_step,
                  num_epochs=float(args.num_train_epochs))
+            if stop_requested.is_set():
+                control.should_training_stop = True
 
         def on_step_end(self, args, state, control, **kwargs):
             emit("step", step=state.global_step, total_steps=state.max_steps,
                  epoch=state.epoch)
+            if stop_requested.is_set():
+                control.should_save = True
+                control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
@@ -54,6 +86,11 @@ def main(args_json, events_fd):
             if "loss" in logs:
                 emit("log", loss=logs.get("loss"), learning_rate=logs.get("learning_rate"),
                      grad_norm=logs.get("grad_norm"), **base)
+                loss = logs.get("loss")
+                if isinstance(loss, float) and not math.isfinite(loss):
+                    # Training on cannot recover: stop now instead of burning the GPU.
+                    raise FloatingPointError(
+                        f"the loss became {loss} at step {state.global_step}")
             elif any(k.startswith("eval_") for k in logs):
                 emit("eval", metrics=logs, **base)
             elif "train_runtime" in logs:
@@ -69,6 +106,17 @@ def main(args_json, events_fd):
         emit("error", stage="train", message=f"{type(e).__name__}: {e}",
              traceback=traceback.format_exc())
         traceback.print_exc()
-        return 1
+        return EXIT_FAILED
+    finally:
+        _stop.set()
+    if stop_requested.is_set():
+        emit("stopped")
+        return EXIT_STOPPED
     emit("done")
-    return 0
+    return EXIT_DONE
+
+
+if __name__ == "__main__":  # torchrun entry point: launch.py JOB_JSON
+    with open(sys.argv[1], encoding="utf-8") as f:
+        job = json.load(f)
+    sys.exit(main(json.dumps(job["args"]), job["events_file"], job.get("heartbeat_secs", 10.0)))

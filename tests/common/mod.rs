@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
+use std::time::Instant;
 
 use serde_json::{Value, json};
 
@@ -284,4 +285,211 @@ impl Client {
             .to_string();
         (self.with_token(&token), login)
     }
+}
+
+// ---- training helpers ------------------------------------------------------------------
+
+/// Models shared by test runs (the pull is cached; the folder survives fresh clones).
+pub fn test_models_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FERROTUNE_TEST_MODELS_DIR") {
+        return PathBuf::from(dir);
+    }
+    ferrotune::pyenv::cache_root().join("test-models")
+}
+
+pub const MODEL: &str = "SmolLM2-135M-Instruct";
+
+pub fn arithmetic_dataset() -> Vec<u8> {
+    let rows: Vec<Value> = (1..=16)
+        .map(|i| {
+            let (a, b) = (i % 7 + 1, i % 5 + 2);
+            json!({"instruction": format!("What is {a} plus {b}?"), "input": "", "output": format!("{a} plus {b} is {}.", a + b)})
+        })
+        .collect();
+    serde_json::to_vec(&rows).unwrap()
+}
+
+pub async fn wait_until<F>(what: &str, timeout: Duration, mut check: F) -> Value
+where
+    F: AsyncFnMut() -> Option<Value>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub async fn wait_for_environment_and_model(c: &Client) {
+    wait_until(
+        "the training environment and the default model",
+        Duration::from_secs(1200),
+        async || {
+            let s = c.get("/api/system/status").await;
+            let env = s.body["environment"]["state"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            assert_ne!(
+                env, "failed",
+                "environment install failed: {:?}",
+                s.body["environment"]
+            );
+            assert_ne!(
+                s.body["model_pull"]["state"], "failed",
+                "model pull failed: {:?}",
+                s.body["model_pull"]
+            );
+            let has_model = s.body["models"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|n| n == MODEL));
+            (env == "ready" && has_model).then_some(s.body)
+        },
+    )
+    .await;
+}
+
+/// A server on the shared test models dir that installs the environment and pulls the
+/// default model if needed.
+pub fn training_server(extra: &[(&str, &str)]) -> Server {
+    let models = test_models_dir();
+    std::fs::create_dir_all(&models).expect("models dir");
+    let mut env = vec![
+        ("FERROTUNE_AUTO_SETUP", "true"),
+        ("FERROTUNE_DEFAULT_MODEL", "smollm2-135m-instruct"),
+    ];
+    env.extend_from_slice(extra);
+    Server::start_with(Some(&models), &env)
+}
+
+/// Uploads the arithmetic dataset; returns its id.
+pub async fn upload_arithmetic(c: &Client) -> String {
+    let up = c.upload("arith.json", arithmetic_dataset()).await;
+    assert_eq!(up.status, 201, "{:?}", up.body);
+    up.body["file_id"].as_str().expect("file_id").to_string()
+}
+
+/// Submits a small LoRA task; returns its id.
+pub async fn submit_task(c: &Client, dataset_id: &str, extra: Value) -> String {
+    let mut body = json!({
+        "name": "t", "model_name": MODEL, "dataset_id": dataset_id,
+        "epochs": 1, "learning_rate": 0.001, "batch_size": 4, "cutoff_len": 64,
+        "logging_steps": 1, "save_steps": 2, "lora_rank": 4,
+    });
+    if let Some(obj) = extra.as_object() {
+        for (k, v) in obj {
+            body[k] = v.clone();
+        }
+    }
+    let r = c.post("/api/tasks", body).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    r.body["task_id"].as_str().expect("task_id").to_string()
+}
+
+/// Waits for a task to reach one of `statuses`; returns its detail.
+pub async fn wait_status(c: &Client, id: &str, statuses: &[&str], timeout: Duration) -> Value {
+    let want: Vec<String> = statuses.iter().map(|s| s.to_string()).collect();
+    wait_until(
+        &format!("task {id} to be {statuses:?}"),
+        timeout,
+        async || {
+            let t = c.get(&format!("/api/tasks/{id}")).await.body;
+            let s = t["status"].as_str().unwrap_or("").to_string();
+            want.contains(&s).then_some(t)
+        },
+    )
+    .await
+}
+
+/// One server-sent event, with the wall-clock time it arrived (Unix seconds).
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub id: Option<u64>,
+    pub event: String,
+    pub data: Value,
+    pub received: f64,
+}
+
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Subscribes to an SSE endpoint; events arrive on the returned channel until the stream
+/// ends or the receiver is dropped.
+pub async fn sse(
+    c: &Client,
+    path: &str,
+    last_event_id: Option<u64>,
+) -> tokio::sync::mpsc::UnboundedReceiver<SseEvent> {
+    use futures_util::StreamExt;
+    let mut req = c
+        .http
+        .get(format!("{}{}", c.base, path))
+        .header("accept", "text/event-stream");
+    if let Some(t) = &c.token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(id) = last_event_id {
+        req = req.header("last-event-id", id.to_string());
+    }
+    let resp = req.send().await.expect("sse request");
+    assert_eq!(resp.status().as_u16(), 200, "sse status");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stream = resp.bytes_stream();
+        let mut buf = String::new();
+        let (mut id, mut event, mut data) = (None, String::new(), String::new());
+        while let Some(Ok(chunk)) = stream.next().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(pos) = buf.find('\n') {
+                let line = buf[..pos].trim_end_matches('\r').to_string();
+                buf.drain(..=pos);
+                if line.is_empty() {
+                    if !data.is_empty() {
+                        let ev = SseEvent {
+                            id,
+                            event: if event.is_empty() {
+                                "message".into()
+                            } else {
+                                event.clone()
+                            },
+                            data: serde_json::from_str(&data)
+                                .unwrap_or(Value::String(data.clone())),
+                            received: unix_now(),
+                        };
+                        if tx.send(ev).is_err() {
+                            return;
+                        }
+                    }
+                    id = None;
+                    event.clear();
+                    data.clear();
+                } else if let Some(v) = line.strip_prefix("id:") {
+                    id = v.trim().parse().ok();
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    event = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Whether a process exists.
+pub fn process_alive(pid: u64) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
 }

@@ -1,0 +1,179 @@
+//! Decode speed and time to first token of ferrotune's engine on one model (+ adapter), the
+//! way a chat request runs: chat template, prefill, then greedy decode with the sampler and
+//! the detokenizer in the loop. `benches/compare.py` runs this beside transformers + peft.
+//!
+//! ```sh
+//! cargo bench --bench throughput -- [--models-dir DIR] [--model NAME] [--adapter DIR]
+//!     [--format gguf|safetensors] [--requant auto|keep|q8_0|q4_0|…] [--tokens 128]
+//!     [--runs 3] [--threads N] [--json]
+//! ```
+//! Without `--models-dir` the test models (`~/.cache/ferrotune/test-models`) are used.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ferrotune::inference::sampling::Sampler;
+use ferrotune::inference::text::{ChatAssets, Detokenizer};
+use ferrotune::inference::{ChatMessage, Model, Requantize, SamplingParams, WeightsSource, lora};
+
+struct Args {
+    models_dir: PathBuf,
+    model: String,
+    adapter: Option<PathBuf>,
+    format: String,
+    requant: String,
+    tokens: usize,
+    runs: usize,
+    json: bool,
+    prompt: String,
+}
+
+fn parse() -> anyhow::Result<Args> {
+    let mut a = Args {
+        models_dir: ferrotune::pyenv::cache_root().join("test-models"),
+        model: "SmolLM2-135M-Instruct".into(),
+        adapter: None,
+        format: "gguf".into(),
+        requant: "auto".into(),
+        tokens: 128,
+        runs: 3,
+        json: false,
+        prompt: "Write a long story about a robot who learns to paint.".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = || {
+            it.next()
+                .ok_or_else(|| anyhow::anyhow!("{arg} needs a value"))
+        };
+        match arg.as_str() {
+            "--bench" => {}
+            "--models-dir" => a.models_dir = val()?.into(),
+            "--model" => a.model = val()?,
+            "--adapter" => a.adapter = Some(val()?.into()),
+            "--format" => a.format = val()?,
+            "--requant" => a.requant = val()?,
+            "--tokens" => a.tokens = val()?.parse()?,
+            "--runs" => a.runs = val()?.parse()?,
+            "--prompt" => a.prompt = val()?,
+            "--threads" => {
+                // candle reads this when its thread pool starts (first use).
+                // SAFETY: set before any other thread exists.
+                unsafe { std::env::set_var("RAYON_NUM_THREADS", val()?) };
+            }
+            "--json" => a.json = true,
+            other => anyhow::bail!("unknown argument {other}"),
+        }
+    }
+    Ok(a)
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = parse()?;
+    let found = ferrotune::models::find_base_model(&a.models_dir, &a.model)?
+        .ok_or_else(|| anyhow::anyhow!("no model {} in {}", a.model, a.models_dir.display()))?;
+    let source = match a.format.as_str() {
+        "gguf" => WeightsSource::Gguf(
+            found
+                .gguf
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("no GGUF"))?,
+        ),
+        _ => WeightsSource::Hf(found.path.clone()),
+    };
+    let requant = Requantize::parse(&a.requant)?;
+    let t = Instant::now();
+    let assets = ChatAssets::load(&found.path, source.clone())?;
+    let model = Model::load(&source, requant)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let adapter = match &a.adapter {
+        Some(d) => Some(lora::load(d, &assets.config).map_err(|e| anyhow::anyhow!("{e}"))?),
+        None => None,
+    };
+    let text = assets
+        .template
+        .render(&[ChatMessage::new("user", a.prompt.clone())], true)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let prompt = assets.encode(&text)?;
+
+    let mut ttfts = Vec::new();
+    let mut decode_rates = Vec::new();
+    let mut totals = Vec::new();
+    let mut sample_text = String::new();
+    for run in 0..a.runs + 1 {
+        let mut cache = model.new_cache();
+        let mut sampler = Sampler::new(&SamplingParams::greedy(a.tokens));
+        let mut detok = Detokenizer::new();
+        let mut history = prompt.clone();
+        let mut out = String::new();
+        let start = Instant::now();
+        let logits = model.forward(&prompt, &mut cache, adapter.as_ref(), false)?;
+        let mut logits: Vec<f32> = logits.to_vec1()?;
+        let mut tok = sampler.sample(&mut logits, &history);
+        let ttft = start.elapsed().as_secs_f64();
+        history.push(tok);
+        if let Some(p) = detok.push(&assets.tokenizer, tok)? {
+            out.push_str(&p);
+        }
+        let decode_start = Instant::now();
+        for _ in 1..a.tokens {
+            let logits = model.forward(&[tok], &mut cache, adapter.as_ref(), false)?;
+            let mut logits: Vec<f32> = logits.to_vec1()?;
+            tok = sampler.sample(&mut logits, &history);
+            history.push(tok);
+            if let Some(p) = detok.push(&assets.tokenizer, tok)? {
+                out.push_str(&p);
+            }
+        }
+        let decode = decode_start.elapsed().as_secs_f64();
+        let total = start.elapsed().as_secs_f64();
+        if run == 0 {
+            continue; // warm-up (thread pool, caches, page faults)
+        }
+        ttfts.push(ttft);
+        decode_rates.push((a.tokens - 1) as f64 / decode);
+        totals.push(a.tokens as f64 / total);
+        sample_text = out;
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|x, y| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal));
+        v[v.len() / 2]
+    };
+    let ttft = median(&mut ttfts);
+    let decode = median(&mut decode_rates);
+    let total = median(&mut totals);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "engine": "ferrotune",
+                "weights": model.description,
+                "adapter": a.adapter.as_ref().map(|p| p.display().to_string()),
+                "prompt_tokens": prompt.len(),
+                "new_tokens": a.tokens,
+                "load_s": load_s,
+                "ttft_s": ttft,
+                "decode_tok_s": decode,
+                "total_tok_s": total,
+                "threads": candle_core::utils::get_num_threads(),
+                "text": sample_text,
+            })
+        );
+    } else {
+        println!(
+            "ferrotune [{}{}]: load {load_s:.2} s, prompt {} tokens, TTFT {:.1} ms, decode {decode:.1} tok/s, \
+             {} tokens incl. prefill {total:.1} tok/s ({} threads)",
+            model.description,
+            if adapter.is_some() { " + LoRA" } else { "" },
+            prompt.len(),
+            ttft * 1e3,
+            a.tokens,
+            candle_core::utils::get_num_threads(),
+        );
+        println!(
+            "text: {:?}",
+            sample_text.chars().take(160).collect::<String>()
+        );
+    }
+    Ok(())
+}

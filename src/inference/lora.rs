@@ -1,0 +1,574 @@
+//! PEFT LoRA adapters (`adapter_config.json` + `adapter_model.safetensors`), applied unmerged:
+//! `y = W·x + s·B·(A·x)`, so one base model in memory serves any number of adapters.
+//!
+//! The model fuses q/k/v and gate/up into single matmuls; an adapter is laid out the same way
+//! at load: the A matrices of a fused group are stacked (one `x·Aᵀ` for the group) and the
+//! B matrices, scaled, form a block-diagonal matrix (one `·Bᵀ`). Modules without a LoRA are
+//! zero blocks. Weights are kept transposed (`a_t`: in × R, `b_t`: R × out) so both products
+//! are plain row-major matmuls.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+use serde_json::Value as Json;
+
+use super::EngineError;
+use super::config::ModelConfig;
+
+/// One fused group's LoRA, ready to multiply.
+pub struct LoraPair {
+    pub(crate) a_t: Tensor,
+    pub(crate) b_t: Tensor,
+}
+
+/// The LoRA of one decoder layer, per fused projection.
+#[derive(Default)]
+pub struct LayerLora {
+    pub(crate) qkv: Option<LoraPair>,
+    pub(crate) o: Option<LoraPair>,
+    pub(crate) gate_up: Option<LoraPair>,
+    pub(crate) down: Option<LoraPair>,
+}
+
+/// A loaded adapter, laid out for one model shape.
+pub struct LoraAdapter {
+    pub path: PathBuf,
+    pub(crate) layers: Vec<LayerLora>,
+    /// Bytes of the tensors held (what the adapter cache counts).
+    pub bytes: usize,
+    /// Modules adapted, e.g. `q_proj`, `v_proj`.
+    pub modules: Vec<String>,
+    pub rank: usize,
+}
+
+/// The settings of `adapter_config.json` the engine reads.
+#[derive(Debug, Clone)]
+pub struct AdapterConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub use_rslora: bool,
+    pub rank_pattern: BTreeMap<String, usize>,
+    pub alpha_pattern: BTreeMap<String, f64>,
+    pub base_model: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    peft_type: Option<String>,
+    r: Option<usize>,
+    lora_alpha: Option<f64>,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    rank_pattern: Option<BTreeMap<String, usize>>,
+    #[serde(default)]
+    alpha_pattern: Option<BTreeMap<String, f64>>,
+    #[serde(default)]
+    modules_to_save: Option<Json>,
+    #[serde(default)]
+    bias: Option<String>,
+    #[serde(default)]
+    lora_bias: bool,
+    #[serde(default)]
+    use_qalora: bool,
+    #[serde(default)]
+    target_parameters: Option<Json>,
+    #[serde(default)]
+    trainable_token_indices: Option<Json>,
+    #[serde(default)]
+    alora_invocation_tokens: Option<Json>,
+    #[serde(default)]
+    layer_replication: Option<Json>,
+    base_model_name_or_path: Option<String>,
+}
+
+fn non_empty(v: &Option<Json>) -> bool {
+    match v {
+        None | Some(Json::Null) => false,
+        Some(Json::Array(a)) => !a.is_empty(),
+        Some(Json::Object(o)) => !o.is_empty(),
+        Some(_) => true,
+    }
+}
+
+/// Reads and checks `adapter_config.json` in `dir`: what the engine cannot apply is refused
+/// here, with the reason.
+pub fn read_config(dir: &Path) -> Result<AdapterConfig, EngineError> {
+    let path = dir.join("adapter_config.json");
+    let text = std::fs::read(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            EngineError::Invalid(format!(
+                "{} is not a PEFT adapter (no adapter_config.json)",
+                dir.display()
+            ))
+        } else {
+            EngineError::Internal(format!("cannot read {}: {e}", path.display()))
+        }
+    })?;
+    let raw: RawConfig = serde_json::from_slice(&text)
+        .map_err(|e| EngineError::Invalid(format!("adapter_config.json: {e}")))?;
+    let unsupported = |what: &str| {
+        Err(EngineError::Unsupported(format!(
+            "the adapter uses {what}, which chat does not support"
+        )))
+    };
+    match raw.peft_type.as_deref() {
+        Some("LORA") | None => {}
+        Some(other) => return unsupported(&format!("PEFT type {other} (only LORA is)")),
+    }
+    if raw.use_dora {
+        return unsupported("DoRA (`use_dora`)");
+    }
+    if non_empty(&raw.modules_to_save) {
+        return unsupported("`modules_to_save` (fully trained modules)");
+    }
+    if raw.bias.as_deref().is_some_and(|b| b != "none") || raw.lora_bias {
+        return unsupported("trained biases (`bias`/`lora_bias`)");
+    }
+    if raw.use_qalora {
+        return unsupported("QALoRA");
+    }
+    if non_empty(&raw.target_parameters) {
+        return unsupported("`target_parameters`");
+    }
+    if non_empty(&raw.trainable_token_indices) {
+        return unsupported("`trainable_token_indices`");
+    }
+    if non_empty(&raw.alora_invocation_tokens) {
+        return unsupported("activated LoRA (`alora_invocation_tokens`)");
+    }
+    if non_empty(&raw.layer_replication) {
+        return unsupported("`layer_replication`");
+    }
+    let r = raw
+        .r
+        .ok_or_else(|| EngineError::Invalid("adapter_config.json has no `r`".into()))?;
+    if r == 0 {
+        return Err(EngineError::Invalid("adapter rank `r` is 0".into()));
+    }
+    Ok(AdapterConfig {
+        r,
+        lora_alpha: raw.lora_alpha.unwrap_or(8.0),
+        use_rslora: raw.use_rslora,
+        rank_pattern: raw.rank_pattern.unwrap_or_default(),
+        alpha_pattern: raw.alpha_pattern.unwrap_or_default(),
+        base_model: raw.base_model_name_or_path,
+    })
+}
+
+/// PEFT's pattern lookup (`get_pattern_key`): the first pattern that matches the module's
+/// full name or a dotted suffix of it, as a regular expression.
+fn pattern_value<'a, T>(patterns: &'a BTreeMap<String, T>, module: &str) -> Option<&'a T> {
+    patterns.iter().find_map(|(p, v)| {
+        let re = regex::Regex::new(&format!(r"^(?:.*\.)?(?:{p})$")).ok()?;
+        re.is_match(module).then_some(v)
+    })
+}
+
+impl AdapterConfig {
+    /// (rank, scale) of one module, e.g. `model.layers.3.self_attn.q_proj`.
+    fn rank_and_scale(&self, module: &str) -> (usize, f64) {
+        let r = *pattern_value(&self.rank_pattern, module).unwrap_or(&self.r);
+        let alpha = *pattern_value(&self.alpha_pattern, module).unwrap_or(&self.lora_alpha);
+        let scale = if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        };
+        (r, scale)
+    }
+}
+
+/// The projections a LoRA may target, by their Hugging Face module name.
+const PROJECTIONS: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// (in, out) features of a projection.
+fn features(cfg: &ModelConfig, proj: &str) -> (usize, usize) {
+    let (h, q, kv, i) = (
+        cfg.hidden_size,
+        cfg.q_size(),
+        cfg.kv_size(),
+        cfg.intermediate_size,
+    );
+    match proj {
+        "q_proj" => (h, q),
+        "k_proj" | "v_proj" => (h, kv),
+        "o_proj" => (q, h),
+        "gate_proj" | "up_proj" => (h, i),
+        _ => (i, h),
+    }
+}
+
+/// Loads an adapter for a model of shape `cfg`: every tensor is checked against the model.
+pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<LoraAdapter, EngineError> {
+    let ac = read_config(dir)?;
+    let file = dir.join("adapter_model.safetensors");
+    if !file.is_file() {
+        let hint = if dir.join("adapter_model.bin").is_file() {
+            " (adapter_model.bin, the pickle format, is not read: save with safetensors)"
+        } else {
+            ""
+        };
+        return Err(EngineError::Invalid(format!(
+            "{} has no adapter_model.safetensors{hint}",
+            dir.display()
+        )));
+    }
+    let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
+        .map_err(|e| EngineError::Invalid(format!("cannot read {}: {e}", file.display())))?;
+    let invalid = |m: String| EngineError::Invalid(m);
+
+    // (layer, projection) → (A: r × in, B: out × r)
+    let mut a_b: HashMap<(usize, &'static str), (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+    for (name, t) in tensors {
+        let (module, which) = split_name(&name)?;
+        let (layer, proj) = parse_module(&module)?;
+        if layer >= cfg.num_layers {
+            return Err(invalid(format!(
+                "adapter tensor `{name}` is for layer {layer}; the model has {}",
+                cfg.num_layers
+            )));
+        }
+        let t = t
+            .to_dtype(DType::F32)
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        let entry = a_b.entry((layer, proj)).or_default();
+        match which {
+            'A' => entry.0 = Some(t),
+            _ => entry.1 = Some(t),
+        }
+    }
+    if a_b.is_empty() {
+        return Err(invalid(format!("{} holds no LoRA weights", file.display())));
+    }
+
+    let mut layers: Vec<LayerLora> = (0..cfg.num_layers).map(|_| LayerLora::default()).collect();
+    let mut modules: Vec<String> = Vec::new();
+    let mut rank = 0;
+    let mut bytes = 0;
+    let groups: [(&[&'static str], u8); 4] = [
+        (&["q_proj", "k_proj", "v_proj"], 0),
+        (&["o_proj"], 1),
+        (&["gate_proj", "up_proj"], 2),
+        (&["down_proj"], 3),
+    ];
+    for (li, layer) in layers.iter_mut().enumerate() {
+        for (projs, slot) in groups {
+            let in_features = features(cfg, projs[0]).0;
+            let out_total: usize = projs.iter().map(|p| features(cfg, p).1).sum();
+            // (A: r × in, scaled B: out × r, output offset)
+            let mut parts: Vec<(Tensor, Tensor, usize)> = Vec::new();
+            let mut offset = 0;
+            for p in projs.iter() {
+                let (inf, outf) = features(cfg, p);
+                if let Some((a, b)) = a_b.remove(&(li, *p)) {
+                    let name = format!("model.layers.{li}.{}.{p}", group_of(p));
+                    let (a, b) = match (a, b) {
+                        (Some(a), Some(b)) => (a, b),
+                        _ => {
+                            return Err(invalid(format!(
+                                "`{name}` has only one of lora_A and lora_B"
+                            )));
+                        }
+                    };
+                    let (r, scale) = ac.rank_and_scale(&name);
+                    if a.dims() != [r, inf] || b.dims() != [outf, r] {
+                        return Err(invalid(format!(
+                            "`{name}`: lora_A is {:?} and lora_B {:?}; the model needs \
+                             [{r}, {inf}] and [{outf}, {r}] (an adapter for another base model?)",
+                            a.dims(),
+                            b.dims()
+                        )));
+                    }
+                    rank = rank.max(r);
+                    if !modules.iter().any(|m| m == p) {
+                        modules.push(p.to_string());
+                    }
+                    let b = (b * scale).map_err(internal)?;
+                    parts.push((a, b, offset));
+                }
+                offset += outf;
+            }
+            if parts.is_empty() {
+                continue;
+            }
+            let pair = fuse_pair(&parts, in_features, out_total).map_err(internal)?;
+            bytes += (pair.a_t.elem_count() + pair.b_t.elem_count()) * 4;
+            let target = match slot {
+                0 => &mut layer.qkv,
+                1 => &mut layer.o,
+                2 => &mut layer.gate_up,
+                _ => &mut layer.down,
+            };
+            *target = Some(pair);
+        }
+    }
+    modules.sort_by_key(|m| PROJECTIONS.iter().position(|p| p == m));
+    Ok(LoraAdapter {
+        path: dir.to_path_buf(),
+        layers,
+        bytes,
+        modules,
+        rank,
+    })
+}
+
+fn internal(e: candle_core::Error) -> EngineError {
+    EngineError::Internal(e.to_string())
+}
+
+fn group_of(proj: &str) -> &'static str {
+    if proj.ends_with("_proj") && ["q_proj", "k_proj", "v_proj", "o_proj"].contains(&proj) {
+        "self_attn"
+    } else {
+        "mlp"
+    }
+}
+
+/// `a_t` (in × ΣR): the A matrices side by side; `b_t` (ΣR × out_total): each scaled Bᵀ in its
+/// rows and its output columns, zeros elsewhere.
+fn fuse_pair(
+    parts: &[(Tensor, Tensor, usize)],
+    in_features: usize,
+    out_total: usize,
+) -> candle_core::Result<LoraPair> {
+    let a_t = Tensor::cat(
+        &parts
+            .iter()
+            .map(|(a, _, _)| a.t())
+            .collect::<candle_core::Result<Vec<_>>>()?,
+        1,
+    )?
+    .contiguous()?;
+    debug_assert_eq!(a_t.dim(0)?, in_features);
+    let mut rows = Vec::with_capacity(parts.len());
+    for (_, b, offset) in parts {
+        let (out, r) = b.dims2()?;
+        let bt = b.t()?;
+        let mut pieces = Vec::new();
+        if *offset > 0 {
+            pieces.push(Tensor::zeros((r, *offset), DType::F32, &Device::Cpu)?);
+        }
+        pieces.push(bt);
+        let after = out_total - offset - out;
+        if after > 0 {
+            pieces.push(Tensor::zeros((r, after), DType::F32, &Device::Cpu)?);
+        }
+        rows.push(Tensor::cat(&pieces, 1)?);
+    }
+    let b_t = Tensor::cat(&rows, 0)?.contiguous()?;
+    Ok(LoraPair { a_t, b_t })
+}
+
+/// `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` →
+/// (`model.layers.0.self_attn.q_proj`, 'A'). Also accepts an adapter name before `weight`.
+fn split_name(name: &str) -> Result<(String, char), EngineError> {
+    let unsupported = |what: &str| {
+        EngineError::Unsupported(format!(
+            "adapter tensor `{name}` is {what}, which chat does not support"
+        ))
+    };
+    let stripped = name.strip_prefix("base_model.model.").unwrap_or(name);
+    for (marker, which) in [(".lora_A.", 'A'), (".lora_B.", 'B')] {
+        if let Some((module, rest)) = stripped.split_once(marker) {
+            if rest == "weight" || rest.ends_with(".weight") {
+                return Ok((module.to_string(), which));
+            }
+            if rest.ends_with("bias") {
+                return Err(unsupported("a LoRA bias"));
+            }
+        }
+    }
+    if stripped.contains("lora_magnitude_vector") {
+        return Err(unsupported("a DoRA magnitude"));
+    }
+    if stripped.contains("lora_embedding_") {
+        return Err(unsupported("an embedding LoRA"));
+    }
+    Err(unsupported("not a LoRA matrix (a fully trained module?)"))
+}
+
+/// `model.layers.3.mlp.down_proj` → (3, "down_proj").
+fn parse_module(module: &str) -> Result<(usize, &'static str), EngineError> {
+    let bad = || {
+        EngineError::Unsupported(format!(
+            "the adapter has a LoRA on `{module}`; chat supports LoRA on the attention and MLP \
+             projections ({}) only",
+            PROJECTIONS.join(", ")
+        ))
+    };
+    let rest = module.strip_prefix("model.layers.").ok_or_else(bad)?;
+    let (layer, rest) = rest.split_once('.').ok_or_else(bad)?;
+    let layer: usize = layer.parse().map_err(|_| bad())?;
+    let proj = rest.rsplit('.').next().ok_or_else(bad)?;
+    let proj = PROJECTIONS
+        .iter()
+        .find(|p| **p == proj)
+        .copied()
+        .ok_or_else(bad)?;
+    let expected = format!("{}.{proj}", group_of(proj));
+    if rest != expected {
+        return Err(bad());
+    }
+    Ok((layer, proj))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn write_config(dir: &Path, v: Json) {
+        std::fs::write(dir.join("adapter_config.json"), v.to_string()).unwrap();
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_apply() {
+        let d = tempfile::tempdir().unwrap();
+        for (extra, word) in [
+            (json!({"use_dora": true}), "DoRA"),
+            (json!({"modules_to_save": ["lm_head"]}), "modules_to_save"),
+            (json!({"peft_type": "IA3"}), "IA3"),
+            (json!({"bias": "all"}), "biases"),
+        ] {
+            let mut v = json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            write_config(d.path(), v);
+            match read_config(d.path()) {
+                Err(EngineError::Unsupported(m)) => assert!(m.contains(word), "{m}"),
+                other => panic!("{word}: {:?}", other.map(|_| ())),
+            }
+        }
+        write_config(
+            d.path(),
+            json!({"peft_type": "LORA", "r": 8, "modules_to_save": null}),
+        );
+        assert!(read_config(d.path()).is_ok());
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            read_config(empty.path()),
+            Err(EngineError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn patterns_follow_peft() {
+        let c = AdapterConfig {
+            r: 8,
+            lora_alpha: 16.0,
+            use_rslora: false,
+            rank_pattern: BTreeMap::from([
+                ("q_proj".into(), 4),
+                ("layers.1.mlp.down_proj".into(), 2),
+            ]),
+            alpha_pattern: BTreeMap::from([("v_proj".into(), 4.0)]),
+            base_model: None,
+        };
+        assert_eq!(
+            c.rank_and_scale("model.layers.0.self_attn.q_proj"),
+            (4, 4.0)
+        );
+        assert_eq!(
+            c.rank_and_scale("model.layers.0.self_attn.v_proj"),
+            (8, 0.5)
+        );
+        assert_eq!(c.rank_and_scale("model.layers.1.mlp.down_proj"), (2, 8.0));
+        assert_eq!(c.rank_and_scale("model.layers.11.mlp.down_proj"), (8, 2.0));
+        let rs = AdapterConfig {
+            use_rslora: true,
+            ..c
+        };
+        assert_eq!(
+            rs.rank_and_scale("model.layers.0.mlp.up_proj"),
+            (8, 16.0 / 8f64.sqrt())
+        );
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(
+            split_name("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").unwrap(),
+            ("model.layers.0.self_attn.q_proj".to_string(), 'A')
+        );
+        assert_eq!(
+            parse_module("model.layers.12.mlp.down_proj").unwrap(),
+            (12, "down_proj")
+        );
+        assert!(matches!(
+            parse_module("lm_head"),
+            Err(EngineError::Unsupported(_))
+        ));
+        assert!(matches!(
+            split_name("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"),
+            Err(EngineError::Unsupported(_))
+        ));
+        assert!(matches!(
+            split_name("base_model.model.lm_head.weight"),
+            Err(EngineError::Unsupported(_))
+        ));
+    }
+
+    #[test]
+    fn fused_layout_equals_per_module_lora() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 6), &dev).unwrap();
+        let a1 = Tensor::randn(0f32, 1.0, (2, 6), &dev).unwrap();
+        let b1 = Tensor::randn(0f32, 1.0, (4, 2), &dev).unwrap();
+        let a3 = Tensor::randn(0f32, 1.0, (3, 6), &dev).unwrap();
+        let b3 = Tensor::randn(0f32, 1.0, (5, 3), &dev).unwrap();
+        // Three projections of 4, 2 and 5 outputs; the middle one has no LoRA.
+        let pair = fuse_pair(
+            &[(a1.clone(), b1.clone(), 0), (a3.clone(), b3.clone(), 6)],
+            6,
+            11,
+        )
+        .unwrap();
+        let fused: Vec<Vec<f32>> = x
+            .matmul(&pair.a_t)
+            .unwrap()
+            .matmul(&pair.b_t)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let d1: Vec<Vec<f32>> = x
+            .matmul(&a1.t().unwrap())
+            .unwrap()
+            .matmul(&b1.t().unwrap())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let d3: Vec<Vec<f32>> = x
+            .matmul(&a3.t().unwrap())
+            .unwrap()
+            .matmul(&b3.t().unwrap())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for r in 0..3 {
+            for c in 0..11 {
+                let want = if c < 4 {
+                    d1[r][c]
+                } else if c < 6 {
+                    0.0
+                } else {
+                    d3[r][c - 6]
+                };
+                assert!((fused[r][c] - want).abs() < 1e-4, "{r},{c}");
+            }
+        }
+    }
+}

@@ -1,0 +1,662 @@
+//! Inference parity and behaviour: ferrotune's candle engine against transformers + peft (the
+//! training environment's Python, in `FERROTUNE_TRAIN_PYTHON`), on SmolLM2-135M-Instruct with
+//! a LoRA trained here, and on tiny random models of every supported family.
+//!
+//! Tolerances (logits, float32): safetensors path vs transformers ≤ 2e-3 absolute (observed
+//! ~1e-4: summation order only); GGUF path (Q4_1 re-quantised to Q8_0, activations quantised
+//! to 8 bits inside the matmul, as llama.cpp does) vs transformers on the de-quantised
+//! weights ≤ 1.0 absolute on logits of magnitude ~20, same top token; 32 greedy tokens equal
+//! in both cases.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use ferrotune::inference::text::{ChatAssets, tokenizer_from_gguf};
+use ferrotune::inference::{
+    ChatMessage, Engine, EngineError, EngineOptions, FinishReason, GenEvent, GenerateRequest,
+    Model, Requantize, SamplingParams, WeightsFormat, WeightsSource, lora,
+};
+use serde_json::{Value, json};
+
+const MODEL: &str = "SmolLM2-135M-Instruct";
+
+fn python() -> PathBuf {
+    match std::env::var_os("FERROTUNE_TRAIN_PYTHON").filter(|v| !v.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => panic!(
+            "FERROTUNE_TRAIN_PYTHON is not set: the inference parity tests compare with \
+             transformers + peft in the training environment. Run them through `make test`, or \
+             set FERROTUNE_TRAIN_PYTHON=$(ferrotune setup --print-python)"
+        ),
+    }
+}
+
+/// Runs tests/python/inference_reference.py with `req`.
+fn reference(req: Value) -> Value {
+    let tmp = tempfile::tempdir().unwrap();
+    let (input, output) = (tmp.path().join("req.json"), tmp.path().join("out.json"));
+    std::fs::write(&input, req.to_string()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/inference_reference.py");
+    let out = std::process::Command::new(python())
+        .arg(&script)
+        .arg(&input)
+        .arg(&output)
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .env("TOKENIZERS_PARALLELISM", "false")
+        .output()
+        .expect("run the reference script");
+    assert!(
+        out.status.success(),
+        "reference script failed ({}): {}",
+        req["op"],
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(&output).unwrap()).unwrap()
+}
+
+fn test_models_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FERROTUNE_TEST_MODELS_DIR") {
+        return PathBuf::from(dir);
+    }
+    ferrotune::pyenv::cache_root().join("test-models")
+}
+
+/// The SmolLM2 folder (GGUF + its exact de-quantised Hugging Face form), pulled when missing.
+fn smollm2() -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = test_models_dir();
+    if let Ok(Some(m)) = ferrotune::models::find_base_model(&dir, MODEL)
+        && m.gguf.is_some()
+        && m.hf_dir.is_some()
+    {
+        return m.path;
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let m = rt
+        .block_on(ferrotune::models::pull(
+            &dir,
+            ferrotune::models::DEFAULT_MODEL,
+            &python(),
+            |l: &str| eprintln!("pull: {l}"),
+        ))
+        .expect("pull the test model");
+    m.path
+}
+
+/// A LoRA trained here with peft on the arithmetic examples (cached beside the test models,
+/// in a hidden folder that model discovery skips).
+fn trained_adapter() -> PathBuf {
+    static ADAPTER: OnceLock<PathBuf> = OnceLock::new();
+    ADAPTER
+        .get_or_init(|| {
+            let model = smollm2();
+            let dir = test_models_dir().join(".ferrotune-test-lora-v1");
+            if dir.join("adapter_model.safetensors").is_file() {
+                return dir;
+            }
+            let tmp =
+                test_models_dir().join(format!(".ferrotune-test-lora-tmp-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
+            let started = Instant::now();
+            let r =
+                reference(json!({"op": "train_lora", "model_dir": model, "out": tmp, "steps": 30}));
+            let loss: Vec<f64> = serde_json::from_value(r["loss"].clone()).unwrap();
+            eprintln!(
+                "trained the test LoRA in {:.0} s, loss {:.3} → {:.4}",
+                started.elapsed().as_secs_f64(),
+                loss[0],
+                loss[loss.len() - 1]
+            );
+            assert!(
+                loss[loss.len() - 1] < 0.2 * loss[0],
+                "the LoRA learned: {loss:?}"
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::rename(&tmp, &dir).unwrap();
+            dir
+        })
+        .clone()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - y).abs())
+        .fold(0.0, f64::max)
+}
+
+/// ferrotune's logits for the prompt (every position), and 32 greedy tokens (EOS is not
+/// special), with the raw model API.
+fn ours(
+    model: &Model,
+    adapter: Option<&lora::LoraAdapter>,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let mut cache = model.new_cache();
+    let all: Vec<Vec<f32>> = model
+        .forward(prompt, &mut cache, adapter, true)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let mut tok = ferrotune::inference::sampling::argmax(all.last().unwrap());
+    let mut greedy = vec![tok];
+    for _ in 1..n {
+        let l: Vec<f32> = model
+            .forward(&[tok], &mut cache, adapter, false)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        tok = ferrotune::inference::sampling::argmax(&l);
+        greedy.push(tok);
+    }
+    (all, greedy)
+}
+
+fn argmaxes(all: &[Vec<f32>]) -> Vec<u32> {
+    all.iter()
+        .map(|l| ferrotune::inference::sampling::argmax(l))
+        .collect()
+}
+
+fn poem_prompt(assets: &ChatAssets) -> Vec<u32> {
+    let text = assets
+        .template
+        .render(
+            &[
+                ChatMessage::new("system", "You are a poet."),
+                ChatMessage::new("user", "Write a short poem about the sea and a lighthouse."),
+            ],
+            true,
+        )
+        .unwrap();
+    assets.encode(&text).unwrap()
+}
+
+#[test]
+fn tiny_models_of_every_family_match_transformers_with_lora() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 300).collect();
+    let families = ["llama", "mistral", "qwen2", "qwen3"];
+    let made: Vec<Value> = families
+        .iter()
+        .map(|f| json!({"op": "make_tiny", "out": tmp.path().join(f), "model_type": f}))
+        .collect();
+    reference(json!({"op": "batch", "requests": made}));
+    let mut requests = Vec::new();
+    for family in families {
+        let dir = tmp.path().join(family);
+        for with_lora in [false, true] {
+            requests.push(json!({
+                "op": "reference", "model_dir": dir,
+                "adapter": if with_lora { Some(dir.join("lora")) } else { None },
+                "prompt_ids": prompt, "n": 16,
+            }));
+        }
+    }
+    let results = reference(json!({"op": "batch", "requests": requests}));
+    let mut results = results["results"].as_array().unwrap().iter();
+    for family in families {
+        let dir = tmp.path().join(family);
+        let model = Model::load(&WeightsSource::Hf(dir.clone()), Requantize::Keep).unwrap();
+        let adapter = lora::load(&dir.join("lora"), &model.config).unwrap();
+        assert_eq!(adapter.modules, ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]);
+        for with_lora in [false, true] {
+            let a = with_lora.then_some(&adapter);
+            let r = results.next().unwrap();
+            let (all, greedy) = ours(&model, a, &prompt, 16);
+            let want: Vec<f64> = serde_json::from_value(r["logits"].clone()).unwrap();
+            let d = max_abs_diff(all.last().unwrap(), &want);
+            eprintln!("{family} lora={with_lora}: max |Δlogit| {d:.2e}");
+            assert!(d < 1e-4, "{family} lora={with_lora}: logits differ by {d}");
+            let want_argmax: Vec<u32> = serde_json::from_value(r["argmax"].clone()).unwrap();
+            assert_eq!(argmaxes(&all), want_argmax, "{family}: top token of every position");
+            let want_greedy: Vec<u32> = serde_json::from_value(r["greedy"].clone()).unwrap();
+            assert_eq!(greedy, want_greedy, "{family} lora={with_lora}: greedy tokens");
+        }
+    }
+}
+
+#[test]
+fn safetensors_path_matches_transformers_and_peft() {
+    let dir = smollm2();
+    let adapter_dir = trained_adapter();
+    let source = WeightsSource::Hf(dir.clone());
+    let assets = ChatAssets::load(&dir, source.clone()).unwrap();
+    let model = Model::load(&source, Requantize::Keep).unwrap();
+    let adapter = lora::load(&adapter_dir, &model.config).unwrap();
+    let prompt = poem_prompt(&assets);
+    let r = reference(json!({
+        "op": "reference", "model_dir": dir, "adapter": adapter_dir, "prompt_ids": prompt, "n": 32,
+    }));
+    let (all, greedy) = ours(&model, Some(&adapter), &prompt, 32);
+    let want: Vec<f64> = serde_json::from_value(r["logits"].clone()).unwrap();
+    let d = max_abs_diff(all.last().unwrap(), &want);
+    let want_argmax: Vec<u32> = serde_json::from_value(r["argmax"].clone()).unwrap();
+    let want_greedy: Vec<u32> = serde_json::from_value(r["greedy"].clone()).unwrap();
+    eprintln!(
+        "safetensors f32 + LoRA vs transformers + peft: max |Δlogit| {d:.2e} (last prompt position), \
+         greedy {:?}",
+        assets.tokenizer.decode(&greedy, false).unwrap()
+    );
+    assert!(d < 2e-3, "logits differ by {d}");
+    assert_eq!(argmaxes(&all), want_argmax);
+    assert_eq!(greedy, want_greedy, "32 greedy tokens");
+}
+
+#[test]
+fn gguf_path_matches_its_dequantised_form_with_lora() {
+    let dir = smollm2();
+    let adapter_dir = trained_adapter();
+    let found = ferrotune::models::find_base_model(&test_models_dir(), MODEL)
+        .unwrap()
+        .unwrap();
+    let source = WeightsSource::Gguf(found.gguf.unwrap());
+    let assets = ChatAssets::load(&dir, source.clone()).unwrap();
+    let prompt = poem_prompt(&assets);
+    let r = reference(json!({
+        "op": "reference", "model_dir": dir, "adapter": adapter_dir, "prompt_ids": prompt, "n": 32,
+    }));
+    let want: Vec<f64> = serde_json::from_value(r["logits"].clone()).unwrap();
+    let want_greedy: Vec<u32> = serde_json::from_value(r["greedy"].clone()).unwrap();
+    for requant in [Requantize::Auto, Requantize::Keep] {
+        let model = Model::load(&source, requant).unwrap();
+        let adapter = lora::load(&adapter_dir, &model.config).unwrap();
+        let (all, greedy) = ours(&model, Some(&adapter), &prompt, 32);
+        let last = all.last().unwrap();
+        let d = max_abs_diff(last, &want);
+        let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let same = greedy
+            .iter()
+            .zip(&want_greedy)
+            .take_while(|(a, b)| a == b)
+            .count();
+        eprintln!(
+            "GGUF ({}) + LoRA vs transformers + peft on the de-quantised weights: max |Δlogit| \
+             {d:.3} (max |logit| {scale:.1}), greedy tokens equal: {same}/32",
+            model.description
+        );
+        assert!(d < 1.0, "{requant:?}: logits differ by {d}");
+        assert_eq!(
+            ferrotune::inference::sampling::argmax(last) as u64,
+            want_greedy[0] as u64,
+            "same next token"
+        );
+        assert_eq!(greedy, want_greedy, "{requant:?}: 32 greedy tokens");
+    }
+}
+
+#[test]
+fn chat_template_renders_like_transformers() {
+    let dir = smollm2();
+    let assets = ChatAssets::load(&dir, WeightsSource::Hf(dir.clone())).unwrap();
+    let conversations: Vec<Vec<ChatMessage>> = vec![
+        vec![ChatMessage::new("user", "Hi!")],
+        vec![
+            ChatMessage::new("system", "You answer in French."),
+            ChatMessage::new("user", "What is the capital of France?"),
+        ],
+        vec![
+            ChatMessage::new("user", "What is 2 plus 2?"),
+            ChatMessage::new("assistant", "2 plus 2 is 4."),
+            ChatMessage::new(
+                "user",
+                "  And 3 plus 3?\n\nThink   step by step. ünïcödé ✓ \"quotes\" {{ not jinja }}",
+            ),
+        ],
+        vec![
+            ChatMessage::new("system", ""),
+            ChatMessage::new("user", "a"),
+            ChatMessage::new("assistant", "b"),
+            ChatMessage::new("user", "c"),
+            ChatMessage::new("assistant", "d"),
+        ],
+    ];
+    // Templates in the styles of other families (features HF templates rely on).
+    let llama3_style = "{{- bos_token }}\n{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content']|trim %}\n    {%- set messages = messages[1:] %}\n{%- else %}\n    {%- set system_message = \"\" %}\n{%- endif %}\n{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}\n{{- system_message }}\n{{- \"<|eot_id|>\" }}\n{%- for message in messages %}\n    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n{%- endif %}\n";
+    let mistral_style = "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content'] %}\n    {%- set loop_messages = messages[1:] %}\n{%- else %}\n    {%- set loop_messages = messages %}\n{%- endif %}\n\n{{- bos_token }}\n{%- for message in loop_messages %}\n    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}\n    {%- endif %}\n    {%- if message['role'] == 'user' %}\n        {%- if loop.first and system_message is defined %}\n            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}\n        {%- else %}\n            {{- ' [INST] ' + message['content'] + ' [/INST]' }}\n        {%- endif %}\n    {%- elif message['role'] == 'assistant' %}\n        {{- ' ' + message['content'] + eos_token}}\n    {%- endif %}\n{%- endfor %}\n";
+    let qwen_style = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'].strip() }}{% if message.role == 'assistant' and not loop.last %}{{ '<|im_end|>' }}{% else %}{{ '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    let tojson_style = "{% for m in messages %}{{ m | tojson }}|{{ m['content'] | tojson(indent=2) }}|{{ {'n': loop.index, 'last': loop.last, 'x': none} | tojson }}\n{% endfor %}";
+    let mut cases = Vec::new();
+    let mut ours_rendered = Vec::new();
+    for template in [
+        None,
+        Some(llama3_style),
+        Some(mistral_style),
+        Some(qwen_style),
+        Some(tojson_style),
+    ] {
+        let t = match template {
+            None => None,
+            Some(src) => Some(
+                ferrotune::inference::template::ChatTemplate::new(
+                    src,
+                    vec![
+                        ("bos_token".into(), "<|im_start|>".into()),
+                        ("eos_token".into(), "<|im_end|>".into()),
+                    ],
+                )
+                .unwrap(),
+            ),
+        };
+        for conv in &conversations {
+            for gen_prompt in [true, false] {
+                let r = match &t {
+                    None => assets.template.render(conv, gen_prompt),
+                    Some(t) => t.render(conv, gen_prompt),
+                };
+                let Ok(r) = r else {
+                    // Only the alternating-roles rule may refuse (the system-first conversation
+                    // with an empty system turn is fine; none here breaks alternation).
+                    panic!("render failed: {:?}", r.err());
+                };
+                ours_rendered.push(r);
+                cases.push(json!({
+                    "messages": conv, "add_generation_prompt": gen_prompt, "chat_template": template,
+                }));
+            }
+        }
+    }
+    let r = reference(json!({"op": "template", "model_dir": dir, "cases": cases}));
+    let theirs: Vec<String> = serde_json::from_value(r["rendered"].clone()).unwrap();
+    assert_eq!(theirs.len(), ours_rendered.len());
+    for (i, (a, b)) in ours_rendered.iter().zip(&theirs).enumerate() {
+        assert_eq!(a, b, "case {i}: {}", cases[i]);
+    }
+    eprintln!(
+        "{} renderings byte-identical to apply_chat_template",
+        theirs.len()
+    );
+
+    // A template's own refusal is an Invalid request.
+    let engine = Engine::new(test_models_dir(), EngineOptions::default());
+    let bad = ferrotune::inference::template::ChatTemplate::new(mistral_style, vec![]).unwrap();
+    assert!(
+        bad.render(&[ChatMessage::new("assistant", "x")], true)
+            .is_err()
+    );
+    let rendered = engine.render_prompt(MODEL, &conversations[1]).unwrap();
+    assert_eq!(
+        rendered, theirs[2],
+        "the engine renders with the model's template"
+    );
+}
+
+#[test]
+fn gguf_tokenizer_matches_tokenizer_json() {
+    let dir = smollm2();
+    let found = ferrotune::models::find_base_model(&test_models_dir(), MODEL)
+        .unwrap()
+        .unwrap();
+    let from_gguf = tokenizer_from_gguf(&found.gguf.unwrap()).unwrap();
+    let from_json = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let texts = [
+        "Hello, world!",
+        "What is 12345 plus 678?",
+        "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+        "  leading and trailing spaces  \n\n\ttabs",
+        "ünïcödé — “quotes” ✓ 日本語 😀",
+        "def f(x):\n    return x ** 2  # comment",
+        "",
+    ];
+    let mut ids_gguf = Vec::new();
+    for t in texts {
+        let a = from_gguf.encode(t, false).unwrap().get_ids().to_vec();
+        let b = from_json.encode(t, false).unwrap().get_ids().to_vec();
+        assert_eq!(a, b, "{t:?}");
+        assert_eq!(from_gguf.decode(&a, false).unwrap(), t, "round trip {t:?}");
+        ids_gguf.push(a);
+    }
+    let r = reference(json!({"op": "tokens", "model_dir": dir, "texts": texts}));
+    let theirs: Vec<Vec<u32>> = serde_json::from_value(r["ids"].clone()).unwrap();
+    assert_eq!(
+        ids_gguf, theirs,
+        "transformers' tokenizer gives the same ids"
+    );
+}
+
+fn request(adapter: Option<PathBuf>, user: &str, params: SamplingParams) -> GenerateRequest {
+    GenerateRequest {
+        base_model: MODEL.into(),
+        adapter,
+        messages: vec![ChatMessage::new("user", user)],
+        params,
+    }
+}
+
+#[test]
+fn engine_streams_answers_that_show_the_training() {
+    smollm2();
+    let adapter = trained_adapter();
+    let engine = Engine::new(test_models_dir(), EngineOptions::default());
+
+    // The adapter's training shows; the base model alone answers differently.
+    let c = engine
+        .generate(request(
+            Some(adapter.clone()),
+            "What is 3 plus 4?",
+            SamplingParams::greedy(32),
+        ))
+        .unwrap()
+        .collect_blocking()
+        .unwrap();
+    assert_eq!(c.text, "3 plus 4 is 7.");
+    assert_eq!(c.finish_reason, FinishReason::Stop);
+    let base = engine
+        .generate(request(
+            None,
+            "What is the capital of France?",
+            SamplingParams::greedy(32),
+        ))
+        .unwrap()
+        .collect_blocking()
+        .unwrap();
+    assert!(base.text.contains("Paris"), "{base:?}");
+
+    // Streaming: several pieces, whole UTF-8, then Done with usage.
+    let mut g = engine
+        .generate(request(
+            None,
+            "Write a poem about the sea.",
+            SamplingParams::greedy(24),
+        ))
+        .unwrap();
+    let mut pieces = Vec::new();
+    let done = loop {
+        match g.events.blocking_recv().unwrap() {
+            GenEvent::Text(t) => pieces.push(t),
+            other => break other,
+        }
+    };
+    assert!(pieces.len() > 5, "{pieces:?}");
+    assert_eq!(
+        done,
+        GenEvent::Done {
+            finish_reason: FinishReason::Length,
+            prompt_tokens: g.prompt_tokens,
+            completion_tokens: 24
+        }
+    );
+    let full: String = pieces.concat();
+
+    // A stop string (spanning tokens) ends the answer before it.
+    let words: Vec<&str> = full.split_whitespace().collect();
+    let stop = format!("{} {}", words[2], &words[3][..words[3].len().min(3)]);
+    let mut p = SamplingParams::greedy(24);
+    p.stop = vec![stop.clone()];
+    let c = engine
+        .generate(request(None, "Write a poem about the sea.", p))
+        .unwrap()
+        .collect_blocking()
+        .unwrap();
+    assert_eq!(c.finish_reason, FinishReason::Stop);
+    assert_eq!(c.text, full[..full.find(&stop).unwrap()], "stop {stop:?}");
+
+    // Same seed, same text; sampling differs from greedy somewhere with another seed.
+    let sampled = |seed| {
+        let p = SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            top_k: Some(50),
+            seed: Some(seed),
+            max_tokens: 20,
+            ..SamplingParams::default()
+        };
+        engine
+            .generate(request(None, "Tell me a story.", p))
+            .unwrap()
+            .collect_blocking()
+            .unwrap()
+            .text
+    };
+    let (a, b, c2) = (sampled(5), sampled(5), sampled(6));
+    assert_eq!(a, b);
+    assert_ne!(a, c2);
+
+    // Concurrent requests are all served (round robin on the model's thread).
+    let gens: Vec<_> = (0..3)
+        .map(|i| {
+            engine
+                .generate(request(
+                    Some(adapter.clone()),
+                    &format!("What is {} plus 2?", i + 1),
+                    SamplingParams::greedy(16),
+                ))
+                .unwrap()
+        })
+        .collect();
+    let answers: Vec<String> = gens
+        .into_iter()
+        .map(|g| g.collect_blocking().unwrap().text)
+        .collect();
+    assert_eq!(
+        answers,
+        ["1 plus 2 is 3.", "2 plus 2 is 4.", "3 plus 2 is 5."]
+    );
+
+    // Dropping the receiver cancels; the engine keeps serving.
+    let g = engine
+        .generate(request(
+            None,
+            "Count to one thousand.",
+            SamplingParams::greedy(2000),
+        ))
+        .unwrap();
+    drop(g);
+    let t = Instant::now();
+    engine
+        .generate(request(None, "Hi", SamplingParams::greedy(4)))
+        .unwrap()
+        .collect_blocking()
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(60));
+    assert_eq!(
+        engine.adapter_cache_usage().1,
+        1,
+        "the adapter was loaded once"
+    );
+}
+
+#[test]
+fn engine_refuses_bad_requests_with_the_right_error() {
+    let dir = smollm2();
+    let engine = Engine::new(test_models_dir(), EngineOptions::default());
+    let err = |r: GenerateRequest| engine.generate(r).unwrap_err();
+    assert!(matches!(
+        err(GenerateRequest {
+            base_model: "nope".into(),
+            ..request(None, "x", SamplingParams::greedy(1))
+        }),
+        EngineError::NotFound(_)
+    ));
+    for p in [
+        SamplingParams {
+            temperature: -1.0,
+            ..SamplingParams::greedy(4)
+        },
+        SamplingParams {
+            top_p: 0.0,
+            ..SamplingParams::greedy(4)
+        },
+        SamplingParams {
+            max_tokens: 0,
+            ..SamplingParams::greedy(4)
+        },
+    ] {
+        assert!(matches!(
+            err(request(None, "x", p)),
+            EngineError::Invalid(_)
+        ));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // Not an adapter.
+    assert!(matches!(
+        err(request(
+            Some(tmp.path().into()),
+            "x",
+            SamplingParams::greedy(1)
+        )),
+        EngineError::Invalid(_)
+    ));
+    // DoRA.
+    std::fs::write(
+        tmp.path().join("adapter_config.json"),
+        r#"{"peft_type":"LORA","r":8,"lora_alpha":16,"use_dora":true}"#,
+    )
+    .unwrap();
+    assert!(matches!(
+        err(request(
+            Some(tmp.path().into()),
+            "x",
+            SamplingParams::greedy(1)
+        )),
+        EngineError::Unsupported(_)
+    ));
+    // An adapter for another shape.
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    reference(json!({"op": "make_tiny", "out": other, "model_type": "llama"}));
+    match err(request(
+        Some(other.join("lora")),
+        "x",
+        SamplingParams::greedy(1),
+    )) {
+        EngineError::Invalid(m) => assert!(m.contains("another base model"), "{m}"),
+        e => panic!("{e:?}"),
+    }
+    // Safetensors-only engines still find the model; a GGUF-only request for a model without
+    // one is unsupported.
+    let hf_engine = Engine::new(
+        test_models_dir(),
+        EngineOptions {
+            format: WeightsFormat::Safetensors,
+            ..Default::default()
+        },
+    );
+    assert!(
+        hf_engine
+            .render_prompt(MODEL, &[ChatMessage::new("user", "x")])
+            .is_ok()
+    );
+    let only_hf = tempfile::tempdir().unwrap();
+    let m = only_hf.path().join("M");
+    std::fs::create_dir(&m).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(dir.join(f), m.join(f)).unwrap();
+    }
+    let gguf_engine = Engine::new(
+        only_hf.path().into(),
+        EngineOptions {
+            format: WeightsFormat::Gguf,
+            ..Default::default()
+        },
+    );
+    assert!(matches!(
+        gguf_engine.render_prompt("M", &[]),
+        Err(EngineError::Unsupported(_))
+    ));
+}

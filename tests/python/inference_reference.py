@@ -1,0 +1,199 @@
+"""Reference side of the inference parity tests (tests/inference.rs): transformers + peft.
+
+Usage: python inference_reference.py REQUEST.json OUTPUT.json
+
+REQUEST is one of
+  {"op": "template", "model_dir": D, "cases": [{"messages": [...], "add_generation_prompt": b,
+                                                "chat_template": T or null}, ...]}
+      -> {"rendered": [str, ...]}
+  {"op": "tokens", "model_dir": D, "texts": [str, ...]}
+      -> {"ids": [[int, ...], ...]}
+  {"op": "reference", "model_dir": D, "adapter": A or null, "prompt_ids": [int, ...], "n": 32}
+      -> {"logits": [float] (last prompt position), "argmax": [int] (every prompt position),
+          "greedy": [int] (n tokens, EOS not special)}
+  {"op": "train_lora", "model_dir": D, "out": O, "steps": N}
+      -> {"loss": [float, ...]}      trains a real LoRA on "What is A plus B?" -> "A plus B is C."
+  {"op": "make_tiny", "out": O, "model_type": "llama"|"mistral"|"qwen2"|"qwen3"}
+      -> {}                           random tiny model (+ random LoRA in O/lora) for shape tests
+  {"op": "batch", "requests": [REQUEST, ...]}
+      -> {"results": [RESULT, ...]}   several in one process
+"""
+
+import json
+import sys
+
+import torch
+
+
+def load(model_dir, adapter):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    return model
+
+
+def op_template(req):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(req["model_dir"])
+    out = []
+    for case in req["cases"]:
+        kwargs = {}
+        if case.get("chat_template"):
+            kwargs["chat_template"] = case["chat_template"]
+        out.append(
+            tok.apply_chat_template(
+                case["messages"],
+                tokenize=False,
+                add_generation_prompt=case["add_generation_prompt"],
+                **kwargs,
+            )
+        )
+    return {"rendered": out}
+
+
+def op_tokens(req):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(req["model_dir"])
+    return {"ids": [tok(t, add_special_tokens=False)["input_ids"] for t in req["texts"]]}
+
+
+@torch.no_grad()
+def op_reference(req):
+    torch.manual_seed(0)
+    model = load(req["model_dir"], req.get("adapter"))
+    ids = torch.tensor([req["prompt_ids"]])
+    out = model(input_ids=ids, use_cache=True)
+    logits = out.logits[0]
+    result = {
+        "logits": logits[-1].tolist(),
+        "argmax": logits.argmax(-1).tolist(),
+    }
+    pkv = out.past_key_values
+    tok = int(logits[-1].argmax())
+    greedy = [tok]
+    for _ in range(req["n"] - 1):
+        out = model(input_ids=torch.tensor([[tok]]), past_key_values=pkv, use_cache=True)
+        pkv = out.past_key_values
+        tok = int(out.logits[0, -1].argmax())
+        greedy.append(tok)
+    result["greedy"] = greedy
+    return result
+
+
+def op_train_lora(req):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(req["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(req["model_dir"], dtype=torch.float32)
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, cfg)
+    rows = []
+    for i in range(1, 17):
+        a, b = i % 7 + 1, i % 5 + 2
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": f"What is {a} plus {b}?"}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        t = tok(f"{a} plus {b} is {a + b}.<|im_end|>\n", add_special_tokens=False)["input_ids"]
+        rows.append((p + t, [-100] * len(p) + t))
+    width = max(len(r[0]) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    input_ids = torch.tensor([r[0] + [pad] * (width - len(r[0])) for r in rows])
+    labels = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in rows])
+    mask = torch.tensor([[1] * len(r[0]) + [0] * (width - len(r[0])) for r in rows])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    losses = []
+    model.train()
+    for _ in range(req.get("steps", 30)):
+        out = model(input_ids=input_ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(out.loss))
+    model.save_pretrained(req["out"])
+    return {"loss": losses}
+
+
+def op_make_tiny(req):
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    mt = req["model_type"]
+    common = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    if mt == "llama":
+        cfg = transformers.LlamaConfig(**common, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    elif mt == "mistral":
+        cfg = transformers.MistralConfig(**common, sliding_window=8)
+    elif mt == "qwen2":
+        cfg = transformers.Qwen2Config(**common)
+    elif mt == "qwen3":
+        cfg = transformers.Qwen3Config(**common, head_dim=32)
+    else:
+        raise ValueError(mt)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.float32)
+    # Norm weights away from 1 and non-zero biases, so every term is exercised.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(req["out"])
+    lcfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "up_proj", "down_proj", "o_proj"],
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"q_proj": 3},
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lcfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(0.2)
+    peft_model.save_pretrained(req["out"] + "/lora")
+    return {}
+
+
+def op_batch(req):
+    """Several requests in one process (one import of torch and transformers)."""
+    return {"results": [globals()["op_" + r["op"]](r) for r in req["requests"]]}
+
+
+def main():
+    req = json.load(open(sys.argv[1]))
+    result = globals()["op_" + req["op"]](req)
+    with open(sys.argv[2], "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
