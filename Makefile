@@ -9,7 +9,8 @@ BIN := target/debug/ferrotune
 .PHONY: test lint run release fmt setup
 
 test: setup
-	FERROTUNE_TRAIN_PYTHON="$$($(BIN) setup --print-python)" $(CARGO) test --all-targets --locked
+	# Tests that train run one at a time: they would only compete for the same cores.
+	RUST_TEST_THREADS=1 FERROTUNE_TRAIN_PYTHON="$$($(BIN) setup --print-python)" $(CARGO) test --all-targets --locked
 
 setup:
 	$(CARGO) build --locked

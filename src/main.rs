@@ -59,6 +59,29 @@ enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// Chat with a base model, or an adapter over it, in the terminal (answers stream as they
+    /// are generated). One message per line; `/reset` starts over, `/exit` or end of input quits.
+    Chat {
+        /// The base model: its folder in the models dir (optional with a trained model's id).
+        #[arg(long)]
+        model: Option<String>,
+        /// A LoRA adapter: a PEFT folder, or the id of a trained model (read from the store,
+        /// which must not be in use by a running server).
+        #[arg(long)]
+        adapter: Option<String>,
+        /// A system message that opens the conversation.
+        #[arg(long)]
+        system: Option<String>,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f64,
+        #[arg(long, default_value_t = 512)]
+        max_tokens: usize,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Run one training job (started by the server; not for direct use).
     #[command(hide = true)]
     Worker {
@@ -191,8 +214,139 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             eprintln!("setup: done in {:.0} s", started.elapsed().as_secs_f64());
             Ok(())
         }
+        Command::Chat {
+            model,
+            adapter,
+            system,
+            temperature,
+            top_p,
+            max_tokens,
+            seed,
+        } => {
+            let params = ferrotune::inference::SamplingParams {
+                temperature,
+                top_p,
+                max_tokens,
+                seed,
+                ..Default::default()
+            };
+            chat(&config, model, adapter, system, params).await
+        }
         Command::Worker { .. } => anyhow::bail!("the worker role starts before the runtime"),
     }
+}
+
+/// `ferrotune chat`: a terminal conversation through the inference engine.
+async fn chat(
+    config: &Config,
+    model: Option<String>,
+    adapter: Option<String>,
+    system: Option<String>,
+    params: ferrotune::inference::SamplingParams,
+) -> anyhow::Result<()> {
+    use ferrotune::inference::{ChatMessage, Engine, EngineOptions, GenEvent, GenerateRequest};
+    use std::io::Write;
+    use tokio::io::AsyncBufReadExt;
+
+    // An adapter is a folder, or a trained model's id in the store.
+    let (adapter, model) = match adapter {
+        None => (None, model),
+        Some(a) if std::path::Path::new(&a).is_dir() => (Some(PathBuf::from(a)), model),
+        Some(id) => {
+            let store = Store::open(&config.store_dir()).map_err(|e| {
+                anyhow::anyhow!(
+                    "`{id}` is not a folder, and the store cannot be read to look it up as a \
+                     model id ({e}); with the server running, pass the adapter's folder"
+                )
+            })?;
+            let record = store
+                .models()
+                .get_any(&id)?
+                .ok_or_else(|| anyhow::anyhow!("no adapter folder or trained model `{id}`"))?;
+            (
+                Some(PathBuf::from(record.model_path)),
+                model.or(Some(record.base_model)),
+            )
+        }
+    };
+    let model = model.ok_or_else(|| anyhow::anyhow!("name the base model with --model"))?;
+    let engine = Engine::new(config.models_dir.clone(), EngineOptions::default());
+    let mut history: Vec<ChatMessage> = system
+        .iter()
+        .map(|s| ChatMessage::new("system", s.clone()))
+        .collect();
+    let first = history.clone();
+    eprintln!(
+        "chatting with {model}{} — one message per line, /reset to start over, /exit to quit",
+        adapter
+            .as_ref()
+            .map(|a| format!(" + {}", a.display()))
+            .unwrap_or_default()
+    );
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        eprint!("> ");
+        let Some(line) = lines.next_line().await? else {
+            break;
+        };
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history = first.clone();
+                eprintln!("(new conversation)");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(ChatMessage::new("user", line));
+        let req = GenerateRequest {
+            base_model: model.clone(),
+            adapter: adapter.clone(),
+            messages: history.clone(),
+            params: params.clone(),
+        };
+        let mut generation = match engine.generate(req) {
+            Ok(g) => g,
+            Err(e) => {
+                history.pop();
+                eprintln!("error: {e}");
+                continue;
+            }
+        };
+        let started = std::time::Instant::now();
+        let mut answer = String::new();
+        let mut out = std::io::stdout();
+        while let Some(event) = generation.events.recv().await {
+            match event {
+                GenEvent::Text(t) => {
+                    answer.push_str(&t);
+                    print!("{t}");
+                    out.flush()?;
+                }
+                GenEvent::Done {
+                    finish_reason,
+                    completion_tokens,
+                    ..
+                } => {
+                    println!();
+                    let secs = started.elapsed().as_secs_f64();
+                    eprintln!(
+                        "[{completion_tokens} tokens, {:.1} tok/s, {}]",
+                        completion_tokens as f64 / secs.max(1e-9),
+                        finish_reason.as_str()
+                    );
+                }
+                GenEvent::Error(e) => {
+                    println!();
+                    eprintln!("error: {e}");
+                }
+            }
+        }
+        history.push(ChatMessage::new("assistant", answer));
+    }
+    Ok(())
 }
 
 async fn models(command: ModelsCommand, config: &Config) -> anyhow::Result<()> {

@@ -48,6 +48,8 @@ async fn admins_manage_accounts_and_see_counts() {
     assert_eq!(stats.body["users"]["total"], 2);
     assert_eq!(stats.body["users"]["admins"], 1);
     assert_eq!(stats.body["datasets"]["total"], 1);
+    assert_eq!(stats.body["tasks"]["total"], 0);
+    assert_eq!(stats.body["models"]["trained"], 0);
 
     // Disabling ends bob's tokens at once and blocks his login.
     let r = admin

@@ -204,7 +204,10 @@ fn tiny_models_of_every_family_match_transformers_with_lora() {
         let dir = tmp.path().join(family);
         let model = Model::load(&WeightsSource::Hf(dir.clone()), Requantize::Keep).unwrap();
         let adapter = lora::load(&dir.join("lora"), &model.config).unwrap();
-        assert_eq!(adapter.modules, ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]);
+        assert_eq!(
+            adapter.modules,
+            ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+        );
         for with_lora in [false, true] {
             let a = with_lora.then_some(&adapter);
             let r = results.next().unwrap();
@@ -214,9 +217,16 @@ fn tiny_models_of_every_family_match_transformers_with_lora() {
             eprintln!("{family} lora={with_lora}: max |Δlogit| {d:.2e}");
             assert!(d < 1e-4, "{family} lora={with_lora}: logits differ by {d}");
             let want_argmax: Vec<u32> = serde_json::from_value(r["argmax"].clone()).unwrap();
-            assert_eq!(argmaxes(&all), want_argmax, "{family}: top token of every position");
+            assert_eq!(
+                argmaxes(&all),
+                want_argmax,
+                "{family}: top token of every position"
+            );
             let want_greedy: Vec<u32> = serde_json::from_value(r["greedy"].clone()).unwrap();
-            assert_eq!(greedy, want_greedy, "{family} lora={with_lora}: greedy tokens");
+            assert_eq!(
+                greedy, want_greedy,
+                "{family} lora={with_lora}: greedy tokens"
+            );
         }
     }
 }
@@ -330,19 +340,16 @@ fn chat_template_renders_like_transformers() {
         Some(qwen_style),
         Some(tojson_style),
     ] {
-        let t = match template {
-            None => None,
-            Some(src) => Some(
-                ferrotune::inference::template::ChatTemplate::new(
-                    src,
-                    vec![
-                        ("bos_token".into(), "<|im_start|>".into()),
-                        ("eos_token".into(), "<|im_end|>".into()),
-                    ],
-                )
-                .unwrap(),
-            ),
-        };
+        let t = template.map(|src| {
+            ferrotune::inference::template::ChatTemplate::new(
+                src,
+                vec![
+                    ("bos_token".into(), "<|im_start|>".into()),
+                    ("eos_token".into(), "<|im_end|>".into()),
+                ],
+            )
+            .unwrap()
+        });
         for conv in &conversations {
             for gen_prompt in [true, false] {
                 let r = match &t {

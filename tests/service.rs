@@ -102,7 +102,7 @@ async fn the_queue_follows_priority_and_per_user_limits() {
     // (b2 may start before a2: a2 waits for alice's first task, b2 for a free slot only.)
     let _ = b2t;
     assert!(
-        started(&a2t) >= a1t["finished_at"].as_str().unwrap().to_string(),
+        started(&a2t).as_str() >= a1t["finished_at"].as_str().unwrap(),
         "alice's second waited for her first"
     );
 }

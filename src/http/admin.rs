@@ -113,6 +113,20 @@ async fn delete_user(
             "this is the last active administrator; promote another account first",
         ));
     }
+    let tasks = state.store.tasks().list(&id)?;
+    if tasks.iter().any(|t| t.status.is_active()) {
+        return Err(Error::conflict(
+            "user_has_active_tasks",
+            "the user has queued or running tasks; cancel them first",
+        ));
+    }
+    for t in &tasks {
+        state.trainer.delete(&id, &t.task_id).await?;
+    }
+    for m in state.store.models().list(&id)? {
+        state.store.models().remove(&id, &m.model_id).await?;
+    }
+    let _ = tokio::fs::remove_dir_all(state.config.data_dir.join("models").join(&id)).await;
     state.store.delete_user(&id).await?;
     state.datasets.remove_owner_files(&id).await;
     tracing::info!(admin = %admin.user.user_id, user_id = %id, "account deleted");
@@ -124,7 +138,24 @@ async fn delete_user(
 async fn stats(state: AppState, _admin: AdminUser) -> Result<Json<serde_json::Value>> {
     let users = state.store.users()?;
     let datasets = state.store.datasets().list_all()?;
+    let tasks = state.store.tasks().list_all()?;
+    let by_status = |st: crate::store::TaskStatus| tasks.iter().filter(|t| t.status == st).count();
+    let base_models = crate::models::list_base_models(&state.config.models_dir)
+        .map(|m| m.len())
+        .unwrap_or(0);
     Ok(Json(json!({
+        "tasks": {
+            "total": tasks.len(),
+            "queued": by_status(crate::store::TaskStatus::Queued),
+            "running": by_status(crate::store::TaskStatus::Running),
+            "completed": by_status(crate::store::TaskStatus::Completed),
+            "failed": by_status(crate::store::TaskStatus::Failed),
+            "cancelled": by_status(crate::store::TaskStatus::Cancelled),
+        },
+        "models": {
+            "base": base_models,
+            "trained": state.store.models().count(),
+        },
         "users": {
             "total": users.len(),
             "admins": users.iter().filter(|u| u.role == Role::Admin).count(),

@@ -2,6 +2,7 @@
 
 mod admin;
 mod auth;
+mod chat;
 mod datasets;
 pub mod error;
 mod extract;
@@ -39,6 +40,7 @@ pub struct App {
     pub auth: Arc<Auth>,
     pub datasets: Datasets,
     pub trainer: Arc<Trainer>,
+    pub engine: Arc<crate::inference::Engine>,
     /// Progress of the default model's pull at start, for `/api/system/status`.
     pub model_pull: std::sync::RwLock<PullStatus>,
 }
@@ -82,12 +84,17 @@ impl AppState {
         )?;
         let env = EnvTracker::new(PyEnv::locate(Some(&config.python_env_dir)));
         let trainer = Trainer::new(store.clone(), &config, env);
+        let engine = crate::inference::Engine::new(
+            config.models_dir.clone(),
+            crate::inference::EngineOptions::default(),
+        );
         Ok(AppState(Arc::new(App {
             config,
             store,
             auth,
             datasets,
             trainer,
+            engine,
             model_pull: std::sync::RwLock::new(PullStatus {
                 state: "idle".into(),
                 ..PullStatus::default()
@@ -112,6 +119,7 @@ pub fn router(state: AppState) -> Router {
         .merge(datasets::router(state.config.max_upload_bytes))
         .merge(admin::router())
         .merge(tasks::router())
+        .merge(chat::router().layer(axum::middleware::map_response(openai_errors_on_v1)))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_json_bytes));
@@ -168,6 +176,18 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
         })
         .collect();
     Some(base.allow_origin(list).allow_credentials(true))
+}
+
+/// OpenAI-shaped errors on `/v1` only (the rest of the API keeps ours).
+async fn openai_errors_on_v1(
+    uri: axum::http::Uri,
+    response: axum::response::Response,
+) -> axum::response::Response {
+    if uri.path().starts_with("/v1/") {
+        chat::openai_errors(response).await
+    } else {
+        response
+    }
 }
 
 async fn health() -> axum::Json<serde_json::Value> {

@@ -17,6 +17,9 @@ use serde_json::Value as Json;
 use super::EngineError;
 use super::config::ModelConfig;
 
+/// The A and B halves of one adapted projection, as they are found.
+type PairSlots = (Option<Tensor>, Option<Tensor>);
+
 /// One fused group's LoRA, ready to multiply.
 pub struct LoraPair {
     pub(crate) a_t: Tensor,
@@ -231,7 +234,7 @@ pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<LoraAdapter, EngineError> {
     let invalid = |m: String| EngineError::Invalid(m);
 
     // (layer, projection) → (A: r × in, B: out × r)
-    let mut a_b: HashMap<(usize, &'static str), (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+    let mut a_b: HashMap<(usize, &'static str), PairSlots> = HashMap::new();
     for (name, t) in tensors {
         let (module, which) = split_name(&name)?;
         let (layer, proj) = parse_module(&module)?;

@@ -23,6 +23,7 @@
 
 pub mod config;
 mod engine;
+mod kernels;
 pub mod lora;
 pub mod model;
 pub mod sampling;

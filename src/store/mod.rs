@@ -186,6 +186,7 @@ struct Inner {
     datasets: Owned<Dataset>,
     tasks: Owned<Task>,
     models: Owned<ModelRecord>,
+    chat_sessions: Owned<ChatSession>,
     task_metrics: sled::Tree,
 }
 
@@ -225,6 +226,7 @@ impl Store {
             datasets: Owned::open(&db, "datasets")?,
             tasks: Owned::open(&db, "tasks")?,
             models: Owned::open(&db, "models")?,
+            chat_sessions: Owned::open(&db, "chat_sessions")?,
             task_metrics: db.open_tree("task_metrics")?,
             db,
         };
@@ -247,6 +249,10 @@ impl Store {
 
     pub fn models(&self) -> &Owned<ModelRecord> {
         &self.inner.models
+    }
+
+    pub fn chat_sessions(&self) -> &Owned<ChatSession> {
+        &self.inner.chat_sessions
     }
 
     /// Appends a loss-curve point (not flushed: points are cheap to lose, the task is not).
@@ -388,6 +394,9 @@ impl Store {
         }
         for ds in self.datasets().list(user_id)? {
             self.datasets().remove(user_id, &ds.file_id).await?;
+        }
+        for s in self.chat_sessions().list(user_id)? {
+            self.chat_sessions().remove(user_id, &s.session_id).await?;
         }
         self.revoke_refresh_where(|t| t.user_id == user_id)?;
         self.flush().await?;

@@ -288,3 +288,38 @@ pub struct MetricPoint {
     /// Seconds since the worker started.
     pub t: f64,
 }
+
+/// A message of a saved conversation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SessionMessage {
+    pub role: String,
+    pub content: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+/// A saved conversation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatSession {
+    pub session_id: String,
+    pub owner: String,
+    pub title: String,
+    /// The model it talks to (a base model name or an adapter's model id), if chosen.
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub messages: Vec<SessionMessage>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+impl OwnedRecord for ChatSession {
+    fn id(&self) -> &str {
+        &self.session_id
+    }
+    fn owner(&self) -> &str {
+        &self.owner
+    }
+}

@@ -30,12 +30,12 @@ pub fn diagnose(error: &str, log_tail: &str) -> Option<String> {
     } else if has(&[
         "cannot find valid samples",
         "no valid samples",
-        "dataset_info.json",
         "keyerror: 'conversations'",
         "keyerror: 'instruction'",
-        "template",
-    ]) && has(&["error", "exception"])
-    {
+        "keyerror: 'messages'",
+        "template not found",
+        "does not support template",
+    ]) {
         "The dataset does not fit the chosen format or template: check the dataset's format in \
          its preview and the task's template (leave it empty to choose one from the model)."
     } else if has(&[

@@ -86,6 +86,17 @@ impl Trainer {
             let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
             cmd.env("CUDA_VISIBLE_DEVICES", list.join(","));
         }
+        if std::env::var_os("OMP_NUM_THREADS").is_none() {
+            // Workers share the CPU cores: oversubscribed OpenMP threads spin against each
+            // other and can make every step many times slower.
+            let cores = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1);
+            cmd.env(
+                "OMP_NUM_THREADS",
+                (cores / self.max_concurrent).max(1).to_string(),
+            );
+        }
 
         // Everything before this offset belongs to earlier runs.
         let start_offset = tokio::fs::metadata(events_path(&task))

@@ -46,9 +46,13 @@ def op_template(req):
         kwargs = {}
         if case.get("chat_template"):
             kwargs["chat_template"] = case["chat_template"]
+        # Role first, as chat clients send it (the JSON this arrives in has sorted keys).
+        messages = [
+            {"role": m["role"], "content": m["content"], **m} for m in case["messages"]
+        ]
         out.append(
             tok.apply_chat_template(
-                case["messages"],
+                messages,
                 tokenize=False,
                 add_generation_prompt=case["add_generation_prompt"],
                 **kwargs,

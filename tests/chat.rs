@@ -1,0 +1,305 @@
+//! Chat with what you trained: a LoRA trained through the real pipeline, then answered by the
+//! candle engine through the OpenAI-compatible API, the original chat API and saved sessions.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    Client, MODEL, submit_task, training_server, upload_arithmetic, wait_for_environment_and_model,
+    wait_status,
+};
+use serde_json::{Value, json};
+
+async fn trained_adapter(alice: &Client) -> String {
+    let ds = upload_arithmetic(alice).await;
+    wait_for_environment_and_model(alice).await;
+    let id = submit_task(
+        alice,
+        &ds,
+        json!({"name": "arith", "epochs": 2, "cutoff_len": 128, "lora_rank": 8, "save_steps": 100}),
+    )
+    .await;
+    let t = wait_status(
+        alice,
+        &id,
+        &["completed", "failed"],
+        Duration::from_secs(900),
+    )
+    .await;
+    assert_eq!(t["status"], "completed", "{t}");
+    t["model_id"].as_str().expect("model_id").to_string()
+}
+
+fn ask(model: &str, question: &str, extra: Value) -> Value {
+    let mut body = json!({
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "temperature": 0, "max_tokens": 32,
+    });
+    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+        body[k] = v;
+    }
+    body
+}
+
+#[tokio::test]
+async fn a_trained_adapter_answers_through_every_chat_api() {
+    let server = training_server(&[]);
+    let c = server.client();
+    let (alice, _) = c.signup("alice").await;
+    let (bob, _) = c.signup("bob").await;
+    let model_id = trained_adapter(&alice).await;
+
+    // /v1/models: base models for everyone, the adapter for its owner only.
+    let list = alice.get("/v1/models").await;
+    assert_eq!(list.status, 200);
+    assert_eq!(list.body["object"], "list");
+    let ids: Vec<&str> = list.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&MODEL) && ids.contains(&model_id.as_str()),
+        "{ids:?}"
+    );
+    let bobs = bob.get("/v1/models").await.body;
+    assert!(!bobs.to_string().contains(&model_id));
+
+    // The adapter shows its training; the base model alone does not answer the same way.
+    let r = alice
+        .post(
+            "/v1/chat/completions",
+            ask(&model_id, "What is 3 plus 4?", json!({})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let answer = r.body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        answer.trim(),
+        "3 plus 4 is 7.",
+        "the adapter learnt the dataset's answer"
+    );
+    assert_eq!(r.body["object"], "chat.completion");
+    assert_eq!(r.body["model"], model_id.as_str());
+    assert_eq!(r.body["choices"][0]["finish_reason"], "stop");
+    let usage = &r.body["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 5);
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+    let base = alice
+        .post(
+            "/v1/chat/completions",
+            ask(MODEL, "What is 3 plus 4?", json!({})),
+        )
+        .await;
+    assert_eq!(base.status, 200);
+    assert_ne!(
+        base.body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .trim(),
+        answer.trim()
+    );
+
+    // Streaming gives the same text, chunk by chunk, ending with [DONE].
+    let mut req = alice
+        .http
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(alice.token.as_deref().unwrap())
+        .json(&ask(
+            &model_id,
+            "What is 3 plus 4?",
+            json!({"stream": true}),
+        ));
+    req = req.header("accept", "text/event-stream");
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let body = resp.text().await.unwrap();
+    let datas: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(datas.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = datas[..datas.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(chunks.len() >= 3, "role chunk, text chunks, final chunk");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, answer);
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "stop");
+    assert!(last["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+
+    // Same seed, same text when sampling.
+    let sampled = |seed: u64| {
+        ask(
+            MODEL,
+            "Write a word.",
+            json!({"temperature": 0.9, "seed": seed, "max_tokens": 12}),
+        )
+    };
+    let a = alice.post("/v1/chat/completions", sampled(7)).await.body;
+    let b = alice.post("/v1/chat/completions", sampled(7)).await.body;
+    assert_eq!(
+        a["choices"][0]["message"]["content"],
+        b["choices"][0]["message"]["content"]
+    );
+
+    // A stop string ends the answer before it.
+    let stopped = alice
+        .post(
+            "/v1/chat/completions",
+            ask(&model_id, "What is 3 plus 4?", json!({"stop": [" is"]})),
+        )
+        .await;
+    assert_eq!(
+        stopped.body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .trim(),
+        "3 plus 4"
+    );
+    assert_eq!(stopped.body["choices"][0]["finish_reason"], "stop");
+
+    // Errors are OpenAI-shaped on /v1; another user's adapter does not exist for them.
+    let r = bob
+        .post("/v1/chat/completions", ask(&model_id, "hi", json!({})))
+        .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.body["error"]["type"], "not_found_error", "{:?}", r.body);
+    assert!(r.body["error"]["message"].is_string());
+    let r = c.get("/v1/models").await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.body["error"]["type"], "authentication_error");
+    let r = alice
+        .post(
+            "/v1/chat/completions",
+            ask(MODEL, "hi", json!({"temperature": -1})),
+        )
+        .await;
+    assert_eq!(r.status, 422);
+    assert_eq!(r.body["error"]["type"], "invalid_request_error");
+
+    // The original API, by model id and by model path.
+    let models = alice.get("/api/models/available").await.body;
+    let adapter_path = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["model_id"] == model_id.as_str())
+        .unwrap()["model_path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for body in [
+        json!({"model_id": model_id, "messages": [{"role": "user", "content": "What is 3 plus 4?"}], "temperature": 0, "max_tokens": 32}),
+        json!({"model_path": adapter_path, "messages": [{"role": "user", "content": "What is 3 plus 4?"}], "temperature": 0, "max_tokens": 32}),
+    ] {
+        let r = alice.post("/api/chat/completion", body).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        assert_eq!(r.body["role"], "assistant");
+        assert_eq!(r.body["content"].as_str().unwrap().trim(), "3 plus 4 is 7.");
+    }
+    let r = bob
+        .post(
+            "/api/chat/completion",
+            json!({"model_path": adapter_path, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(r.status, 404);
+
+    // Saved sessions: create, chat into it, list, rename, export, delete.
+    let s = alice
+        .post(
+            "/api/chat/sessions",
+            json!({"title": "Sums", "model": model_id}),
+        )
+        .await;
+    assert_eq!(s.status, 201, "{:?}", s.body);
+    let sid = s.body["session_id"].as_str().unwrap().to_string();
+    let r = alice
+        .post(
+            "/api/chat/completion",
+            json!({"model_id": model_id, "session_id": sid, "temperature": 0, "max_tokens": 32,
+                   "messages": [{"role": "user", "content": "What is 3 plus 4?"}]}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let full = alice.get(&format!("/api/chat/sessions/{sid}")).await.body;
+    let msgs = full["messages"].as_array().unwrap();
+    assert_eq!(msgs.len(), 2);
+    assert_eq!(msgs[0]["role"], "user");
+    assert_eq!(
+        msgs[1]["content"].as_str().unwrap().trim(),
+        "3 plus 4 is 7."
+    );
+    assert_eq!(
+        alice.get("/api/chat/sessions").await.body["sessions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let r = alice
+        .patch(
+            &format!("/api/chat/sessions/{sid}"),
+            json!({"title": "Arithmetic"}),
+        )
+        .await;
+    assert_eq!(r.body["title"], "Arithmetic");
+    let (status, md, _) = alice
+        .get_bytes(&format!("/api/chat/sessions/{sid}/export?format=markdown"))
+        .await;
+    assert_eq!(status, 200);
+    let md = String::from_utf8(md).unwrap();
+    assert!(
+        md.starts_with("# Arithmetic\n") && md.contains("## Assistant\n\n3 plus 4 is 7."),
+        "{md}"
+    );
+    let (status, js, _) = alice
+        .get_bytes(&format!("/api/chat/sessions/{sid}/export?format=json"))
+        .await;
+    assert_eq!(status, 200);
+    let js: Value = serde_json::from_slice(&js).unwrap();
+    assert_eq!(js["messages"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        bob.get(&format!("/api/chat/sessions/{sid}")).await.status,
+        404
+    );
+    assert_eq!(
+        bob.delete(&format!("/api/chat/sessions/{sid}"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        alice
+            .delete(&format!("/api/chat/sessions/{sid}"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        alice.get(&format!("/api/chat/sessions/{sid}")).await.status,
+        404
+    );
+}
