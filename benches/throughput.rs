@@ -70,6 +70,8 @@ fn parse() -> anyhow::Result<Args> {
 
 fn main() -> anyhow::Result<()> {
     let a = parse()?;
+    // SAFETY: still single-threaded (the model has not been touched yet).
+    unsafe { ferrotune::inference::pin_thread_count() };
     let found = ferrotune::models::find_base_model(&a.models_dir, &a.model)?
         .ok_or_else(|| anyhow::anyhow!("no model {} in {}", a.model, a.models_dir.display()))?;
     let source = match a.format.as_str() {

@@ -138,6 +138,8 @@ fn main() -> ExitCode {
         // The worker owns its stdout (events) and needs no configuration or runtime.
         return ExitCode::from(ferrotune::worker::run(job).clamp(0, 255) as u8);
     }
+    // SAFETY: no other thread has started yet.
+    unsafe { ferrotune::inference::pin_thread_count() };
     let bind = match &cli.command {
         Some(Command::Serve { bind }) => *bind,
         _ => None,

@@ -1,112 +1,243 @@
-//! A Q4_1 matrix multiplication for the CPU, with AVX2 (runtime-detected) and a portable
-//! fallback: the kernel llama.cpp uses (`ggml_vec_dot_q4_1_q8_1`), which candle 0.11 lacks
-//! (its Q4_1 path is a scalar loop). Activations are quantised per 32 values to 8 bits with
-//! their sum (Q8_1), as llama.cpp does, so the numerics are llama.cpp's.
+//! Matrix products of GGUF-quantised weights (Q4_0, Q4_1, Q8_0) with **float32
+//! activations**, for the CPU: AVX2 + FMA when the processor has them (detected at run time),
+//! a portable loop otherwise.
 //!
-//! Q4_1 keeps the GGUF's own 4-bit weights (20 bytes per 32 values): decode on a CPU is bound
-//! by the bytes of weights read per token, and re-quantising to Q8_0 (34 bytes per 32) would
-//! read 1.7 times as much.
+//! candle (like llama.cpp) quantises the activations to 8 bits before each quantised matmul.
+//! On a model as small as SmolLM2-135M that second rounding is visible: greedy answers drift
+//! from what the same weights give in float (the capital of France stops being Paris). Here
+//! the weights are expanded block by block in registers and multiplied with the activations
+//! as they are, so the GGUF path computes what its de-quantised form computes (to float
+//! rounding), while reading only the quantised bytes per token.
 
 use half::f16;
 
-/// ggml's `block_q4_1`: `x = d·q + m` for 32 values, `q` in 0..16, two per byte (value `j` in
-/// the low nibble of byte `j`, value `j + 16` in its high nibble).
-#[derive(Clone, Copy)]
-#[repr(C)]
-pub(crate) struct BlockQ4_1 {
-    d: f16,
-    m: f16,
-    qs: [u8; 16],
+/// The block formats these kernels run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// `x = d·(q − 8)`, `q` in 0..16: 18 bytes per 32 values.
+    Q4_0,
+    /// `x = d·q + m`, `q` in 0..16: 20 bytes per 32 values.
+    Q4_1,
+    /// `x = d·q`, `q` in −128..128: 34 bytes per 32 values.
+    Q8_0,
 }
 
-const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
-
-/// 32 activations as `d·q` (`q` in -127..=127), with `s = d·Σq`.
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct BlockQ8_1 {
-    d: f32,
-    s: f32,
-    qs: [i8; 32],
+impl Format {
+    fn block_bytes(self) -> usize {
+        match self {
+            Format::Q4_0 => 18,
+            Format::Q4_1 => 20,
+            Format::Q8_0 => 34,
+        }
+    }
 }
 
-/// A Q4_1 weight matrix, `rows × cols`, row-major (each row is `cols / 32` blocks).
-pub(crate) struct Q4_1Matrix {
+/// A quantised weight matrix, `rows × cols`, row-major, split at load into the block
+/// quants (`qs`: 16 or 32 bytes per 32 values) and float32 scales (`d`) and offsets (`m`:
+/// Q4_1's minimum, Q4_0's `−8·d`), so the inner loop converts no half floats.
+pub(crate) struct QuantMatrix {
+    format: Format,
     rows: usize,
     cols: usize,
-    blocks: Vec<BlockQ4_1>,
+    qs: Vec<u8>,
+    d: Vec<f32>,
+    m: Vec<f32>,
 }
 
-impl Q4_1Matrix {
-    /// From the raw GGUF bytes of a Q4_1 tensor.
-    pub fn from_bytes(bytes: &[u8], rows: usize, cols: usize) -> anyhow::Result<Q4_1Matrix> {
+impl QuantMatrix {
+    /// From the raw GGUF bytes of a tensor.
+    pub fn from_bytes(
+        format: Format,
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> anyhow::Result<QuantMatrix> {
         if cols % 32 != 0 {
-            anyhow::bail!("Q4_1 rows of {cols} values are not whole blocks");
+            anyhow::bail!("{format:?} rows of {cols} values are not whole blocks");
         }
+        let bb = format.block_bytes();
         let n = rows * cols / 32;
-        if bytes.len() != n * 20 {
-            anyhow::bail!("{} bytes for {rows}×{cols} Q4_1 values", bytes.len());
+        if bytes.len() != n * bb {
+            anyhow::bail!("{} bytes for {rows}×{cols} {format:?} values", bytes.len());
         }
-        let blocks = bytes
-            .chunks_exact(20)
-            .map(|c| {
-                let mut qs = [0u8; 16];
-                qs.copy_from_slice(&c[4..20]);
-                BlockQ4_1 {
-                    d: f16::from_le_bytes([c[0], c[1]]),
-                    m: f16::from_le_bytes([c[2], c[3]]),
-                    qs,
+        let mut mat = QuantMatrix {
+            format,
+            rows,
+            cols,
+            qs: Vec::with_capacity(n * format.quant_bytes()),
+            d: Vec::with_capacity(n),
+            m: Vec::with_capacity(if format == Format::Q8_0 { 0 } else { n }),
+        };
+        for blk in bytes.chunks_exact(bb) {
+            let d = f16_at(blk, 0);
+            mat.d.push(d);
+            match format {
+                Format::Q8_0 => mat.qs.extend_from_slice(&blk[2..34]),
+                Format::Q4_0 => {
+                    mat.m.push(-8.0 * d);
+                    mat.qs.extend_from_slice(&blk[2..18]);
                 }
-            })
-            .collect();
-        Ok(Q4_1Matrix { rows, cols, blocks })
+                Format::Q4_1 => {
+                    mat.m.push(f16_at(blk, 2));
+                    mat.qs.extend_from_slice(&blk[4..20]);
+                }
+            }
+        }
+        Ok(mat)
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
     }
 
     pub fn rows(&self) -> usize {
         self.rows
     }
 
+    /// Bytes held (quants and float scales).
     pub fn bytes(&self) -> usize {
-        self.blocks.len() * 20
+        self.qs.len() + 4 * (self.d.len() + self.m.len())
+    }
+
+    fn row(&self, r: usize) -> Row<'_> {
+        let nb = self.cols / 32;
+        let qb = self.format.quant_bytes();
+        Row {
+            format: self.format,
+            qs: &self.qs[r * nb * qb..(r + 1) * nb * qb],
+            d: &self.d[r * nb..(r + 1) * nb],
+            m: if self.m.is_empty() {
+                &[]
+            } else {
+                &self.m[r * nb..(r + 1) * nb]
+            },
+        }
     }
 
     /// `out (m × rows) = x (m × cols) · Wᵀ`.
     pub fn matmul(&self, x: &[f32], out: &mut [f32]) {
         let k = self.cols;
         let m = x.len() / k;
-        let kb = k / 32;
         debug_assert_eq!(x.len(), m * k);
         debug_assert_eq!(out.len(), m * self.rows);
-        let mut xq = vec![
-            BlockQ8_1 {
-                d: 0.0,
-                s: 0.0,
-                qs: [0; 32]
-            };
-            m * kb
-        ];
-        for (row, q) in x.chunks_exact(k).zip(xq.chunks_exact_mut(kb)) {
-            quantize_q8_1(row, q);
-        }
+        // Per block of 32 activations: their sum (for the offsets of Q4_0 and Q4_1).
+        let sums: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
         let simd = has_avx2();
         let rows = self.rows;
         let out_ptr = out.as_mut_ptr() as usize;
+        let nb = k / 32;
         let work = |range: std::ops::Range<usize>| {
+            let mut dense = Vec::new();
             for r in range {
-                let w = &self.blocks[r * kb..(r + 1) * kb];
-                for (i, xrow) in xq.chunks_exact(kb).enumerate() {
-                    let v = if simd {
-                        // SAFETY: AVX2 and FMA were detected at run time.
-                        unsafe { dot_avx2(w, xrow) }
-                    } else {
-                        dot_scalar(w, xrow)
-                    };
+                let w = self.row(r);
+                let write = |i: usize, v: f32| {
                     // SAFETY: each (i, r) is written by exactly one work item, inside `out`.
                     unsafe { *(out_ptr as *mut f32).add(i * rows + r) = v };
+                };
+                if m == 1 {
+                    write(0, w.dot(x, &sums[..nb], simd));
+                } else {
+                    // Several positions: expand the row once, then plain float dots.
+                    dense.resize(k, 0.0);
+                    w.dequantize(&mut dense);
+                    for (i, xr) in x.chunks_exact(k).enumerate() {
+                        write(i, dot_f32(&dense, xr, simd));
+                    }
                 }
             }
         };
-        candle_core::utils::barrier_pool().execute_chunked(rows, work);
+        if rows * m * k < 1 << 16 {
+            work(0..rows);
+        } else {
+            candle_core::utils::barrier_pool().execute_chunked(rows, work);
+        }
+    }
+}
+
+impl Format {
+    fn quant_bytes(self) -> usize {
+        match self {
+            Format::Q4_0 | Format::Q4_1 => 16,
+            Format::Q8_0 => 32,
+        }
+    }
+}
+
+/// One row of a [`QuantMatrix`].
+struct Row<'a> {
+    format: Format,
+    qs: &'a [u8],
+    d: &'a [f32],
+    m: &'a [f32],
+}
+
+impl Row<'_> {
+    /// The row's values as floats (exactly what de-quantising the tensor gives).
+    fn dequantize(&self, out: &mut [f32]) {
+        let qb = self.format.quant_bytes();
+        for (b, (qs, o)) in self
+            .qs
+            .chunks_exact(qb)
+            .zip(out.chunks_exact_mut(32))
+            .enumerate()
+        {
+            let d = self.d[b];
+            match self.format {
+                Format::Q8_0 => {
+                    for (v, q) in o.iter_mut().zip(qs) {
+                        *v = d * f32::from(*q as i8);
+                    }
+                }
+                Format::Q4_0 | Format::Q4_1 => {
+                    let m = self.m[b];
+                    for j in 0..16 {
+                        o[j] = d * f32::from(qs[j] & 0x0F) + m;
+                        o[j + 16] = d * f32::from(qs[j] >> 4) + m;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `Σ w·x` for one activation row `x` with its block sums.
+    fn dot(&self, x: &[f32], sums: &[f32], simd: bool) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: AVX2 and FMA were detected at run time; lengths match (checked at load).
+            return unsafe {
+                match self.format {
+                    Format::Q8_0 => dot_q8_0_avx2(self.qs, self.d, x),
+                    Format::Q4_0 | Format::Q4_1 => {
+                        dot_q4_avx2(self.qs, self.d, x) + dot_f32_avx2(self.m, sums)
+                    }
+                }
+            };
+        }
+        let _ = simd;
+        self.dot_scalar(x, sums)
+    }
+
+    fn dot_scalar(&self, x: &[f32], sums: &[f32]) -> f32 {
+        let qb = self.format.quant_bytes();
+        let mut acc = 0f32;
+        for (b, (qs, xs)) in self.qs.chunks_exact(qb).zip(x.chunks_exact(32)).enumerate() {
+            let mut p = 0f32;
+            match self.format {
+                Format::Q8_0 => {
+                    for (q, v) in qs.iter().zip(xs) {
+                        p += f32::from(*q as i8) * v;
+                    }
+                }
+                Format::Q4_0 | Format::Q4_1 => {
+                    for j in 0..16 {
+                        p += f32::from(qs[j] & 0x0F) * xs[j] + f32::from(qs[j] >> 4) * xs[j + 16];
+                    }
+                    acc += self.m[b] * sums[b];
+                }
+            }
+            acc += self.d[b] * p;
+        }
+        acc
     }
 }
 
@@ -123,69 +254,128 @@ fn has_avx2() -> bool {
     }
 }
 
-fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
-    for (xs, b) in x.chunks_exact(32).zip(out.iter_mut()) {
-        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, v) in b.qs.iter_mut().zip(xs) {
-            let r = (v * id).round() as i32;
-            *q = r as i8;
-            sum += r;
-        }
-        b.d = d;
-        b.s = d * sum as f32;
-    }
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
-fn dot_scalar(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-    let mut acc = 0f32;
-    for (wb, xb) in w.iter().zip(x) {
-        let mut sum = 0i32;
-        for j in 0..16 {
-            let lo = i32::from(wb.qs[j] & 0x0F);
-            let hi = i32::from(wb.qs[j] >> 4);
-            sum += lo * i32::from(xb.qs[j]) + hi * i32::from(xb.qs[j + 16]);
-        }
-        acc += wb.d.to_f32() * xb.d * sum as f32 + wb.m.to_f32() * xb.s;
+fn dot_f32(a: &[f32], b: &[f32], simd: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: AVX2 and FMA were detected at run time.
+        return unsafe { dot_f32_avx2(a, b) };
     }
-    acc
+    let _ = simd;
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
+unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
-    let mut acc = _mm256_setzero_ps();
-    let mut summs = 0f32;
-    let low = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    for (wb, xb) in w.iter().zip(x) {
-        summs += wb.m.to_f32() * xb.s;
-        let d = _mm256_set1_ps(wb.d.to_f32() * xb.d);
-        // SAFETY: 16 and 32 readable bytes; unaligned loads.
-        let (packed, qx) = unsafe {
-            (
-                _mm_loadu_si128(wb.qs.as_ptr() as *const __m128i),
-                _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i),
-            )
-        };
-        // Low nibbles (values 0..16) in the low lane, high nibbles (16..32) in the high lane.
-        let qw = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
-        let prod = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones);
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(prod), acc);
-    }
-    let hi = _mm256_extractf128_ps(acc, 1);
-    let s = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
+    let hi = _mm256_extractf128_ps(v, 1);
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), hi);
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s) + summs
+    _mm_cvtss_f32(s)
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot_avx2(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-    dot_scalar(w, x)
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    // SAFETY: every load reads 8 floats below `n`.
+    unsafe {
+        while i + 16 <= n {
+            a0 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.as_ptr().add(i)),
+                _mm256_loadu_ps(b.as_ptr().add(i)),
+                a0,
+            );
+            a1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.as_ptr().add(i + 8)),
+                _mm256_loadu_ps(b.as_ptr().add(i + 8)),
+                a1,
+            );
+            i += 16;
+        }
+        let mut s = hsum(_mm256_add_ps(a0, a1));
+        while i < n {
+            s += a[i] * b[i];
+            i += 1;
+        }
+        s
+    }
+}
+
+/// `Σ_b d_b · Σ_j q_bj · x_bj` for Q8_0 quants (32 bytes per block).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_q8_0_avx2(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+    for (b, (q, xs)) in qs.chunks_exact(32).zip(x.chunks_exact(32)).enumerate() {
+        // SAFETY: 32 bytes of quants and 32 floats are readable; unaligned loads.
+        unsafe {
+            let dv = _mm256_set1_ps(*d.get_unchecked(b));
+            let qp = q.as_ptr() as *const __m128i;
+            let xp = xs.as_ptr();
+            let lo = _mm_loadu_si128(qp);
+            let hi = _mm_loadu_si128(qp.add(1));
+            let p0 = _mm256_fmadd_ps(
+                f(_mm_srli_si128(lo, 8)),
+                _mm256_loadu_ps(xp.add(8)),
+                _mm256_mul_ps(f(lo), _mm256_loadu_ps(xp)),
+            );
+            let p1 = _mm256_fmadd_ps(
+                f(_mm_srli_si128(hi, 8)),
+                _mm256_loadu_ps(xp.add(24)),
+                _mm256_mul_ps(f(hi), _mm256_loadu_ps(xp.add(16))),
+            );
+            acc0 = _mm256_fmadd_ps(dv, p0, acc0);
+            acc1 = _mm256_fmadd_ps(dv, p1, acc1);
+        }
+    }
+    // SAFETY: AVX2 is enabled in this function.
+    unsafe { hsum(_mm256_add_ps(acc0, acc1)) }
+}
+
+/// `Σ_b d_b · Σ_j q_bj · x_bj` for 4-bit quants (16 bytes per block: value `j` in the low
+/// nibble of byte `j`, value `j + 16` in its high nibble); the offsets are added apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_q4_avx2(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mask = _mm_set1_epi8(0x0F);
+    let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+    for (b, (q, xs)) in qs.chunks_exact(16).zip(x.chunks_exact(32)).enumerate() {
+        // SAFETY: 16 bytes of quants and 32 floats are readable; unaligned loads.
+        unsafe {
+            let dv = _mm256_set1_ps(*d.get_unchecked(b));
+            let packed = _mm_loadu_si128(q.as_ptr() as *const __m128i);
+            let lo = _mm_and_si128(packed, mask); // values 0..16
+            let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask); // values 16..32
+            let xp = xs.as_ptr();
+            let p0 = _mm256_fmadd_ps(
+                f(_mm_srli_si128(lo, 8)),
+                _mm256_loadu_ps(xp.add(8)),
+                _mm256_mul_ps(f(lo), _mm256_loadu_ps(xp)),
+            );
+            let p1 = _mm256_fmadd_ps(
+                f(_mm_srli_si128(hi, 8)),
+                _mm256_loadu_ps(xp.add(24)),
+                _mm256_mul_ps(f(hi), _mm256_loadu_ps(xp.add(16))),
+            );
+            acc0 = _mm256_fmadd_ps(dv, p0, acc0);
+            acc1 = _mm256_fmadd_ps(dv, p1, acc1);
+        }
+    }
+    // SAFETY: AVX2 is enabled in this function.
+    unsafe { hsum(_mm256_add_ps(acc0, acc1)) }
 }
 
 #[cfg(test)]
@@ -195,41 +385,43 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     #[test]
-    fn matches_the_dequantised_product() {
-        let (rows, cols, m) = (37, 96, 3);
-        let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
-        let mat = Q4_1Matrix::from_bytes(&q.data().unwrap(), rows, cols).unwrap();
-        let wd = q.dequantize(&Device::Cpu).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu).unwrap();
-        let exact: Vec<Vec<f32>> = x.matmul(&wd.t().unwrap()).unwrap().to_vec2().unwrap();
-        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-        let mut out = vec![0f32; m * rows];
-        mat.matmul(&xs, &mut out);
-        // Same result through the portable path.
-        let mut xq = vec![
-            BlockQ8_1 {
-                d: 0.0,
-                s: 0.0,
-                qs: [0; 32]
-            };
-            m * cols / 32
-        ];
-        for (row, qq) in xs.chunks_exact(cols).zip(xq.chunks_exact_mut(cols / 32)) {
-            quantize_q8_1(row, qq);
-        }
-        for i in 0..m {
-            for r in 0..rows {
-                let got = out[i * rows + r];
-                let want = exact[i][r];
-                // 8-bit activations: a small error against sums of magnitude ~10.
-                assert!((got - want).abs() < 0.3, "{i},{r}: {got} vs {want}");
-                let w = &mat.blocks[r * cols / 32..(r + 1) * cols / 32];
-                let scalar = dot_scalar(w, &xq[i * cols / 32..(i + 1) * cols / 32]);
-                assert!(
-                    (got - scalar).abs() < 1e-3 * (1.0 + scalar.abs()),
-                    "simd {got} vs scalar {scalar}"
-                );
+    fn every_path_computes_the_dequantised_product() {
+        for (dtype, format) in [
+            (GgmlDType::Q4_0, Format::Q4_0),
+            (GgmlDType::Q4_1, Format::Q4_1),
+            (GgmlDType::Q8_0, Format::Q8_0),
+        ] {
+            for m in [1, 3] {
+                let (rows, cols) = (37, 96);
+                let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
+                let q = QTensor::quantize(&w, dtype).unwrap();
+                let mat = QuantMatrix::from_bytes(format, &q.data().unwrap(), rows, cols).unwrap();
+                let wd = q.dequantize(&Device::Cpu).unwrap();
+                let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu).unwrap();
+                let exact: Vec<Vec<f32>> = x.matmul(&wd.t().unwrap()).unwrap().to_vec2().unwrap();
+                let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+                let mut out = vec![0f32; m * rows];
+                mat.matmul(&xs, &mut out);
+                let sums: Vec<f32> = xs.chunks_exact(32).map(|c| c.iter().sum()).collect();
+                let wrows: Vec<Vec<f32>> = wd.to_vec2().unwrap();
+                for i in 0..m {
+                    for r in 0..rows {
+                        let want = exact[i][r];
+                        let tol = 1e-4 * (1.0 + want.abs());
+                        let got = out[i * rows + r];
+                        assert!(
+                            (got - want).abs() < tol,
+                            "{format:?} {i},{r}: {got} vs {want}"
+                        );
+                        // The portable paths agree too.
+                        let xr = &xs[i * cols..(i + 1) * cols];
+                        let s = mat.row(r).dot_scalar(xr, &sums[i * 3..(i + 1) * 3]);
+                        assert!((s - want).abs() < tol, "{format:?} scalar {s} vs {want}");
+                        let mut dense = vec![0f32; cols];
+                        mat.row(r).dequantize(&mut dense);
+                        assert_eq!(dense, wrows[r], "{format:?} row {r} de-quantised");
+                    }
+                }
             }
         }
     }

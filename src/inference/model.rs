@@ -23,15 +23,17 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file::qtensor_fro
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::{Family, ModelConfig};
+use super::kernels::{Format, QuantMatrix};
 use super::lora::{LayerLora, LoraAdapter, LoraPair};
 use crate::models::convert::{Arch, Heads, Mapped, map_tensor_name};
 use crate::models::gguf::Meta;
 
-/// What happens to GGUF weights whose format candle runs without SIMD on the CPU.
+/// What happens to GGUF weights at load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Requantize {
-    /// Q4_1, Q5_0, Q5_1 and Q8_1 (scalar kernels in candle) become Q8_0 (SIMD; near-lossless
-    /// from 4/5-bit data); every other format is kept.
+    /// Q4_0, Q4_1 and Q8_0 are kept and run on the engine's own kernels (float activations,
+    /// see `kernels`); Q5_0, Q5_1 and Q8_1 become Q8_0 (near-lossless from 5-bit data); the
+    /// K-quants are kept and run on candle's kernels (8-bit activations).
     #[default]
     Auto,
     /// Keep every tensor as stored.
@@ -50,7 +52,7 @@ impl Requantize {
         let want = match self {
             Requantize::Keep => dtype,
             Requantize::Auto => match dtype {
-                G::Q4_1 | G::Q5_0 | G::Q5_1 | G::Q8_1 => G::Q8_0,
+                G::Q5_0 | G::Q5_1 | G::Q8_1 => G::Q8_0,
                 other => other,
             },
             Requantize::To(t) => t,
@@ -94,12 +96,71 @@ pub enum WeightsSource {
 }
 
 /// One linear layer: `y = x·Wᵀ (+ b)`, W quantised or dense.
+/// A matmul weight: Q4_0 / Q4_1 / Q8_0 on the engine's own kernels (float activations),
+/// anything else on candle's (dense, or quantised with 8-bit activations).
+enum Weight {
+    Candle(QMatMul),
+    Own(QuantMatrix),
+}
+
+impl Weight {
+    fn new(w: QMatMul) -> anyhow::Result<Weight> {
+        if let QMatMul::QTensor(q) = &w {
+            let format = match q.dtype() {
+                GgmlDType::Q4_0 => Some(Format::Q4_0),
+                GgmlDType::Q4_1 => Some(Format::Q4_1),
+                GgmlDType::Q8_0 => Some(Format::Q8_0),
+                _ => None,
+            };
+            if let Some(format) = format {
+                let (rows, cols) = q.shape().dims2()?;
+                return Ok(Weight::Own(QuantMatrix::from_bytes(
+                    format,
+                    &q.data()?,
+                    rows,
+                    cols,
+                )?));
+            }
+        }
+        Ok(Weight::Candle(w))
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Weight::Candle(w) => w.forward(x),
+            Weight::Own(w) => {
+                let (s, _) = x.dims2()?;
+                let x = x.contiguous()?;
+                let mut out = vec![0f32; s * w.rows()];
+                {
+                    let (storage, layout) = x.storage_and_layout();
+                    let candle_core::Storage::Cpu(cpu) = &*storage else {
+                        candle_core::bail!("the quantised kernels run on the CPU");
+                    };
+                    let data = cpu.as_slice::<f32>()?;
+                    let xs = &data[layout.start_offset()..layout.start_offset() + x.elem_count()];
+                    w.matmul(xs, &mut out);
+                }
+                Tensor::from_vec(out, (s, w.rows()), x.device())
+            }
+        }
+    }
+}
+
+/// One linear layer: `y = x·Wᵀ (+ b)`, W quantised or dense.
 struct Linear {
-    w: QMatMul,
+    w: Weight,
     b: Option<Tensor>,
 }
 
 impl Linear {
+    fn new(w: QMatMul, b: Option<Tensor>) -> anyhow::Result<Linear> {
+        Ok(Linear {
+            w: Weight::new(w)?,
+            b,
+        })
+    }
+
     fn forward(&self, x: &Tensor, lora: Option<&LoraPair>) -> candle_core::Result<Tensor> {
         let mut y = self.w.forward(x)?;
         if let Some(b) = &self.b {
@@ -113,8 +174,9 @@ impl Linear {
 
     fn bytes(&self) -> usize {
         let w = match &self.w {
-            QMatMul::QTensor(q) => q.storage_size_in_bytes(),
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+            Weight::Own(m) => m.bytes(),
+            Weight::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
                 t.elem_count() * t.dtype().size_in_bytes()
             }
         };
@@ -123,8 +185,11 @@ impl Linear {
 
     fn describe(&self) -> String {
         match &self.w {
-            QMatMul::QTensor(q) => format!("{:?}", q.dtype()),
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => format!("{:?}", t.dtype()),
+            Weight::Own(m) => format!("{:?} (float activations)", m.format()),
+            Weight::Candle(QMatMul::QTensor(q)) => format!("{:?}", q.dtype()),
+            Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                format!("{:?}", t.dtype())
+            }
         }
     }
 }
@@ -616,22 +681,10 @@ impl Store {
                 } else {
                     None
                 },
-                qkv: Linear {
-                    w: fuse(vec![q, k, v], requantize)?,
-                    b: qkv_bias,
-                },
-                o: Linear {
-                    w: fuse(vec![o], requantize)?,
-                    b: None,
-                },
-                gate_up: Linear {
-                    w: fuse(vec![gate, up], requantize)?,
-                    b: None,
-                },
-                down: Linear {
-                    w: fuse(vec![down], requantize)?,
-                    b: None,
-                },
+                qkv: Linear::new(fuse(vec![q, k, v], requantize)?, qkv_bias)?,
+                o: Linear::new(fuse(vec![o], requantize)?, None)?,
+                gate_up: Linear::new(fuse(vec![gate, up], requantize)?, None)?,
+                down: Linear::new(fuse(vec![down], requantize)?, None)?,
             });
         }
         let embed_raw = self.take("model.embed_tokens.weight")?;
@@ -675,26 +728,18 @@ impl Store {
             vocab_size: vocab,
             ..config
         };
+        let lm_head = Linear::new(lm_head, None)?;
         let model = Model {
             description: format!(
                 "{description}; layers {}, head {}",
                 layers.first().map(|l| l.qkv.describe()).unwrap_or_default(),
-                {
-                    let l = Linear {
-                        w: lm_head.clone(),
-                        b: None,
-                    };
-                    l.describe()
-                }
+                lm_head.describe()
             ),
             config,
             embed,
             layers,
             norm,
-            lm_head: Linear {
-                w: lm_head,
-                b: None,
-            },
+            lm_head,
             cos,
             sin,
             device,
@@ -922,7 +967,8 @@ mod tests {
     #[test]
     fn requantize_targets() {
         use GgmlDType as G;
-        assert_eq!(Requantize::Auto.target(G::Q4_1, 576), G::Q8_0);
+        assert_eq!(Requantize::Auto.target(G::Q4_1, 576), G::Q4_1);
+        assert_eq!(Requantize::Auto.target(G::Q5_1, 576), G::Q8_0);
         assert_eq!(Requantize::Auto.target(G::Q4_0, 576), G::Q4_0);
         assert_eq!(Requantize::Auto.target(G::F32, 576), G::F32);
         assert_eq!(Requantize::Keep.target(G::Q4_1, 576), G::Q4_1);
