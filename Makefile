@@ -6,11 +6,62 @@
 CARGO ?= cargo
 BIN := target/debug/ferrotune
 
-.PHONY: test lint run release fmt setup
+# The Python package's tests run in their own virtual environment (maturin, pytest, tqdm,
+# openai, nbclient), with the extension built in release into its own target dir, so that it
+# does not rebuild pyo3 and the crate under target/debug or target/release.
+PYTHON ?= python3
+PY_VENV ?= $(HOME)/.cache/ferrotune/pytest-venv
+PY_TARGET := target/python
+PY_TEST_DEPS := "maturin>=1.9.4,<2" pytest tqdm "openai>=1" nbclient ipykernel
+
+# The web UI's browser test drives Debian's chromium (installed by `make chromium` if absent).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: test test-python test-notebook python-wheel test-ui chromium lint run release fmt setup
 
 test: setup
 	# Tests that train run one at a time: they would only compete for the same cores.
 	RUST_TEST_THREADS=1 FERROTUNE_TRAIN_PYTHON="$$($(BIN) setup --print-python)" $(CARGO) test --all-targets --locked
+	$(MAKE) --no-print-directory test-python
+	$(MAKE) --no-print-directory test-ui
+
+# The web UI in headless chromium (web/tests/e2e.mjs, Playwright): sign up, upload, train one
+# short LoRA while watching it, chat with the adapter; screenshots in target/ui-screenshots/.
+test-ui: setup chromium web/node_modules/.package-lock.json
+	node --test web/tests/taskspec.test.mjs
+	FERROTUNE_BIN=$(BIN) CHROMIUM=$(CHROMIUM) node web/tests/e2e.mjs
+
+web/node_modules/.package-lock.json: web/package-lock.json
+	cd web && npm ci --no-audit --no-fund
+
+chromium:
+	@test -x $(CHROMIUM) || { echo "installing chromium for the UI test (apt-get)"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# The Python package: the Engine on SmolLM2, and the Client against a real server that trains
+# one short LoRA.
+test-python: setup python-wheel
+	FERROTUNE_BIN=$(BIN) $(PY_VENV)/bin/python -m pytest python/tests --durations=5
+
+# python/examples/quickstart.ipynb top to bottom against a test server (trains a second LoRA,
+# so not part of `make test`).
+test-notebook: setup python-wheel
+	FERROTUNE_TEST_NOTEBOOK=1 FERROTUNE_BIN=$(BIN) $(PY_VENV)/bin/python -m pytest \
+		python/tests/test_notebook.py
+
+# Builds the wheel (target/python/wheels) and installs it into $(PY_VENV).
+python-wheel: $(PY_VENV)/.ferrotune-ready
+	rm -f $(PY_TARGET)/wheels/ferrotune-*.whl
+	PATH="$(PY_VENV)/bin:$$PATH" CARGO_TARGET_DIR=$(PY_TARGET) maturin build --release --locked \
+		--interpreter $(PY_VENV)/bin/python --out $(PY_TARGET)/wheels
+	$(PY_VENV)/bin/pip install --quiet --force-reinstall --no-deps $(PY_TARGET)/wheels/ferrotune-*.whl
+
+$(PY_VENV)/.ferrotune-ready: Makefile
+	$(PYTHON) -m venv $(PY_VENV)
+	$(PY_VENV)/bin/pip install --quiet $(PY_TEST_DEPS)
+	touch $@
 
 setup:
 	$(CARGO) build --locked

@@ -1,6 +1,10 @@
 //! Pins the Python the worker embeds: an rpath to the libpython that pyo3 configured against
 //! (otherwise the loader may pick another 3.11 from the system path), and the interpreter's
 //! path and version, so the managed environment is created with the very same Python.
+//! Also builds the web UI and embeds it (build/ui.rs).
+
+#[path = "build/ui.rs"]
+mod ui;
 
 fn main() {
     let config = pyo3_build_config::get();
@@ -19,4 +23,5 @@ fn main() {
     );
     println!("cargo:rerun-if-env-changed=PYO3_PYTHON");
     println!("cargo:rerun-if-changed=build.rs");
+    ui::build();
 }

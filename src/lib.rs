@@ -10,6 +10,8 @@ pub mod http;
 pub mod inference;
 pub mod models;
 pub mod pyenv;
+#[cfg(feature = "python")]
+mod python;
 pub mod store;
 pub mod system;
 pub mod telemetry;

@@ -275,7 +275,7 @@ fn gguf_path_matches_its_dequantised_form_with_lora() {
     let want_greedy: Vec<u32> = serde_json::from_value(r["greedy"].clone()).unwrap();
     // The engine's kernels multiply the quantised weights with float activations: the GGUF
     // path computes what its de-quantised form computes, to float rounding.
-    for requant in [Requantize::Auto] {
+    for requant in [Requantize::Auto, Requantize::Keep] {
         let model = Model::load(&source, requant).unwrap();
         let adapter = lora::load(&adapter_dir, &model.config).unwrap();
         let (all, greedy) = ours(&model, Some(&adapter), &prompt, 32);

@@ -7,6 +7,7 @@ mod datasets;
 pub mod error;
 mod extract;
 mod tasks;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -113,6 +114,7 @@ pub fn absolute_dirs(config: &mut Config) -> std::io::Result<()> {
 
 pub fn router(state: AppState) -> Router {
     let x_request_id = HeaderName::from_static("x-request-id");
+    let ui_source = ui::Source::from_env();
     let api = Router::new()
         .route("/health", get(health))
         .merge(auth::router())
@@ -120,7 +122,7 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::router())
         .merge(tasks::router())
         .merge(chat::router().layer(axum::middleware::map_response(openai_errors_on_v1)))
-        .fallback(not_found)
+        .fallback(move |req: axum::extract::Request| ui_or_not_found(ui_source.clone(), req))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_json_bytes));
 
@@ -192,6 +194,15 @@ async fn openai_errors_on_v1(
 
 async fn health() -> axum::Json<serde_json::Value> {
     axum::Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
+}
+
+/// The web UI for page and asset requests; the JSON 404 for everything else.
+async fn ui_or_not_found(
+    source: ui::Source,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    ui::serve(source, req, not_found().await.into_response()).await
 }
 
 async fn not_found() -> Error {

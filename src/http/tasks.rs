@@ -635,5 +635,6 @@ async fn system_status(state: AppState, _user: CurrentUser) -> Result<Json<Value
         "environment": env,
         "models": models,
         "model_pull": pull,
+        "limits": {"max_upload_bytes": state.config.max_upload_bytes},
     })))
 }

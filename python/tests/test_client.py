@@ -1,0 +1,118 @@
+"""ferrotune.Client against a real server on loopback: upload, train (one short LoRA run),
+wait with the progress bar, chat with the adapter through the server, OpenAI's client and the
+local Engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import ferrotune
+from conftest import MODEL
+
+QUESTION = "What is 3 plus 4?"
+ANSWER = "3 plus 4 is 7."
+
+
+def arithmetic_rows():
+    """The Rust tests' arithmetic dataset (tests/common/mod.rs)."""
+    rows = []
+    for i in range(1, 17):
+        a, b = i % 7 + 1, i % 5 + 2
+        rows.append(
+            {"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} plus {b} is {a + b}."}
+        )
+    return rows
+
+
+def test_errors_carry_the_servers_message_and_code(server, client, tmp_path):
+    anonymous = ferrotune.Client(server.url)
+    assert anonymous.health()["status"] == "ok"
+    with pytest.raises(ferrotune.APIError) as e:
+        anonymous.tasks()
+    assert e.value.status == 401 and e.value.code and e.value.error
+
+    with pytest.raises(ferrotune.APIError) as e:
+        client.task("no-such-task")
+    assert e.value.status == 404 and e.value.code == "not_found", e.value
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "q", "output": "a"}\n{"nothing": 1}\n')
+    with pytest.raises(ferrotune.APIError) as e:
+        client.upload_dataset(bad)
+    assert e.value.status == 422 and "line 2" in e.value.error, e.value
+
+    with pytest.raises(ferrotune.APIError) as e:
+        client.create_task(name="x", model_name=MODEL, dataset_id="nope", learning_rate=-1)
+    assert e.value.status == 422 and "learning_rate" in e.value.error, e.value
+
+    # /v1 answers OpenAI-shaped errors; their message and code come through too.
+    with pytest.raises(ferrotune.APIError) as e:
+        client.chat("no-such-model", QUESTION)
+    assert e.value.status == 404 and "no-such-model" in e.value.error, e.value
+
+    with pytest.raises(ferrotune.APIError) as e:
+        ferrotune.Client("http://127.0.0.1:9").health()
+    assert e.value.status == 0 and e.value.code == "unreachable"
+
+
+def test_upload_train_wait_and_chat_with_the_adapter(server, client, models_dir, tmp_path, capsys):
+    data = tmp_path / "arith.json"
+    data.write_text(json.dumps(arithmetic_rows()))
+    ds = client.upload_dataset(data)
+    assert ds["format"] == "alpaca" and ds["num_rows"] == 16 and ds["filename"] == "arith.json"
+    assert ds["file_id"] in [d["file_id"] for d in client.datasets()]
+
+    # The same recipe as tests/chat.rs: 2 epochs of 16 rows in batches of 4 = 8 steps.
+    spec = dict(
+        model_name=MODEL, dataset_id=ds["file_id"], epochs=2, learning_rate=0.001,
+        batch_size=4, cutoff_len=128, lora_rank=8, save_steps=100, logging_steps=1,
+    )
+    task = client.create_task(name="arith", **spec)
+    # A second task waits behind the first (one running task per user): cancelling it is
+    # immediate, and waiting for it raises.
+    other = client.create_task(name="cancelled", **spec)
+    assert client.cancel(other["task_id"])["status"] == "cancelled"
+    with pytest.raises(ferrotune.TaskFailedError, match="cancelled"):
+        client.wait(other["task_id"], progress=False)
+    assert client.wait(other["task_id"], progress=False, raise_on_failure=False)["status"] == (
+        "cancelled"
+    )
+
+    capsys.readouterr()
+    done = client.wait(task["task_id"], progress=True, timeout=900)
+    bar = capsys.readouterr().err
+    assert done["status"] == "completed", done
+    assert "8/8" in bar and "completed" in bar, bar
+    model_id = done["model_id"]
+
+    listed = {t["task_id"]: t for t in client.tasks()}
+    assert listed[task["task_id"]]["status"] == "completed"
+    assert listed[other["task_id"]]["status"] == "cancelled"
+    assert client.task(task["task_id"])["progress"]["current_step"] == 8
+    points = client.metrics(task["task_id"])
+    assert [p["step"] for p in points] == list(range(1, 9))
+    assert points[-1]["loss"] < points[0]["loss"]
+
+    # Through the server: the adapter learnt the dataset's answer; streaming says the same.
+    assert client.chat(model_id, QUESTION, temperature=0, max_tokens=16) == ANSWER
+    pieces = list(client.chat(model_id, QUESTION, temperature=0, max_tokens=16, stream=True))
+    assert "".join(pieces) == ANSWER and len(pieces) > 3, pieces
+    assert not client.chat(MODEL, QUESTION, temperature=0, max_tokens=6).startswith("3 plus 4")
+
+    # Locally: the Engine over the adapter's folder answers the same.
+    model = client.model(model_id)
+    assert model["kind"] == "adapter" and model["base_model"] == MODEL
+    engine = ferrotune.Engine(models_dir)
+    assert engine.chat(MODEL, QUESTION, adapter=model["model_path"], temperature=0) == ANSWER
+
+    # OpenAI's client pointed at the server.
+    openai = pytest.importorskip("openai")
+    oa = client.openai()
+    assert isinstance(oa, openai.OpenAI)
+    r = oa.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": QUESTION}], temperature=0,
+        max_tokens=16,
+    )
+    assert r.choices[0].message.content == ANSWER

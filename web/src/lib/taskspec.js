@@ -1,0 +1,251 @@
+// The task form's fields, their defaults and ranges (as the server validates them, see
+// src/training/spec.rs), and conversion to and from LlamaFactory YAML.
+
+export const TEMPLATES = [
+  'default', 'empty', 'alpaca', 'chatml', 'smollm', 'smollm2', 'llama2', 'llama3', 'llama4', 'mistral',
+  'ministral', 'qwen', 'qwen2_vl', 'qwen3', 'qwen3_nothink', 'gemma', 'gemma2', 'gemma3', 'phi', 'phi4',
+  'deepseek', 'deepseek3', 'yi', 'glm4', 'cpm4', 'vicuna', 'zephyr',
+]
+
+/** The form's initial values ('' = leave to the server's default). */
+export function defaults() {
+  return {
+    name: '',
+    model_name: '',
+    dataset_id: '',
+    epochs: 3,
+    learning_rate: 5e-5,
+    batch_size: 4,
+    stage: 'sft',
+    finetuning_type: 'lora',
+    lora_rank: 8,
+    lora_alpha: '',
+    lora_dropout: 0,
+    lora_target: 'all',
+    template: '',
+    system: '',
+    cutoff_len: 2048,
+    val_size: 0,
+    seed: 42,
+    precision: 'auto',
+    gradient_accumulation_steps: 1,
+    max_steps: '',
+    save_steps: 500,
+    logging_steps: 10,
+    gpus: 1,
+    priority: 0,
+  }
+}
+
+const NUMERIC = {
+  epochs: { min: 0, max: 1000, open: true },
+  learning_rate: { min: 0, max: 1, open: true },
+  batch_size: { min: 1, max: 1024, int: true },
+  lora_rank: { min: 1, max: 1024, int: true },
+  lora_alpha: { min: 1, max: 4096, int: true, optional: true },
+  lora_dropout: { min: 0, max: 0.9 },
+  cutoff_len: { min: 16, max: 1048576, int: true },
+  val_size: { min: 0, max: 0.5 },
+  seed: { min: 0, max: Number.MAX_SAFE_INTEGER, int: true },
+  gradient_accumulation_steps: { min: 1, max: 1024, int: true },
+  max_steps: { min: 1, max: 100000000, int: true, optional: true },
+  save_steps: { min: 1, max: 10000000, int: true },
+  logging_steps: { min: 1, max: 1000000, int: true },
+  gpus: { min: 0, max: 64, int: true },
+  priority: { min: -100, max: 100, int: true },
+}
+
+/** Field → message for every value the server would refuse. */
+export function validate(f) {
+  const e = {}
+  if (!String(f.name).trim()) e.name = 'Give the task a name.'
+  else if (String(f.name).trim().length > 100) e.name = 'At most 100 characters.'
+  if (!f.model_name) e.model_name = 'Choose a base model.'
+  if (!f.dataset_id) e.dataset_id = 'Choose a dataset.'
+  for (const [k, r] of Object.entries(NUMERIC)) {
+    const raw = f[k]
+    if (raw === '' || raw === null || raw === undefined) {
+      if (!r.optional) e[k] = 'Required.'
+      continue
+    }
+    const v = Number(raw)
+    if (!Number.isFinite(v)) e[k] = 'Must be a number.'
+    else if (r.int && !Number.isInteger(v)) e[k] = 'Must be a whole number.'
+    else if ((r.open ? v <= r.min : v < r.min) || v > r.max)
+      e[k] = `Between ${r.min}${r.open ? ' (exclusive)' : ''} and ${r.max}.`
+  }
+  const targets = String(f.lora_target).trim()
+  if (!targets || !targets.split(',').every((t) => /^[A-Za-z0-9_.]+$/.test(t.trim())))
+    e.lora_target = '`all` or module names separated by commas (q_proj,v_proj).'
+  if (f.template && !TEMPLATES.includes(f.template)) e.template = 'Unknown template.'
+  return e
+}
+
+/** The POST /api/tasks body for the form's values. */
+export function toRequest(f) {
+  const body = {
+    name: String(f.name).trim(),
+    model_name: f.model_name,
+    dataset_id: f.dataset_id,
+    stage: f.stage,
+    finetuning_type: f.finetuning_type,
+    lora_target: String(f.lora_target).trim(),
+    precision: f.precision,
+  }
+  for (const k of Object.keys(NUMERIC)) {
+    if (f[k] !== '' && f[k] !== null && f[k] !== undefined) body[k] = Number(f[k])
+  }
+  if (f.template) body.template = f.template
+  if (String(f.system).trim()) body.system = f.system
+  return body
+}
+
+/** Form values from a task detail (GET /api/tasks/{id}), for cloning. */
+export function fromTask(t) {
+  const f = defaults()
+  for (const k of Object.keys(f)) {
+    if (t[k] !== undefined && t[k] !== null) f[k] = t[k]
+  }
+  f.system = t.system || ''
+  f.max_steps = t.max_steps ?? ''
+  f.dataset_id = t.dataset_id || ''
+  return f
+}
+
+// ---- LlamaFactory YAML --------------------------------------------------------------------
+
+/** Parses the flat `key: value` YAML LlamaFactory configs use (comments, quotes, numbers). */
+export function parseFlatYaml(text) {
+  const out = {}
+  for (const rawLine of text.split(/\r?\n/)) {
+    const line = rawLine.replace(/^\s+/, '')
+    if (!line || line.startsWith('#') || line.startsWith('---')) continue
+    const m = /^([A-Za-z0-9_.-]+)\s*:\s*(.*)$/.exec(line)
+    if (!m) continue
+    let v = m[2]
+    if (!(v.startsWith('"') || v.startsWith("'"))) v = v.replace(/\s+#.*$/, '')
+    v = v.trim()
+    let value
+    if (v.startsWith('"')) {
+      try {
+        value = JSON.parse(v)
+      } catch {
+        value = v.slice(1, -1)
+      }
+    } else if (v.startsWith("'")) value = v.slice(1, -1).replace(/''/g, "'")
+    else if (v === 'true' || v === 'false') value = v === 'true'
+    else if (v === 'null' || v === '~' || v === '') value = null
+    else if (/^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$/.test(v)) value = Number(v)
+    else value = v
+    out[m[1]] = value
+  }
+  return out
+}
+
+const YAML_TO_FORM = {
+  stage: 'stage',
+  finetuning_type: 'finetuning_type',
+  lora_rank: 'lora_rank',
+  lora_alpha: 'lora_alpha',
+  lora_dropout: 'lora_dropout',
+  lora_target: 'lora_target',
+  template: 'template',
+  default_system: 'system',
+  cutoff_len: 'cutoff_len',
+  val_size: 'val_size',
+  seed: 'seed',
+  gradient_accumulation_steps: 'gradient_accumulation_steps',
+  max_steps: 'max_steps',
+  save_steps: 'save_steps',
+  logging_steps: 'logging_steps',
+  per_device_train_batch_size: 'batch_size',
+  learning_rate: 'learning_rate',
+  num_train_epochs: 'epochs',
+}
+
+// Keys that describe the run's plumbing; ferrotune sets them itself.
+const MANAGED = new Set([
+  'model_name_or_path', 'dataset', 'dataset_dir', 'output_dir', 'do_train', 'overwrite_cache', 'overwrite_output_dir',
+  'preprocessing_num_workers', 'dataloader_num_workers', 'plot_loss', 'save_only_model', 'report_to', 'trust_remote_code',
+  'lr_scheduler_type', 'warmup_ratio', 'per_device_eval_batch_size', 'eval_strategy', 'eval_steps', 'bf16', 'fp16',
+])
+
+/**
+ * Applies a LlamaFactory YAML to form values. Returns {form, applied, ignored, model}: the keys
+ * used, the keys ferrotune does not take from a config, and the model path it names.
+ */
+export function applyYaml(form, text, baseModels) {
+  const y = parseFlatYaml(text)
+  const f = { ...form }
+  const applied = []
+  const ignored = []
+  for (const [k, v] of Object.entries(y)) {
+    if (k in YAML_TO_FORM) {
+      if (v === null) continue
+      const field = YAML_TO_FORM[k]
+      f[field] = k === 'template' && !TEMPLATES.includes(v) ? '' : v
+      applied.push(k)
+    } else if (!MANAGED.has(k)) ignored.push(k)
+  }
+  if (y.bf16 === true) f.precision = 'bf16'
+  else if (y.fp16 === true) f.precision = 'fp16'
+  let model = null
+  if (typeof y.model_name_or_path === 'string') {
+    const path = y.model_name_or_path.replace(/\/+$/, '')
+    const base = path.split('/').pop()
+    model = baseModels.find((m) => m.model_path === path || m.name === base || m.name.toLowerCase() === base.toLowerCase())
+    if (model) {
+      f.model_name = model.name
+      applied.push('model_name_or_path')
+    } else ignored.push(`model_name_or_path (${base} is not in models/)`)
+  }
+  if (!String(f.name).trim() && typeof y.output_dir === 'string') {
+    // saves/llama3-8b/lora/sft → llama3-8b-lora-sft (ferrotune's own …/output says nothing).
+    const n = y.output_dir.replace(/\/+$/, '').replace(/^(\.\/)?saves\//, '').split('/').filter(Boolean).join('-')
+    if (n && !n.endsWith('output')) f.name = n.slice(-100)
+  }
+  return { form: f, applied, ignored }
+}
+
+/** The LlamaFactory YAML for the form's values (what the server would run, paths aside). */
+export function toYaml(f, modelPath, datasetName) {
+  const a = []
+  const set = (k, v) => a.push([k, v])
+  set('model_name_or_path', modelPath || f.model_name)
+  set('trust_remote_code', false)
+  set('stage', f.stage)
+  set('do_train', true)
+  set('finetuning_type', f.finetuning_type)
+  if (f.finetuning_type === 'lora') {
+    set('lora_rank', Number(f.lora_rank))
+    set('lora_alpha', f.lora_alpha === '' ? Number(f.lora_rank) * 2 : Number(f.lora_alpha))
+    set('lora_dropout', Number(f.lora_dropout))
+    set('lora_target', String(f.lora_target))
+  }
+  set('dataset', datasetName || 'my_dataset')
+  if (f.template) set('template', f.template)
+  if (String(f.system).trim()) set('default_system', f.system)
+  set('cutoff_len', Number(f.cutoff_len))
+  set('output_dir', `saves/${String(f.name).trim() || 'ferrotune-task'}`)
+  set('logging_steps', Number(f.logging_steps))
+  set('save_steps', Number(f.save_steps))
+  set('plot_loss', true)
+  set('per_device_train_batch_size', Number(f.batch_size))
+  set('gradient_accumulation_steps', Number(f.gradient_accumulation_steps))
+  set('learning_rate', Number(f.learning_rate))
+  set('num_train_epochs', Number(f.epochs))
+  if (f.max_steps !== '' && f.max_steps !== null) set('max_steps', Number(f.max_steps))
+  set('lr_scheduler_type', 'cosine')
+  set('warmup_ratio', 0.1)
+  set('seed', Number(f.seed))
+  if (f.precision === 'bf16') set('bf16', true)
+  if (f.precision === 'fp16') set('fp16', true)
+  if (Number(f.val_size) > 0) {
+    set('val_size', Number(f.val_size))
+    set('eval_strategy', 'steps')
+    set('eval_steps', Number(f.save_steps))
+  }
+  const lines = ['# LlamaFactory 0.9.5 config exported by the ferrotune UI']
+  for (const [k, v] of a) lines.push(`${k}: ${typeof v === 'string' ? JSON.stringify(v) : String(v)}`)
+  return lines.join('\n') + '\n'
+}

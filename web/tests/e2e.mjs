@@ -1,0 +1,488 @@
+// Browser test of the web UI against the real server: Playwright (playwright-core) drives
+// Debian's chromium headless through what a researcher does — register and sign in, upload a
+// dataset, train a small LoRA for real while watching the chart and the progress, chat with the
+// adapter and watch the answer stream — and fails on any JavaScript error on any page.
+// Screenshots of every page and the first-load figures go to target/ui-screenshots/.
+//
+// Run by `make test-ui` (part of `make test`). Environment:
+//   FERROTUNE_BIN            the server binary (default target/debug/ferrotune)
+//   FERROTUNE_TEST_MODELS_DIR models dir (default <cache>/test-models, shared with cargo tests)
+//   FERROTUNE_UI_SCREENSHOTS  where screenshots go (default target/ui-screenshots)
+//   FERROTUNE_UI_QUICK=1      skip training and chat with the base model (UI work only)
+//   CHROMIUM                  the browser (default /usr/bin/chromium)
+import { spawn } from 'node:child_process'
+import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { chromium } from 'playwright-core'
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..')
+const BIN = process.env.FERROTUNE_BIN || path.join(ROOT, 'target/debug/ferrotune')
+const SHOTS = process.env.FERROTUNE_UI_SCREENSHOTS || path.join(ROOT, 'target/ui-screenshots')
+const QUICK = process.env.FERROTUNE_UI_QUICK === '1'
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium'
+const MODEL = 'SmolLM2-135M-Instruct'
+const MAX_STEPS = 8
+
+function cacheRoot() {
+  if (process.env.FERROTUNE_CACHE_DIR) return process.env.FERROTUNE_CACHE_DIR
+  if (process.env.XDG_CACHE_HOME) return path.join(process.env.XDG_CACHE_HOME, 'ferrotune')
+  return path.join(os.homedir(), '.cache', 'ferrotune')
+}
+const MODELS = process.env.FERROTUNE_TEST_MODELS_DIR || path.join(cacheRoot(), 'test-models')
+
+const started = Date.now()
+const log = (...a) => console.log(`[ui-test ${((Date.now() - started) / 1000).toFixed(1).padStart(6)}s]`, ...a)
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
+
+class Failure extends Error {}
+function check(cond, message) {
+  if (!cond) throw new Failure(message)
+}
+
+// ---- the server -----------------------------------------------------------------------------
+
+const serverLog = []
+function startServer(dataDir) {
+  check(fs.existsSync(BIN), `${BIN} does not exist: run \`cargo build\` first`)
+  fs.mkdirSync(MODELS, { recursive: true })
+  const env = { ...process.env, RUST_LOG: 'info', FERROTUNE_AUTO_SETUP: 'true', FERROTUNE_DEFAULT_MODEL: 'smollm2-135m-instruct' }
+  delete env.FERROTUNE_CONFIG
+  delete env.FERROTUNE_STATIC_DIR
+  const child = spawn(BIN, ['serve', '--bind', '127.0.0.1:0', '--data-dir', dataDir, '--models-dir', MODELS], {
+    env,
+    stdio: ['ignore', 'ignore', 'pipe'],
+  })
+  return new Promise((resolve, reject) => {
+    let buf = ''
+    const timer = setTimeout(() => reject(new Failure('the server did not report its address within 60 s')), 60000)
+    child.stderr.on('data', (chunk) => {
+      buf += chunk.toString()
+      let nl
+      while ((nl = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, nl)
+        buf = buf.slice(nl + 1)
+        serverLog.push(line.replace(/\x1b\[[0-9;]*m/g, ''))
+        if (process.env.FERROTUNE_TEST_LOG) console.log(`[server] ${line}`)
+        const m = /listening on (http:\/\/\S+)/.exec(line)
+        if (m) {
+          clearTimeout(timer)
+          resolve({ child, base: m[1] })
+        }
+      }
+    })
+    child.on('exit', (code) => reject(new Failure(`the server exited early (${code}):\n${serverLog.slice(-30).join('\n')}`)))
+  })
+}
+
+async function api(base, token, p) {
+  const res = await fetch(base + p, { headers: { authorization: `Bearer ${token}` } })
+  check(res.ok, `${p}: ${res.status}`)
+  return res.json()
+}
+
+async function waitFor(what, timeoutMs, fn, everyMs = 500) {
+  const until = Date.now() + timeoutMs
+  for (;;) {
+    const v = await fn()
+    if (v) return v
+    if (Date.now() > until) throw new Failure(`timed out after ${timeoutMs / 1000} s waiting for ${what}`)
+    await sleep(everyMs)
+  }
+}
+
+// ---- the test -------------------------------------------------------------------------------
+
+async function main() {
+  fs.rmSync(SHOTS, { recursive: true, force: true })
+  fs.mkdirSync(SHOTS, { recursive: true })
+  check(fs.existsSync(CHROMIUM), `${CHROMIUM} is missing: apt-get install -y chromium (make test-ui does it)`)
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'ferrotune-ui-'))
+  const { child, base } = await startServer(path.join(tmp, 'data'))
+  log(`server at ${base} (models in ${MODELS})`)
+  let context = null
+  let page = null
+  const errors = []
+  const warnings = []
+  try {
+    context = await chromium.launchPersistentContext(path.join(tmp, 'profile'), {
+      executablePath: CHROMIUM,
+      headless: true,
+      args: [
+        '--headless',
+        '--no-sandbox',
+        '--disable-gpu',
+        '--disable-quic',
+        '--disable-background-networking',
+        '--disable-component-update',
+        '--disable-sync',
+        '--no-first-run',
+      ],
+      viewport: { width: 1440, height: 900 },
+    })
+    page = context.pages()[0] || (await context.newPage())
+    page.setDefaultTimeout(30000)
+    let where = 'start'
+    const watch = (p) => {
+      p.on('console', (m) => {
+        const text = m.text()
+        if (m.type() === 'error') errors.push(`[${where}] console error: ${text}`)
+        else if (m.type() === 'warning') {
+          if (text.includes('[Vue warn]')) errors.push(`[${where}] ${text}`)
+          else warnings.push(`[${where}] ${text}`)
+        }
+      })
+      p.on('pageerror', (e) => errors.push(`[${where}] page error: ${e.message}`))
+    }
+    watch(page)
+    let shot = 0
+    const snap = async (name, p = page) => {
+      shot++
+      const file = path.join(SHOTS, `${String(shot).padStart(2, '0')}-${name}.png`)
+      await p.screenshot({ path: file, fullPage: true })
+    }
+    const visit = async (p, name) => {
+      where = name
+      await page.goto(base + p)
+    }
+
+    // -- first load: bytes over the wire and time, on a fresh profile (nothing cached)
+    where = 'sign-in'
+    const cdp = await context.newCDPSession(page)
+    await cdp.send('Network.enable')
+    const sizes = new Map()
+    cdp.on('Network.loadingFinished', (e) => sizes.set(e.requestId, e.encodedDataLength))
+    const t0 = Date.now()
+    await page.goto(base + '/')
+    await page.locator('[data-test=auth-submit]').waitFor()
+    const visibleMs = Date.now() - t0
+    await page.waitForLoadState('networkidle')
+    const nav = await page.evaluate(() => {
+      const n = performance.getEntriesByType('navigation')[0]
+      const res = performance.getEntriesByType('resource').map((r) => ({ name: r.name.replace(location.origin, ''), transfer: r.transferSize, decoded: r.decodedBodySize }))
+      return { domContentLoaded: n.domContentLoadedEventEnd, load: n.loadEventEnd, resources: res, html: { transfer: n.transferSize, decoded: n.decodedBodySize } }
+    })
+    const wire = [...sizes.values()].reduce((a, b) => a + b, 0)
+    const firstLoad = {
+      url: '/ (→ /login, signed out)',
+      requests: sizes.size,
+      bytes_over_the_wire: wire,
+      bytes_decoded: nav.html.decoded + nav.resources.reduce((a, r) => a + r.decoded, 0),
+      dom_content_loaded_ms: Math.round(nav.domContentLoaded),
+      load_event_ms: Math.round(nav.load),
+      sign_in_form_visible_ms: visibleMs,
+      files: [{ name: '/ (index.html)', transfer: nav.html.transfer, decoded: nav.html.decoded }, ...nav.resources],
+    }
+    await cdp.send('Network.disable')
+    log(`first load: ${firstLoad.requests} requests, ${wire} bytes over the wire, load ${firstLoad.load_event_ms} ms, form visible after ${visibleMs} ms`)
+    check(page.url().endsWith('/login'), `signed out, / should lead to /login, not ${page.url()}`)
+    await snap('sign-in')
+
+    // -- register (with the form's validation first), then sign out and in again
+    where = 'register'
+    await page.click('[data-test=tab-register]')
+    await page.fill('#username', 'ab')
+    await page.fill('#email', 'not-an-email')
+    await page.fill('#password', 'short')
+    await page.fill('#confirm', 'other')
+    await page.click('[data-test=auth-submit]')
+    await page.getByText('3 to 20 characters').waitFor()
+    await page.getByText('Enter a valid email address.').waitFor()
+    await page.getByText('At least 8 characters.').waitFor()
+    await page.getByText('The passwords do not match.').waitFor()
+    await snap('register-validation')
+    await page.fill('#username', 'researcher')
+    await page.fill('#email', 'researcher@example.com')
+    await page.fill('#password', 'correct horse')
+    await page.fill('#confirm', 'correct horse')
+    await page.click('[data-test=auth-submit]')
+    await page.waitForURL(base + '/')
+    where = 'dashboard'
+    await page.locator('[data-test=resources]').getByText('Memory').waitFor()
+    log('registered and signed in')
+
+    await page.click('[data-test=sign-out]')
+    await page.waitForURL(/\/login$/)
+    await visit('/datasets', 'protected route')
+    await page.waitForURL(/\/login\?next=/)
+    where = 'sign-in'
+    await page.fill('#login', 'researcher')
+    await page.fill('#password', 'correct horse')
+    await page.click('[data-test=auth-submit]')
+    await page.waitForURL(base + '/datasets')
+    log('signed out, a protected route asked to sign in, and led back after it')
+
+    // The API, for waiting on what the page does not need to show.
+    const login = await (
+      await fetch(base + '/api/auth/login', {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ username_or_email: 'researcher', password: 'correct horse' }),
+      })
+    ).json()
+    const token = login.access_token
+
+    // -- datasets: upload (size limit shown), list, preview
+    where = 'datasets'
+    await page.locator('[data-test=upload-limit]').getByText('100 MiB').waitFor()
+    const rows = []
+    for (let i = 1; i <= 16; i++) {
+      const a = (i % 7) + 1
+      const b = (i % 5) + 2
+      rows.push({ instruction: `What is ${a} plus ${b}?`, input: '', output: `${a} plus ${b} is ${a + b}.` })
+    }
+    await page.setInputFiles('[data-test=file-input]', { name: 'arith.json', mimeType: 'application/json', buffer: Buffer.from(JSON.stringify(rows)) })
+    const row = page.locator('tr[data-dataset="arith.json"]')
+    await row.waitFor()
+    check((await row.locator('[data-test=rows]').innerText()).trim() === '16', 'the dataset shows 16 rows')
+    await snap('datasets')
+    await row.getByRole('link', { name: 'arith.json' }).click()
+    await page.locator('[data-test=preview-table]').getByText('What is 2 plus 3?').first().waitFor()
+    await snap('dataset-preview')
+    await page.keyboard.press('Escape')
+    log('uploaded and previewed the dataset')
+
+    // -- the environment and the model must be there before training (cached on CI)
+    if (!QUICK) {
+      await waitFor('the training environment and the default model', 20 * 60000, async () => {
+        const s = await api(base, token, '/api/system/status')
+        check(s.environment.state !== 'failed', `environment install failed: ${JSON.stringify(s.environment)}`)
+        check(s.model_pull.state !== 'failed', `model pull failed: ${JSON.stringify(s.model_pull)}`)
+        return s.environment.state === 'ready' && s.models.includes(MODEL)
+      }, 2000)
+    }
+
+    // -- new task from the dataset's "Use" button
+    where = 'new task'
+    await row.locator('[data-test=use]').click()
+    await page.waitForURL(/\/tasks\/new\?dataset=/)
+    await page.locator(`[data-test=model-select] option[value="${MODEL}"]`).waitFor({ state: 'attached' })
+    await page.selectOption('[data-test=model-select]', MODEL)
+    check((await page.inputValue('[data-test=dataset-select]')) !== '', 'the dataset is selected')
+    await page.fill('[data-test=task-name]', 'ui-arith')
+    await page.fill('[data-test=epochs]', '1')
+    await page.fill('[data-test=learning-rate]', '0.001')
+    await page.fill('[data-test=batch-size]', '4')
+    await page.click('[data-test=advanced]')
+    await page.fill('[data-test=lora-rank]', '4')
+    await page.fill('[data-test=cutoff-len]', '64')
+    await page.fill('[data-test=logging-steps]', '1')
+    await page.fill('[data-test=save-steps]', '5')
+    await page.fill('[data-test=max-steps]', String(MAX_STEPS))
+    await snap('new-task')
+
+    let taskUrl = null
+    if (!QUICK) {
+      await page.click('[data-test=start-training]')
+      await page.waitForURL(/\/tasks\/[0-9a-f-]{8,}$/)
+      taskUrl = page.url()
+      where = 'task'
+      log(`task submitted: ${taskUrl}`)
+
+      // -- while it runs, in a second tab: a clone waits in the queue, and is cancelled
+      const root = page.locator('[data-status]').first()
+      await waitFor('the task to start', 20 * 60000, async () => (await root.getAttribute('data-status')) !== 'queued', 250)
+      const tab = await context.newPage()
+      watch(tab)
+      await tab.goto(taskUrl)
+      await tab.getByRole('button', { name: 'Clone', exact: true }).click()
+      await tab.waitForURL((u) => u.href !== taskUrl && /\/tasks\/[0-9a-f-]{8,}$/.test(u.href))
+      await tab.locator('[data-status=queued]').first().waitFor()
+      await tab.getByText('#1 in the queue').first().waitFor()
+      await snap('task-queued', tab)
+      await tab.click('[data-test=cancel]')
+      await tab.click('[data-test=confirm]')
+      await tab.locator('div[data-status=cancelled]').waitFor()
+      await tab.close()
+      await page.bringToFront()
+      log('a clone queued behind the running task and was cancelled')
+
+      // -- watch it: the progress text and the chart must move while it runs. Sampled in the
+      // page at every frame, so fast steps are not missed.
+      const trainStart = Date.now()
+      const sampler = page.waitForFunction(
+        () => {
+          const w = window
+          const seen = (w.__progress = w.__progress || { texts: [], points: [] })
+          const root = document.querySelector('[data-status]')
+          const status = root && root.getAttribute('data-status')
+          const text = (document.querySelector('[data-test=progress-text]') || {}).innerText || ''
+          const chart = document.querySelector('.loss-chart')
+          const points = Number((chart && chart.getAttribute('data-points')) || 0)
+          if (status === 'running') {
+            if (/^Step \d+ \/ \d+/.test(text.trim()) && !seen.texts.includes(text.trim())) seen.texts.push(text.trim())
+            if (!seen.points.includes(points)) seen.points.push(points)
+          }
+          if (['completed', 'failed', 'cancelled'].includes(status)) return { status, ...seen }
+          return false
+        },
+        null,
+        { polling: 'raf', timeout: 20 * 60000 },
+      )
+      // A screenshot mid-run, when there is something to see (a fast run may not wait for it).
+      const midRun = page
+        .waitForFunction(
+          () => {
+            const root = document.querySelector('[data-status]')
+            const chart = document.querySelector('.loss-chart')
+            return root && root.getAttribute('data-status') === 'running' && chart && Number(chart.getAttribute('data-points')) >= 3
+          },
+          null,
+          { polling: 'raf', timeout: 20 * 60000 },
+        )
+        .then(async () => {
+          await snap('task-running')
+          log(`training: ${(await page.locator('[data-test=progress-text]').innerText()).trim()}`)
+        })
+        .catch(() => {})
+      const watched = await (await sampler).jsonValue()
+      await midRun
+      log(`${watched.status} after ${((Date.now() - trainStart) / 1000).toFixed(0)} s; while running, saw ${watched.texts.join(' | ')}; chart points ${watched.points.join(', ')}`)
+      if (watched.status !== 'completed') {
+        const why = await page.locator('[data-test=diagnosis]').innerText().catch(() => '?')
+        throw new Failure(`the task ended ${watched.status}: ${why}`)
+      }
+      check(watched.texts.length >= 3, `the progress should update live while running (saw ${watched.texts.join(', ') || 'nothing'})`)
+      check(watched.points.filter((n) => n > 0).length >= 2, `the chart should grow while running (saw ${watched.points.join(', ')} points)`)
+      await page.locator(`.loss-chart[data-points="${MAX_STEPS}"]`).waitFor({ state: 'attached', timeout: 15000 })
+      await page.locator('[data-test=chat-with-result]').waitFor()
+      check((await page.locator('[data-test=progress]').getAttribute('aria-valuenow')) === '100', 'the progress bar ends at 100%')
+      check((await page.locator('[data-test=log]').innerText()).length > 100, 'the log tail shows the worker output')
+      await page.locator('canvas').first().waitFor()
+      await snap('task-completed')
+
+      // -- the task list shows it completed
+      await visit('/tasks', 'tasks')
+      await page.locator('tr[data-task="ui-arith"] [data-status=completed]').waitFor()
+      await snap('tasks')
+
+      // -- models: the adapter, and "chat with this"
+      await visit('/models', 'models')
+      await page.locator('[data-test=trained-models] tbody tr').first().waitFor()
+      await snap('models')
+      await page.locator('[data-test=chat-model]').first().click()
+      await page.waitForURL(/\/chat\?model=/)
+    } else {
+      await visit('/models', 'models')
+      await page.locator('[data-test=base-models] tbody tr').first().waitFor()
+      await snap('models')
+      await visit(`/chat?model=${MODEL}`, 'chat')
+    }
+
+    // -- chat: the answer streams in
+    where = 'chat'
+    await page.getByRole('button', { name: 'Settings' }).click()
+    await page.fill('[data-test=max-tokens]', '12')
+    await page.fill('[data-test=chat-input]', 'What is 3 plus 4?')
+    await page.keyboard.press('Enter')
+    // Sampled in the page at every frame: the partial answer's lengths while it streams.
+    const lengthsSeen = await page.waitForFunction(
+      () => {
+        const w = window
+        w.__lengths = w.__lengths || []
+        const live = document.querySelector('[data-test=answer-streaming]')
+        if (live) {
+          const n = live.innerText.trim().length
+          if (n > 0 && !w.__lengths.includes(n)) w.__lengths.push(n)
+          return false
+        }
+        return document.querySelector('[data-test=answer]') ? w.__lengths : false
+      },
+      null,
+      { polling: 'raf', timeout: 180000 },
+    )
+    const lengths = new Set(await lengthsSeen.jsonValue())
+    const answer = (await page.locator('[data-test=answer]').first().innerText()).trim()
+    log(`answer: ${JSON.stringify(answer)} (partial lengths seen while streaming: ${[...lengths].join(', ')})`)
+    check(answer.length > 0, 'the answer is not empty')
+    check(lengths.size >= 2, `the answer should arrive in pieces (saw lengths ${[...lengths].join(', ')})`)
+    await page.locator('[data-test=sessions] [data-session="What is 3 plus 4?"]').waitFor()
+    await snap('chat')
+
+    // compare mode: two models side by side (layout only: generation is what the chat above
+    // tested, and each answer costs a prompt pass on this CPU)
+    await page.click('[data-test=compare]')
+    await page.locator('[data-test=column-1]').waitFor()
+    await page.locator('[data-test=model-picker-1]').waitFor()
+    await snap('chat-compare')
+    await page.click('[data-test=compare]')
+    log('chatted; compare mode shows two columns')
+
+    // -- API keys
+    await visit('/keys', 'keys')
+    await page.fill('[data-test=key-name]', 'notebook')
+    await page.click('[data-test=create-key]')
+    const key = await page.locator('[data-test=new-key]').inputValue()
+    check(key.startsWith('ft-'), `a new key starts with ft- (${key.slice(0, 3)})`)
+    await snap('api-key')
+    await page.keyboard.press('Escape')
+    await page.locator('[data-test=keys-table]').getByText('notebook').waitFor()
+
+    // -- administration (the first account is the admin)
+    await visit('/admin', 'admin')
+    await page.locator('[data-test=users-table]').getByText('researcher@example.com').waitFor()
+    await page.locator('[data-test=admin-stats]').waitFor()
+    await snap('admin')
+
+    // -- a new task from an earlier one (what the failure panel's button opens)
+    if (taskUrl) {
+      where = 'task'
+      await page.goto(taskUrl)
+      await page.getByRole('button', { name: 'Edit as new' }).click()
+      where = 'new task (clone)'
+      await page.waitForURL(/\/tasks\/new\?clone=/)
+      await waitFor('the cloned settings', 10000, async () => (await page.inputValue('[data-test=task-name]')) === 'ui-arith (2)')
+      check((await page.inputValue('[data-test=max-steps]')) === String(MAX_STEPS), 'cloned max_steps')
+      await snap('new-task-cloned')
+    }
+
+    // -- the dashboard with data, a not-found page, and the dark theme
+    await visit('/', 'dashboard')
+    await page.locator('[data-test=resources]').getByText('Memory').waitFor()
+    if (!QUICK) await page.locator('[data-test=count-tasks]').getByText('2').waitFor()
+    await snap('dashboard')
+    await visit('/no/such/page', 'not found')
+    await page.getByText('Page not found').waitFor()
+    await page.click('[data-test=theme-toggle]')
+    check((await page.evaluate(() => document.documentElement.dataset.theme)) === 'dark', 'the theme toggles to dark')
+    await visit('/', 'dashboard (dark)')
+    await page.locator('[data-test=resources]').getByText('Memory').waitFor()
+    await snap('dashboard-dark')
+    if (taskUrl) {
+      where = 'task (dark)'
+      await page.goto(taskUrl)
+      await page.locator('canvas').first().waitFor()
+      await snap('task-dark')
+    }
+    await visit('/chat', 'chat (dark)')
+    await page.locator('[data-test=sessions] .session').first().waitFor()
+    await page.locator('[data-test=sessions] .session').first().click()
+    await page.locator('[data-test=answer]').first().waitFor()
+    await snap('chat-dark')
+
+    fs.writeFileSync(path.join(SHOTS, 'first-load.json'), JSON.stringify(firstLoad, null, 2))
+    if (warnings.length) log(`browser warnings (not failures):\n  ${warnings.join('\n  ')}`)
+    check(errors.length === 0, `JavaScript errors:\n  ${errors.join('\n  ')}`)
+    log(`passed: ${shot} screenshots in ${SHOTS}`)
+  } catch (e) {
+    if (page) await page.screenshot({ path: path.join(SHOTS, 'FAILED.png'), fullPage: true }).catch(() => {})
+    if (errors.length) console.error(`JavaScript errors so far:\n  ${errors.join('\n  ')}`)
+    throw e
+  } finally {
+    if (context) await context.close().catch(() => {})
+    child.kill('SIGTERM')
+    await sleep(500)
+    fs.writeFileSync(path.join(SHOTS, 'server.log'), serverLog.join('\n') + '\n')
+    fs.rmSync(tmp, { recursive: true, force: true })
+  }
+}
+
+main().then(
+  () => process.exit(0),
+  (e) => {
+    console.error(`\nUI test FAILED: ${e instanceof Failure ? e.message : e.stack || e}`)
+    console.error(`(screenshots and server.log in ${SHOTS})`)
+    process.exit(1)
+  },
+)

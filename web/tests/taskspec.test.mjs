@@ -1,0 +1,58 @@
+// Unit tests of the task form's logic (node --test): validation as the server does it, and
+// LlamaFactory YAML import/export.
+import assert from 'node:assert/strict'
+import test from 'node:test'
+import { applyYaml, defaults, parseFlatYaml, toRequest, toYaml, validate } from '../src/lib/taskspec.js'
+
+const models = [{ name: 'SmolLM2-135M-Instruct', model_path: '/m/SmolLM2-135M-Instruct' }]
+
+test('defaults are valid once model, dataset and name are chosen', () => {
+  const f = { ...defaults(), name: 't', model_name: 'SmolLM2-135M-Instruct', dataset_id: 'd' }
+  assert.deepEqual(validate(f), {})
+  const body = toRequest(f)
+  assert.equal(body.epochs, 3)
+  assert.equal(body.learning_rate, 5e-5)
+  assert.ok(!('lora_alpha' in body) && !('max_steps' in body) && !('template' in body) && !('system' in body))
+})
+
+test('out-of-range values are named like the server names them', () => {
+  const f = { ...defaults(), name: '', lora_rank: 0, lora_dropout: 0.95, val_size: 0.6, max_steps: 1.5, lora_target: 'q_proj,,v', template: 'nope' }
+  const e = validate(f)
+  for (const k of ['name', 'model_name', 'dataset_id', 'lora_rank', 'lora_dropout', 'val_size', 'max_steps', 'lora_target', 'template'])
+    assert.ok(e[k], k)
+})
+
+test('a LlamaFactory example config fills the form', () => {
+  const yaml = `### model
+model_name_or_path: HuggingFaceTB/SmolLM2-135M-Instruct  # the hub id
+### method
+stage: sft
+finetuning_type: lora
+lora_target: all
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+num_train_epochs: 3.0
+bf16: true
+default_system: 'It''s a test'
+output_dir: saves/smollm2/lora/sft
+`
+  const r = applyYaml(defaults(), yaml, models)
+  assert.equal(r.form.model_name, 'SmolLM2-135M-Instruct')
+  assert.equal(r.form.learning_rate, 1e-4)
+  assert.equal(r.form.batch_size, 1)
+  assert.equal(r.form.gradient_accumulation_steps, 8)
+  assert.equal(r.form.precision, 'bf16')
+  assert.equal(r.form.system, "It's a test")
+  assert.equal(r.form.name, 'smollm2-lora-sft')
+  assert.deepEqual(r.ignored, [])
+})
+
+test('export then import gives the same form', () => {
+  const f = { ...defaults(), name: 'x', model_name: 'SmolLM2-135M-Instruct', lora_rank: 4, lora_alpha: 16, max_steps: 8, template: 'smollm2', system: 'Be "brief"', val_size: 0.1 }
+  const y = toYaml(f, '/m/SmolLM2-135M-Instruct', 'arith.json')
+  assert.equal(parseFlatYaml(y).default_system, 'Be "brief"')
+  const back = applyYaml({ ...defaults(), name: 'x' }, y, models).form
+  assert.deepEqual(back, f)
+})
