@@ -70,6 +70,8 @@ setup:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
+	# The Python extension module (feature `python`, no web UI build needed for it).
+	FERROTUNE_SKIP_UI=1 $(CARGO) clippy --features python --lib --locked -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

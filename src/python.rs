@@ -224,6 +224,7 @@ impl PyEngine {
                 seed,
                 max_tokens,
                 stop: parse_stop(stop)?,
+                ..SamplingParams::default()
             },
         };
         let engine = self.engine.clone();

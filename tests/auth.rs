@@ -146,6 +146,121 @@ async fn login_me_and_wrong_credentials() {
 }
 
 #[tokio::test]
+async fn changing_the_password_ends_other_sessions() {
+    let server = Server::start(&[]);
+    let c = server.client();
+    let (alice, login) = c.signup("alice").await;
+    let (bob, _) = c.signup("bob").await;
+    let old_refresh = login.body["refresh_token"].as_str().unwrap().to_string();
+    let change =
+        |current: &str, new: &str| json!({"current_password": current, "new_password": new});
+
+    // The current password must be right, the new one valid and different.
+    let r = alice
+        .post(
+            "/api/auth/password",
+            change("wrong-password", "a-new-password"),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (422, "wrong_password"),
+        "{:?}",
+        r.body
+    );
+    let r = alice
+        .post("/api/auth/password", change("alice-password", "short"))
+        .await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    let r = alice
+        .post(
+            "/api/auth/password",
+            change("alice-password", "alice-password"),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (422, "same_password"));
+    let r = c
+        .post(
+            "/api/auth/password",
+            change("alice-password", "a-new-password"),
+        )
+        .await;
+    assert_eq!(r.status, 401, "needs a session");
+    // An API key cannot take over the account.
+    let key = alice.post("/api/keys", json!({"name": "nb"})).await;
+    let with_key = c.with_token(key.body["key"].as_str().unwrap());
+    let r = with_key
+        .post(
+            "/api/auth/password",
+            change("alice-password", "a-new-password"),
+        )
+        .await;
+    assert_eq!(r.status, 403);
+
+    let r = alice
+        .post(
+            "/api/auth/password",
+            change("alice-password", "a-new-password"),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let fresh = c.with_token(r.body["access_token"].as_str().unwrap());
+    assert_eq!(
+        fresh.get("/api/auth/me").await.status,
+        200,
+        "the new session works"
+    );
+    // The old access token and refresh token are dead at once; the key still works.
+    assert_eq!(alice.get("/api/auth/me").await.status, 401);
+    let r = c
+        .post("/api/auth/refresh", json!({"refresh_token": old_refresh}))
+        .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(with_key.get("/api/auth/me").await.status, 200);
+    // Only the new password signs in; other users are untouched.
+    let login = |pw: &str| json!({"username_or_email": "alice", "password": pw});
+    assert_eq!(
+        c.post("/api/auth/login", login("alice-password"))
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        c.post("/api/auth/login", login("a-new-password"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(bob.get("/api/auth/me").await.status, 200);
+
+    // An administrator can reset a forgotten password; it ends that user's sessions too.
+    let bob_id = bob.get("/api/auth/me").await.body["user_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = format!("/api/admin/users/{bob_id}");
+    let r = fresh.patch(&path, json!({"password": "short"})).await;
+    assert_eq!(r.status, 422);
+    assert_eq!(
+        bob.get("/api/auth/me").await.status,
+        200,
+        "nothing half-done"
+    );
+    let r = fresh
+        .patch(&path, json!({"password": "bob-new-password"}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(bob.get("/api/auth/me").await.status, 401);
+    let r = c
+        .post(
+            "/api/auth/login",
+            json!({"username_or_email": "bob", "password": "bob-new-password"}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
 async fn tampered_and_unsigned_tokens_are_refused() {
     let server = Server::start(&[]);
     let c = server.client();

@@ -595,6 +595,14 @@ fn engine_refuses_bad_requests_with_the_right_error() {
             max_tokens: 0,
             ..SamplingParams::greedy(4)
         },
+        SamplingParams {
+            presence_penalty: 2.5,
+            ..SamplingParams::greedy(4)
+        },
+        SamplingParams {
+            frequency_penalty: f32::NAN,
+            ..SamplingParams::greedy(4)
+        },
     ] {
         assert!(matches!(
             err(request(None, "x", p)),

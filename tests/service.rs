@@ -74,6 +74,39 @@ async fn the_queue_follows_priority_and_per_user_limits() {
         .unwrap();
     assert_eq!(b2_listed["queue_position"], 3);
 
+    // The administrator (alice, the first account) oversees everyone's tasks; others do not.
+    let all = alice.get("/api/tasks?all=true").await;
+    assert_eq!(all.status, 200, "{:?}", all.body);
+    let owners: Vec<(String, String)> = all.body["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["task_id"].as_str().unwrap().to_string(),
+                t["owner"]["username"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for (id, who) in [(&a1, "alice"), (&b2, "bob"), (&c1, "carol")] {
+        assert!(owners.contains(&(id.clone(), who.into())), "{owners:?}");
+    }
+    assert_eq!(bob.get("/api/tasks?all=true").await.status, 403);
+    assert_eq!(alice.get(&format!("/api/tasks/{b2}")).await.status, 200);
+    assert_eq!(
+        alice.get(&format!("/api/tasks/{c1}/logs")).await.status,
+        200
+    );
+    assert_eq!(bob.get(&format!("/api/tasks/{c1}")).await.status, 404);
+    // An administrator can stop someone else's queued task.
+    let extra = submit_task(&carol, &dc, json!({"name": "c-extra", "max_steps": 2})).await;
+    let r = alice
+        .post(&format!("/api/tasks/{extra}/cancel"), json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let t = carol.get(&format!("/api/tasks/{extra}")).await.body;
+    assert_eq!(t["status"], "cancelled", "{t}");
+
     let mut done = Vec::new();
     for (client, id) in [
         (&alice, &a1),
@@ -471,6 +504,25 @@ async fn a_server_killed_mid_training_reattaches_and_artifacts_download() {
     assert_eq!(m.status, 200);
     let model_path = std::path::PathBuf::from(m.body["model_path"].as_str().unwrap());
     assert!(model_path.join("adapter_model.safetensors").is_file());
+    // …and downloads without the task; only by its owner.
+    let (status, bytes, headers) = alice
+        .get_bytes(&format!("/api/files/models/{model_id}/download"))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(headers.get("content-type").unwrap(), "application/gzip");
+    let names = untar_names(&bytes);
+    assert!(
+        names
+            .iter()
+            .any(|n| n.ends_with("/adapter_model.safetensors")),
+        "{names:?}"
+    );
+    assert_eq!(
+        bob.get(&format!("/api/files/models/{model_id}/download"))
+            .await
+            .status,
+        404
+    );
 
     let res = alice.get("/api/system/resources").await.body;
     assert!(res["cpu"]["cores"].as_u64().unwrap() >= 1);

@@ -38,6 +38,9 @@ struct Claims {
     iat: i64,
     exp: i64,
     typ: String,
+    /// The user's `token_version` when issued (absent in tokens older than the field: 0).
+    #[serde(default)]
+    ver: u64,
 }
 
 /// A fresh sign-in or refresh: the tokens handed to the client.
@@ -220,6 +223,7 @@ impl Auth {
             iat,
             exp: iat + self.access_ttl as i64,
             typ: "access".into(),
+            ver: user.token_version,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| Error::internal(format!("signing a token: {e}")))
@@ -303,10 +307,66 @@ impl Auth {
             return Err(invalid());
         }
         let user = self.active_user(&data.claims.sub)?;
+        if data.claims.ver != user.token_version {
+            return Err(invalid());
+        }
         Ok(Principal {
             user,
             api_key_id: None,
         })
+    }
+
+    /// Gives `user` a new password (validated, hashed) and ends their sessions: refresh
+    /// tokens are revoked and access tokens issued before now are refused. Saves the record.
+    pub async fn set_password(&self, mut user: User, new: &str) -> Result<User> {
+        validate_password(new)?;
+        user.password_hash = hash_password(new.to_string()).await?;
+        user.token_version += 1;
+        user.updated_at = OffsetDateTime::now_utc();
+        self.store.update_user(&user).await?;
+        let uid = user.user_id.clone();
+        self.store.revoke_refresh_where(|t| t.user_id == uid)?;
+        self.store.flush().await?;
+        Ok(user)
+    }
+
+    /// Changes a signed-in user's password after checking the current one (throttled like a
+    /// login). Every other session ends: refresh tokens are revoked and access tokens issued
+    /// before now are refused. Returns a fresh session for the caller.
+    pub async fn change_password(
+        &self,
+        user: &User,
+        current: &str,
+        new: &str,
+        client: &str,
+    ) -> Result<Session> {
+        let account_key = format!("user:{}", user.username.to_lowercase());
+        if let Some(wait) = self.throttle.locked(&account_key) {
+            return Err(Error::throttled(wait));
+        }
+        if !verify_password(current.to_string(), user.password_hash.clone()).await? {
+            self.throttle.fail(&account_key, self.max_failures);
+            tracing::warn!(user_id = %user.user_id, client = %client, "password change: wrong current password");
+            return Err(Error::new(
+                Kind::Invalid,
+                "wrong_password",
+                "the current password is not correct",
+            ));
+        }
+        validate_password(new)?;
+        if new == current {
+            return Err(Error::new(
+                Kind::Invalid,
+                "same_password",
+                "the new password must differ from the current one",
+            ));
+        }
+        // Re-read: the record may have changed (role, disabled) since the request began.
+        let fresh = self
+            .set_password(self.active_user(&user.user_id)?, new)
+            .await?;
+        tracing::info!(user_id = %fresh.user_id, client = %client, "password changed; other sessions ended");
+        self.open_session(fresh, false, new_id()).await
     }
 
     /// The user, if they still exist and are not disabled. Checked on every request, so

@@ -44,6 +44,8 @@ async fn get_user(
 struct UpdateBody {
     role: Option<Role>,
     disabled: Option<bool>,
+    /// A new password (for a user who forgot theirs): their sessions end.
+    password: Option<String>,
 }
 
 /// True when `user` is the last enabled admin, so removing their powers would leave the
@@ -71,6 +73,9 @@ async fn update_user(
         .store
         .user(&id)?
         .ok_or_else(|| Error::not_found("user"))?;
+    if let Some(pw) = &body.password {
+        crate::auth::validate_password(pw)?;
+    }
     let demotes = body.role == Some(Role::User) || body.disabled == Some(true);
     if demotes && is_last_admin(&state, &user)? {
         return Err(Error::conflict(
@@ -93,6 +98,10 @@ async fn update_user(
             .store
             .revoke_refresh_where(|t| t.user_id == user.user_id)?;
         state.store.flush().await?;
+    }
+    if let Some(pw) = &body.password {
+        user = state.auth.set_password(user, pw).await?;
+        tracing::info!(admin = %admin.user.user_id, user_id = %user.user_id, "password reset by an administrator");
     }
     tracing::info!(admin = %admin.user.user_id, user_id = %user.user_id, role = user.role.as_str(), disabled = user.disabled, "account updated");
     Ok(Json(UserView::from(&user)))

@@ -24,6 +24,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/auth/refresh", post(refresh))
         .route("/api/auth/logout", post(logout))
         .route("/api/auth/me", get(me))
+        .route("/api/auth/password", post(change_password))
         .route("/api/keys", post(create_key).get(list_keys))
         .route("/api/keys/{id}", delete(revoke_key))
 }
@@ -131,6 +132,34 @@ async fn logout(
 
 async fn me(CurrentUser(p): CurrentUser) -> Json<UserView> {
     Json(UserView::from(&p.user))
+}
+
+#[derive(Deserialize)]
+struct PasswordBody {
+    current_password: String,
+    new_password: String,
+}
+
+/// Changes the caller's password (not with an API key: a key must not be able to take over
+/// the account) and answers like a login, with a new session for this client.
+async fn change_password(
+    state: AppState,
+    CurrentUser(p): CurrentUser,
+    ClientAddr(client): ClientAddr,
+    Json(body): Json<PasswordBody>,
+) -> Result<Response> {
+    if p.api_key_id.is_some() {
+        return Err(Error::new(
+            crate::error::Kind::Forbidden,
+            "api_key_not_allowed",
+            "an API key cannot change the account password: sign in with the password",
+        ));
+    }
+    let session = state
+        .auth
+        .change_password(&p.user, &body.current_password, &body.new_password, &client)
+        .await?;
+    Ok(session_response(&state, session))
 }
 
 /// The refresh token from a JSON body `{refresh_token}` (which may be empty), else the cookie.

@@ -186,6 +186,8 @@ struct V1Request {
     stream: bool,
     stream_options: Option<StreamOptions>,
     repetition_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
     n: Option<u32>,
 }
 
@@ -257,6 +259,8 @@ async fn v1_chat(
         top_p: req.top_p.unwrap_or(1.0),
         top_k: req.top_k,
         repetition_penalty: req.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: req.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
         seed: req.seed,
         max_tokens: req
             .max_completion_tokens

@@ -42,6 +42,7 @@ pub fn router() -> Router<AppState> {
             "/api/files/models/{id}",
             get(model_detail).delete(delete_model),
         )
+        .route("/api/files/models/{id}/download", get(download_model))
         .route("/api/models/available", get(available_models))
         .route("/api/system/status", get(system_status))
 }
@@ -135,10 +136,56 @@ async fn create(
     ))
 }
 
-async fn list(state: AppState, CurrentUser(p): CurrentUser) -> Result<Json<Value>> {
-    let tasks = state.trainer.list(&p.user.user_id)?;
+/// Whose task `id` is, as seen by the caller: their own; for an administrator, anyone's
+/// (DESIGN.md: admins may see everything); otherwise the caller's id, so the lookup is a 404.
+fn task_owner(state: &AppState, p: &crate::auth::Principal, id: &str) -> Result<String> {
+    if p.is_admin() {
+        if let Some(t) = state.store.tasks().get_any(id)? {
+            return Ok(t.owner);
+        }
+    }
+    Ok(p.user.user_id.clone())
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    /// Administrators: every user's tasks, newest first, each with its owner's name.
+    #[serde(default)]
+    all: bool,
+}
+
+async fn list(
+    state: AppState,
+    CurrentUser(p): CurrentUser,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>> {
     let positions = state.trainer.queue_positions()?;
-    let items: Vec<TaskSummary> = tasks.iter().map(|t| summary(t, &positions)).collect();
+    if !q.all {
+        let tasks = state.trainer.list(&p.user.user_id)?;
+        let items: Vec<TaskSummary> = tasks.iter().map(|t| summary(t, &positions)).collect();
+        return Ok(Json(json!({ "tasks": items })));
+    }
+    if !p.is_admin() {
+        return Err(Error::forbidden(
+            "only administrators may list every user's tasks",
+        ));
+    }
+    let mut tasks = state.store.tasks().list_all()?;
+    tasks.sort_by_key(|t| std::cmp::Reverse(t.created_at));
+    let names: std::collections::HashMap<String, String> = state
+        .store
+        .users()?
+        .into_iter()
+        .map(|u| (u.user_id, u.username))
+        .collect();
+    let items: Vec<Value> = tasks
+        .iter()
+        .map(|t| {
+            let mut v = serde_json::to_value(summary(t, &positions)).unwrap_or_default();
+            v["owner"] = json!({"user_id": t.owner, "username": names.get(&t.owner)});
+            v
+        })
+        .collect();
     Ok(Json(json!({ "tasks": items })))
 }
 
@@ -147,7 +194,7 @@ async fn detail(
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
-    let task = state.trainer.get(&p.user.user_id, &id)?;
+    let task = state.trainer.get(&task_owner(&state, &p, &id)?, &id)?;
     let position = state.trainer.queue_positions()?.get(&task.task_id).copied();
     Ok(Json(detail_view(&task, position)))
 }
@@ -157,7 +204,10 @@ async fn cancel(
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
-    let status = state.trainer.cancel(&p.user.user_id, &id).await?;
+    let status = state
+        .trainer
+        .cancel(&task_owner(&state, &p, &id)?, &id)
+        .await?;
     let message = match status {
         TaskStatus::Running => {
             "stopping: the worker saves a checkpoint and exits (terminated after the grace period)"
@@ -214,7 +264,10 @@ async fn delete_task(
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
-    state.trainer.delete(&p.user.user_id, &id).await?;
+    state
+        .trainer
+        .delete(&task_owner(&state, &p, &id)?, &id)
+        .await?;
     Ok(Json(json!({"message": "task deleted"})))
 }
 
@@ -249,7 +302,7 @@ async fn events(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>> {
-    let task = state.trainer.get(&p.user.user_id, &id)?;
+    let task = state.trainer.get(&task_owner(&state, &p, &id)?, &id)?;
     // Subscribe before reading history, so nothing falls between the two.
     let live = state.trainer.subscribe(&id);
     let resume_after = last_event_id(&headers);
@@ -269,7 +322,7 @@ async fn events(
             (events, seen)
         }
         None => {
-            let (snap, last) = snapshot(&state, &p.user.user_id, &id).await?;
+            let (snap, last) = snapshot(&state, &task.owner, &id).await?;
             (
                 vec![
                     Event::default()
@@ -348,9 +401,9 @@ async fn websocket(
     Query(q): Query<WsQuery>,
     ws: WebSocketUpgrade,
 ) -> Result<Response> {
-    let task = state.trainer.get(&p.user.user_id, &id)?;
+    let task = state.trainer.get(&task_owner(&state, &p, &id)?, &id)?;
     let live = state.trainer.subscribe(&id);
-    let owner = p.user.user_id.clone();
+    let owner = task.owner.clone();
     Ok(ws.on_upgrade(move |socket| ws_session(socket, state, owner, task, live, q.last_event_id)))
 }
 
@@ -434,10 +487,33 @@ async fn artifact(
     CurrentUser(p): CurrentUser,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Response> {
-    let task = state.trainer.get(&p.user.user_id, &id)?;
+    let task = state.trainer.get(&task_owner(&state, &p, &id)?, &id)?;
     let artifact = crate::training::artifacts::Artifact::parse(&name)
         .ok_or_else(|| Error::not_found("artifact (use adapter, logs or checkpoint-N)"))?;
     let (filename, stream) = crate::training::artifacts::archive(&task, &artifact)?;
+    Ok(gzip_download(filename, stream))
+}
+
+/// One of the caller's registered models as a `.tar.gz` (base models are folders on the
+/// server and are not offered for download).
+async fn download_model(
+    state: AppState,
+    CurrentUser(p): CurrentUser,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let model = state
+        .store
+        .models()
+        .get(&p.user.user_id, &id)?
+        .ok_or_else(|| Error::not_found("model"))?;
+    let (filename, stream) = crate::training::artifacts::model_archive(&model)?;
+    Ok(gzip_download(filename, stream))
+}
+
+fn gzip_download(
+    filename: String,
+    stream: impl Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
+) -> Response {
     let mut response = Body::from_stream(stream).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -447,7 +523,7 @@ async fn artifact(
     if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
         headers.insert(header::CONTENT_DISPOSITION, v);
     }
-    Ok(response)
+    response
 }
 
 /// GPUs (utilisation, memory, temperature) where present; CPU and memory always; the
@@ -495,7 +571,7 @@ async fn logs(
     Path(id): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> Result<Json<Value>> {
-    let task = state.trainer.get(&p.user.user_id, &id)?;
+    let task = state.trainer.get(&task_owner(&state, &p, &id)?, &id)?;
     let tail = q
         .tail
         .unwrap_or(crate::training::DEFAULT_LOG_TAIL)
@@ -511,7 +587,7 @@ async fn metrics(
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
-    let task = state.trainer.get(&p.user.user_id, &id)?;
+    let task = state.trainer.get(&task_owner(&state, &p, &id)?, &id)?;
     let points = state.trainer.metrics(&task)?;
     Ok(Json(json!({ "task_id": task.task_id, "points": points })))
 }
@@ -521,7 +597,7 @@ async fn config(
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let task = state.trainer.get(&p.user.user_id, &id)?;
+    let task = state.trainer.get(&task_owner(&state, &p, &id)?, &id)?;
     let yaml = state.trainer.config_yaml(&task);
     let mut response = yaml.into_response();
     response.headers_mut().insert(

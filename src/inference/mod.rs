@@ -61,6 +61,10 @@ pub struct SamplingParams {
     pub top_k: Option<usize>,
     /// > 1 discourages tokens already in the prompt or the completion (transformers' rule).
     pub repetition_penalty: f32,
+    /// OpenAI's penalties in [−2, 2]: subtracted from a token's logit once it is in the
+    /// completion (presence), and per time it is there (frequency).
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
     /// Same seed, same request → same text. `None`: a random seed.
     pub seed: Option<u64>,
     /// Most tokens to generate (also cut to what the context leaves after the prompt).
@@ -76,6 +80,8 @@ impl Default for SamplingParams {
             top_p: 1.0,
             top_k: None,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: None,
             max_tokens: 256,
             stop: Vec::new(),
@@ -112,6 +118,14 @@ impl SamplingParams {
                 "repetition_penalty must be positive, not {}",
                 self.repetition_penalty
             ));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !v.is_finite() || !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} must be between -2 and 2, not {v}"));
+            }
         }
         if self.max_tokens == 0 {
             return bad("max_tokens must be at least 1".into());

@@ -1,5 +1,6 @@
 //! Choosing the next token from logits, as transformers' `generate` does: repetition penalty
-//! over the prompt and the completion so far, then greedy (temperature 0) or temperature,
+//! over the prompt and the completion so far, OpenAI's presence and frequency penalties over
+//! the completion so far, then greedy (temperature 0) or temperature,
 //! top-k and top-p sampling with a seeded generator (same seed, same text).
 
 use rand::rngs::StdRng;
@@ -12,6 +13,10 @@ pub struct Sampler {
     top_p: f64,
     top_k: Option<usize>,
     repetition_penalty: f32,
+    presence_penalty: f32,
+    frequency_penalty: f32,
+    /// How often each token was chosen so far (for the presence and frequency penalties).
+    chosen: std::collections::HashMap<u32, u32>,
     rng: StdRng,
     /// Scratch for the penalised token set.
     seen: Vec<bool>,
@@ -28,6 +33,9 @@ impl Sampler {
             top_p: p.top_p,
             top_k: p.top_k,
             repetition_penalty: p.repetition_penalty,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            chosen: std::collections::HashMap::new(),
             rng,
             seen: Vec::new(),
         }
@@ -39,6 +47,21 @@ impl Sampler {
 
     /// The next token; `history` is every token of the sequence so far (prompt included).
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 {
+            // OpenAI's rule: logit −= presence·[count > 0] + frequency·count, over the
+            // tokens this sampler has chosen (the completion, not the prompt).
+            for (&t, &n) in &self.chosen {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= self.presence_penalty + self.frequency_penalty * n as f32;
+                }
+            }
+        }
+        let token = self.choose(logits, history);
+        *self.chosen.entry(token).or_insert(0) += 1;
+        token
+    }
+
+    fn choose(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         if self.repetition_penalty != 1.0 && self.repetition_penalty > 0.0 {
             self.seen.clear();
             self.seen.resize(logits.len(), false);
@@ -169,6 +192,33 @@ mod tests {
         let mut l = [-1.0f32, 0.5];
         s.sample(&mut l, &[0]);
         assert_eq!(l[0], -2.0, "negative logits are multiplied");
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_chosen_tokens_only() {
+        let mut p = params(0.0, 1.0, None, 1);
+        p.presence_penalty = 0.5;
+        p.frequency_penalty = 0.3;
+        let mut s = Sampler::new(&p);
+        // The prompt (history) is not penalised: token 1 wins the first time.
+        assert_eq!(s.sample(&mut [0.0, 2.0, 1.5], &[1, 1, 1]), 1);
+        // Chosen once: 2.0 − 0.5 − 0.3 = 1.2 < 1.5.
+        let mut l = [0.0f32, 2.0, 1.5];
+        assert_eq!(s.sample(&mut l, &[1, 1, 1, 1]), 2);
+        assert!((l[1] - 1.2).abs() < 1e-6, "{l:?}");
+        // Token 1 once, token 2 once: each −0.8.
+        let mut l = [0.0f32, 2.0, 1.5];
+        s.sample(&mut l, &[]);
+        assert!(
+            (l[1] - 1.2).abs() < 1e-6 && (l[2] - 0.7).abs() < 1e-6,
+            "{l:?}"
+        );
+        // Negative penalties encourage repetition.
+        let mut p = params(0.0, 1.0, None, 1);
+        p.frequency_penalty = -2.0;
+        let mut s = Sampler::new(&p);
+        assert_eq!(s.sample(&mut [0.0, 1.0, 1.5], &[]), 2);
+        assert_eq!(s.sample(&mut [0.0, 1.0, 1.5], &[]), 2);
     }
 
     #[test]

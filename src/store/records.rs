@@ -33,6 +33,10 @@ pub struct User {
     pub role: Role,
     #[serde(default)]
     pub disabled: bool,
+    /// Carried by every access token; bumped when the password changes, so tokens issued
+    /// before (a leaked one among them) stop working at once.
+    #[serde(default)]
+    pub token_version: u64,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -49,6 +53,7 @@ impl User {
             password_hash,
             role: Role::User,
             disabled: false,
+            token_version: 0,
             created_at: now,
             updated_at: now,
         }

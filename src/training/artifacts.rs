@@ -134,6 +134,46 @@ pub fn archive(
     artifact: &Artifact,
 ) -> Result<(String, ReceiverStream<std::io::Result<Bytes>>)> {
     let files = entries(task, artifact)?;
+    let filename = format!("{}-{}.tar.gz", task.task_id, artifact.name());
+    Ok((filename, tar_gz(files)))
+}
+
+/// A registered model's files (an adapter's, kept even when its task's outputs are gone) as
+/// `<name>/…` in a `.tar.gz`.
+pub fn model_archive(
+    model: &crate::store::ModelRecord,
+) -> Result<(String, ReceiverStream<std::io::Result<Bytes>>)> {
+    let dir = Path::new(&model.model_path);
+    if !dir.is_dir() {
+        return Err(Error::not_found("model files"));
+    }
+    let safe: String = model
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let safe = if safe.trim_matches('.').is_empty() {
+        model.model_id.clone()
+    } else {
+        safe
+    };
+    let mut files = Vec::new();
+    walk(dir, Path::new(&safe), &mut files)?;
+    if files.is_empty() {
+        return Err(Error::not_found("model files"));
+    }
+    Ok((format!("{safe}.tar.gz"), tar_gz(files)))
+}
+
+/// Streams `files` (path on disk, path in the archive) as a `.tar.gz`, built on the blocking
+/// pool while it is sent.
+fn tar_gz(files: Vec<(PathBuf, PathBuf)>) -> ReceiverStream<std::io::Result<Bytes>> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let err_tx = tx.clone();
     tokio::task::spawn_blocking(move || {
@@ -158,8 +198,7 @@ pub fn archive(
             }
         }
     });
-    let filename = format!("{}-{}.tar.gz", task.task_id, artifact.name());
-    Ok((filename, ReceiverStream::new(rx)))
+    ReceiverStream::new(rx)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ const routes = [
   { path: '/tasks/:id', name: 'task', component: () => import('./pages/TaskPage.vue'), meta: { title: 'Task' } },
   { path: '/models', name: 'models', component: () => import('./pages/ModelsPage.vue'), meta: { title: 'Models' } },
   { path: '/chat', name: 'chat', component: () => import('./pages/ChatPage.vue'), meta: { title: 'Chat', wide: true } },
-  { path: '/keys', name: 'keys', component: () => import('./pages/KeysPage.vue'), meta: { title: 'API keys' } },
+  { path: '/keys', name: 'keys', component: () => import('./pages/KeysPage.vue'), meta: { title: 'Account and API keys' } },
   { path: '/admin', name: 'admin', component: () => import('./pages/AdminPage.vue'), meta: { title: 'Administration', admin: true } },
   { path: '/:rest(.*)*', name: 'not-found', component: () => import('./pages/NotFoundPage.vue'), meta: { title: 'Not found' } },
 ]

@@ -356,11 +356,18 @@ async function main() {
       await visit('/tasks', 'tasks')
       await page.locator('tr[data-task="ui-arith"] [data-status=completed]').waitFor()
       await snap('tasks')
+      // the administrator's view of every user's tasks names the owner
+      await page.locator('[data-test=all-users] input').check()
+      await page.locator('tr[data-task="ui-arith"]').getByText('researcher').waitFor()
+      await page.locator('[data-test=all-users] input').uncheck()
 
       // -- models: the adapter, and "chat with this"
       await visit('/models', 'models')
       await page.locator('[data-test=trained-models] tbody tr').first().waitFor()
       await snap('models')
+      const [saved] = await Promise.all([page.waitForEvent('download'), page.locator('[data-test=download-model]').first().click()])
+      const savedPath = await saved.path()
+      check(saved.suggestedFilename().endsWith('.tar.gz') && fs.statSync(savedPath).size > 100000, `the adapter downloads (${saved.suggestedFilename()})`)
       await page.locator('[data-test=chat-model]').first().click()
       await page.waitForURL(/\/chat\?model=/)
     } else {
@@ -418,6 +425,24 @@ async function main() {
     await snap('api-key')
     await page.keyboard.press('Escape')
     await page.locator('[data-test=keys-table]').getByText('notebook').waitFor()
+
+    // -- changing the password: a wrong current one is refused; the right one keeps this
+    // session signed in (the page goes on working below) and the new password signs in
+    await page.fill('[data-test=pw-current]', 'wrong horse')
+    await page.fill('[data-test=pw-new]', 'battery staple')
+    await page.fill('[data-test=pw-again]', 'battery staple')
+    await page.click('[data-test=pw-save]')
+    await page.locator('[data-test=pw-error]').getByText('not correct').waitFor()
+    await page.fill('[data-test=pw-current]', 'correct horse')
+    await page.click('[data-test=pw-save]')
+    await page.getByText('Password changed').waitFor()
+    const relogin = await fetch(`${base}/api/auth/login`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ username_or_email: 'researcher', password: 'battery staple' }),
+    })
+    check(relogin.status === 200, `the new password signs in (${relogin.status})`)
+    log('changed the password')
 
     // -- administration (the first account is the admin)
     await visit('/admin', 'admin')

@@ -146,6 +146,11 @@ export async function register(username, email, password) {
   return request('/api/auth/register', { method: 'POST', json: { username, email, password }, anonymous: true })
 }
 
+/** Changes the password; the answer is a new session (every other one has ended). */
+export async function changePassword(currentPassword, newPassword) {
+  adopt(await request('/api/auth/password', { method: 'POST', json: { current_password: currentPassword, new_password: newPassword } }))
+}
+
 export async function logout() {
   try {
     if (accessToken) await request('/api/auth/logout', { method: 'POST', json: {} })
