@@ -40,13 +40,12 @@ chromium:
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
-# The Python package: the Engine on SmolLM2, and the Client against a real server that trains
-# one short LoRA.
+# The Python package: the Engine on SmolLM2, the Client against a real server that trains
+# one short LoRA, and python/examples/quickstart.ipynb run top to bottom (a second LoRA).
 test-python: setup python-wheel
-	FERROTUNE_BIN=$(BIN) $(PY_VENV)/bin/python -m pytest python/tests --durations=5
+	FERROTUNE_TEST_NOTEBOOK=1 FERROTUNE_BIN=$(BIN) $(PY_VENV)/bin/python -m pytest python/tests --durations=5
 
-# python/examples/quickstart.ipynb top to bottom against a test server (trains a second LoRA,
-# so not part of `make test`).
+# The notebook alone.
 test-notebook: setup python-wheel
 	FERROTUNE_TEST_NOTEBOOK=1 FERROTUNE_BIN=$(BIN) $(PY_VENV)/bin/python -m pytest \
 		python/tests/test_notebook.py

@@ -1,6 +1,6 @@
 """python/examples/quickstart.ipynb, run top to bottom against the test server.
 
-It trains a second LoRA, so it runs only with FERROTUNE_TEST_NOTEBOOK=1 (`make test-notebook`).
+It trains a second LoRA, so it runs only with FERROTUNE_TEST_NOTEBOOK=1 (`make test` and `make test-notebook` set it).
 """
 
 from __future__ import annotations
