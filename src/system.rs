@@ -62,10 +62,10 @@ pub fn gpu_processes() -> GpuProcesses {
         "--format=csv,noheader,nounits",
     ]) {
         for line in text.lines() {
-            if let Some((pid, mem)) = line.split_once(',') {
-                if let (Ok(pid), Some(mem)) = (pid.trim().parse::<u32>(), num(mem)) {
-                    *out.entry(pid).or_insert(0.0) += mem;
-                }
+            if let Some((pid, mem)) = line.split_once(',')
+                && let (Ok(pid), Some(mem)) = (pid.trim().parse::<u32>(), num(mem))
+            {
+                *out.entry(pid).or_insert(0.0) += mem;
             }
         }
     }

@@ -271,12 +271,12 @@ impl Auth {
         let Some(token) = refresh_token else {
             return Ok(());
         };
-        if let Some(record) = self.store.refresh_token(&sha256(token))? {
-            if record.user_id == user_id {
-                self.store
-                    .revoke_refresh_where(|t| t.family == record.family)?;
-                self.store.flush().await?;
-            }
+        if let Some(record) = self.store.refresh_token(&sha256(token))?
+            && record.user_id == user_id
+        {
+            self.store
+                .revoke_refresh_where(|t| t.family == record.family)?;
+            self.store.flush().await?;
         }
         Ok(())
     }

@@ -952,7 +952,7 @@ fn check_dialogue(record: &Map<String, Value>, dialect: &Dialect) -> Result<(), 
             }
             continue;
         }
-        let expected = if position % 2 == 0 {
+        let expected = if position.is_multiple_of(2) {
             &dialect.prompt_roles
         } else {
             &dialect.reply_roles

@@ -37,12 +37,11 @@ struct TempFile {
 
 impl Drop for TempFile {
     fn drop(&mut self) {
-        if !self.keep {
-            if let Err(e) = std::fs::remove_file(&self.path) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(path = %self.path.display(), error = %e, "could not remove a temporary upload");
-                }
-            }
+        if !self.keep
+            && let Err(e) = std::fs::remove_file(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not remove a temporary upload");
         }
     }
 }
@@ -173,19 +172,19 @@ impl Datasets {
     /// Removes every file of a user (their records are removed with the account).
     pub async fn remove_owner_files(&self, owner: &str) {
         let dir = self.dir.join(owner);
-        if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %dir.display(), error = %e, "could not remove a user's datasets");
-            }
+        if let Err(e) = tokio::fs::remove_dir_all(&dir).await
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not remove a user's datasets");
         }
     }
 }
 
 async fn remove_file_logged(path: &Path) {
-    if let Err(e) = tokio::fs::remove_file(path).await {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(path = %path.display(), error = %e, "could not remove a dataset file");
-        }
+    if let Err(e) = tokio::fs::remove_file(path).await
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "could not remove a dataset file");
     }
 }
 

@@ -85,10 +85,9 @@ async fn upload(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
+        && len > max + MULTIPART_OVERHEAD
     {
-        if len > max + MULTIPART_OVERHEAD {
-            return Err(too_large(max));
-        }
+        return Err(too_large(max));
     }
     let mut multipart = multipart.map_err(|e| {
         Error::new(

@@ -59,17 +59,16 @@ impl FromRequestParts<AppState> for ClientAddr {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
-        if state.config.trust_forwarded_for {
-            if let Some(first) = parts
+        if state.config.trust_forwarded_for
+            && let Some(first) = parts
                 .headers
                 .get("x-forwarded-for")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.split(',').next())
                 .map(str::trim)
                 .filter(|v| !v.is_empty())
-            {
-                return Ok(ClientAddr(first.to_string()));
-            }
+        {
+            return Ok(ClientAddr(first.to_string()));
         }
         let peer = parts
             .extensions

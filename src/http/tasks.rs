@@ -139,10 +139,10 @@ async fn create(
 /// Whose task `id` is, as seen by the caller: their own; for an administrator, anyone's
 /// (DESIGN.md: admins may see everything); otherwise the caller's id, so the lookup is a 404.
 fn task_owner(state: &AppState, p: &crate::auth::Principal, id: &str) -> Result<String> {
-    if p.is_admin() {
-        if let Some(t) = state.store.tasks().get_any(id)? {
-            return Ok(t.owner);
-        }
+    if p.is_admin()
+        && let Some(t) = state.store.tasks().get_any(id)?
+    {
+        return Ok(t.owner);
     }
     Ok(p.user.user_id.clone())
 }
@@ -372,11 +372,10 @@ where
                 _ = tx.closed() => return,
                 next = live.recv() => match next {
                     Ok(event) => {
-                        if let Some(e) = map(&event) {
-                            if tx.send(e).await.is_err() {
+                        if let Some(e) = map(&event)
+                            && tx.send(e).await.is_err() {
                                 return;
                             }
-                        }
                     }
                     Err(RecvError::Lagged(n)) => {
                         let e = Event::default().event("lagged").data(json!({"missed": n}).to_string());

@@ -279,7 +279,9 @@ impl ModelConfig {
     }
 
     fn check(&self) -> anyhow::Result<()> {
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
+        if self.num_heads == 0
+            || self.num_kv_heads == 0
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
         {
             bail!(
                 "{} attention heads cannot share {} key/value heads",
@@ -287,7 +289,7 @@ impl ModelConfig {
                 self.num_kv_heads
             );
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             bail!("head dimension {} is not even", self.head_dim);
         }
         if self.hidden_size == 0 || self.num_layers == 0 || self.vocab_size == 0 {

@@ -1,6 +1,6 @@
 //! Matrix products of GGUF-quantised weights (Q4_0, Q4_1, Q8_0) with **float32
-//! activations**, for the CPU: AVX2 + FMA when the processor has them (detected at run time),
-//! a portable loop otherwise.
+//! activations**, for the CPU: AVX-512 or AVX2 + FMA when the processor has them (detected at
+//! run time), a portable loop otherwise.
 //!
 //! candle (like llama.cpp) quantises the activations to 8 bits before each quantised matmul.
 //! On a model as small as SmolLM2-135M that second rounding is visible: greedy answers drift
@@ -52,7 +52,7 @@ impl QuantMatrix {
         rows: usize,
         cols: usize,
     ) -> anyhow::Result<QuantMatrix> {
-        if cols % 32 != 0 {
+        if !cols.is_multiple_of(32) {
             anyhow::bail!("{format:?} rows of {cols} values are not whole blocks");
         }
         let bb = format.block_bytes();
@@ -114,15 +114,39 @@ impl QuantMatrix {
         }
     }
 
-    /// `out (m × rows) = x (m × cols) · Wᵀ`.
-    pub fn matmul(&self, x: &[f32], out: &mut [f32]) {
+    /// `out (m × rows) = x (m × cols) · Wᵀ`, plus `x · Aᵀ · Bᵀ` when `low_rank` gives
+    /// `(A: R × cols, B: rows × R)` — a LoRA term, added row by row inside the same parallel
+    /// pass, so it costs neither a second pass over `out` nor an idle thread.
+    pub fn matmul(&self, x: &[f32], out: &mut [f32], low_rank: Option<(&[f32], &[f32])>) {
         let k = self.cols;
         let m = x.len() / k;
         debug_assert_eq!(x.len(), m * k);
         debug_assert_eq!(out.len(), m * self.rows);
         // Per block of 32 activations: their sum (for the offsets of Q4_0 and Q4_1).
         let sums: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
-        let simd = has_avx2();
+        let simd = simd_level();
+        // x·Aᵀ (m × R) first: R is small, the rows' B parts then need just R products each.
+        let (ax, b, ranks) = match low_rank {
+            Some((a, b)) if !a.is_empty() => {
+                let ranks = a.len() / k;
+                let mut ax = Vec::with_capacity(m * ranks);
+                for xr in x.chunks_exact(k) {
+                    ax.extend(a.chunks_exact(k).map(|ar| dot_f32(ar, xr, simd)));
+                }
+                (ax, b, ranks)
+            }
+            _ => (Vec::new(), &[][..], 0),
+        };
+        let low_rank_at = |i: usize, r: usize| -> f32 {
+            if ranks == 0 {
+                return 0.0;
+            }
+            let axi = &ax[i * ranks..(i + 1) * ranks];
+            axi.iter()
+                .zip(&b[r * ranks..(r + 1) * ranks])
+                .map(|(p, q)| p * q)
+                .sum()
+        };
         let rows = self.rows;
         let out_ptr = out.as_mut_ptr() as usize;
         let nb = k / 32;
@@ -135,13 +159,13 @@ impl QuantMatrix {
                     unsafe { *(out_ptr as *mut f32).add(i * rows + r) = v };
                 };
                 if m == 1 {
-                    write(0, w.dot(x, &sums[..nb], simd));
+                    write(0, w.dot(x, &sums[..nb], simd) + low_rank_at(0, r));
                 } else {
                     // Several positions: expand the row once, then plain float dots.
                     dense.resize(k, 0.0);
                     w.dequantize(&mut dense);
                     for (i, xr) in x.chunks_exact(k).enumerate() {
-                        write(i, dot_f32(&dense, xr, simd));
+                        write(i, dot_f32(&dense, xr, simd) + low_rank_at(i, r));
                     }
                 }
             }
@@ -200,18 +224,33 @@ impl Row<'_> {
     }
 
     /// `Σ w·x` for one activation row `x` with its block sums.
-    fn dot(&self, x: &[f32], sums: &[f32], simd: bool) -> f32 {
+    fn dot(&self, x: &[f32], sums: &[f32], simd: Simd) -> f32 {
         #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: AVX2 and FMA were detected at run time; lengths match (checked at load).
-            return unsafe {
-                match self.format {
-                    Format::Q8_0 => dot_q8_0_avx2(self.qs, self.d, x),
-                    Format::Q4_0 | Format::Q4_1 => {
-                        dot_q4_avx2(self.qs, self.d, x) + dot_f32_avx2(self.m, sums)
+        match simd {
+            // SAFETY: AVX-512F (and AVX2 + FMA) were detected at run time; lengths match
+            // (checked at load).
+            Simd::Avx512 => {
+                return unsafe {
+                    match self.format {
+                        Format::Q8_0 => dot_q8_0_avx512(self.qs, self.d, x),
+                        Format::Q4_0 | Format::Q4_1 => {
+                            dot_q4_avx512(self.qs, self.d, x) + dot_f32_avx2(self.m, sums)
+                        }
                     }
-                }
-            };
+                };
+            }
+            // SAFETY: AVX2 and FMA were detected at run time; lengths match (checked at load).
+            Simd::Avx2 => {
+                return unsafe {
+                    match self.format {
+                        Format::Q8_0 => dot_q8_0_avx2(self.qs, self.d, x),
+                        Format::Q4_0 | Format::Q4_1 => {
+                            dot_q4_avx2(self.qs, self.d, x) + dot_f32_avx2(self.m, sums)
+                        }
+                    }
+                };
+            }
+            Simd::None => {}
         }
         let _ = simd;
         self.dot_scalar(x, sums)
@@ -241,16 +280,35 @@ impl Row<'_> {
     }
 }
 
-fn has_avx2() -> bool {
+/// The widest vector instructions the kernels may use on this processor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Simd {
+    None,
+    /// AVX2 + FMA: 8 floats per instruction.
+    Avx2,
+    /// AVX-512F (with AVX2 + FMA): 16 floats per instruction.
+    Avx512,
+}
+
+pub(crate) fn simd_level() -> Simd {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+        static LEVEL: OnceLock<Simd> = OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            // FERROTUNE_NO_AVX512=1 keeps the AVX2 kernels (for comparing the two).
+            let no512 = std::env::var_os("FERROTUNE_NO_AVX512").is_some_and(|v| v != "0");
+            match (avx2, avx2 && !no512 && is_x86_feature_detected!("avx512f")) {
+                (_, true) => Simd::Avx512,
+                (true, false) => Simd::Avx2,
+                _ => Simd::None,
+            }
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        Simd::None
     }
 }
 
@@ -258,9 +316,14 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
-fn dot_f32(a: &[f32], b: &[f32], simd: bool) -> f32 {
+pub(crate) fn dot_f32(a: &[f32], b: &[f32], simd: Simd) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if simd {
+    if simd == Simd::Avx512 {
+        // SAFETY: AVX-512F was detected at run time.
+        return unsafe { dot_f32_avx512(a, b) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd != Simd::None {
         // SAFETY: AVX2 and FMA were detected at run time.
         return unsafe { dot_f32_avx2(a, b) };
     }
@@ -378,11 +441,153 @@ unsafe fn dot_q4_avx2(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
     unsafe { hsum(_mm256_add_ps(acc0, acc1)) }
 }
 
+/// [`dot_f32_avx2`] with 16 floats per instruction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dot_f32_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut i = 0;
+    // SAFETY: every load reads 16 floats below `n`.
+    unsafe {
+        while i + 32 <= n {
+            a0 = _mm512_fmadd_ps(
+                _mm512_loadu_ps(a.as_ptr().add(i)),
+                _mm512_loadu_ps(b.as_ptr().add(i)),
+                a0,
+            );
+            a1 = _mm512_fmadd_ps(
+                _mm512_loadu_ps(a.as_ptr().add(i + 16)),
+                _mm512_loadu_ps(b.as_ptr().add(i + 16)),
+                a1,
+            );
+            i += 32;
+        }
+        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+        while i < n {
+            s += a[i] * b[i];
+            i += 1;
+        }
+        s
+    }
+}
+
+/// [`dot_q4_avx2`] with 16 floats per instruction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dot_q4_avx512(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mask = _mm_set1_epi8(0x0F);
+    let f = |v: __m128i| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
+    let mut blocks = qs.chunks_exact(16).zip(x.chunks_exact(32)).enumerate();
+    // Two blocks a turn, into two accumulators, so the FMAs do not wait on each other.
+    while let Some((b, (q, xs))) = blocks.next() {
+        // SAFETY: 16 bytes of quants and 32 floats are readable; unaligned loads.
+        unsafe {
+            let packed = _mm_loadu_si128(q.as_ptr() as *const __m128i);
+            let lo = _mm_and_si128(packed, mask); // values 0..16
+            let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask); // values 16..32
+            let xp = xs.as_ptr();
+            let p = _mm512_fmadd_ps(
+                f(hi),
+                _mm512_loadu_ps(xp.add(16)),
+                _mm512_mul_ps(f(lo), _mm512_loadu_ps(xp)),
+            );
+            acc0 = _mm512_fmadd_ps(_mm512_set1_ps(*d.get_unchecked(b)), p, acc0);
+        }
+        let Some((b, (q, xs))) = blocks.next() else {
+            break;
+        };
+        // SAFETY: as above.
+        unsafe {
+            let packed = _mm_loadu_si128(q.as_ptr() as *const __m128i);
+            let lo = _mm_and_si128(packed, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+            let xp = xs.as_ptr();
+            let p = _mm512_fmadd_ps(
+                f(hi),
+                _mm512_loadu_ps(xp.add(16)),
+                _mm512_mul_ps(f(lo), _mm512_loadu_ps(xp)),
+            );
+            acc1 = _mm512_fmadd_ps(_mm512_set1_ps(*d.get_unchecked(b)), p, acc1);
+        }
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+}
+
+/// [`dot_q8_0_avx2`] with 16 floats per instruction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dot_q8_0_avx512(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let f = |v: __m128i| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
+    for (b, (q, xs)) in qs.chunks_exact(32).zip(x.chunks_exact(32)).enumerate() {
+        // SAFETY: 32 bytes of quants and 32 floats are readable; unaligned loads.
+        unsafe {
+            let dv = _mm512_set1_ps(*d.get_unchecked(b));
+            let qp = q.as_ptr() as *const __m128i;
+            let xp = xs.as_ptr();
+            acc0 = _mm512_fmadd_ps(
+                dv,
+                _mm512_mul_ps(f(_mm_loadu_si128(qp)), _mm512_loadu_ps(xp)),
+                acc0,
+            );
+            acc1 = _mm512_fmadd_ps(
+                dv,
+                _mm512_mul_ps(f(_mm_loadu_si128(qp.add(1))), _mm512_loadu_ps(xp.add(16))),
+                acc1,
+            );
+        }
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
+
+    /// The vector levels this processor can run.
+    fn levels() -> Vec<Simd> {
+        match simd_level() {
+            Simd::Avx512 => vec![Simd::None, Simd::Avx2, Simd::Avx512],
+            Simd::Avx2 => vec![Simd::None, Simd::Avx2],
+            Simd::None => vec![Simd::None],
+        }
+    }
+
+    #[test]
+    fn the_low_rank_term_is_added_in_the_same_pass() {
+        let (rows, cols, ranks) = (21, 64, 3);
+        let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+        let mat = QuantMatrix::from_bytes(Format::Q4_1, &q.data().unwrap(), rows, cols).unwrap();
+        let wd = q.dequantize(&Device::Cpu).unwrap();
+        let a = Tensor::randn(0f32, 1.0, (ranks, cols), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (rows, ranks), &Device::Cpu).unwrap();
+        for m in [1, 2] {
+            let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu).unwrap();
+            let want = (x.matmul(&wd.t().unwrap()).unwrap()
+                + x.matmul(&a.t().unwrap())
+                    .unwrap()
+                    .matmul(&b.t().unwrap())
+                    .unwrap())
+            .unwrap();
+            let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+            let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let av: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+            let bv: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+            let mut out = vec![0f32; m * rows];
+            mat.matmul(&xs, &mut out, Some((&av, &bv)));
+            for (g, w) in out.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-3 * (1.0 + w.abs()), "{g} vs {w}");
+            }
+        }
+    }
 
     #[test]
     fn every_path_computes_the_dequantised_product() {
@@ -401,7 +606,7 @@ mod tests {
                 let exact: Vec<Vec<f32>> = x.matmul(&wd.t().unwrap()).unwrap().to_vec2().unwrap();
                 let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
                 let mut out = vec![0f32; m * rows];
-                mat.matmul(&xs, &mut out);
+                mat.matmul(&xs, &mut out, None);
                 let sums: Vec<f32> = xs.chunks_exact(32).map(|c| c.iter().sum()).collect();
                 let wrows: Vec<Vec<f32>> = wd.to_vec2().unwrap();
                 for i in 0..m {
@@ -413,13 +618,23 @@ mod tests {
                             (got - want).abs() < tol,
                             "{format:?} {i},{r}: {got} vs {want}"
                         );
-                        // The portable paths agree too.
+                        // The portable paths, and every vector level this processor has,
+                        // agree too.
                         let xr = &xs[i * cols..(i + 1) * cols];
+                        let row_sums = &sums[i * 3..(i + 1) * 3];
+                        for level in levels() {
+                            let v = mat.row(r).dot(xr, row_sums, level);
+                            assert!((v - want).abs() < tol, "{format:?} {level:?} {v} vs {want}");
+                        }
                         let s = mat.row(r).dot_scalar(xr, &sums[i * 3..(i + 1) * 3]);
                         assert!((s - want).abs() < tol, "{format:?} scalar {s} vs {want}");
                         let mut dense = vec![0f32; cols];
                         mat.row(r).dequantize(&mut dense);
                         assert_eq!(dense, wrows[r], "{format:?} row {r} de-quantised");
+                        for level in levels() {
+                            let v = dot_f32(&dense, xr, level);
+                            assert!((v - want).abs() < tol, "dense {level:?} {v} vs {want}");
+                        }
                     }
                 }
             }

@@ -24,6 +24,23 @@ type PairSlots = (Option<Tensor>, Option<Tensor>);
 pub struct LoraPair {
     pub(crate) a_t: Tensor,
     pub(crate) b_t: Tensor,
+    /// The same as plain rows, for [`LoraPair::rows`]: `a` is `a_t` transposed (ΣR × in),
+    /// `b` is `b_t` transposed (out × ΣR).
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl LoraPair {
+    /// `(A: ΣR × in, B: out × ΣR)` as plain rows, for the engine's own kernels, which add
+    /// the LoRA term inside their matmul (see `QuantMatrix::matmul`).
+    pub(crate) fn rows(&self) -> (&[f32], &[f32]) {
+        (&self.a, &self.b)
+    }
+
+    /// Bytes held (both layouts).
+    fn bytes(&self) -> usize {
+        (self.a_t.elem_count() + self.b_t.elem_count() + self.a.len() + self.b.len()) * 4
+    }
 }
 
 /// The LoRA of one decoder layer, per fused projection.
@@ -308,7 +325,7 @@ pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<LoraAdapter, EngineError> {
                 continue;
             }
             let pair = fuse_pair(&parts, in_features, out_total).map_err(internal)?;
-            bytes += (pair.a_t.elem_count() + pair.b_t.elem_count()) * 4;
+            bytes += pair.bytes();
             let target = match slot {
                 0 => &mut layer.qkv,
                 1 => &mut layer.o,
@@ -372,7 +389,9 @@ fn fuse_pair(
         rows.push(Tensor::cat(&pieces, 1)?);
     }
     let b_t = Tensor::cat(&rows, 0)?.contiguous()?;
-    Ok(LoraPair { a_t, b_t })
+    let a = a_t.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let b = b_t.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(LoraPair { a_t, b_t, a, b })
 }
 
 /// `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` →

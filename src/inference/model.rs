@@ -57,7 +57,7 @@ impl Requantize {
             },
             Requantize::To(t) => t,
         };
-        if cols % want.block_size() == 0 {
+        if cols.is_multiple_of(want.block_size()) {
             want
         } else {
             G::Q8_0
@@ -125,7 +125,9 @@ impl Weight {
         Ok(Weight::Candle(w))
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x·Wᵀ`, plus the LoRA term when `lora` is given and the weight runs on the engine's own
+    /// kernels (the caller adds it otherwise).
+    fn forward(&self, x: &Tensor, lora: Option<&LoraPair>) -> candle_core::Result<Tensor> {
         match self {
             Weight::Candle(w) => w.forward(x),
             Weight::Own(w) => {
@@ -139,7 +141,7 @@ impl Weight {
                     };
                     let data = cpu.as_slice::<f32>()?;
                     let xs = &data[layout.start_offset()..layout.start_offset() + x.elem_count()];
-                    w.matmul(xs, &mut out);
+                    w.matmul(xs, &mut out, lora.map(LoraPair::rows));
                 }
                 Tensor::from_vec(out, (s, w.rows()), x.device())
             }
@@ -162,11 +164,12 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor, lora: Option<&LoraPair>) -> candle_core::Result<Tensor> {
-        let mut y = self.w.forward(x)?;
+        let own = matches!(self.w, Weight::Own(_));
+        let mut y = self.w.forward(x, lora.filter(|_| own))?;
         if let Some(b) = &self.b {
             y = y.broadcast_add(b)?;
         }
-        if let Some(l) = lora {
+        if let Some(l) = lora.filter(|_| !own) {
             y = (y + x.matmul(&l.a_t)?.matmul(&l.b_t)?)?;
         }
         Ok(y)
@@ -503,7 +506,7 @@ impl Raw {
 /// is row `order[i]` of the stored matrix. The inverse of
 /// `reshape(n, 2, rows/n/2, …).swapaxes(1, 2)`.
 pub(crate) fn unpermute_order(rows: usize, n: usize) -> anyhow::Result<Vec<usize>> {
-    if n == 0 || rows % (2 * n) != 0 {
+    if n == 0 || !rows.is_multiple_of(2 * n) {
         bail!("{rows} rows cannot be split into {n} heads of an even size");
     }
     let per = rows / n;

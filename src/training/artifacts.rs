@@ -191,11 +191,11 @@ fn tar_gz(files: Vec<(PathBuf, PathBuf)>) -> ReceiverStream<std::io::Result<Byte
             let mut writer = gz.finish()?;
             writer.flush()
         })();
-        if let Err(e) = result {
-            if e.kind() != std::io::ErrorKind::BrokenPipe {
-                tracing::warn!(error = %e, "building an archive failed");
-                let _ = err_tx.blocking_send(Err(e));
-            }
+        if let Err(e) = result
+            && e.kind() != std::io::ErrorKind::BrokenPipe
+        {
+            tracing::warn!(error = %e, "building an archive failed");
+            let _ = err_tx.blocking_send(Err(e));
         }
     });
     ReceiverStream::new(rx)

@@ -589,10 +589,10 @@ impl Trainer {
         self.store.tasks().remove(owner, task_id).await?;
         self.store.remove_metrics(task_id)?;
         self.store.flush().await?;
-        if let Err(e) = tokio::fs::remove_dir_all(&task.paths.task_dir).await {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(task_id, error = %e, "could not remove a task's files");
-            }
+        if let Err(e) = tokio::fs::remove_dir_all(&task.paths.task_dir).await
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(task_id, error = %e, "could not remove a task's files");
         }
         self.channels
             .lock()
@@ -740,11 +740,11 @@ impl Trainer {
             if !expired {
                 continue;
             }
-            if let Err(e) = tokio::fs::remove_dir_all(&task.paths.output_dir).await {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(task_id = %task.task_id, error = %e, "could not remove outputs");
-                    continue;
-                }
+            if let Err(e) = tokio::fs::remove_dir_all(&task.paths.output_dir).await
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(task_id = %task.task_id, error = %e, "could not remove outputs");
+                continue;
             }
             task.outputs_removed = true;
             task.updated_at = OffsetDateTime::now_utc();

@@ -166,12 +166,11 @@ impl Trainer {
         let mut stuck = false;
 
         let exit_code: Option<i32> = loop {
-            if reader.is_none() {
-                if let Ok(mut f) = tokio::fs::File::open(&path).await {
-                    if f.seek(std::io::SeekFrom::Start(start_offset)).await.is_ok() {
-                        reader = Some(BufReader::new(f));
-                    }
-                }
+            if reader.is_none()
+                && let Ok(mut f) = tokio::fs::File::open(&path).await
+                && f.seek(std::io::SeekFrom::Start(start_offset)).await.is_ok()
+            {
+                reader = Some(BufReader::new(f));
             }
             if let Some(r) = reader.as_mut() {
                 while let Ok(n) = r.read_line(&mut partial).await {
@@ -381,10 +380,11 @@ async fn run_start_offset(path: &Path) -> u64 {
     let mut offset = 0u64;
     let mut start = 0u64;
     for line in bytes.split_inclusive(|b| *b == b'\n') {
-        if let Ok(v) = serde_json::from_slice::<Value>(line) {
-            if v["type"] == "status" && v["status"] == "running" {
-                start = offset + line.len() as u64;
-            }
+        if let Ok(v) = serde_json::from_slice::<Value>(line)
+            && v["type"] == "status"
+            && v["status"] == "running"
+        {
+            start = offset + line.len() as u64;
         }
         offset += line.len() as u64;
     }

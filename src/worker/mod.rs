@@ -104,14 +104,14 @@ fn run_python(job: &Job) -> Result<i32, String> {
             .and_then(|v| v.extract())
             .map_err(|e| e.to_string())?;
         let running = version.split_whitespace().next().unwrap_or("").to_string();
-        if let Some(expected) = &expected {
-            if expected != &running {
-                return Err(format!(
-                    "the embedded Python is {running} but the environment at {} was made with {expected}; \
+        if let Some(expected) = &expected
+            && expected != &running
+        {
+            return Err(format!(
+                "the embedded Python is {running} but the environment at {} was made with {expected}; \
                      rebuild ferrotune against that interpreter (PYO3_PYTHON) or re-run `ferrotune setup`",
-                    job.env_dir.display()
-                ));
-            }
+                job.env_dir.display()
+            ));
         }
         let path = sys.getattr("path").map_err(|e| e.to_string())?;
         path.call_method1(

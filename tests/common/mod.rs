@@ -87,16 +87,14 @@ impl Server {
                 if std::env::var_os("FERROTUNE_TEST_LOG").is_some() {
                     eprintln!("[server] {line}");
                 }
-                if !sent {
-                    if let Some(i) = line.find("listening on http://") {
-                        let addr = line[i + "listening on ".len()..]
-                            .split_whitespace()
-                            .next()
-                            .unwrap_or("")
-                            .to_string();
-                        let _ = tx.send(addr);
-                        sent = true;
-                    }
+                if !sent && let Some(i) = line.find("listening on http://") {
+                    let addr = line[i + "listening on ".len()..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
+                    let _ = tx.send(addr);
+                    sent = true;
                 }
             }
         });
