@@ -114,9 +114,8 @@ impl QuantMatrix {
         }
     }
 
-    /// `out (m × rows) = x (m × cols) · Wᵀ`, plus `x · Aᵀ · Bᵀ` when `low_rank` gives
-    /// `(A: R × cols, B: rows × R)` — a LoRA term, added row by row inside the same parallel
-    /// pass, so it costs neither a second pass over `out` nor an idle thread.
+    /// `out (m × rows) = x (m × cols) · Wᵀ`, plus `x · Aᵀ · B` when `low_rank` gives
+    /// `(A: R × cols, B: R × rows)` — a LoRA term, added inside the same parallel pass.
     pub fn matmul(&self, x: &[f32], out: &mut [f32], low_rank: Option<(&[f32], &[f32])>) {
         let k = self.cols;
         let m = x.len() / k;
@@ -125,27 +124,32 @@ impl QuantMatrix {
         // Per block of 32 activations: their sum (for the offsets of Q4_0 and Q4_1).
         let sums: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
         let simd = simd_level();
-        // x·Aᵀ (m × R) first: R is small, the rows' B parts then need just R products each.
-        let (ax, b, ranks) = match low_rank {
+        // The low-rank term first, for every row at once (m × rows): x·Aᵀ is m × R dot
+        // products, then each of the R columns of B is added in, scaled, over whole rows of the
+        // output, which vectorises (per-row dots of length R would not).
+        let low = match low_rank {
             Some((a, b)) if !a.is_empty() => {
-                let ranks = a.len() / k;
-                let mut ax = Vec::with_capacity(m * ranks);
-                for xr in x.chunks_exact(k) {
-                    ax.extend(a.chunks_exact(k).map(|ar| dot_f32(ar, xr, simd)));
+                let rows = self.rows;
+                debug_assert_eq!(b.len(), a.len() / k * rows);
+                let mut low = vec![0f32; m * rows];
+                for (xr, lr) in x.chunks_exact(k).zip(low.chunks_exact_mut(rows)) {
+                    for (ar, br) in a.chunks_exact(k).zip(b.chunks_exact(rows)) {
+                        let s = dot_f32(ar, xr, simd);
+                        if s != 0.0 {
+                            axpy(s, br, lr, simd);
+                        }
+                    }
                 }
-                (ax, b, ranks)
+                low
             }
-            _ => (Vec::new(), &[][..], 0),
+            _ => Vec::new(),
         };
         let low_rank_at = |i: usize, r: usize| -> f32 {
-            if ranks == 0 {
-                return 0.0;
+            if low.is_empty() {
+                0.0
+            } else {
+                low[i * self.rows + r]
             }
-            let axi = &ax[i * ranks..(i + 1) * ranks];
-            axi.iter()
-                .zip(&b[r * ranks..(r + 1) * ranks])
-                .map(|(p, q)| p * q)
-                .sum()
         };
         let rows = self.rows;
         let out_ptr = out.as_mut_ptr() as usize;
@@ -441,6 +445,42 @@ unsafe fn dot_q4_avx2(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
     unsafe { hsum(_mm256_add_ps(acc0, acc1)) }
 }
 
+/// `y += s·x`.
+fn axpy(s: f32, x: &[f32], y: &mut [f32], simd: Simd) {
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx512 {
+        // SAFETY: AVX-512F was detected at run time.
+        return unsafe { axpy_avx512(s, x, y) };
+    }
+    let _ = simd;
+    for (yv, xv) in y.iter_mut().zip(x) {
+        *yv += s * xv;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn axpy_avx512(s: f32, x: &[f32], y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = x.len().min(y.len());
+    let sv = _mm512_set1_ps(s);
+    let mut i = 0;
+    // SAFETY: every load and store touches 16 floats below `n`.
+    unsafe {
+        while i + 16 <= n {
+            let yp = y.as_mut_ptr().add(i);
+            _mm512_storeu_ps(
+                yp,
+                _mm512_fmadd_ps(sv, _mm512_loadu_ps(x.as_ptr().add(i)), _mm512_loadu_ps(yp)),
+            );
+            i += 16;
+        }
+    }
+    for (yv, xv) in y[i..n].iter_mut().zip(&x[i..n]) {
+        *yv += s * xv;
+    }
+}
+
 /// [`dot_f32_avx2`] with 16 floats per instruction.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
@@ -568,14 +608,11 @@ mod tests {
         let mat = QuantMatrix::from_bytes(Format::Q4_1, &q.data().unwrap(), rows, cols).unwrap();
         let wd = q.dequantize(&Device::Cpu).unwrap();
         let a = Tensor::randn(0f32, 1.0, (ranks, cols), &Device::Cpu).unwrap();
-        let b = Tensor::randn(0f32, 1.0, (rows, ranks), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (ranks, rows), &Device::Cpu).unwrap();
         for m in [1, 2] {
             let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu).unwrap();
             let want = (x.matmul(&wd.t().unwrap()).unwrap()
-                + x.matmul(&a.t().unwrap())
-                    .unwrap()
-                    .matmul(&b.t().unwrap())
-                    .unwrap())
+                + x.matmul(&a.t().unwrap()).unwrap().matmul(&b).unwrap())
             .unwrap();
             let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
             let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();

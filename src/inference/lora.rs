@@ -25,13 +25,13 @@ pub struct LoraPair {
     pub(crate) a_t: Tensor,
     pub(crate) b_t: Tensor,
     /// The same as plain rows, for [`LoraPair::rows`]: `a` is `a_t` transposed (ΣR × in),
-    /// `b` is `b_t` transposed (out × ΣR).
+    /// `b` is `b_t` (ΣR × out).
     a: Vec<f32>,
     b: Vec<f32>,
 }
 
 impl LoraPair {
-    /// `(A: ΣR × in, B: out × ΣR)` as plain rows, for the engine's own kernels, which add
+    /// `(A: ΣR × in, B: ΣR × out)` as plain rows, for the engine's own kernels, which add
     /// the LoRA term inside their matmul (see `QuantMatrix::matmul`).
     pub(crate) fn rows(&self) -> (&[f32], &[f32]) {
         (&self.a, &self.b)
@@ -390,7 +390,7 @@ fn fuse_pair(
     }
     let b_t = Tensor::cat(&rows, 0)?.contiguous()?;
     let a = a_t.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let b = b_t.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let b = b_t.flatten_all()?.to_vec1::<f32>()?;
     Ok(LoraPair { a_t, b_t, a, b })
 }
 
