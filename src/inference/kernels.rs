@@ -521,9 +521,8 @@ unsafe fn dot_q4_avx512(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
     let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
     let mask = _mm_set1_epi8(0x0F);
     let f = |v: __m128i| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
-    let mut blocks = qs.chunks_exact(16).zip(x.chunks_exact(32)).enumerate();
-    // Two blocks a turn, into two accumulators, so the FMAs do not wait on each other.
-    while let Some((b, (q, xs))) = blocks.next() {
+    // (d, Σ_j q_j·x_j) of one block.
+    let block = |b: usize, q: &[u8], xs: &[f32]| {
         // SAFETY: 16 bytes of quants and 32 floats are readable; unaligned loads.
         unsafe {
             let packed = _mm_loadu_si128(q.as_ptr() as *const __m128i);
@@ -535,24 +534,19 @@ unsafe fn dot_q4_avx512(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
                 _mm512_loadu_ps(xp.add(16)),
                 _mm512_mul_ps(f(lo), _mm512_loadu_ps(xp)),
             );
-            acc0 = _mm512_fmadd_ps(_mm512_set1_ps(*d.get_unchecked(b)), p, acc0);
+            (_mm512_set1_ps(*d.get_unchecked(b)), p)
         }
+    };
+    let mut blocks = qs.chunks_exact(16).zip(x.chunks_exact(32)).enumerate();
+    // Two blocks a turn, into two accumulators, so the FMAs do not wait on each other.
+    while let Some((b, (q, xs))) = blocks.next() {
+        let (dv, p) = block(b, q, xs);
+        acc0 = _mm512_fmadd_ps(dv, p, acc0);
         let Some((b, (q, xs))) = blocks.next() else {
             break;
         };
-        // SAFETY: as above.
-        unsafe {
-            let packed = _mm_loadu_si128(q.as_ptr() as *const __m128i);
-            let lo = _mm_and_si128(packed, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-            let xp = xs.as_ptr();
-            let p = _mm512_fmadd_ps(
-                f(hi),
-                _mm512_loadu_ps(xp.add(16)),
-                _mm512_mul_ps(f(lo), _mm512_loadu_ps(xp)),
-            );
-            acc1 = _mm512_fmadd_ps(_mm512_set1_ps(*d.get_unchecked(b)), p, acc1);
-        }
+        let (dv, p) = block(b, q, xs);
+        acc1 = _mm512_fmadd_ps(dv, p, acc1);
     }
     _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
 }
