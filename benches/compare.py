@@ -78,34 +78,46 @@ def transformers_peft(args, model_dir):
             "total_tok_s": statistics.median(totals)}
 
 
-def llama_cpp(args, gguf):
+def llama_cpp(args, gguf, lora=None, text=None):
+    """llama.cpp in this interpreter, or through `--llama-python` (another environment,
+    e.g. the one `benches/llama_cpp_setup.sh` makes) when this one does not have it."""
     try:
         from llama_cpp import Llama
     except ImportError:
-        return None
+        if not args.llama_python or not Path(args.llama_python).is_file():
+            return None
+        cmd = [str(args.llama_python), __file__, "--llama-cpp-json", "--models-dir",
+               str(args.models_dir), "--model", args.model, "--tokens", str(args.tokens),
+               "--runs", str(args.runs), "--threads", str(args.threads),
+               "--llama-batch", str(args.llama_batch), "--prompt-text", text]
+        if lora:
+            cmd += ["--llama-lora", str(lora)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+    # n_batch=1: llama-cpp-python 0.3.36 built for this processor (AMX) crashes evaluating a
+    # prompt in batches; one token at a time works, and only makes its TTFT pessimistic.
     llm = Llama(model_path=str(gguf), n_threads=args.threads, n_ctx=1024, verbose=False,
-                lora_path=None)
-    text = PROMPT
-    ids = llm.tokenize(
-        f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n".encode(), special=True)
+                n_batch=args.llama_batch, lora_path=str(lora) if lora else None)
+    prompt = text
+    eos = llm.token_eos()
     ttfts, rates, totals = [], [], []
     for run in range(args.runs + 1):
         llm.reset()
         start = time.perf_counter()
-        llm.eval(ids)
-        nxt = llm.sample(temp=0.0)
-        ttft = time.perf_counter() - start
-        t0 = time.perf_counter()
-        for _ in range(args.tokens - 1):
-            llm.eval([nxt])
-            nxt = llm.sample(temp=0.0)
-        decode = time.perf_counter() - t0
+        first, n = None, 0
+        # Greedy, EOS suppressed so every engine makes the same number of tokens.
+        for _ in llm.create_completion(prompt, max_tokens=args.tokens, temperature=0.0,
+                                       stream=True, logit_bias={eos: -1e9}):
+            n += 1
+            if first is None:
+                first = time.perf_counter()
+        end = time.perf_counter()
         if run == 0:
             continue
-        ttfts.append(ttft)
-        rates.append((args.tokens - 1) / decode)
-        totals.append(args.tokens / (time.perf_counter() - start))
-    return {"name": "llama.cpp (llama-cpp-python, GGUF, no adapter)",
+        ttfts.append(first - start)
+        rates.append((n - 1) / (end - first))
+        totals.append(n / (end - start))
+    return {"name": f"llama.cpp (llama-cpp-python, GGUF{' + LoRA' if lora else ', no adapter'})",
             "ttft_s": statistics.median(ttfts), "decode_tok_s": statistics.median(rates),
             "total_tok_s": statistics.median(totals)}
 
@@ -120,21 +132,46 @@ def main():
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--llama-python", type=Path,
+                   default=os.environ.get("FERROTUNE_LLAMA_PYTHON",
+                                          CACHE / "llama-bench-venv" / "bin" / "python"),
+                   help="a Python with llama-cpp-python, when this one has none")
+    p.add_argument("--llama-lora", type=Path,
+                   help="the adapter as a llama.cpp GGUF LoRA (default: adapter.gguf in the "
+                        "adapter folder, where benches/llama_cpp_setup.sh writes it)")
+    p.add_argument("--llama-batch", type=int, default=1,
+                   help="llama.cpp's prompt batch (default 1, see llama_cpp())")
+    p.add_argument("--llama-cpp-json", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--prompt-text", help=argparse.SUPPRESS)
     args = p.parse_args()
+    model_dir = args.models_dir / args.model
+    gguf = next(model_dir.glob("*.gguf"), None)
+    if args.llama_cpp_json:
+        print(json.dumps(llama_cpp(args, gguf, args.llama_lora, args.prompt_text)))
+        return
     if args.no_adapter:
         args.adapter = None
     elif args.adapter and not (args.adapter / "adapter_model.safetensors").is_file():
         sys.exit(f"no adapter at {args.adapter} (run the inference tests once, or --no-adapter)")
-    model_dir = args.models_dir / args.model
-    gguf = next(model_dir.glob("*.gguf"), None)
-
     results = [ferrotune(args), transformers_peft(args, model_dir)]
+    # The same templated prompt for llama.cpp as the others get (system line included).
+    from transformers import AutoTokenizer
+
+    text = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
+        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
     if gguf is not None:
-        r = llama_cpp(args, gguf)
+        r = llama_cpp(args, gguf, None, text)
         if r is not None:
             results.append(r)
+            lora = args.llama_lora or (args.adapter / "adapter.gguf" if args.adapter else None)
+            if lora and lora.is_file():
+                results.append(llama_cpp(args, gguf, lora, text))
+            elif args.adapter:
+                print("(no GGUF LoRA for llama.cpp: benches/llama_cpp_setup.sh converts the "
+                      "adapter)", file=sys.stderr)
         else:
-            print("(llama-cpp-python is not installed: llama.cpp is left out)", file=sys.stderr)
+            print("(llama-cpp-python is not installed: llama.cpp is left out; "
+                  "benches/llama_cpp_setup.sh installs it apart)", file=sys.stderr)
     ours = results[0]
     print(f"\n{args.model}, prompt {PROMPT!r}, {args.tokens} greedy tokens, "
           f"{args.threads} threads, median of {args.runs} runs\n")

@@ -20,6 +20,9 @@ pub(crate) enum Format {
     Q4_1,
     /// `x = d·q`, `q` in −128..128: 34 bytes per 32 values.
     Q8_0,
+    /// Plain float32 rows (a Hugging Face model's weights), so that such models run the same
+    /// layer loop.
+    F32,
 }
 
 impl Format {
@@ -28,6 +31,7 @@ impl Format {
             Format::Q4_0 => 18,
             Format::Q4_1 => 20,
             Format::Q8_0 => 34,
+            Format::F32 => 128,
         }
     }
 }
@@ -42,6 +46,8 @@ pub(crate) struct QuantMatrix {
     qs: Vec<u8>,
     d: Vec<f32>,
     m: Vec<f32>,
+    /// [`Format::F32`]'s values (`rows × cols`); empty otherwise.
+    f: Vec<f32>,
 }
 
 impl QuantMatrix {
@@ -52,6 +58,9 @@ impl QuantMatrix {
         rows: usize,
         cols: usize,
     ) -> anyhow::Result<QuantMatrix> {
+        if format == Format::F32 {
+            anyhow::bail!("F32 weights come through `QuantMatrix::from_f32`");
+        }
         if !cols.is_multiple_of(32) {
             anyhow::bail!("{format:?} rows of {cols} values are not whole blocks");
         }
@@ -67,6 +76,7 @@ impl QuantMatrix {
             qs: Vec::with_capacity(n * format.quant_bytes()),
             d: Vec::with_capacity(n),
             m: Vec::with_capacity(if format == Format::Q8_0 { 0 } else { n }),
+            f: Vec::new(),
         };
         for blk in bytes.chunks_exact(bb) {
             let d = f16_at(blk, 0);
@@ -81,9 +91,26 @@ impl QuantMatrix {
                     mat.m.push(f16_at(blk, 2));
                     mat.qs.extend_from_slice(&blk[4..20]);
                 }
+                Format::F32 => {}
             }
         }
         Ok(mat)
+    }
+
+    /// A float32 matrix (`rows × cols` values, row-major).
+    pub fn from_f32(values: Vec<f32>, rows: usize, cols: usize) -> anyhow::Result<QuantMatrix> {
+        if values.len() != rows * cols {
+            anyhow::bail!("{} values for a {rows}×{cols} matrix", values.len());
+        }
+        Ok(QuantMatrix {
+            format: Format::F32,
+            rows,
+            cols,
+            qs: Vec::new(),
+            d: Vec::new(),
+            m: Vec::new(),
+            f: values,
+        })
     }
 
     pub fn format(&self) -> Format {
@@ -96,10 +123,19 @@ impl QuantMatrix {
 
     /// Bytes held (quants and float scales).
     pub fn bytes(&self) -> usize {
-        self.qs.len() + 4 * (self.d.len() + self.m.len())
+        self.qs.len() + 4 * (self.d.len() + self.m.len() + self.f.len())
     }
 
     fn row(&self, r: usize) -> Row<'_> {
+        if self.format == Format::F32 {
+            return Row {
+                format: self.format,
+                qs: &[],
+                d: &[],
+                m: &[],
+                f: &self.f[r * self.cols..(r + 1) * self.cols],
+            };
+        }
         let nb = self.cols / 32;
         let qb = self.format.quant_bytes();
         Row {
@@ -111,65 +147,100 @@ impl QuantMatrix {
             } else {
                 &self.m[r * nb..(r + 1) * nb]
             },
+            f: &[],
         }
     }
 
-    /// `out (m × rows) = x (m × cols) · Wᵀ`, plus `x · Aᵀ · B` when `low_rank` gives
-    /// `(A: R × cols, B: R × rows)` — a LoRA term, added inside the same parallel pass.
-    pub fn matmul(&self, x: &[f32], out: &mut [f32], low_rank: Option<(&[f32], &[f32])>) {
+    /// `out (m × rows) = x (m × cols) · Wᵀ`, plus `x · Aᵀ · B` when `low_rank` is given — a
+    /// LoRA term, added inside the same parallel pass.
+    pub fn matmul(&self, x: &[f32], out: &mut [f32], low_rank: Option<LowRank<'_>>) {
         let k = self.cols;
         let m = x.len() / k;
         debug_assert_eq!(x.len(), m * k);
         debug_assert_eq!(out.len(), m * self.rows);
-        // Per block of 32 activations: their sum (for the offsets of Q4_0 and Q4_1).
-        let sums: Vec<f32> = x.chunks_exact(32).map(|c| c.iter().sum()).collect();
         let simd = simd_level();
-        // The low-rank term first, for every row at once (m × rows): x·Aᵀ is m × R dot
-        // products, then each of the R columns of B is added in, scaled, over whole rows of the
-        // output, which vectorises (per-row dots of length R would not).
-        let low = match low_rank {
-            Some((a, b)) if !a.is_empty() => {
-                let rows = self.rows;
-                debug_assert_eq!(b.len(), a.len() / k * rows);
-                let mut low = vec![0f32; m * rows];
-                for (xr, lr) in x.chunks_exact(k).zip(low.chunks_exact_mut(rows)) {
-                    for (ar, br) in a.chunks_exact(k).zip(b.chunks_exact(rows)) {
-                        let s = dot_f32(ar, xr, simd);
-                        if s != 0.0 {
-                            axpy(s, br, lr, simd);
-                        }
-                    }
-                }
-                low
-            }
-            _ => Vec::new(),
+        // Per block of 32 activations: their sum (for the offsets of Q4_0 and Q4_1 on the
+        // paths that add them apart).
+        let sums: Vec<f32> = if simd == Simd::Avx512 && m == 1 {
+            Vec::new()
+        } else {
+            x.chunks_exact(32).map(|c| c.iter().sum()).collect()
         };
-        let low_rank_at = |i: usize, r: usize| -> f32 {
-            if low.is_empty() {
-                0.0
-            } else {
-                low[i * self.rows + r]
+        // The low-rank term: `x·Aᵀ` (m × R dots, small) here; each chunk of output rows then
+        // adds `Σ_j s_j · B_j` over its own rows, vectorised along the rows.
+        let (ranks, b_rows) = match low_rank {
+            Some(l) if !l.b.is_empty() => {
+                let r = l.b.len();
+                let mut s = Vec::with_capacity(m * r);
+                for xr in x.chunks_exact(k) {
+                    s.extend(l.a.chunks_exact(k).map(|ar| dot_f32(ar, xr, simd)));
+                }
+                (s, l.b)
             }
+            _ => (Vec::new(), &[][..]),
         };
         let rows = self.rows;
         let out_ptr = out.as_mut_ptr() as usize;
         let nb = k / 32;
         let work = |range: std::ops::Range<usize>| {
-            let mut dense = Vec::new();
-            for r in range {
-                let w = self.row(r);
-                let write = |i: usize, v: f32| {
-                    // SAFETY: each (i, r) is written by exactly one work item, inside `out`.
-                    unsafe { *(out_ptr as *mut f32).add(i * rows + r) = v };
-                };
-                if m == 1 {
-                    write(0, w.dot(x, &sums[..nb], simd) + low_rank_at(0, r));
-                } else {
-                    // Several positions: expand the row once, then plain float dots.
-                    dense.resize(k, 0.0);
-                    w.dequantize(&mut dense);
-                    for (i, xr) in x.chunks_exact(k).enumerate() {
-                        write(i, dot_f32(&dense, xr, simd) + low_rank_at(i, r));
+            // SAFETY: each output row `r` (of every position) is written by exactly one work
+            // item, and lies inside `out`.
+            let at = |i: usize, r: usize| unsafe { (out_ptr as *mut f32).add(i * rows + r) };
+            if m == 1 {
+                for r in range.clone() {
+                    let sums = if sums.is_empty() {
+                        &[][..]
+                    } else {
+                        &sums[..nb]
+                    };
+                    // SAFETY: see `at`.
+                    unsafe { *at(0, r) = self.row(r).dot(x, sums, simd) };
+                }
+            } else {
+                // Several positions: expand up to 4 rows at a time, then float dots of those
+                // rows with 2 positions at a time (each weight and activation load serves
+                // several products).
+                let mut dense = vec![0f32; 4 * k];
+                let mut r0 = range.start;
+                while r0 < range.end {
+                    let nr = (range.end - r0).min(4);
+                    for j in 0..nr {
+                        self.row(r0 + j).dequantize(&mut dense[j * k..(j + 1) * k]);
+                    }
+                    let mut i = 0;
+                    while i < m {
+                        let np = (m - i).min(2);
+                        let mut res = [[0f32; 4]; 2];
+                        dots_block(&dense[..nr * k], &x[i * k..(i + np) * k], k, &mut res, simd);
+                        for (p, row) in res.iter().enumerate().take(np) {
+                            for (j, v) in row.iter().enumerate().take(nr) {
+                                // SAFETY: see `at`.
+                                unsafe { *at(i + p, r0 + j) = *v };
+                            }
+                        }
+                        i += np;
+                    }
+                    r0 += nr;
+                }
+            }
+            if !b_rows.is_empty() {
+                let nr = b_rows.len();
+                for i in 0..m {
+                    // SAFETY: rows `range` of position `i` belong to this work item.
+                    let o =
+                        unsafe { std::slice::from_raw_parts_mut(at(i, range.start), range.len()) };
+                    for (j, (first, b)) in b_rows.iter().enumerate() {
+                        let s = ranks[i * nr + j];
+                        let lo = range.start.max(*first);
+                        let hi = range.end.min(first + b.len());
+                        if s != 0.0 && lo < hi {
+                            axpy(
+                                s,
+                                &b[lo - first..hi - first],
+                                &mut o[lo - range.start..hi - range.start],
+                                simd,
+                            );
+                        }
                     }
                 }
             }
@@ -182,11 +253,21 @@ impl QuantMatrix {
     }
 }
 
+/// A LoRA term for [`QuantMatrix::matmul`]: `A` (R × cols, row-major) and, per rank, the scaled
+/// row of `B` restricted to the output rows it touches (`(first row, values)`; the other rows
+/// of a fused projection are zeros and are skipped).
+#[derive(Clone, Copy)]
+pub(crate) struct LowRank<'a> {
+    pub a: &'a [f32],
+    pub b: &'a [(usize, Vec<f32>)],
+}
+
 impl Format {
     fn quant_bytes(self) -> usize {
         match self {
             Format::Q4_0 | Format::Q4_1 => 16,
             Format::Q8_0 => 32,
+            Format::F32 => 0,
         }
     }
 }
@@ -197,11 +278,16 @@ struct Row<'a> {
     qs: &'a [u8],
     d: &'a [f32],
     m: &'a [f32],
+    f: &'a [f32],
 }
 
 impl Row<'_> {
     /// The row's values as floats (exactly what de-quantising the tensor gives).
     fn dequantize(&self, out: &mut [f32]) {
+        if self.format == Format::F32 {
+            out.copy_from_slice(self.f);
+            return;
+        }
         let qb = self.format.quant_bytes();
         for (b, (qs, o)) in self
             .qs
@@ -223,12 +309,16 @@ impl Row<'_> {
                         o[j + 16] = d * f32::from(qs[j] >> 4) + m;
                     }
                 }
+                Format::F32 => {}
             }
         }
     }
 
     /// `Σ w·x` for one activation row `x` with its block sums.
     fn dot(&self, x: &[f32], sums: &[f32], simd: Simd) -> f32 {
+        if self.format == Format::F32 {
+            return dot_f32(self.f, x, simd);
+        }
         #[cfg(target_arch = "x86_64")]
         match simd {
             // SAFETY: AVX-512F (and AVX2 + FMA) were detected at run time; lengths match
@@ -237,9 +327,8 @@ impl Row<'_> {
                 return unsafe {
                     match self.format {
                         Format::Q8_0 => dot_q8_0_avx512(self.qs, self.d, x),
-                        Format::Q4_0 | Format::Q4_1 => {
-                            dot_q4_avx512(self.qs, self.d, x) + dot_f32_avx2(self.m, sums)
-                        }
+                        Format::Q4_0 | Format::Q4_1 => dot_q4_avx512(self.qs, self.d, self.m, x),
+                        Format::F32 => dot_f32_avx512(self.f, x),
                     }
                 };
             }
@@ -251,6 +340,7 @@ impl Row<'_> {
                         Format::Q4_0 | Format::Q4_1 => {
                             dot_q4_avx2(self.qs, self.d, x) + dot_f32_avx2(self.m, sums)
                         }
+                        Format::F32 => dot_f32_avx2(self.f, x),
                     }
                 };
             }
@@ -261,6 +351,9 @@ impl Row<'_> {
     }
 
     fn dot_scalar(&self, x: &[f32], sums: &[f32]) -> f32 {
+        if self.format == Format::F32 {
+            return self.f.iter().zip(x).map(|(a, b)| a * b).sum();
+        }
         let qb = self.format.quant_bytes();
         let mut acc = 0f32;
         for (b, (qs, xs)) in self.qs.chunks_exact(qb).zip(x.chunks_exact(32)).enumerate() {
@@ -277,6 +370,7 @@ impl Row<'_> {
                     }
                     acc += self.m[b] * sums[b];
                 }
+                Format::F32 => {}
             }
             acc += self.d[b] * p;
         }
@@ -445,8 +539,55 @@ unsafe fn dot_q4_avx2(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
     unsafe { hsum(_mm256_add_ps(acc0, acc1)) }
 }
 
+/// `out[p][j] = w_j · x_p` for up to 4 dense rows `w` (`n_w × k`) and up to 2 positions `x`
+/// (`n_x × k`).
+fn dots_block(w: &[f32], x: &[f32], k: usize, out: &mut [[f32; 4]; 2], simd: Simd) {
+    let (nw, nx) = (w.len() / k, x.len() / k);
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx512 && nw == 4 && nx == 2 && k.is_multiple_of(16) {
+        // SAFETY: AVX-512F was detected at run time; 4 rows and 2 positions of `k` values.
+        unsafe { dots_4x2_avx512(w, x, k, out) };
+        return;
+    }
+    for (p, xr) in x.chunks_exact(k).enumerate() {
+        for (j, wr) in w.chunks_exact(k).enumerate() {
+            out[p][j] = dot_f32(wr, xr, simd);
+        }
+    }
+}
+
+/// [`dots_block`] for 4 rows × 2 positions: 8 accumulators, 6 loads per 8 FMAs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dots_4x2_avx512(w: &[f32], x: &[f32], k: usize, out: &mut [[f32; 4]; 2]) {
+    use std::arch::x86_64::*;
+    debug_assert!(w.len() == 4 * k && x.len() == 2 * k);
+    let mut acc = [[_mm512_setzero_ps(); 4]; 2];
+    // SAFETY: every load reads 16 floats at `c < k` of a row inside `w` or `x`.
+    unsafe {
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut c = 0;
+        while c < k {
+            let x0 = _mm512_loadu_ps(xp.add(c));
+            let x1 = _mm512_loadu_ps(xp.add(k + c));
+            let [a0, a1] = &mut acc;
+            for (j, (s0, s1)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
+                let wv = _mm512_loadu_ps(wp.add(j * k + c));
+                *s0 = _mm512_fmadd_ps(wv, x0, *s0);
+                *s1 = _mm512_fmadd_ps(wv, x1, *s1);
+            }
+            c += 16;
+        }
+    }
+    for (o, a) in out.iter_mut().zip(&acc) {
+        for (o, a) in o.iter_mut().zip(a) {
+            *o = _mm512_reduce_add_ps(*a);
+        }
+    }
+}
+
 /// `y += s·x`.
-fn axpy(s: f32, x: &[f32], y: &mut [f32], simd: Simd) {
+pub(crate) fn axpy(s: f32, x: &[f32], y: &mut [f32], simd: Simd) {
     #[cfg(target_arch = "x86_64")]
     if simd == Simd::Avx512 {
         // SAFETY: AVX-512F was detected at run time.
@@ -513,42 +654,75 @@ unsafe fn dot_f32_avx512(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-/// [`dot_q4_avx2`] with 16 floats per instruction.
+/// How far ahead of the block being read the quantised kernels prefetch.
+const PREFETCH_BYTES: usize = 4096;
+
+/// `Σ_b Σ_j (d_b·q_bj + m_b) · x_bj` for 4-bit quants, 16 floats per instruction. Each block's
+/// 16 possible weight values `d·q + m` are one register, and the quants index it (`vpermps`
+/// reads the low 4 bits of each lane), so no integer-to-float conversion is needed.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn dot_q4_avx512(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
+unsafe fn dot_q4_avx512(qs: &[u8], d: &[f32], m: &[f32], x: &[f32]) -> f32 {
     use std::arch::x86_64::*;
-    let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    let mask = _mm_set1_epi8(0x0F);
-    let f = |v: __m128i| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
-    // (d, Σ_j q_j·x_j) of one block.
-    let block = |b: usize, q: &[u8], xs: &[f32]| {
-        // SAFETY: 16 bytes of quants and 32 floats are readable; unaligned loads.
-        unsafe {
-            let packed = _mm_loadu_si128(q.as_ptr() as *const __m128i);
-            let lo = _mm_and_si128(packed, mask); // values 0..16
-            let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask); // values 16..32
-            let xp = xs.as_ptr();
-            let p = _mm512_fmadd_ps(
-                f(hi),
-                _mm512_loadu_ps(xp.add(16)),
-                _mm512_mul_ps(f(lo), _mm512_loadu_ps(xp)),
+    let nb = d.len();
+    debug_assert!(qs.len() == nb * 16 && m.len() == nb && x.len() >= nb * 32);
+    let iota = _mm512_setr_ps(
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+    );
+    let mut acc = [_mm512_setzero_ps(); 4];
+    // SAFETY: block `b` reads 16 bytes of quants at 16·b and 32 floats at 32·b, inside the
+    // slices (lengths checked at load); unaligned loads.
+    unsafe {
+        let block = |b: usize| {
+            let lanes =
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(qs.as_ptr().add(16 * b) as *const __m128i));
+            let table = _mm512_fmadd_ps(
+                iota,
+                _mm512_set1_ps(*d.get_unchecked(b)),
+                _mm512_set1_ps(*m.get_unchecked(b)),
             );
-            (_mm512_set1_ps(*d.get_unchecked(b)), p)
-        }
-    };
-    let mut blocks = qs.chunks_exact(16).zip(x.chunks_exact(32)).enumerate();
-    // Two blocks a turn, into two accumulators, so the FMAs do not wait on each other.
-    while let Some((b, (q, xs))) = blocks.next() {
-        let (dv, p) = block(b, q, xs);
-        acc0 = _mm512_fmadd_ps(dv, p, acc0);
-        let Some((b, (q, xs))) = blocks.next() else {
-            break;
+            let xp = x.as_ptr().add(32 * b);
+            (
+                _mm512_permutexvar_ps(lanes, table),
+                _mm512_loadu_ps(xp),
+                _mm512_permutexvar_ps(_mm512_srli_epi32(lanes, 4), table),
+                _mm512_loadu_ps(xp.add(16)),
+            )
         };
-        let (dv, p) = block(b, q, xs);
-        acc1 = _mm512_fmadd_ps(dv, p, acc1);
+        let mut b = 0;
+        // Two blocks a turn into four accumulators, so the FMAs do not wait on each other.
+        while b + 2 <= nb {
+            // The hardware prefetcher alone leaves the loop waiting on memory: ask for the
+            // quants and scales a little ahead (past the row's end is harmless: the next
+            // row follows).
+            let qa = qs.as_ptr().wrapping_add(16 * b + PREFETCH_BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(qa as *const i8);
+            if b % 8 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    d.as_ptr().wrapping_add(b + PREFETCH_BYTES / 4) as *const i8
+                );
+                _mm_prefetch::<_MM_HINT_T0>(
+                    m.as_ptr().wrapping_add(b + PREFETCH_BYTES / 4) as *const i8
+                );
+            }
+            let (w0, x0, w1, x1) = block(b);
+            acc[0] = _mm512_fmadd_ps(w0, x0, acc[0]);
+            acc[1] = _mm512_fmadd_ps(w1, x1, acc[1]);
+            let (w0, x0, w1, x1) = block(b + 1);
+            acc[2] = _mm512_fmadd_ps(w0, x0, acc[2]);
+            acc[3] = _mm512_fmadd_ps(w1, x1, acc[3]);
+            b += 2;
+        }
+        if b < nb {
+            let (w0, x0, w1, x1) = block(b);
+            acc[0] = _mm512_fmadd_ps(w0, x0, acc[0]);
+            acc[1] = _mm512_fmadd_ps(w1, x1, acc[1]);
+        }
     }
-    _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+    _mm512_reduce_add_ps(_mm512_add_ps(
+        _mm512_add_ps(acc[0], acc[1]),
+        _mm512_add_ps(acc[2], acc[3]),
+    ))
 }
 
 /// [`dot_q8_0_avx2`] with 16 floats per instruction.
@@ -556,24 +730,44 @@ unsafe fn dot_q4_avx512(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn dot_q8_0_avx512(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
     use std::arch::x86_64::*;
-    let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let nb = d.len();
+    debug_assert!(qs.len() == nb * 32 && x.len() >= nb * 32);
     let f = |v: __m128i| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
-    for (b, (q, xs)) in qs.chunks_exact(32).zip(x.chunks_exact(32)).enumerate() {
-        // SAFETY: 32 bytes of quants and 32 floats are readable; unaligned loads.
-        unsafe {
-            let dv = _mm512_set1_ps(*d.get_unchecked(b));
-            let qp = q.as_ptr() as *const __m128i;
-            let xp = xs.as_ptr();
-            acc0 = _mm512_fmadd_ps(
-                dv,
+    let (mut acc0, mut acc1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    // SAFETY: block `b` reads 32 bytes of quants and 32 floats at 32·b, inside the slices
+    // (lengths checked at load); unaligned loads.
+    unsafe {
+        // (d, Σ_j q_j·x_j) of one block.
+        let block = |b: usize| {
+            let qp = qs.as_ptr().add(32 * b) as *const __m128i;
+            let xp = x.as_ptr().add(32 * b);
+            let p = _mm512_fmadd_ps(
+                f(_mm_loadu_si128(qp.add(1))),
+                _mm512_loadu_ps(xp.add(16)),
                 _mm512_mul_ps(f(_mm_loadu_si128(qp)), _mm512_loadu_ps(xp)),
-                acc0,
             );
-            acc1 = _mm512_fmadd_ps(
-                dv,
-                _mm512_mul_ps(f(_mm_loadu_si128(qp.add(1))), _mm512_loadu_ps(xp.add(16))),
-                acc1,
-            );
+            (_mm512_set1_ps(*d.get_unchecked(b)), p)
+        };
+        let mut b = 0;
+        while b + 2 <= nb {
+            // As in `dot_q4_avx512`.
+            let qa = qs.as_ptr().wrapping_add(32 * b + 2 * PREFETCH_BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(qa as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(qa.wrapping_add(64) as *const i8);
+            if b % 8 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(
+                    d.as_ptr().wrapping_add(b + PREFETCH_BYTES / 8) as *const i8
+                );
+            }
+            let (dv, p) = block(b);
+            acc0 = _mm512_fmadd_ps(dv, p, acc0);
+            let (dv, p) = block(b + 1);
+            acc1 = _mm512_fmadd_ps(dv, p, acc1);
+            b += 2;
+        }
+        if b < nb {
+            let (dv, p) = block(b);
+            acc0 = _mm512_fmadd_ps(dv, p, acc0);
         }
     }
     _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
@@ -596,13 +790,27 @@ mod tests {
 
     #[test]
     fn the_low_rank_term_is_added_in_the_same_pass() {
-        let (rows, cols, ranks) = (21, 64, 3);
+        // Big enough for the parallel pass (several work items, rank spans crossing them).
+        let (rows, cols, ranks) = (517, 128, 3);
         let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         let mat = QuantMatrix::from_bytes(Format::Q4_1, &q.data().unwrap(), rows, cols).unwrap();
         let wd = q.dequantize(&Device::Cpu).unwrap();
         let a = Tensor::randn(0f32, 1.0, (ranks, cols), &Device::Cpu).unwrap();
-        let b = Tensor::randn(0f32, 1.0, (ranks, rows), &Device::Cpu).unwrap();
+        // Rank j touches rows j·100 .. j·100 + 300 (a fused projection's block).
+        let spans: Vec<(usize, usize)> = (0..ranks).map(|j| (j * 100, 300)).collect();
+        let bv: Vec<(usize, Vec<f32>)> = spans
+            .iter()
+            .map(|&(first, len)| {
+                let t = Tensor::randn(0f32, 1.0, len, &Device::Cpu).unwrap();
+                (first, t.to_vec1().unwrap())
+            })
+            .collect();
+        let mut dense_b = vec![0f32; ranks * rows];
+        for (j, (first, vals)) in bv.iter().enumerate() {
+            dense_b[j * rows + first..j * rows + first + vals.len()].copy_from_slice(vals);
+        }
+        let b = Tensor::from_vec(dense_b, (ranks, rows), &Device::Cpu).unwrap();
         for m in [1, 2] {
             let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu).unwrap();
             let want = (x.matmul(&wd.t().unwrap()).unwrap()
@@ -611,9 +819,8 @@ mod tests {
             let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
             let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
             let av: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-            let bv: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
             let mut out = vec![0f32; m * rows];
-            mat.matmul(&xs, &mut out, Some((&av, &bv)));
+            mat.matmul(&xs, &mut out, Some(LowRank { a: &av, b: &bv }));
             for (g, w) in out.iter().zip(&want) {
                 assert!((g - w).abs() < 1e-3 * (1.0 + w.abs()), "{g} vs {w}");
             }
@@ -627,7 +834,7 @@ mod tests {
             (GgmlDType::Q4_1, Format::Q4_1),
             (GgmlDType::Q8_0, Format::Q8_0),
         ] {
-            for m in [1, 3] {
+            for m in [1, 3, 5] {
                 let (rows, cols) = (37, 96);
                 let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
                 let q = QTensor::quantize(&w, dtype).unwrap();

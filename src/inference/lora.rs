@@ -16,6 +16,7 @@ use serde_json::Value as Json;
 
 use super::EngineError;
 use super::config::ModelConfig;
+use super::kernels::LowRank;
 
 /// The A and B halves of one adapted projection, as they are found.
 type PairSlots = (Option<Tensor>, Option<Tensor>);
@@ -24,22 +25,26 @@ type PairSlots = (Option<Tensor>, Option<Tensor>);
 pub struct LoraPair {
     pub(crate) a_t: Tensor,
     pub(crate) b_t: Tensor,
-    /// The same as plain rows, for [`LoraPair::rows`]: `a` is `a_t` transposed (ΣR × in),
-    /// `b` is `b_t` (ΣR × out).
+    /// The same as plain rows, for [`LoraPair::rows`]: `a` is `a_t` transposed (ΣR × in);
+    /// `b` holds each row of `b_t` without its zeros (first output column, values).
     a: Vec<f32>,
-    b: Vec<f32>,
+    b: Vec<(usize, Vec<f32>)>,
 }
 
 impl LoraPair {
-    /// `(A: ΣR × in, B: ΣR × out)` as plain rows, for the engine's own kernels, which add
-    /// the LoRA term inside their matmul (see `QuantMatrix::matmul`).
-    pub(crate) fn rows(&self) -> (&[f32], &[f32]) {
-        (&self.a, &self.b)
+    /// A and B as plain rows, for the engine's own kernels, which add the LoRA term inside
+    /// their matmul (see `QuantMatrix::matmul`).
+    pub(crate) fn rows(&self) -> LowRank<'_> {
+        LowRank {
+            a: &self.a,
+            b: &self.b,
+        }
     }
 
     /// Bytes held (both layouts).
     fn bytes(&self) -> usize {
-        (self.a_t.elem_count() + self.b_t.elem_count() + self.a.len() + self.b.len()) * 4
+        let b: usize = self.b.iter().map(|(_, v)| v.len()).sum();
+        (self.a_t.elem_count() + self.b_t.elem_count() + self.a.len() + b) * 4
     }
 }
 
@@ -374,9 +379,13 @@ fn fuse_pair(
     .contiguous()?;
     debug_assert_eq!(a_t.dim(0)?, in_features);
     let mut rows = Vec::with_capacity(parts.len());
-    for (_, b, offset) in parts {
-        let (out, r) = b.dims2()?;
-        let bt = b.t()?;
+    let mut b = Vec::new();
+    for (_, part_b, offset) in parts {
+        let (out, r) = part_b.dims2()?;
+        let bt = part_b.t()?;
+        for row in bt.contiguous()?.to_vec2::<f32>()? {
+            b.push((*offset, row));
+        }
         let mut pieces = Vec::new();
         if *offset > 0 {
             pieces.push(Tensor::zeros((r, *offset), DType::F32, &Device::Cpu)?);
@@ -390,7 +399,6 @@ fn fuse_pair(
     }
     let b_t = Tensor::cat(&rows, 0)?.contiguous()?;
     let a = a_t.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let b = b_t.flatten_all()?.to_vec1::<f32>()?;
     Ok(LoraPair { a_t, b_t, a, b })
 }
 

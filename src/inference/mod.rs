@@ -26,6 +26,7 @@ mod engine;
 mod kernels;
 pub mod lora;
 pub mod model;
+mod ops;
 pub mod sampling;
 pub mod template;
 pub mod text;

@@ -23,7 +23,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file::qtensor_fro
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::{Family, ModelConfig};
-use super::kernels::{Format, QuantMatrix};
+use super::kernels::{Format, LowRank, QuantMatrix};
 use super::lora::{LayerLora, LoraAdapter, LoraPair};
 use crate::models::convert::{Arch, Heads, Mapped, map_tensor_name};
 use crate::models::gguf::Meta;
@@ -121,6 +121,14 @@ impl Weight {
                     cols,
                 )?));
             }
+        }
+        if let QMatMul::Tensor(t) = &w
+            && t.dtype() == DType::F32
+            && t.device().is_cpu()
+            && let Ok((rows, cols)) = t.dims2()
+        {
+            let values = t.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            return Ok(Weight::Own(QuantMatrix::from_f32(values, rows, cols)?));
         }
         Ok(Weight::Candle(w))
     }
@@ -226,11 +234,89 @@ pub struct Model {
     /// What was loaded, for logs (`gguf Q4_1→Q8_0`, `safetensors F32`).
     pub description: String,
     device: Device,
+    /// Set when every matmul runs on the engine's own kernels: the layers then run on plain
+    /// slices (see [`Model::forward_plain`]) instead of candle tensors.
+    plain: Option<Plain>,
+}
+
+/// What the engine's own layer loop reads besides the matmul weights, as plain slices.
+struct Plain {
+    layers: Vec<PlainLayer>,
+    norm: Vec<f32>,
+    /// `max_positions × head_dim/2` each.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+struct PlainLayer {
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    qkv_bias: Option<Vec<f32>>,
+}
+
+fn own(l: &Linear) -> anyhow::Result<&QuantMatrix> {
+    match &l.w {
+        Weight::Own(m) => Ok(m),
+        Weight::Candle(_) => bail!("a weight is not on the engine's kernels"),
+    }
+}
+
+fn low(p: Option<&Option<LoraPair>>) -> Option<LowRank<'_>> {
+    p.and_then(|p| p.as_ref()).map(LoraPair::rows)
+}
+
+fn plain_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+}
+
+impl Plain {
+    /// `None` unless every matmul weight of `m` runs on the engine's own kernels.
+    fn new(m: &Model) -> anyhow::Result<Option<Plain>> {
+        let own = |l: &Linear| matches!(l.w, Weight::Own(_));
+        if !m.device.is_cpu()
+            || !m.layers.iter().all(|l| {
+                own(&l.qkv)
+                    && own(&l.o)
+                    && own(&l.gate_up)
+                    && own(&l.down)
+                    && l.o.b.is_none()
+                    && l.gate_up.b.is_none()
+                    && l.down.b.is_none()
+            })
+        {
+            return Ok(None);
+        }
+        let opt = |t: &Option<Tensor>| t.as_ref().map(plain_vec).transpose();
+        let layers = m
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(PlainLayer {
+                    input_norm: plain_vec(&l.input_norm)?,
+                    post_norm: plain_vec(&l.post_norm)?,
+                    q_norm: opt(&l.q_norm)?,
+                    k_norm: opt(&l.k_norm)?,
+                    qkv_bias: opt(&l.qkv.b)?,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Some(Plain {
+            layers,
+            norm: plain_vec(&m.norm)?,
+            cos: plain_vec(&m.cos)?,
+            sin: plain_vec(&m.sin)?,
+        }))
+    }
 }
 
 /// The attention state of one sequence: per layer, keys and values of every position so far.
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
+    /// The same for the plain layer loop: per layer, keys and values as
+    /// `num_kv_heads × cap × head_dim` floats. A cache uses one of the two, by its model.
+    raw: Vec<(Vec<f32>, Vec<f32>)>,
     len: usize,
     cap: usize,
 }
@@ -253,10 +339,13 @@ impl KvCache {
 
     /// Bytes held by the cache's buffers.
     pub fn bytes(&self) -> usize {
-        self.layers
+        let tensors: usize = self
+            .layers
             .iter()
             .map(|(k, v)| (k.elem_count() + v.elem_count()) * 4)
-            .sum()
+            .sum();
+        let raw: usize = self.raw.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum();
+        tensors + raw
     }
 }
 
@@ -273,6 +362,7 @@ impl Model {
     pub fn new_cache(&self) -> KvCache {
         KvCache {
             layers: Vec::new(),
+            raw: Vec::new(),
             len: 0,
             cap: 0,
         }
@@ -325,6 +415,9 @@ impl Model {
             );
         }
         self.ensure_capacity(cache, pos + s)?;
+        if let Some(plain) = &self.plain {
+            return self.forward_plain(plain, tokens, cache, adapter, all);
+        }
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = match &self.embed {
             Embedding::Quantized(q) => q.embedding(&ids)?,
@@ -355,6 +448,117 @@ impl Model {
         Ok(if all { logits } else { logits.squeeze(0)? })
     }
 
+    /// [`Model::forward`] on plain slices: the engine's kernels for every matmul (with the
+    /// LoRA term inside) and the `ops` functions for the rest, with no candle tensor between
+    /// them. Computes what the tensor path computes (the same operations in the same order,
+    /// up to float summation order).
+    fn forward_plain(
+        &self,
+        plain: &Plain,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        adapter: Option<&LoraAdapter>,
+        all: bool,
+    ) -> anyhow::Result<Tensor> {
+        use super::ops;
+        let c = &self.config;
+        let eps = c.rms_norm_eps as f32;
+        let (s, pos) = (tokens.len(), cache.len);
+        let (hidden, nh, nkv, hd) = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
+        let [qs, ks, _] = c.qkv_sizes();
+        let n_qkv = qs + 2 * ks;
+        let inter = c.intermediate_size;
+        let half = hd / 2;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = match &self.embed {
+            Embedding::Quantized(q) => q.embedding(&ids)?,
+            Embedding::Dense(t) => t.index_select(&ids, 0)?,
+        }
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+        let mut h = vec![0f32; s * hidden];
+        let mut qkv = vec![0f32; s * n_qkv];
+        let mut q = vec![0f32; s * qs];
+        let mut att = vec![0f32; s * qs];
+        let mut o = vec![0f32; s * hidden];
+        let mut gu = vec![0f32; s * 2 * inter];
+        let mut act = vec![0f32; s * inter];
+        let heads = ops::Heads {
+            nh,
+            nkv,
+            hd,
+            cap: cache.cap,
+            window: c.sliding_window,
+        };
+        for (li, (layer, pl)) in self.layers.iter().zip(&plain.layers).enumerate() {
+            let lora = adapter.map(|a| &a.layers[li]);
+            ops::rms_norm_rows(&x, &pl.input_norm, eps, &mut h);
+            own(&layer.qkv)?.matmul(&h, &mut qkv, low(lora.map(|l| &l.qkv)));
+            if let Some(b) = &pl.qkv_bias {
+                for row in qkv.chunks_exact_mut(n_qkv) {
+                    for (v, b) in row.iter_mut().zip(b) {
+                        *v += b;
+                    }
+                }
+            }
+            let (kc, vc) = &mut cache.raw[li];
+            for (i, row) in qkv.chunks_exact_mut(n_qkv).enumerate() {
+                let p = pos + i;
+                let (cos, sin) = (
+                    &plain.cos[p * half..][..half],
+                    &plain.sin[p * half..][..half],
+                );
+                let (qr, kv) = row.split_at_mut(qs);
+                let (kr, vr) = kv.split_at_mut(ks);
+                for head in qr.chunks_exact_mut(hd) {
+                    if let Some(n) = &pl.q_norm {
+                        ops::rms_norm_in_place(head, n, eps);
+                    }
+                    ops::rope(head, cos, sin);
+                }
+                q[i * qs..][..qs].copy_from_slice(qr);
+                for (g, (kh, vh)) in kr.chunks_exact_mut(hd).zip(vr.chunks_exact(hd)).enumerate() {
+                    if let Some(n) = &pl.k_norm {
+                        ops::rms_norm_in_place(kh, n, eps);
+                    }
+                    ops::rope(kh, cos, sin);
+                    let at = (g * cache.cap + p) * hd;
+                    kc[at..at + hd].copy_from_slice(kh);
+                    vc[at..at + hd].copy_from_slice(vh);
+                }
+            }
+            ops::attention(&q, kc, vc, pos, heads, &mut att);
+            own(&layer.o)?.matmul(&att, &mut o, low(lora.map(|l| &l.o)));
+            for (xv, ov) in x.iter_mut().zip(&o) {
+                *xv += ov;
+            }
+            ops::rms_norm_rows(&x, &pl.post_norm, eps, &mut h);
+            own(&layer.gate_up)?.matmul(&h, &mut gu, low(lora.map(|l| &l.gate_up)));
+            ops::silu_mul(&gu, inter, &mut act);
+            own(&layer.down)?.matmul(&act, &mut o, low(lora.map(|l| &l.down)));
+            for (xv, ov) in x.iter_mut().zip(&o) {
+                *xv += ov;
+            }
+        }
+        cache.len = pos + s;
+        let rows = if all { s } else { 1 };
+        let x = &x[(s - rows) * hidden..];
+        ops::rms_norm_rows(x, &plain.norm, eps, &mut h[..rows * hidden]);
+        let logits = match &self.lm_head.w {
+            Weight::Own(head) if self.lm_head.b.is_none() => {
+                let mut logits = vec![0f32; rows * head.rows()];
+                head.matmul(&h[..rows * hidden], &mut logits, None);
+                Tensor::from_vec(logits, (rows, head.rows()), &self.device)?
+            }
+            _ => {
+                let h = Tensor::from_slice(&h[..rows * hidden], (rows, hidden), &self.device)?;
+                self.lm_head.forward(&h, None)?
+            }
+        };
+        Ok(if all { logits } else { logits.squeeze(0)? })
+    }
+
     fn ensure_capacity(&self, cache: &mut KvCache, need: usize) -> anyhow::Result<()> {
         if need <= cache.cap {
             return Ok(());
@@ -364,6 +568,27 @@ impl Model {
             .max(256)
             .min(self.config.max_positions);
         let c = &self.config;
+        if self.plain.is_some() {
+            let (nkv, hd) = (c.num_kv_heads, c.head_dim);
+            let grow = |old: Option<&Vec<f32>>| {
+                let mut buf = vec![0f32; nkv * cap * hd];
+                if let Some(old) = old {
+                    for g in 0..nkv {
+                        let n = cache.len * hd;
+                        buf[g * cap * hd..][..n].copy_from_slice(&old[g * cache.cap * hd..][..n]);
+                    }
+                }
+                buf
+            };
+            cache.raw = (0..c.num_layers)
+                .map(|i| {
+                    let old = cache.raw.get(i);
+                    (grow(old.map(|o| &o.0)), grow(old.map(|o| &o.1)))
+                })
+                .collect();
+            cache.cap = cap;
+            return Ok(());
+        }
         let shape = (c.num_kv_heads, cap, c.head_dim);
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
@@ -703,24 +928,31 @@ impl Store {
         let (embed, lm_head) = match embed_raw {
             Raw::Q(q) => {
                 let q = std::sync::Arc::new(q);
-                let head = match lm_head_raw {
-                    Some(r) => fuse(vec![r], requantize)?,
-                    None => {
-                        let target = requantize.target(q.dtype(), hidden);
-                        if target == q.dtype() {
-                            QMatMul::from_arc(q.clone())?
-                        } else {
-                            dense_as(q.dequantize(&device)?, target)?
+                let head = Linear::new(
+                    match lm_head_raw {
+                        Some(r) => fuse(vec![r], requantize)?,
+                        None => {
+                            let target = requantize.target(q.dtype(), hidden);
+                            if target == q.dtype() {
+                                QMatMul::from_arc(q.clone())?
+                            } else {
+                                dense_as(q.dequantize(&device)?, target)?
+                            }
                         }
-                    }
-                };
+                    },
+                    None,
+                )?;
                 (Embedding::Quantized(q), head)
             }
             Raw::F(t) => {
                 let t = t.to_dtype(DType::F32)?.contiguous()?;
                 let head = match lm_head_raw {
-                    Some(r) => fuse(vec![r], requantize)?,
-                    None => QMatMul::Tensor(t.clone()),
+                    Some(r) => Linear::new(fuse(vec![r], requantize)?, None)?,
+                    // Tied: candle's matmul over the embedding itself (no second copy).
+                    None => Linear {
+                        w: Weight::Candle(QMatMul::Tensor(t.clone())),
+                        b: None,
+                    },
                 };
                 (Embedding::Dense(t), head)
             }
@@ -731,8 +963,7 @@ impl Store {
             vocab_size: vocab,
             ..config
         };
-        let lm_head = Linear::new(lm_head, None)?;
-        let model = Model {
+        let mut model = Model {
             description: format!(
                 "{description}; layers {}, head {}",
                 layers.first().map(|l| l.qkv.describe()).unwrap_or_default(),
@@ -746,7 +977,12 @@ impl Store {
             cos,
             sin,
             device,
+            plain: None,
         };
+        // FERROTUNE_TENSOR_PATH=1 keeps the candle-tensor layer loop (to compare the two).
+        if std::env::var_os("FERROTUNE_TENSOR_PATH").is_none_or(|v| v == "0") {
+            model.plain = Plain::new(&model)?;
+        }
         Ok(model)
     }
 }

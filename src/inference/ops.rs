@@ -1,0 +1,217 @@
+//! The per-position operations of a decoder layer on plain `f32` slices, for the engine's
+//! own layer loop (`Model::forward` when every weight runs on `kernels`). They compute what
+//! candle's `rms_norm`, `rope`, `softmax` and `silu` compute, in the same order, without a
+//! tensor allocation or dispatch per operation: at one token per step those costs are a
+//! large part of a small model's time.
+
+use super::kernels::{axpy, dot_f32, simd_level};
+
+/// `out_i = x_i / sqrt(mean(x²) + eps) · w_i` for each row of `x` (rows of `w.len()`).
+pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let sum2: f32 = xr.iter().map(|v| v * v).sum();
+        let m = (sum2 / n as f32 + eps).sqrt();
+        for ((o, v), a) in or.iter_mut().zip(xr).zip(w) {
+            *o = v / m * a;
+        }
+    }
+}
+
+/// [`rms_norm_rows`] in place.
+pub(crate) fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let n = w.len();
+    for xr in x.chunks_exact_mut(n) {
+        let sum2: f32 = xr.iter().map(|v| v * v).sum();
+        let m = (sum2 / n as f32 + eps).sqrt();
+        for (v, a) in xr.iter_mut().zip(w) {
+            *v = *v / m * a;
+        }
+    }
+}
+
+/// Rotates one head's vector (`hd` values) by the position's `cos`/`sin` (`hd/2` each), the
+/// halves convention (`x[i]` pairs with `x[i + hd/2]`).
+pub(crate) fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    let (a, b) = x.split_at_mut(half);
+    for i in 0..half {
+        let (x1, x2) = (a[i], b[i]);
+        a[i] = x1 * cos[i] - x2 * sin[i];
+        b[i] = x1 * sin[i] + x2 * cos[i];
+    }
+}
+
+/// `out = silu(gate) · up` where each row of `gu` is `[gate | up]`.
+pub(crate) fn silu_mul(gu: &[f32], inter: usize, out: &mut [f32]) {
+    for (row, o) in gu.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
+        let (g, u) = row.split_at(inter);
+        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    }
+}
+
+/// One layer's attention shapes.
+#[derive(Clone, Copy)]
+pub(crate) struct Heads {
+    pub nh: usize,
+    pub nkv: usize,
+    pub hd: usize,
+    /// Positions a key/value buffer holds (its row stride per key/value head).
+    pub cap: usize,
+    pub window: Option<usize>,
+}
+
+/// Causal attention of `s` query positions (`q`: s × nh·hd, starting at position `pos`) over
+/// the keys and values of positions `0..pos+s` (`k`, `v`: nkv × cap × hd), into `out`
+/// (s × nh·hd). Query heads `h` read key/value head `h / (nh/nkv)`. Runs on the worker pool
+/// when there is enough of it.
+pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], pos: usize, h: Heads, out: &mut [f32]) {
+    let Heads {
+        nh,
+        nkv,
+        hd,
+        cap,
+        window,
+    } = h;
+    let s = q.len() / (nh * hd);
+    let n_rep = nh / nkv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let simd = simd_level();
+    let out_ptr = out.as_mut_ptr() as usize;
+    let work = |items: std::ops::Range<usize>| {
+        let mut scores = Vec::new();
+        for item in items {
+            let (i, head) = (item / nh, item % nh);
+            let qpos = pos + i;
+            let first = window.map_or(0, |w| (qpos + 1).saturating_sub(w));
+            let g = head / n_rep;
+            let qv = &q[(i * nh + head) * hd..][..hd];
+            let keys = &k[g * cap * hd..][..cap * hd];
+            let values = &v[g * cap * hd..][..cap * hd];
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for j in first..=qpos {
+                let sc = dot_f32(qv, &keys[j * hd..][..hd], simd) * scale;
+                max = max.max(sc);
+                scores.push(sc);
+            }
+            let mut sum = 0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            // SAFETY: item (i, head) alone writes these `hd` values, inside `out`.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut((out_ptr as *mut f32).add((i * nh + head) * hd), hd)
+            };
+            o.fill(0.0);
+            for (j, p) in (first..=qpos).zip(&scores) {
+                axpy(p / sum, &values[j * hd..][..hd], o, simd);
+            }
+        }
+    };
+    let items = s * nh;
+    if items < 2 || items * (pos + s) * hd < 1 << 15 {
+        work(0..items);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(items, work);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn vec(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn close(a: &[f32], b: &[f32], tol: f32) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn norms_rope_and_silu_match_candle() {
+        let d = &Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 64), d).unwrap();
+        let w = Tensor::randn(0f32, 1.0, 64, d).unwrap();
+        let want = candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap();
+        let mut got = vec![0f32; 3 * 64];
+        rms_norm_rows(&vec(&x), &vec(&w), 1e-5, &mut got);
+        close(&got, &vec(&want), 1e-6);
+        let mut inplace = vec(&x);
+        rms_norm_in_place(&mut inplace, &vec(&w), 1e-5);
+        assert_eq!(inplace, got);
+
+        let cos = Tensor::randn(0f32, 1.0, (3, 32), d).unwrap();
+        let sin = Tensor::randn(0f32, 1.0, (3, 32), d).unwrap();
+        let want =
+            candle_nn::rotary_emb::rope(&x.reshape((1, 1, 3, 64)).unwrap(), &cos, &sin).unwrap();
+        let mut got = vec(&x);
+        let (c, s) = (vec(&cos), vec(&sin));
+        for (p, row) in got.chunks_exact_mut(64).enumerate() {
+            rope(row, &c[p * 32..][..32], &s[p * 32..][..32]);
+        }
+        close(&got, &vec(&want), 1e-6);
+
+        let gu = Tensor::randn(0f32, 2.0, (3, 64), d).unwrap();
+        let want =
+            (gu.narrow(1, 0, 32).unwrap().silu().unwrap() * gu.narrow(1, 32, 32).unwrap()).unwrap();
+        let mut got = vec![0f32; 3 * 32];
+        silu_mul(&vec(&gu), 32, &mut got);
+        close(&got, &vec(&want), 1e-6);
+    }
+
+    #[test]
+    fn attention_matches_softmax_of_scores() {
+        let d = &Device::Cpu;
+        let (nh, nkv, hd, cap) = (6, 2, 16, 40);
+        for (pos, s, window) in [(0, 5, None), (9, 1, None), (20, 7, Some(6)), (3, 300, None)] {
+            let cap = cap.max(pos + s);
+            let q = Tensor::randn(0f32, 1.0, (s, nh * hd), d).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (nkv, cap, hd), d).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (nkv, cap, hd), d).unwrap();
+            let mut got = vec![0f32; s * nh * hd];
+            let heads = Heads {
+                nh,
+                nkv,
+                hd,
+                cap,
+                window,
+            };
+            attention(&vec(&q), &vec(&k), &vec(&v), pos, heads, &mut got);
+            // The same with candle: scores, mask, softmax, weighted sum.
+            let t = pos + s;
+            let qh = q.reshape((s, nh, hd)).unwrap().transpose(0, 1).unwrap(); // nh, s, hd
+            let mut want = Vec::new();
+            for head in 0..nh {
+                let g = head / (nh / nkv);
+                let kk = k.get(g).unwrap().narrow(0, 0, t).unwrap();
+                let vv = v.get(g).unwrap().narrow(0, 0, t).unwrap();
+                let sc = (qh.get(head).unwrap().matmul(&kk.t().unwrap()).unwrap()
+                    / (hd as f64).sqrt())
+                .unwrap();
+                let mut m = vec![0f32; s * t];
+                for i in 0..s {
+                    for j in 0..t {
+                        let qp = pos + i;
+                        if j > qp || window.is_some_and(|w| qp - j >= w) {
+                            m[i * t + j] = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                let sc = (sc + Tensor::from_vec(m, (s, t), d).unwrap()).unwrap();
+                let p = candle_nn::ops::softmax_last_dim(&sc).unwrap();
+                want.push(p.matmul(&vv).unwrap()); // s, hd
+            }
+            let want = Tensor::stack(&want, 1).unwrap(); // s, nh, hd
+            close(&got, &vec(&want), 1e-5);
+        }
+    }
+}
