@@ -9,6 +9,8 @@
 //! as they are, so the GGUF path computes what its de-quantised form computes (to float
 //! rounding), while reading only the quantised bytes per token.
 
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
 use half::f16;
 
 /// The block formats these kernels run.
@@ -166,18 +168,28 @@ impl QuantMatrix {
         } else {
             x.chunks_exact(32).map(|c| c.iter().sum()).collect()
         };
-        // The low-rank term: `x·Aᵀ` (m × R dots, small) here; each chunk of output rows then
-        // adds `Σ_j s_j · B_j` over its own rows, vectorised along the rows.
-        let (ranks, b_rows) = match low_rank {
-            Some(l) if !l.b.is_empty() => {
-                let r = l.b.len();
-                let mut s = Vec::with_capacity(m * r);
-                for xr in x.chunks_exact(k) {
-                    s.extend(l.a.chunks_exact(k).map(|ar| dot_f32(ar, xr, simd)));
+        // The low-rank term: the m × R dots `s = x·Aᵀ` are the first work items of the parallel
+        // pass (claimed from a shared counter); each chunk of output rows then adds
+        // `Σ_j s_j · B_j` over its own rows, vectorised along the rows, once every `s` is in.
+        let (a, b_rows) = match low_rank {
+            Some(l) if !l.b.is_empty() => (l.a, l.b),
+            _ => (&[][..], &[][..]),
+        };
+        let nr = b_rows.len();
+        let n_a = m * nr;
+        let s_bits: Vec<AtomicU32> = (0..n_a).map(|_| AtomicU32::new(0)).collect();
+        let (a_next, a_done) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let low_rank_dots = || {
+            loop {
+                let j = a_next.fetch_add(1, Ordering::Relaxed);
+                if j >= n_a {
+                    break;
                 }
-                (s, l.b)
+                let (i, r) = (j / nr, j % nr);
+                let v = dot_f32(&a[r * k..(r + 1) * k], &x[i * k..(i + 1) * k], simd);
+                s_bits[j].store(v.to_bits(), Ordering::Relaxed);
+                a_done.fetch_add(1, Ordering::Release);
             }
-            _ => (Vec::new(), &[][..]),
         };
         let rows = self.rows;
         let out_ptr = out.as_mut_ptr() as usize;
@@ -187,7 +199,23 @@ impl QuantMatrix {
             // item, and lies inside `out`.
             let at = |i: usize, r: usize| unsafe { (out_ptr as *mut f32).add(i * rows + r) };
             if m == 1 {
-                for r in range.clone() {
+                // Four rows at a time where there is a kernel for it (one activation load and
+                // one call serve four rows), then one at a time.
+                let mut r = range.start;
+                #[cfg(target_arch = "x86_64")]
+                if simd == Simd::Avx512
+                    && matches!(self.format, Format::Q4_0 | Format::Q4_1 | Format::Q8_0)
+                {
+                    while r + 4 <= range.end {
+                        let v = self.dot4_avx512(r, x);
+                        for (j, v) in v.into_iter().enumerate() {
+                            // SAFETY: see `at`.
+                            unsafe { *at(0, r + j) = v };
+                        }
+                        r += 4;
+                    }
+                }
+                for r in r..range.end {
                     let sums = if sums.is_empty() {
                         &[][..]
                     } else {
@@ -223,14 +251,17 @@ impl QuantMatrix {
                     r0 += nr;
                 }
             }
-            if !b_rows.is_empty() {
-                let nr = b_rows.len();
+            if nr > 0 {
+                // Every dot was claimed before any row chunk; wait for the last ones.
+                while a_done.load(Ordering::Acquire) < n_a {
+                    std::hint::spin_loop();
+                }
                 for i in 0..m {
                     // SAFETY: rows `range` of position `i` belong to this work item.
                     let o =
                         unsafe { std::slice::from_raw_parts_mut(at(i, range.start), range.len()) };
                     for (j, (first, b)) in b_rows.iter().enumerate() {
-                        let s = ranks[i * nr + j];
+                        let s = f32::from_bits(s_bits[i * nr + j].load(Ordering::Relaxed));
                         let lo = range.start.max(*first);
                         let hi = range.end.min(first + b.len());
                         if s != 0.0 && lo < hi {
@@ -246,9 +277,34 @@ impl QuantMatrix {
             }
         };
         if rows * m * k < 1 << 16 {
+            low_rank_dots();
             work(0..rows);
         } else {
-            candle_core::utils::barrier_pool().execute_chunked(rows, work);
+            let pool = candle_core::utils::barrier_pool();
+            let threads = pool.n_workers() + 1;
+            let cursor = AtomicUsize::new(0);
+            pool.execute(|_| {
+                low_rank_dots();
+                // Guided chunks: large first, smaller toward the end (multiples of 4 rows, the
+                // kernels' group), so that the threads finish together.
+                let mut cur = cursor.load(Ordering::Relaxed);
+                while cur < rows {
+                    let chunk = ((rows - cur) / (2 * threads)).next_multiple_of(4).max(4);
+                    let end = (cur + chunk).min(rows);
+                    match cursor.compare_exchange_weak(
+                        cur,
+                        end,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    ) {
+                        Ok(_) => {
+                            work(cur..end);
+                            cur = cursor.load(Ordering::Relaxed);
+                        }
+                        Err(now) => cur = now,
+                    }
+                }
+            });
         }
     }
 }
@@ -260,6 +316,26 @@ impl QuantMatrix {
 pub(crate) struct LowRank<'a> {
     pub a: &'a [f32],
     pub b: &'a [(usize, Vec<f32>)],
+}
+
+impl QuantMatrix {
+    /// Rows `r..r+4` times `x` (one position) with the AVX-512 kernels.
+    #[cfg(target_arch = "x86_64")]
+    fn dot4_avx512(&self, r: usize, x: &[f32]) -> [f32; 4] {
+        let nb = self.cols / 32;
+        let qb = self.format.quant_bytes();
+        assert!((r + 4) * nb <= self.d.len() && x.len() >= nb * 32);
+        let qs = &self.qs[r * nb * qb..(r + 4) * nb * qb];
+        let d = &self.d[r * nb..(r + 4) * nb];
+        // SAFETY: AVX-512F was detected at run time (the caller checked `simd_level`); the
+        // slices hold exactly 4 rows of `nb` blocks, and `x` at least `nb` blocks.
+        unsafe {
+            match self.format {
+                Format::Q8_0 => dot4_q8_0_avx512(qs, d, nb, x),
+                _ => dot4_q4_avx512(qs, d, &self.m[r * nb..(r + 4) * nb], nb, x),
+            }
+        }
+    }
 }
 
 impl Format {
@@ -723,6 +799,91 @@ unsafe fn dot_q4_avx512(qs: &[u8], d: &[f32], m: &[f32], x: &[f32]) -> f32 {
         _mm512_add_ps(acc[0], acc[1]),
         _mm512_add_ps(acc[2], acc[3]),
     ))
+}
+
+/// [`dot_q4_avx512`] for 4 consecutive rows (`qs`, `d`, `m` hold 4 rows of `nb` blocks).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dot4_q4_avx512(qs: &[u8], d: &[f32], m: &[f32], nb: usize, x: &[f32]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    debug_assert!(qs.len() == 4 * nb * 16 && d.len() == 4 * nb && m.len() == 4 * nb);
+    debug_assert!(x.len() >= nb * 32);
+    let iota = _mm512_setr_ps(
+        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+    );
+    let mut lo = [_mm512_setzero_ps(); 4];
+    let mut hi = [_mm512_setzero_ps(); 4];
+    // SAFETY: row j's block b reads 16 bytes at (j·nb + b)·16 and one float at j·nb + b, all
+    // inside the slices; x reads 32 floats at 32·b < 32·nb. Prefetches may point past the
+    // end (they never fault).
+    unsafe {
+        let (qp, dp, mp, xp) = (qs.as_ptr(), d.as_ptr(), m.as_ptr(), x.as_ptr());
+        for b in 0..nb {
+            // The 4 rows are read side by side, 64 bytes of quants and 16 of each scale a
+            // block: prefetch the same amounts, further on in the same (contiguous) order.
+            _mm_prefetch::<_MM_HINT_T0>(qp.wrapping_add(64 * b + PREFETCH_BYTES) as *const i8);
+            if b % 4 == 0 {
+                let ahead = 16 * b + PREFETCH_BYTES / 4;
+                _mm_prefetch::<_MM_HINT_T0>((dp as *const u8).wrapping_add(ahead) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>((mp as *const u8).wrapping_add(ahead) as *const i8);
+            }
+            let x0 = _mm512_loadu_ps(xp.add(32 * b));
+            let x1 = _mm512_loadu_ps(xp.add(32 * b + 16));
+            for j in 0..4 {
+                let at = j * nb + b;
+                let lanes =
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(qp.add(16 * at) as *const __m128i));
+                let table = _mm512_fmadd_ps(
+                    iota,
+                    _mm512_set1_ps(*dp.add(at)),
+                    _mm512_set1_ps(*mp.add(at)),
+                );
+                lo[j] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes, table), x0, lo[j]);
+                hi[j] = _mm512_fmadd_ps(
+                    _mm512_permutexvar_ps(_mm512_srli_epi32(lanes, 4), table),
+                    x1,
+                    hi[j],
+                );
+            }
+        }
+    }
+    std::array::from_fn(|j| _mm512_reduce_add_ps(_mm512_add_ps(lo[j], hi[j])))
+}
+
+/// [`dot_q8_0_avx512`] for 4 consecutive rows (`qs`, `d` hold 4 rows of `nb` blocks).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dot4_q8_0_avx512(qs: &[u8], d: &[f32], nb: usize, x: &[f32]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    debug_assert!(qs.len() == 4 * nb * 32 && d.len() == 4 * nb && x.len() >= nb * 32);
+    let f = |v: __m128i| _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
+    let mut acc = [_mm512_setzero_ps(); 4];
+    // SAFETY: as in `dot4_q4_avx512`, with 32 bytes of quants a block.
+    unsafe {
+        let (qp, dp, xp) = (qs.as_ptr(), d.as_ptr(), x.as_ptr());
+        for b in 0..nb {
+            let ahead = qp.wrapping_add(128 * b + 2 * PREFETCH_BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64) as *const i8);
+            if b % 4 == 0 {
+                let ahead = (dp as *const u8).wrapping_add(16 * b + PREFETCH_BYTES / 4);
+                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+            }
+            let x0 = _mm512_loadu_ps(xp.add(32 * b));
+            let x1 = _mm512_loadu_ps(xp.add(32 * b + 16));
+            for j in 0..4 {
+                let at = j * nb + b;
+                let q = qp.add(32 * at) as *const __m128i;
+                let p = _mm512_fmadd_ps(
+                    f(_mm_loadu_si128(q.add(1))),
+                    x1,
+                    _mm512_mul_ps(f(_mm_loadu_si128(q)), x0),
+                );
+                acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(*dp.add(at)), p, acc[j]);
+            }
+        }
+    }
+    std::array::from_fn(|j| _mm512_reduce_add_ps(acc[j]))
 }
 
 /// [`dot_q8_0_avx2`] with 16 floats per instruction.
