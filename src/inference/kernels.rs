@@ -871,7 +871,7 @@ unsafe fn dot4_q8_0_avx512(qs: &[u8], d: &[f32], nb: usize, x: &[f32]) -> [f32; 
             }
             let x0 = _mm512_loadu_ps(xp.add(32 * b));
             let x1 = _mm512_loadu_ps(xp.add(32 * b + 16));
-            for j in 0..4 {
+            for (j, acc) in acc.iter_mut().enumerate() {
                 let at = j * nb + b;
                 let q = qp.add(32 * at) as *const __m128i;
                 let p = _mm512_fmadd_ps(
@@ -879,7 +879,7 @@ unsafe fn dot4_q8_0_avx512(qs: &[u8], d: &[f32], nb: usize, x: &[f32]) -> [f32; 
                     x1,
                     _mm512_mul_ps(f(_mm_loadu_si128(q)), x0),
                 );
-                acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(*dp.add(at)), p, acc[j]);
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*dp.add(at)), p, *acc);
             }
         }
     }
