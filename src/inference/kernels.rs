@@ -555,6 +555,12 @@ unsafe fn dot_q8_0_avx2(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
     let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
     for (b, (q, xs)) in qs.chunks_exact(32).zip(x.chunks_exact(32)).enumerate() {
+        // Ahead of the hardware prefetcher, as in `dot4_q4_avx512` (past the end never faults).
+        _mm_prefetch::<_MM_HINT_T0>(q.as_ptr().wrapping_add(2 * PREFETCH_BYTES) as *const i8);
+        if b % 16 == 0 {
+            let ahead = d.as_ptr().wrapping_add(b + PREFETCH_BYTES / 8);
+            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+        }
         // SAFETY: 32 bytes of quants and 32 floats are readable; unaligned loads.
         unsafe {
             let dv = _mm256_set1_ps(*d.get_unchecked(b));
@@ -590,6 +596,14 @@ unsafe fn dot_q4_avx2(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
     let mask = _mm_set1_epi8(0x0F);
     let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
     for (b, (q, xs)) in qs.chunks_exact(16).zip(x.chunks_exact(32)).enumerate() {
+        if b % 4 == 0 {
+            // Ahead of the hardware prefetcher, as in `dot4_q4_avx512`.
+            _mm_prefetch::<_MM_HINT_T0>(q.as_ptr().wrapping_add(PREFETCH_BYTES) as *const i8);
+        }
+        if b % 16 == 0 {
+            let ahead = d.as_ptr().wrapping_add(b + PREFETCH_BYTES / 4);
+            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+        }
         // SAFETY: 16 bytes of quants and 32 floats are readable; unaligned loads.
         unsafe {
             let dv = _mm256_set1_ps(*d.get_unchecked(b));
@@ -625,6 +639,12 @@ fn dots_block(w: &[f32], x: &[f32], k: usize, out: &mut [[f32; 4]; 2], simd: Sim
         unsafe { dots_4x2_avx512(w, x, k, out) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx2 && nw == 4 && nx == 2 && k.is_multiple_of(8) {
+        // SAFETY: AVX2 and FMA were detected at run time; 4 rows and 2 positions of `k`.
+        unsafe { dots_4x2_avx2(w, x, k, out) };
+        return;
+    }
     for (p, xr) in x.chunks_exact(k).enumerate() {
         for (j, wr) in w.chunks_exact(k).enumerate() {
             out[p][j] = dot_f32(wr, xr, simd);
@@ -658,6 +678,36 @@ unsafe fn dots_4x2_avx512(w: &[f32], x: &[f32], k: usize, out: &mut [[f32; 4]; 2
     for (o, a) in out.iter_mut().zip(&acc) {
         for (o, a) in o.iter_mut().zip(a) {
             *o = _mm512_reduce_add_ps(*a);
+        }
+    }
+}
+
+/// [`dots_4x2_avx512`] with 8 floats per instruction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_4x2_avx2(w: &[f32], x: &[f32], k: usize, out: &mut [[f32; 4]; 2]) {
+    use std::arch::x86_64::*;
+    debug_assert!(w.len() == 4 * k && x.len() == 2 * k);
+    let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+    // SAFETY: every load reads 8 floats at `c < k` of a row inside `w` or `x`.
+    unsafe {
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut c = 0;
+        while c < k {
+            let x0 = _mm256_loadu_ps(xp.add(c));
+            let x1 = _mm256_loadu_ps(xp.add(k + c));
+            let [a0, a1] = &mut acc;
+            for (j, (s0, s1)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
+                let wv = _mm256_loadu_ps(wp.add(j * k + c));
+                *s0 = _mm256_fmadd_ps(wv, x0, *s0);
+                *s1 = _mm256_fmadd_ps(wv, x1, *s1);
+            }
+            c += 8;
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in o.iter_mut().zip(a) {
+                *o = hsum(*a);
+            }
         }
     }
 }
@@ -984,6 +1034,37 @@ mod tests {
             mat.matmul(&xs, &mut out, Some(LowRank { a: &av, b: &bv }));
             for (g, w) in out.iter().zip(&want) {
                 assert!((g - w).abs() < 1e-3 * (1.0 + w.abs()), "{g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn blocked_dots_match_plain_dots_at_every_level() {
+        let k = 96;
+        let w: Vec<f32> = (0..4 * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
+        let x: Vec<f32> = (0..2 * k)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0)
+            .collect();
+        for level in levels() {
+            for (nw, nx) in [(4, 2), (3, 2), (4, 1), (1, 1)] {
+                let mut out = [[0f32; 4]; 2];
+                dots_block(&w[..nw * k], &x[..nx * k], k, &mut out, level);
+                for p in 0..nx {
+                    for j in 0..nw {
+                        let want: f32 = w[j * k..(j + 1) * k]
+                            .iter()
+                            .zip(&x[p * k..(p + 1) * k])
+                            .map(|(a, b)| a * b)
+                            .sum();
+                        let got = out[p][j];
+                        assert!(
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "{level:?} {got} vs {want}"
+                        );
+                    }
+                }
             }
         }
     }
