@@ -1,11 +1,11 @@
 //! Decode speed and time to first token of ferrotune's engine on one model (+ adapter), the
-//! way a chat request runs: chat template, prefill, then greedy decode with the sampler and
-//! the detokenizer in the loop. `benches/compare.py` runs this beside transformers + peft.
+//! way a chat request runs: chat template, prefill, then decode (greedy, or seeded sampling
+//! with `--temperature`/`--top-p`) with the sampler and the detokenizer in the loop. `benches/compare.py` runs this beside transformers + peft.
 //!
 //! ```sh
 //! cargo bench --bench throughput -- [--models-dir DIR] [--model NAME] [--adapter DIR]
 //!     [--format gguf|safetensors] [--requant auto|keep|q8_0|q4_0|…] [--tokens 128]
-//!     [--runs 3] [--threads N] [--json]
+//!     [--runs 3] [--threads N] [--temperature 0] [--top-p 1] [--json]
 //! ```
 //! Without `--models-dir` the test models (`~/.cache/ferrotune/test-models`) are used.
 
@@ -26,6 +26,9 @@ struct Args {
     runs: usize,
     json: bool,
     prompt: String,
+    /// 0: greedy (the default); otherwise seeded sampling at this temperature.
+    temperature: f64,
+    top_p: f64,
 }
 
 fn parse() -> anyhow::Result<Args> {
@@ -39,6 +42,8 @@ fn parse() -> anyhow::Result<Args> {
         runs: 3,
         json: false,
         prompt: "Write a long story about a robot who learns to paint.".into(),
+        temperature: 0.0,
+        top_p: 1.0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -56,6 +61,8 @@ fn parse() -> anyhow::Result<Args> {
             "--tokens" => a.tokens = val()?.parse()?,
             "--runs" => a.runs = val()?.parse()?,
             "--prompt" => a.prompt = val()?,
+            "--temperature" => a.temperature = val()?.parse()?,
+            "--top-p" => a.top_p = val()?.parse()?,
             "--threads" => {
                 // candle reads this when its thread pool starts (first use).
                 // SAFETY: set before any other thread exists.
@@ -104,7 +111,12 @@ fn main() -> anyhow::Result<()> {
     let mut sample_text = String::new();
     for run in 0..a.runs + 1 {
         let mut cache = model.new_cache();
-        let mut sampler = Sampler::new(&SamplingParams::greedy(a.tokens));
+        let mut sampler = Sampler::new(&SamplingParams {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            seed: Some(1),
+            ..SamplingParams::greedy(a.tokens)
+        });
         let mut detok = Detokenizer::new();
         let mut history = prompt.clone();
         let mut out = String::new();

@@ -20,6 +20,8 @@ pub struct Sampler {
     rng: StdRng,
     /// Scratch for the penalised token set.
     seen: Vec<bool>,
+    /// Scratch for the token weights of a draw over the whole vocabulary.
+    weights: Vec<f32>,
 }
 
 impl Sampler {
@@ -38,6 +40,7 @@ impl Sampler {
             chosen: std::collections::HashMap::new(),
             rng,
             seen: Vec::new(),
+            weights: Vec::new(),
         }
     }
 
@@ -86,6 +89,29 @@ impl Sampler {
             .unwrap_or(logits.len())
             .min(logits.len());
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if k == logits.len() && self.top_p >= 1.0 {
+            // The whole distribution (the default): a draw needs no order, so one pass of
+            // weights and one walk in token order, instead of sorting the vocabulary.
+            self.weights.clear();
+            let mut total = 0f64;
+            self.weights.extend(logits.iter().map(|&l| {
+                let w = ((l - max) * inv_t).exp();
+                total += f64::from(w);
+                w
+            }));
+            let mut r = self.rng.r#gen::<f64>() * total;
+            let mut last = 0;
+            for (t, &w) in self.weights.iter().enumerate() {
+                if w > 0.0 {
+                    last = t;
+                    r -= f64::from(w);
+                    if r <= 0.0 {
+                        return t as u32;
+                    }
+                }
+            }
+            return last as u32;
+        }
         // Probabilities without normalisation, relative to the best token.
         let weight = |l: f32| (((l - max) * inv_t) as f64).exp();
         let total_all: f64 = if k == logits.len() {
@@ -254,6 +280,24 @@ mod tests {
         let top3 = &sorted[..3];
         let seen = run(&params(5.0, 1.0, Some(3), 4));
         assert!(seen.iter().all(|t| top3.contains(t)), "{seen:?}");
+    }
+
+    #[test]
+    fn the_whole_distribution_is_drawn_in_proportion() {
+        // Probabilities 0.5, 0.3, 0.2 at temperature 1, no top_k/top_p; a temperature of 2
+        // flattens them to √0.5 : √0.3 : √0.2.
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        for (t, want) in [(1.0, [0.5, 0.3, 0.2]), (2.0, [0.4154, 0.3218, 0.2628])] {
+            let mut s = Sampler::new(&params(t, 1.0, None, 5));
+            let mut counts = [0usize; 3];
+            for _ in 0..6000 {
+                counts[s.sample(&mut logits.clone(), &[]) as usize] += 1;
+            }
+            for (c, w) in counts.iter().zip(want) {
+                let share = *c as f64 / 6000.0;
+                assert!((share - w).abs() < 0.025, "t={t}: {counts:?}");
+            }
+        }
     }
 
     #[test]
