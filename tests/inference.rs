@@ -259,6 +259,54 @@ fn safetensors_path_matches_transformers_and_peft() {
 }
 
 #[test]
+fn chunked_runs_agree_with_one_pass_across_cache_growth() {
+    // The KV cache starts at 256 positions and grows (copying what it holds); prompts are run
+    // in chunks. 300 positions in uneven chunks, then one at a time, must give the logits
+    // one pass over all 300 gives, with and without an adapter.
+    let adapter_dir = trained_adapter();
+    let found = ferrotune::models::find_base_model(&test_models_dir(), MODEL)
+        .unwrap()
+        .unwrap();
+    let model = Model::load(&WeightsSource::Gguf(found.gguf.unwrap()), Requantize::Auto).unwrap();
+    let adapter = lora::load(&adapter_dir, &model.config).unwrap();
+    let ids: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 13) % 49000).collect();
+    for a in [None, Some(&adapter)] {
+        let mut cache = model.new_cache();
+        let one: Vec<Vec<f32>> = model
+            .forward(&ids, &mut cache, a, true)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let mut cache = model.new_cache();
+        let mut at = 0;
+        let mut worst = 0f32;
+        let chunks = [1, 37, 100, 117]
+            .into_iter()
+            .chain(std::iter::repeat_n(1, 45));
+        for len in chunks {
+            let got: Vec<Vec<f32>> = model
+                .forward(&ids[at..at + len], &mut cache, a, true)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            for (i, row) in got.iter().enumerate() {
+                for (g, w) in row.iter().zip(&one[at + i]) {
+                    worst = worst.max((g - w).abs());
+                }
+            }
+            at += len;
+        }
+        assert_eq!(at, ids.len());
+        assert_eq!(cache.len(), ids.len());
+        eprintln!(
+            "chunked vs one pass (lora={}): max |Δlogit| {worst:.2e}",
+            a.is_some()
+        );
+        assert!(worst < 1e-3, "chunked runs differ from one pass by {worst}");
+    }
+}
+
+#[test]
 fn gguf_path_matches_its_dequantised_form_with_lora() {
     let dir = smollm2();
     let adapter_dir = trained_adapter();
