@@ -231,24 +231,25 @@ impl QuantMatrix {
                 let mut dense = vec![0f32; 4 * k];
                 let mut r0 = range.start;
                 while r0 < range.end {
-                    let nr = (range.end - r0).min(4);
-                    for j in 0..nr {
+                    let n_rows = (range.end - r0).min(4);
+                    for j in 0..n_rows {
                         self.row(r0 + j).dequantize(&mut dense[j * k..(j + 1) * k]);
                     }
                     let mut i = 0;
                     while i < m {
                         let np = (m - i).min(2);
                         let mut res = [[0f32; 4]; 2];
-                        dots_block(&dense[..nr * k], &x[i * k..(i + np) * k], k, &mut res, simd);
+                        let w = &dense[..n_rows * k];
+                        dots_block(w, &x[i * k..(i + np) * k], k, &mut res, simd);
                         for (p, row) in res.iter().enumerate().take(np) {
-                            for (j, v) in row.iter().enumerate().take(nr) {
+                            for (j, v) in row.iter().enumerate().take(n_rows) {
                                 // SAFETY: see `at`.
                                 unsafe { *at(i + p, r0 + j) = *v };
                             }
                         }
                         i += np;
                     }
-                    r0 += nr;
+                    r0 += n_rows;
                 }
             }
             if nr > 0 {
