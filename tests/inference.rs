@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use candle_core::quantized::GgmlDType;
 use ferrotune::inference::text::{ChatAssets, tokenizer_from_gguf};
 use ferrotune::inference::{
     ChatMessage, Engine, EngineError, EngineOptions, FinishReason, GenEvent, GenerateRequest,
@@ -63,6 +64,16 @@ fn test_models_dir() -> PathBuf {
 }
 
 /// The SmolLM2 folder (GGUF + its exact de-quantised Hugging Face form), pulled when missing.
+/// The GGUF file of the test model (pulled by [`smollm2`] first).
+fn smollm2_gguf() -> PathBuf {
+    smollm2();
+    ferrotune::models::find_base_model(&test_models_dir(), MODEL)
+        .unwrap()
+        .unwrap()
+        .gguf
+        .unwrap()
+}
+
 fn smollm2() -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
@@ -264,10 +275,7 @@ fn chunked_runs_agree_with_one_pass_across_cache_growth() {
     // in chunks. 300 positions in uneven chunks, then one at a time, must give the logits
     // one pass over all 300 gives, with and without an adapter.
     let adapter_dir = trained_adapter();
-    let found = ferrotune::models::find_base_model(&test_models_dir(), MODEL)
-        .unwrap()
-        .unwrap();
-    let model = Model::load(&WeightsSource::Gguf(found.gguf.unwrap()), Requantize::Auto).unwrap();
+    let model = Model::load(&WeightsSource::Gguf(smollm2_gguf()), Requantize::Auto).unwrap();
     let adapter = lora::load(&adapter_dir, &model.config).unwrap();
     let ids: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 13) % 49000).collect();
     for a in [None, Some(&adapter)] {
@@ -310,10 +318,7 @@ fn chunked_runs_agree_with_one_pass_across_cache_growth() {
 fn gguf_path_matches_its_dequantised_form_with_lora() {
     let dir = smollm2();
     let adapter_dir = trained_adapter();
-    let found = ferrotune::models::find_base_model(&test_models_dir(), MODEL)
-        .unwrap()
-        .unwrap();
-    let source = WeightsSource::Gguf(found.gguf.unwrap());
+    let source = WeightsSource::Gguf(smollm2_gguf());
     let assets = ChatAssets::load(&dir, source.clone()).unwrap();
     let prompt = poem_prompt(&assets);
     let r = reference(json!({
@@ -348,6 +353,24 @@ fn gguf_path_matches_its_dequantised_form_with_lora() {
         );
         assert_eq!(greedy, want_greedy, "{requant:?}: 32 greedy tokens");
     }
+    // Other quantised formats (Q5_0 here, the K-quants) run on candle's kernels (8-bit
+    // activations), with the LoRA term added apart: the adapter must move the logits toward
+    // the reference, which has it.
+    let model = Model::load(&source, Requantize::To(GgmlDType::Q5_0)).unwrap();
+    let adapter = lora::load(&adapter_dir, &model.config).unwrap();
+    let with = max_abs_diff(
+        ours(&model, Some(&adapter), &prompt, 1).0.last().unwrap(),
+        &want,
+    );
+    let without = max_abs_diff(ours(&model, None, &prompt, 1).0.last().unwrap(), &want);
+    eprintln!(
+        "GGUF as Q5_0 ({}): max |Δlogit| {with:.2e} with the LoRA, {without:.2e} without",
+        model.description
+    );
+    assert!(
+        with < 0.5 * without,
+        "the LoRA is not applied on candle's kernels"
+    );
 }
 
 #[test]
@@ -446,10 +469,7 @@ fn chat_template_renders_like_transformers() {
 #[test]
 fn gguf_tokenizer_matches_tokenizer_json() {
     let dir = smollm2();
-    let found = ferrotune::models::find_base_model(&test_models_dir(), MODEL)
-        .unwrap()
-        .unwrap();
-    let from_gguf = tokenizer_from_gguf(&found.gguf.unwrap()).unwrap();
+    let from_gguf = tokenizer_from_gguf(&smollm2_gguf()).unwrap();
     let from_json = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let texts = [
         "Hello, world!",

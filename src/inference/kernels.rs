@@ -171,11 +171,9 @@ impl QuantMatrix {
         // The low-rank term: the m × R dots `s = x·Aᵀ` are the first work items of the parallel
         // pass (claimed from a shared counter); each chunk of output rows then adds
         // `Σ_j s_j · B_j` over its own rows, vectorised along the rows, once every `s` is in.
-        let (a, b_rows) = match low_rank {
-            Some(l) if !l.b.is_empty() => (l.a, l.b),
-            _ => (&[][..], &[][..]),
-        };
-        let nr = b_rows.len();
+        let low = low_rank.filter(|l| !l.b.is_empty());
+        let a = low.map_or(&[][..], |l| l.a);
+        let nr = low.map_or(0, |l| l.b.len());
         let n_a = m * nr;
         let s_bits: Vec<AtomicU32> = (0..n_a).map(|_| AtomicU32::new(0)).collect();
         let (a_next, a_done) = (AtomicUsize::new(0), AtomicUsize::new(0));
@@ -252,7 +250,7 @@ impl QuantMatrix {
                     r0 += n_rows;
                 }
             }
-            if nr > 0 {
+            if let Some(low) = low {
                 // Every dot was claimed before any row chunk; wait for the last ones.
                 while a_done.load(Ordering::Acquire) < n_a {
                     std::hint::spin_loop();
@@ -261,19 +259,8 @@ impl QuantMatrix {
                     // SAFETY: rows `range` of position `i` belong to this work item.
                     let o =
                         unsafe { std::slice::from_raw_parts_mut(at(i, range.start), range.len()) };
-                    for (j, (first, b)) in b_rows.iter().enumerate() {
-                        let s = f32::from_bits(s_bits[i * nr + j].load(Ordering::Relaxed));
-                        let lo = range.start.max(*first);
-                        let hi = range.end.min(first + b.len());
-                        if s != 0.0 && lo < hi {
-                            axpy(
-                                s,
-                                &b[lo - first..hi - first],
-                                &mut o[lo - range.start..hi - range.start],
-                                simd,
-                            );
-                        }
-                    }
+                    let s = |j: usize| f32::from_bits(s_bits[i * nr + j].load(Ordering::Relaxed));
+                    low.add_rows(s, range.clone(), o, simd);
                 }
             }
         };
@@ -317,6 +304,49 @@ impl QuantMatrix {
 pub(crate) struct LowRank<'a> {
     pub a: &'a [f32],
     pub b: &'a [(usize, Vec<f32>)],
+}
+
+impl LowRank<'_> {
+    /// `o += Σ_j s(j) · B_j` over the output rows `range` (`o` holds exactly those rows).
+    fn add_rows(
+        &self,
+        s: impl Fn(usize) -> f32,
+        range: std::ops::Range<usize>,
+        o: &mut [f32],
+        simd: Simd,
+    ) {
+        for (j, (first, b)) in self.b.iter().enumerate() {
+            let (lo, hi) = (range.start.max(*first), range.end.min(first + b.len()));
+            let s = s(j);
+            if s != 0.0 && lo < hi {
+                let (b, o) = (
+                    &b[lo - first..hi - first],
+                    &mut o[lo - range.start..hi - range.start],
+                );
+                axpy(s, b, o, simd);
+            }
+        }
+    }
+
+    /// `out (m × rows) += x (m × cols) · Aᵀ · B` on this thread: the LoRA term for weights
+    /// that do not run on these kernels (candle's K-quants, f16).
+    pub(crate) fn add_to(&self, x: &[f32], out: &mut [f32]) {
+        let ranks = self.b.len();
+        if ranks == 0 {
+            return;
+        }
+        let k = self.a.len() / ranks;
+        let rows = out.len() / (x.len() / k).max(1);
+        let simd = simd_level();
+        for (xr, o) in x.chunks_exact(k).zip(out.chunks_exact_mut(rows)) {
+            let s: Vec<f32> = self
+                .a
+                .chunks_exact(k)
+                .map(|ar| dot_f32(ar, xr, simd))
+                .collect();
+            self.add_rows(|j| s[j], 0..rows, o, simd);
+        }
+    }
 }
 
 impl QuantMatrix {

@@ -2,10 +2,10 @@
 //! `y = W·x + s·B·(A·x)`, so one base model in memory serves any number of adapters.
 //!
 //! The model fuses q/k/v and gate/up into single matmuls; an adapter is laid out the same way
-//! at load: the A matrices of a fused group are stacked (one `x·Aᵀ` for the group) and the
-//! B matrices, scaled, form a block-diagonal matrix (one `·Bᵀ`). Modules without a LoRA are
-//! zero blocks. Weights are kept transposed (`a_t`: in × R, `b_t`: R × out) so both products
-//! are plain row-major matmuls.
+//! at load: the A matrices of a fused group are stacked (one `x·Aᵀ` for the group) and each
+//! rank's scaled row of Bᵀ is kept with the output rows it covers (the fused matrix would be
+//! block-diagonal: the zero blocks, and modules without a LoRA, are not stored). The engine's
+//! kernels add the term inside their matmul (`kernels::LowRank`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -23,17 +23,15 @@ type PairSlots = (Option<Tensor>, Option<Tensor>);
 
 /// One fused group's LoRA, ready to multiply.
 pub struct LoraPair {
-    pub(crate) a_t: Tensor,
-    pub(crate) b_t: Tensor,
-    /// The same as plain rows, for [`LoraPair::rows`]: `a` is `a_t` transposed (ΣR × in);
-    /// `b` holds each row of `b_t` without its zeros (first output column, values).
+    /// The stacked A matrices (ΣR × in, row-major).
     a: Vec<f32>,
+    /// Per rank, the scaled row of Bᵀ: (first output column, values over the module's outputs).
     b: Vec<(usize, Vec<f32>)>,
 }
 
 impl LoraPair {
-    /// A and B as plain rows, for the engine's own kernels, which add the LoRA term inside
-    /// their matmul (see `QuantMatrix::matmul`).
+    /// A and B for the kernels (`QuantMatrix::matmul` adds the term inside its pass;
+    /// `LowRank::add_to` for other weights).
     pub(crate) fn rows(&self) -> LowRank<'_> {
         LowRank {
             a: &self.a,
@@ -41,10 +39,10 @@ impl LoraPair {
         }
     }
 
-    /// Bytes held (both layouts).
+    /// Bytes held.
     fn bytes(&self) -> usize {
         let b: usize = self.b.iter().map(|(_, v)| v.len()).sum();
-        (self.a_t.elem_count() + self.b_t.elem_count() + self.a.len() + b) * 4
+        (self.a.len() + b) * 4
     }
 }
 
@@ -362,44 +360,26 @@ fn group_of(proj: &str) -> &'static str {
     }
 }
 
-/// `a_t` (in × ΣR): the A matrices side by side; `b_t` (ΣR × out_total): each scaled Bᵀ in its
-/// rows and its output columns, zeros elsewhere.
+/// The A matrices of a fused group stacked (ΣR × in), and each rank's row of Bᵀ with the
+/// offset of its module's outputs in the fused projection.
 fn fuse_pair(
     parts: &[(Tensor, Tensor, usize)],
     in_features: usize,
     out_total: usize,
 ) -> candle_core::Result<LoraPair> {
-    let a_t = Tensor::cat(
-        &parts
-            .iter()
-            .map(|(a, _, _)| a.t())
-            .collect::<candle_core::Result<Vec<_>>>()?,
-        1,
-    )?
-    .contiguous()?;
-    debug_assert_eq!(a_t.dim(0)?, in_features);
-    let mut rows = Vec::with_capacity(parts.len());
+    let mut a = Vec::new();
     let mut b = Vec::new();
-    for (_, part_b, offset) in parts {
-        let (out, r) = part_b.dims2()?;
-        let bt = part_b.t()?;
-        for row in bt.contiguous()?.to_vec2::<f32>()? {
+    for (part_a, part_b, offset) in parts {
+        let ((_, cols), (out, _)) = (part_a.dims2()?, part_b.dims2()?);
+        if cols != in_features || offset + out > out_total {
+            candle_core::bail!("a LoRA pair does not fit its projection");
+        }
+        a.extend(part_a.contiguous()?.flatten_all()?.to_vec1::<f32>()?);
+        for row in part_b.t()?.contiguous()?.to_vec2::<f32>()? {
             b.push((*offset, row));
         }
-        let mut pieces = Vec::new();
-        if *offset > 0 {
-            pieces.push(Tensor::zeros((r, *offset), DType::F32, &Device::Cpu)?);
-        }
-        pieces.push(bt);
-        let after = out_total - offset - out;
-        if after > 0 {
-            pieces.push(Tensor::zeros((r, after), DType::F32, &Device::Cpu)?);
-        }
-        rows.push(Tensor::cat(&pieces, 1)?);
     }
-    let b_t = Tensor::cat(&rows, 0)?.contiguous()?;
-    let a = a_t.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    Ok(LoraPair { a_t, b_t, a, b })
+    Ok(LoraPair { a, b })
 }
 
 /// `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` →
@@ -567,13 +547,10 @@ mod tests {
             11,
         )
         .unwrap();
-        let fused: Vec<Vec<f32>> = x
-            .matmul(&pair.a_t)
-            .unwrap()
-            .matmul(&pair.b_t)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
+        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let mut out = vec![0f32; 3 * 11];
+        pair.rows().add_to(&xs, &mut out);
+        let fused: Vec<Vec<f32>> = out.chunks(11).map(|r| r.to_vec()).collect();
         let d1: Vec<Vec<f32>> = x
             .matmul(&a1.t().unwrap())
             .unwrap()

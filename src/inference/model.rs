@@ -178,7 +178,11 @@ impl Linear {
             y = y.broadcast_add(b)?;
         }
         if let Some(l) = lora.filter(|_| !own) {
-            y = (y + x.matmul(&l.a_t)?.matmul(&l.b_t)?)?;
+            let (m, n) = y.dims2()?;
+            let mut out = y.flatten_all()?.to_vec1::<f32>()?;
+            l.rows()
+                .add_to(&x.flatten_all()?.to_vec1::<f32>()?, &mut out);
+            y = Tensor::from_vec(out, (m, n), y.device())?;
         }
         Ok(y)
     }
