@@ -18,13 +18,19 @@ PY_TEST_DEPS := "maturin>=1.9.4,<2" pytest tqdm "openai>=1" nbclient ipykernel
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test test-python test-notebook python-wheel test-ui chromium lint run release fmt setup
+.PHONY: test test-python test-notebook python-wheel test-ui chromium lint run release fmt setup fuzz
 
 test: setup
 	# Tests that train run one at a time: they would only compete for the same cores.
 	RUST_TEST_THREADS=1 FERROTUNE_TRAIN_PYTHON="$$($(BIN) setup --print-python)" $(CARGO) test --all-targets --locked
 	$(MAKE) --no-print-directory test-python
 	$(MAKE) --no-print-directory test-ui
+
+# The property tests of the dataset parser and the chat-template renderer (tests/properties.rs)
+# with many more cases than `make test` runs (256 each there).
+FUZZ_CASES ?= 20000
+fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release --locked --test properties
 
 # The web UI in headless chromium (web/tests/e2e.mjs, Playwright): sign up, upload, train one
 # short LoRA while watching it, chat with the adapter; screenshots in target/ui-screenshots/.

@@ -38,6 +38,18 @@ pub struct Config {
     pub login_max_failures_per_ip: u32,
     /// The window over which failures are counted and how long a throttle lasts, in seconds.
     pub login_window_secs: u64,
+    /// A rotated refresh token presented again within this many seconds is taken for two tabs
+    /// refreshing at once; later, for theft: its whole session ends.
+    pub refresh_reuse_grace_secs: u64,
+    /// Accounts one client address may register inside `login_window_secs`.
+    pub register_max_per_ip: u32,
+    /// Most tokens one answer may generate, whatever the request asks (the model's context
+    /// bounds it too).
+    pub max_generation_tokens: usize,
+    /// Generations that may run at once on this server; more are refused with 429.
+    pub max_concurrent_generations: usize,
+    /// Generations one user may run at once; more are refused with 429.
+    pub max_generations_per_user: usize,
     /// Take the client address from `X-Forwarded-For` (only behind a trusted reverse proxy).
     pub trust_forwarded_for: bool,
     /// Mark the refresh-token cookie `Secure` (set when served over HTTPS).
@@ -98,6 +110,11 @@ impl Default for Config {
             login_max_failures: 5,
             login_max_failures_per_ip: 20,
             login_window_secs: 15 * 60,
+            refresh_reuse_grace_secs: 30,
+            register_max_per_ip: 20,
+            max_generation_tokens: 4096,
+            max_concurrent_generations: 32,
+            max_generations_per_user: 4,
             trust_forwarded_for: false,
             cookie_secure: false,
             jwt_secret: String::new(),
@@ -228,6 +245,18 @@ impl Config {
         }
         if self.login_max_failures == 0 || self.login_max_failures_per_ip == 0 {
             anyhow::bail!("login failure limits must be greater than 0");
+        }
+        if self.register_max_per_ip == 0 {
+            anyhow::bail!("register_max_per_ip must be greater than 0");
+        }
+        if self.max_generation_tokens == 0
+            || self.max_concurrent_generations == 0
+            || self.max_generations_per_user == 0
+        {
+            anyhow::bail!(
+                "max_generation_tokens, max_concurrent_generations and max_generations_per_user \
+                 must be greater than 0"
+            );
         }
         if !self.jwt_secret.is_empty() && self.jwt_secret.len() < 32 {
             anyhow::bail!("jwt_secret must be at least 32 characters (or empty to generate one)");

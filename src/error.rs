@@ -24,8 +24,10 @@ pub enum Kind {
     Invalid,
     /// Throttled (429).
     Throttled,
-    /// Not ready yet (503).
+    /// Not ready yet, or too busy (503).
     Unavailable,
+    /// The disk is full (507).
+    InsufficientStorage,
     /// A fault of ours (500); the message is logged, not shown.
     Internal,
 }
@@ -101,8 +103,32 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+impl Error {
+    /// The disk (or the quota) is full: nothing was kept.
+    pub fn disk_full() -> Error {
+        Error::new(
+            Kind::InsufficientStorage,
+            "disk_full",
+            "the server's disk is full; nothing was saved — free some space or ask an administrator",
+        )
+    }
+}
+
+/// Whether an I/O error means the disk (or the user's quota) is full.
+pub fn io_is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || matches!(
+            e.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        )
+}
+
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
+        if e.is_disk_full() {
+            tracing::error!(error = %e, "the store cannot write: disk full");
+            return Error::disk_full();
+        }
         match e {
             StoreError::Conflict(field) => {
                 Error::conflict("conflict", format!("{field} already exists"))
@@ -114,6 +140,10 @@ impl From<StoreError> for Error {
 
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
+        if io_is_disk_full(&e) {
+            tracing::error!(error = %e, "disk full");
+            return Error::disk_full();
+        }
         Error::internal(format!("i/o: {e}"))
     }
 }

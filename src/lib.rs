@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the map of the crate.
 
 pub mod auth;
+pub mod chat;
 pub mod config;
 pub mod datasets;
 pub mod error;
@@ -15,5 +16,6 @@ mod python;
 pub mod store;
 pub mod system;
 pub mod telemetry;
+pub mod text;
 pub mod training;
 pub mod worker;

@@ -263,7 +263,8 @@ async fn chat(
             })?;
             let record = store
                 .models()
-                .get_any(&id)?
+                .get_any(&id)
+                .await?
                 .ok_or_else(|| anyhow::anyhow!("no adapter folder or trained model `{id}`"))?;
             (
                 Some(PathBuf::from(record.model_path)),
@@ -421,7 +422,7 @@ async fn users(command: UsersCommand, config: Config) -> anyhow::Result<()> {
             let auth = ferrotune::auth::Auth::new(store.clone(), &config)?;
             let role = if admin { Some(Role::Admin) } else { None };
             let user = auth
-                .register(&username, &email, &password, role)
+                .register(&username, &email, &password, role, None)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
             println!(
@@ -432,7 +433,7 @@ async fn users(command: UsersCommand, config: Config) -> anyhow::Result<()> {
             );
         }
         UsersCommand::List => {
-            for u in store.users()? {
+            for u in store.users().await? {
                 println!(
                     "{}\t{}\t{}\t{}{}",
                     u.user_id,

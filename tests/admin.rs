@@ -79,6 +79,16 @@ async fn admins_manage_accounts_and_see_counts() {
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body["role"], "admin");
+    // Disabling ended bob's sessions for good: re-enabled, he signs in again.
+    assert_eq!(bob.get("/api/auth/me").await.status, 401);
+    let login = c
+        .post(
+            "/api/auth/login",
+            json!({"username_or_email": "bob", "password": "bob-password"}),
+        )
+        .await;
+    assert_eq!(login.status, 200, "{:?}", login.body);
+    let bob = c.with_token(login.body["access_token"].as_str().unwrap());
     assert_eq!(
         bob.get("/api/admin/users").await.status,
         200,

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{
@@ -104,7 +103,7 @@ async fn a_lora_trains_for_real_and_its_adapter_is_registered() {
         "loss fell: {first_loss} → {last_loss}"
     );
 
-    let out = PathBuf::from(done["output_dir"].as_str().unwrap());
+    let out = server.task_output(&done);
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
         assert!(out.join(f).is_file(), "{f} in {}", out.display());
     }
@@ -188,6 +187,7 @@ async fn bad_task_requests_are_422_before_anything_runs() {
         (with(json!({"unknown_field": 1})), "invalid_body"),
         (with(json!({"template": "nonsense"})), "invalid_spec"),
         (with(json!({"output_dir": "../../etc"})), "invalid_spec"),
+        (with(json!({"seed": u64::MAX})), "invalid_spec"),
         (with(json!({"dataset_id": "nope"})), "dataset_not_found"),
     ] {
         let r = alice.post("/api/tasks", body.clone()).await;

@@ -479,6 +479,52 @@ class Client:
     def model(self, model_id: str) -> dict:
         return self._json("GET", f"/api/files/models/{_q(model_id)}")
 
+    def download_model(
+        self,
+        model_id: str,
+        dest: Optional[Union[str, "os.PathLike[str]"]] = None,
+        *,
+        timeout: float = 600.0,
+    ) -> str:
+        """Downloads one of your trained models (an adapter or a full fine-tune) and unpacks
+        it into ``dest`` (default: ``~/.cache/ferrotune/models/<model_id>``); returns the
+        folder, ready for :class:`ferrotune.Engine` (``adapter=``) or transformers. The
+        server shows model paths relative to its own data dir, so this is how a notebook on
+        any machine gets the files."""
+        import tarfile
+        import tempfile
+
+        if dest is None:
+            root = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+                os.path.expanduser("~"), ".cache"
+            )
+            dest = os.path.join(root, "ferrotune", "models", model_id)
+        dest = os.fspath(dest)
+        os.makedirs(dest, exist_ok=True)
+        with self._open(
+            "GET",
+            f"/api/files/models/{_q(model_id)}/download",
+            headers={"accept": "application/gzip"},
+            timeout=timeout,
+        ) as resp, tempfile.TemporaryFile() as tmp:
+            while True:
+                chunk = resp.read(1 << 20)
+                if not chunk:
+                    break
+                tmp.write(chunk)
+            tmp.seek(0)
+            with tarfile.open(fileobj=tmp, mode="r:gz") as tar:
+                members = [m for m in tar.getmembers() if m.isfile()]
+                for m in members:
+                    # Only plain files, flattened to their names: nothing lands outside dest.
+                    name = os.path.basename(m.name)
+                    src = tar.extractfile(m)
+                    if not name or src is None:
+                        continue
+                    with src, open(os.path.join(dest, name), "wb") as out:
+                        out.write(src.read())
+        return dest
+
     def chat(
         self,
         model: str,

@@ -5,6 +5,7 @@ local Engine."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -101,11 +102,14 @@ def test_upload_train_wait_and_chat_with_the_adapter(server, client, models_dir,
     assert "".join(pieces) == ANSWER and len(pieces) > 3, pieces
     assert not client.chat(MODEL, QUESTION, temperature=0, max_tokens=6).startswith("3 plus 4")
 
-    # Locally: the Engine over the adapter's folder answers the same.
+    # Locally: the adapter, downloaded, answers the same through the in-process Engine.
     model = client.model(model_id)
     assert model["kind"] == "adapter" and model["base_model"] == MODEL
+    assert not model["model_path"].startswith("/"), "paths are relative to the server's data"
+    adapter = client.download_model(model_id, tmp_path / "adapter")
+    assert os.path.isfile(os.path.join(adapter, "adapter_model.safetensors"))
     engine = ferrotune.Engine(models_dir)
-    assert engine.chat(MODEL, QUESTION, adapter=model["model_path"], temperature=0) == ANSWER
+    assert engine.chat(MODEL, QUESTION, adapter=adapter, temperature=0) == ANSWER
 
     # OpenAI's client pointed at the server.
     openai = pytest.importorskip("openai")

@@ -18,10 +18,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_quickstart_runs_top_to_bottom(server, client, monkeypatch, tmp_path):
+def test_quickstart_runs_top_to_bottom(server, client, models_dir, monkeypatch, tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("FERROTUNE_URL", server.url)
+    monkeypatch.setenv("FERROTUNE_MODELS_DIR", str(models_dir))
     monkeypatch.setenv("FERROTUNE_USERNAME", "notebook")
     monkeypatch.setenv("FERROTUNE_PASSWORD", "notebook-password")
     monkeypatch.delenv("FERROTUNE_API_KEY", raising=False)

@@ -1,14 +1,13 @@
-//! Accounts and credentials: argon2id passwords, JWT access tokens, rotating refresh tokens,
-//! API keys and login throttling. Nothing here knows about HTTP.
+//! Accounts and credentials: argon2id passwords, JWT access tokens bound to a login session,
+//! rotating refresh tokens, API keys and throttling. Nothing here knows about HTTP.
 
+pub mod passwords;
 mod throttle;
 
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -19,17 +18,22 @@ use time::OffsetDateTime;
 
 use crate::config::Config;
 use crate::error::{Error, Kind, Result};
-use crate::store::{ApiKey, RefreshToken, Role, Store, StoreError, User, new_id};
+use crate::store::{ApiKey, LoginSession, RefreshToken, Role, Store, StoreError, User, new_id};
 
-pub use throttle::Throttle;
+pub use passwords::PasswordPool;
+pub use throttle::{Gate, Throttle};
 
 /// Prefix of API key secrets; a bearer token with it is an API key, not a JWT.
 pub const API_KEY_PREFIX: &str = "ft-";
 /// Passwords longer than this are refused (bounds the hashing work a request can cause).
 const MAX_PASSWORD_LEN: usize = 1024;
-/// A rotated refresh token presented again within this many seconds is treated as a benign
-/// race (two tabs refreshing at once); later, as theft: the whole family is revoked.
-const REUSE_GRACE_SECS: i64 = 30;
+/// Once an account has had this many attempts in a window from everywhere, attempts from
+/// addresses it has not signed in from are paced: one per [`ACCOUNT_PACE`].
+const ACCOUNT_PACE: Duration = Duration::from_secs(2);
+/// The longest a paced attempt is made to wait before it is refused (429).
+const ACCOUNT_PACE_MAX_WAIT: Duration = Duration::from_secs(10);
+/// Password checks one client address may have running at once (the others queue).
+const CHECKS_PER_ADDRESS: usize = 2;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
@@ -41,6 +45,10 @@ struct Claims {
     /// The user's `token_version` when issued (absent in tokens older than the field: 0).
     #[serde(default)]
     ver: u64,
+    /// The login session (refresh-token family) the token belongs to; it works only while
+    /// that session exists, so logout and theft detection end it at once.
+    #[serde(default)]
+    sid: Option<String>,
 }
 
 /// A fresh sign-in or refresh: the tokens handed to the client.
@@ -58,6 +66,8 @@ pub struct Principal {
     pub user: User,
     /// Set when the request was authenticated with an API key.
     pub api_key_id: Option<String>,
+    /// The login session of the access token (none for an API key).
+    pub session_id: Option<String>,
 }
 
 impl Principal {
@@ -68,6 +78,7 @@ impl Principal {
 
 pub struct Auth {
     store: Store,
+    passwords: PasswordPool,
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
@@ -76,11 +87,36 @@ pub struct Auth {
     remember_ttl: u64,
     max_failures: u32,
     max_failures_per_ip: u32,
+    max_registrations_per_ip: u32,
+    /// A rotated refresh token presented again within this many seconds is treated as a
+    /// benign race (two tabs refreshing at once); later, as theft: the session ends.
+    reuse_grace_secs: i64,
     throttle: Throttle,
+    /// Password checks per client address, one after the other past a few.
+    per_address: Gate,
+    /// The hash checked for unknown accounts, so they cost the same time as known ones.
+    dummy_hash: String,
+}
+
+fn invalid_credentials() -> Error {
+    Error::new(
+        Kind::Unauthenticated,
+        "invalid_credentials",
+        "invalid username/email or password",
+    )
+}
+
+fn account_disabled() -> Error {
+    Error::new(
+        Kind::Unauthenticated,
+        "account_disabled",
+        "this account is disabled",
+    )
 }
 
 impl Auth {
-    /// Sets up authentication, loading (or creating, mode 0600) the signing secret.
+    /// Sets up authentication, loading (or creating, mode 0600) the signing secret and
+    /// starting the password hashing threads.
     pub fn new(store: Store, config: &Config) -> anyhow::Result<Arc<Auth>> {
         let secret = if config.jwt_secret.is_empty() {
             load_or_create_secret(&config.jwt_secret_path())?
@@ -90,42 +126,70 @@ impl Auth {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 5;
         validation.set_required_spec_claims(&["exp", "sub"]);
+        let dummy_hash = passwords::hash_with(&mut Vec::new(), random_secret().as_bytes())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(Arc::new(Auth {
             store,
+            passwords: PasswordPool::per_core()?,
             encoding: EncodingKey::from_secret(&secret),
             decoding: DecodingKey::from_secret(&secret),
             validation,
             access_ttl: config.access_token_ttl_secs,
             refresh_ttl: config.refresh_token_ttl_secs,
             remember_ttl: config.remember_me_ttl_secs,
-            max_failures: config.login_max_failures,
-            max_failures_per_ip: config.login_max_failures_per_ip,
+            max_failures: config.login_max_failures.max(1),
+            max_failures_per_ip: config.login_max_failures_per_ip.max(1),
+            max_registrations_per_ip: config.register_max_per_ip.max(1),
+            reuse_grace_secs: i64::try_from(config.refresh_reuse_grace_secs).unwrap_or(i64::MAX),
             throttle: Throttle::new(Duration::from_secs(config.login_window_secs)),
+            per_address: Gate::new(CHECKS_PER_ADDRESS),
+            dummy_hash,
         }))
+    }
+
+    /// The password hashing threads (also used by administrators' password resets).
+    pub fn passwords(&self) -> &PasswordPool {
+        &self.passwords
     }
 
     // ---- accounts ----------------------------------------------------------------------
 
-    /// Registers an account. `role: None` makes the first account ever admin.
+    /// Registers an account. `role: None` makes the first account ever admin. `client`, the
+    /// caller's address, is throttled (every registration counts); the command line passes
+    /// `None`.
     pub async fn register(
         &self,
         username: &str,
         email: &str,
         password: &str,
         role: Option<Role>,
+        client: Option<&str>,
     ) -> Result<User> {
         validate_username(username)?;
         let email = validate_email(email)?;
         validate_password(password)?;
+        if let Some(client) = client {
+            self.throttle
+                .reserve(&format!("register:{client}"), self.max_registrations_per_ip)
+                .map_err(|wait| {
+                    tracing::warn!(client, "registrations throttled");
+                    Error {
+                        message: format!(
+                            "too many accounts registered from this address; try again in {wait} s"
+                        ),
+                        ..Error::throttled(wait)
+                    }
+                })?;
+        }
         // Fail fast on a taken name before spending a hash on it; the store re-checks
         // atomically.
-        if self.store.user_by_login(username)?.is_some() {
+        if self.store.user_by_login(username).await?.is_some() {
             return Err(taken("username"));
         }
-        if self.store.user_by_login(&email)?.is_some() {
+        if self.store.user_by_login(&email).await?.is_some() {
             return Err(taken("email"));
         }
-        let hash = hash_password(password.to_string()).await?;
+        let hash = self.passwords.hash(password).await?;
         let user = User::new(username.to_string(), email, hash);
         match self.store.create_user(user, role).await {
             Ok(user) => {
@@ -137,8 +201,11 @@ impl Auth {
         }
     }
 
-    /// Checks credentials (with throttling per account and per client address) and opens a
-    /// session.
+    /// Checks credentials and opens a session. Throttled three ways: per account and address
+    /// (every attempt counted before its password is checked; locks that pair for a window),
+    /// per address (failures lock the address; its checks run a few at a time, so a burst
+    /// cannot outrun the count), and per account from everywhere (paces instead of locking,
+    /// and not for addresses the account signed in from recently).
     pub async fn login(
         &self,
         login: &str,
@@ -146,76 +213,96 @@ impl Auth {
         remember: bool,
         client: &str,
     ) -> Result<Session> {
-        let account_key = format!("user:{}", login.trim().to_lowercase());
+        let account = login.trim().to_lowercase();
+        let pair_key = format!("login:{account}|{client}");
         let ip_key = format!("ip:{client}");
-        if let Some(wait) = self
-            .throttle
-            .locked(&account_key)
-            .max(self.throttle.locked(&ip_key))
-        {
+        let account_key = format!("account:{account}");
+        if let Some(wait) = self.throttle.locked(&ip_key) {
             return Err(Error::throttled(wait));
         }
-        let user = self.store.user_by_login(login)?;
+        self.throttle
+            .reserve(&pair_key, self.max_failures)
+            .map_err(Error::throttled)?;
+        let _pass = self.per_address.enter(client).await;
+        if let Some(wait) = self.throttle.locked(&ip_key) {
+            self.throttle.refund(&pair_key);
+            return Err(Error::throttled(wait));
+        }
+        if !self.throttle.is_known(&pair_key) {
+            match self.throttle.pace(
+                &account_key,
+                self.max_failures,
+                ACCOUNT_PACE,
+                ACCOUNT_PACE_MAX_WAIT,
+            ) {
+                Ok(wait) if wait.is_zero() => {}
+                Ok(wait) => {
+                    tracing::info!(login = %login, client = %client, wait_ms = wait.as_millis() as u64, "login paced");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(wait) => {
+                    self.throttle.refund(&pair_key);
+                    return Err(Error::throttled(wait));
+                }
+            }
+        }
+        let user = self.store.user_by_login(login).await?;
         let hash = match &user {
-            Some(u) => u.password_hash.clone(),
+            Some(u) => u.password_hash.as_str(),
             // Same work for an unknown account, so timing does not tell which names exist.
-            None => dummy_hash().to_string(),
+            None => self.dummy_hash.as_str(),
         };
-        let ok = verify_password(password.to_string(), hash).await?;
+        let ok = self.passwords.verify(password, hash).await?;
         let user = match (user, ok) {
+            // A disabled account gets the same answer whatever the password, so the answer
+            // confirms no guess.
+            (Some(user), _) if user.disabled => return Err(account_disabled()),
             (Some(user), true) => user,
             _ => {
-                let locked_account = self.throttle.fail(&account_key, self.max_failures);
-                let locked_ip = self.throttle.fail(&ip_key, self.max_failures_per_ip);
-                if locked_account || locked_ip {
-                    tracing::warn!(login = %login, client = %client, "login throttled");
-                }
-                return Err(Error::new(
-                    Kind::Unauthenticated,
-                    "invalid_credentials",
-                    "invalid username/email or password",
-                ));
+                self.throttle.fail(&ip_key, self.max_failures_per_ip);
+                tracing::warn!(login = %login, client = %client, "login failed");
+                return Err(invalid_credentials());
             }
         };
-        if user.disabled {
-            return Err(Error::new(
-                Kind::Unauthenticated,
-                "account_disabled",
-                "this account is disabled",
-            ));
-        }
-        self.throttle.clear(&account_key);
-        self.open_session(user, remember, new_id()).await
+        self.throttle.clear(&pair_key);
+        self.throttle.mark_known(&pair_key);
+        self.open_session(user, remember).await
     }
 
-    async fn open_session(&self, user: User, remember: bool, family: String) -> Result<Session> {
-        let access_token = self.access_token(&user)?;
+    async fn open_session(&self, user: User, remember: bool) -> Result<Session> {
         let ttl = if remember {
             self.remember_ttl
         } else {
             self.refresh_ttl
         };
+        let now = now();
+        let session = LoginSession {
+            session_id: new_id(),
+            user_id: user.user_id.clone(),
+            created_at: now,
+            expires_at: now + ttl as i64,
+        };
         let refresh_token = random_secret();
         let record = RefreshToken {
             user_id: user.user_id.clone(),
-            family,
-            expires_at: now() + ttl as i64,
+            family: session.session_id.clone(),
+            expires_at: session.expires_at,
             remember,
             rotated_at: None,
         };
         self.store
-            .put_refresh_token(&sha256(&refresh_token), &record)
+            .open_session(&session, &sha256(&refresh_token), &record)
             .await?;
         Ok(Session {
+            access_token: self.access_token(&user, &session.session_id)?,
             user,
-            access_token,
             expires_in: self.access_ttl,
             refresh_token,
             refresh_expires_in: ttl,
         })
     }
 
-    fn access_token(&self, user: &User) -> Result<String> {
+    fn access_token(&self, user: &User, session_id: &str) -> Result<String> {
         let iat = now();
         let claims = Claims {
             sub: user.user_id.clone(),
@@ -224,115 +311,165 @@ impl Auth {
             exp: iat + self.access_ttl as i64,
             typ: "access".into(),
             ver: user.token_version,
+            sid: Some(session_id.to_string()),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| Error::internal(format!("signing a token: {e}")))
     }
 
     /// Exchanges a refresh token for a new access token and a new refresh token (the old
-    /// one stops working). Reuse of an old token revokes every token of its login.
+    /// one stops working). Reuse of an old token ends its whole session.
     pub async fn refresh(&self, refresh_token: &str) -> Result<Session> {
         let invalid = || Error::unauthenticated("invalid or expired refresh token");
         let hash = sha256(refresh_token);
-        let record = self.store.refresh_token(&hash)?.ok_or_else(invalid)?;
+        let record = self.store.refresh_token(&hash).await?.ok_or_else(invalid)?;
         let now = now();
         if record.expires_at <= now {
             self.store.remove_refresh_token(&hash).await?;
             return Err(invalid());
         }
         if let Some(rotated) = record.rotated_at {
-            if now - rotated > REUSE_GRACE_SECS {
+            if now - rotated >= self.reuse_grace_secs {
+                let family = record.family.clone();
                 let n = self
                     .store
-                    .revoke_refresh_where(|t| t.family == record.family)?;
-                self.store.flush().await?;
+                    .revoke_refresh_where(move |t| t.family == family)
+                    .await?;
                 tracing::warn!(user_id = %record.user_id, revoked = n, "refresh token reuse: session revoked");
             }
             return Err(invalid());
         }
-        let user = self.active_user(&record.user_id)?;
+        let user = self.active_user(&record.user_id).await?;
+        let ttl = if record.remember {
+            self.remember_ttl
+        } else {
+            self.refresh_ttl
+        };
+        let next_token = random_secret();
+        let next = RefreshToken {
+            user_id: user.user_id.clone(),
+            family: record.family.clone(),
+            expires_at: now + ttl as i64,
+            remember: record.remember,
+            rotated_at: None,
+        };
+        let session = LoginSession {
+            session_id: record.family.clone(),
+            user_id: user.user_id.clone(),
+            created_at: now,
+            expires_at: next.expires_at,
+        };
         let rotated = RefreshToken {
             rotated_at: Some(now),
             ..record.clone()
         };
         if !self
             .store
-            .swap_refresh_token(&hash, &record, &rotated)
+            .rotate_refresh_token(
+                &hash,
+                &record,
+                &rotated,
+                &sha256(&next_token),
+                &next,
+                &session,
+            )
             .await?
         {
             return Err(invalid());
         }
-        self.open_session(user, record.remember, record.family)
-            .await
+        Ok(Session {
+            access_token: self.access_token(&user, &session.session_id)?,
+            user,
+            expires_in: self.access_ttl,
+            refresh_token: next_token,
+            refresh_expires_in: ttl,
+        })
     }
 
-    /// Ends the session the refresh token belongs to (every token rotated from its login).
-    pub async fn logout(&self, user_id: &str, refresh_token: Option<&str>) -> Result<()> {
-        let Some(token) = refresh_token else {
-            return Ok(());
-        };
-        if let Some(record) = self.store.refresh_token(&sha256(token))?
+    /// Ends the caller's session (that of their access token) and the one the refresh token
+    /// belongs to, if it is theirs: every refresh token rotated from those logins, and every
+    /// access token issued for them, stop working at once.
+    pub async fn logout(&self, principal: &Principal, refresh_token: Option<&str>) -> Result<()> {
+        let user_id = principal.user.user_id.clone();
+        let mut families: Vec<String> = principal.session_id.iter().cloned().collect();
+        if let Some(token) = refresh_token
+            && let Some(record) = self.store.refresh_token(&sha256(token)).await?
             && record.user_id == user_id
         {
-            self.store
-                .revoke_refresh_where(|t| t.family == record.family)?;
-            self.store.flush().await?;
+            families.push(record.family);
         }
+        if families.is_empty() {
+            return Ok(());
+        }
+        let n = self
+            .store
+            .revoke_refresh_where(move |t| t.user_id == user_id && families.contains(&t.family))
+            .await?;
+        tracing::info!(user_id = %principal.user.user_id, tokens = n, "signed out");
         Ok(())
     }
 
-    /// Removes expired refresh tokens; returns how many.
-    pub fn sweep_expired(&self) -> Result<usize> {
-        let now = now();
-        Ok(self.store.revoke_refresh_where(|t| t.expires_at <= now)?)
+    /// Removes expired refresh tokens and sessions; returns how many tokens.
+    pub async fn sweep_expired(&self) -> Result<usize> {
+        Ok(self.store.sweep_expired(now()).await?)
     }
 
     /// Who a bearer token (JWT access token or API key) belongs to.
-    pub fn authenticate(&self, bearer: &str) -> Result<Principal> {
+    pub async fn authenticate(&self, bearer: &str) -> Result<Principal> {
         let invalid = || Error::unauthenticated("invalid or expired token");
         if bearer.starts_with(API_KEY_PREFIX) {
-            let key = self
+            let (key, user) = self
                 .store
-                .api_key_by_hash(&sha256(bearer))?
+                .api_key_by_hash(&sha256(bearer))
+                .await?
                 .ok_or_else(invalid)?;
-            let user = self.active_user(&key.owner)?;
+            let user = active(user)?;
             return Ok(Principal {
                 user,
                 api_key_id: Some(key.key_id),
+                session_id: None,
             });
         }
         let data = jsonwebtoken::decode::<Claims>(bearer, &self.decoding, &self.validation)
             .map_err(|_| invalid())?;
-        if data.claims.typ != "access" {
+        let claims = data.claims;
+        if claims.typ != "access" {
             return Err(invalid());
         }
-        let user = self.active_user(&data.claims.sub)?;
-        if data.claims.ver != user.token_version {
+        // Tokens from before sessions were recorded carry none: they are refused, and the
+        // client refreshes (its refresh token then gets a session).
+        let sid = claims.sid.ok_or_else(invalid)?;
+        let (user, live) = self.store.user_and_session(&claims.sub, &sid).await?;
+        let user = active(user)?;
+        if claims.ver != user.token_version || !live {
             return Err(invalid());
         }
         Ok(Principal {
             user,
             api_key_id: None,
+            session_id: Some(sid),
         })
     }
 
     /// Gives `user` a new password (validated, hashed) and ends their sessions: refresh
-    /// tokens are revoked and access tokens issued before now are refused. Saves the record.
+    /// tokens and sessions are revoked, so every access token stops working. Saves the record.
     pub async fn set_password(&self, mut user: User, new: &str) -> Result<User> {
         validate_password(new)?;
-        user.password_hash = hash_password(new.to_string()).await?;
+        user.password_hash = self.passwords.hash(new).await?;
         user.token_version += 1;
         user.updated_at = OffsetDateTime::now_utc();
         self.store.update_user(&user).await?;
         let uid = user.user_id.clone();
-        self.store.revoke_refresh_where(|t| t.user_id == uid)?;
-        self.store.flush().await?;
+        self.store
+            .revoke_refresh_where(move |t| t.user_id == uid)
+            .await?;
         Ok(user)
     }
 
-    /// Changes a signed-in user's password after checking the current one (throttled like a
-    /// login). Every other session ends: refresh tokens are revoked and access tokens issued
-    /// before now are refused. Returns a fresh session for the caller.
+    /// Changes a signed-in user's password after checking the current one. Wrong current
+    /// passwords are throttled per account on this route alone (a stolen token must not be
+    /// able to lock its owner's login) and per address. Every other session ends. Returns a
+    /// fresh session for the caller.
     pub async fn change_password(
         &self,
         user: &User,
@@ -340,19 +477,6 @@ impl Auth {
         new: &str,
         client: &str,
     ) -> Result<Session> {
-        let account_key = format!("user:{}", user.username.to_lowercase());
-        if let Some(wait) = self.throttle.locked(&account_key) {
-            return Err(Error::throttled(wait));
-        }
-        if !verify_password(current.to_string(), user.password_hash.clone()).await? {
-            self.throttle.fail(&account_key, self.max_failures);
-            tracing::warn!(user_id = %user.user_id, client = %client, "password change: wrong current password");
-            return Err(Error::new(
-                Kind::Invalid,
-                "wrong_password",
-                "the current password is not correct",
-            ));
-        }
         validate_password(new)?;
         if new == current {
             return Err(Error::new(
@@ -361,33 +485,44 @@ impl Auth {
                 "the new password must differ from the current one",
             ));
         }
+        let key = format!("password:{}", user.user_id);
+        let ip_key = format!("ip:{client}");
+        if let Some(wait) = self.throttle.locked(&ip_key) {
+            return Err(Error::throttled(wait));
+        }
+        self.throttle
+            .reserve(&key, self.max_failures)
+            .map_err(Error::throttled)?;
+        let _pass = self.per_address.enter(client).await;
+        if !self.passwords.verify(current, &user.password_hash).await? {
+            self.throttle.fail(&ip_key, self.max_failures_per_ip);
+            tracing::warn!(user_id = %user.user_id, client = %client, "password change: wrong current password");
+            return Err(Error::new(
+                Kind::Invalid,
+                "wrong_password",
+                "the current password is not correct",
+            ));
+        }
+        self.throttle.clear(&key);
         // Re-read: the record may have changed (role, disabled) since the request began.
         let fresh = self
-            .set_password(self.active_user(&user.user_id)?, new)
+            .set_password(self.active_user(&user.user_id).await?, new)
             .await?;
         tracing::info!(user_id = %fresh.user_id, client = %client, "password changed; other sessions ended");
-        self.open_session(fresh, false, new_id()).await
+        self.open_session(fresh, false).await
     }
 
     /// The user, if they still exist and are not disabled. Checked on every request, so
     /// disabling or deleting an account ends its tokens at once.
-    fn active_user(&self, user_id: &str) -> Result<User> {
-        match self.store.user(user_id)? {
-            Some(u) if !u.disabled => Ok(u),
-            Some(_) => Err(Error::new(
-                Kind::Unauthenticated,
-                "account_disabled",
-                "this account is disabled",
-            )),
-            None => Err(Error::unauthenticated("invalid or expired token")),
-        }
+    async fn active_user(&self, user_id: &str) -> Result<User> {
+        active(self.store.user(user_id).await?)
     }
 
     // ---- API keys ----------------------------------------------------------------------
 
     /// Creates an API key; returns the record and the secret, which is never shown again.
     pub async fn create_api_key(&self, owner: &str, name: &str) -> Result<(ApiKey, String)> {
-        let name = name.trim();
+        let name = crate::text::clean_name(name);
         if name.is_empty() || name.chars().count() > 64 {
             return Err(Error::invalid("name must be 1 to 64 characters"));
         }
@@ -396,13 +531,21 @@ impl Auth {
         let key = ApiKey {
             key_id: new_id(),
             owner: owner.to_string(),
-            name: name.to_string(),
+            name,
             prefix: secret.chars().take(10).collect(),
             secret_hash: hash.to_vec(),
             created_at: OffsetDateTime::now_utc(),
         };
         self.store.create_api_key(&key, &hash).await?;
         Ok((key, secret))
+    }
+}
+
+fn active(user: Option<User>) -> Result<User> {
+    match user {
+        Some(u) if !u.disabled => Ok(u),
+        Some(_) => Err(account_disabled()),
+        None => Err(Error::unauthenticated("invalid or expired token")),
     }
 }
 
@@ -486,39 +629,6 @@ pub fn validate_password(password: &str) -> Result<()> {
     Ok(())
 }
 
-/// argon2id (the crate's defaults: m=19 MiB, t=2, p=1), on the blocking pool.
-pub async fn hash_password(password: String) -> Result<String> {
-    tokio::task::spawn_blocking(move || hash_password_blocking(&password)).await?
-}
-
-fn hash_password_blocking(password: &str) -> Result<String> {
-    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| Error::internal(format!("hashing a password: {e}")))
-}
-
-async fn verify_password(password: String, hash: String) -> Result<bool> {
-    tokio::task::spawn_blocking(move || {
-        let Ok(parsed) = PasswordHash::new(&hash) else {
-            return false;
-        };
-        Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok()
-    })
-    .await
-    .map_err(Error::from)
-}
-
-fn dummy_hash() -> &'static str {
-    static DUMMY: OnceLock<String> = OnceLock::new();
-    DUMMY.get_or_init(|| {
-        hash_password_blocking(&random_secret()).unwrap_or_else(|_| String::from("$argon2id$"))
-    })
-}
-
 /// Reads the signing secret, creating a random one (mode 0600) at first start.
 fn load_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
     use std::io::Write;
@@ -594,23 +704,6 @@ mod tests {
         assert!(validate_password("1234567").is_err());
         assert!(validate_password("12345678").is_ok());
         assert!(validate_password(&"x".repeat(2000)).is_err());
-    }
-
-    #[test]
-    fn hashes_are_argon2id_and_verify() {
-        let h = hash_password_blocking("correct horse").unwrap();
-        assert!(h.starts_with("$argon2id$"), "{h}");
-        let parsed = PasswordHash::new(&h).unwrap();
-        assert!(
-            Argon2::default()
-                .verify_password(b"correct horse", &parsed)
-                .is_ok()
-        );
-        assert!(
-            Argon2::default()
-                .verify_password(b"wrong horse", &parsed)
-                .is_err()
-        );
     }
 
     #[test]

@@ -130,15 +130,16 @@ impl Datasets {
         Ok(dataset)
     }
 
-    pub fn list(&self, owner: &str) -> Result<Vec<Dataset>> {
-        Ok(self.store.datasets().list(owner)?)
+    pub async fn list(&self, owner: &str) -> Result<Vec<Dataset>> {
+        Ok(self.store.datasets().list(owner).await?)
     }
 
     /// The owner's dataset; another user's is "not found".
-    pub fn get(&self, owner: &str, file_id: &str) -> Result<Dataset> {
+    pub async fn get(&self, owner: &str, file_id: &str) -> Result<Dataset> {
         self.store
             .datasets()
-            .get(owner, file_id)?
+            .get(owner, file_id)
+            .await?
             .ok_or_else(|| Error::not_found("dataset"))
     }
 
@@ -200,8 +201,8 @@ pub fn too_large(max: u64) -> Error {
 /// characters, at most 200 bytes. Never used as a path.
 pub fn sanitize_filename(name: &str) -> String {
     let base = name.rsplit(['/', '\\']).next().unwrap_or("");
-    let cleaned: String = base.chars().filter(|c| !c.is_control()).collect();
-    let cleaned = cleaned.trim();
+    let cleaned = crate::text::clean_name(base);
+    let cleaned = cleaned.as_str();
     let mut out = String::new();
     for c in cleaned.chars() {
         if out.len() + c.len_utf8() > 200 {
@@ -225,6 +226,7 @@ mod tests {
         assert_eq!(sanitize_filename("../../etc/passwd"), "passwd");
         assert_eq!(sanitize_filename("C:\\Users\\me\\data.json"), "data.json");
         assert_eq!(sanitize_filename("a\u{0}b\nc.jsonl"), "abc.jsonl");
+        assert_eq!(sanitize_filename("evil\u{202E}lmth.json"), "evillmth.json");
         assert_eq!(sanitize_filename(".."), "dataset");
         assert_eq!(sanitize_filename("dir/"), "dataset");
         assert_eq!(sanitize_filename(""), "dataset");

@@ -23,7 +23,13 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn list_users(state: AppState, _admin: AdminUser) -> Result<Json<serde_json::Value>> {
-    let users: Vec<UserView> = state.store.users()?.iter().map(UserView::from).collect();
+    let users: Vec<UserView> = state
+        .store
+        .users()
+        .await?
+        .iter()
+        .map(UserView::from)
+        .collect();
     Ok(Json(json!({ "users": users })))
 }
 
@@ -34,7 +40,8 @@ async fn get_user(
 ) -> Result<Json<UserView>> {
     let user = state
         .store
-        .user(&id)?
+        .user(&id)
+        .await?
         .ok_or_else(|| Error::not_found("user"))?;
     Ok(Json(UserView::from(&user)))
 }
@@ -50,13 +57,14 @@ struct UpdateBody {
 
 /// True when `user` is the last enabled admin, so removing their powers would leave the
 /// service without one.
-fn is_last_admin(state: &AppState, user: &User) -> Result<bool> {
+async fn is_last_admin(state: &AppState, user: &User) -> Result<bool> {
     if user.role != Role::Admin || user.disabled {
         return Ok(false);
     }
     let others = state
         .store
-        .users()?
+        .users()
+        .await?
         .iter()
         .filter(|u| u.role == Role::Admin && !u.disabled && u.user_id != user.user_id)
         .count();
@@ -71,13 +79,14 @@ async fn update_user(
 ) -> Result<Json<UserView>> {
     let mut user = state
         .store
-        .user(&id)?
+        .user(&id)
+        .await?
         .ok_or_else(|| Error::not_found("user"))?;
     if let Some(pw) = &body.password {
         crate::auth::validate_password(pw)?;
     }
     let demotes = body.role == Some(Role::User) || body.disabled == Some(true);
-    if demotes && is_last_admin(&state, &user)? {
+    if demotes && is_last_admin(&state, &user).await? {
         return Err(Error::conflict(
             "last_admin",
             "this is the last active administrator; promote another account first",
@@ -94,10 +103,11 @@ async fn update_user(
     if user.disabled {
         // Their access tokens stop at the next request (checked per request); end their
         // refresh tokens too.
+        let uid = user.user_id.clone();
         state
             .store
-            .revoke_refresh_where(|t| t.user_id == user.user_id)?;
-        state.store.flush().await?;
+            .revoke_refresh_where(move |t| t.user_id == uid)
+            .await?;
     }
     if let Some(pw) = &body.password {
         user = state.auth.set_password(user, pw).await?;
@@ -114,15 +124,16 @@ async fn delete_user(
 ) -> Result<Json<serde_json::Value>> {
     let user = state
         .store
-        .user(&id)?
+        .user(&id)
+        .await?
         .ok_or_else(|| Error::not_found("user"))?;
-    if is_last_admin(&state, &user)? {
+    if is_last_admin(&state, &user).await? {
         return Err(Error::conflict(
             "last_admin",
             "this is the last active administrator; promote another account first",
         ));
     }
-    let tasks = state.store.tasks().list(&id)?;
+    let tasks = state.store.tasks().list(&id).await?;
     if tasks.iter().any(|t| t.status.is_active()) {
         return Err(Error::conflict(
             "user_has_active_tasks",
@@ -132,7 +143,7 @@ async fn delete_user(
     for t in &tasks {
         state.trainer.delete(&id, &t.task_id).await?;
     }
-    for m in state.store.models().list(&id)? {
+    for m in state.store.models().list(&id).await? {
         state.store.models().remove(&id, &m.model_id).await?;
     }
     let _ = tokio::fs::remove_dir_all(state.config.data_dir.join("models").join(&id)).await;
@@ -145,9 +156,9 @@ async fn delete_user(
 }
 
 async fn stats(state: AppState, _admin: AdminUser) -> Result<Json<serde_json::Value>> {
-    let users = state.store.users()?;
-    let datasets = state.store.datasets().list_all()?;
-    let tasks = state.store.tasks().list_all()?;
+    let users = state.store.users().await?;
+    let datasets = state.store.datasets().list_all().await?;
+    let tasks = state.store.tasks().list_all().await?;
     let by_status = |st: crate::store::TaskStatus| tasks.iter().filter(|t| t.status == st).count();
     let base_models = crate::models::list_base_models(&state.config.models_dir)
         .map(|m| m.len())

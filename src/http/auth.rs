@@ -63,11 +63,18 @@ struct RegisterBody {
 
 async fn register(
     state: AppState,
+    ClientAddr(client): ClientAddr,
     Json(body): Json<RegisterBody>,
 ) -> Result<(StatusCode, Json<serde_json::Value>)> {
     let user = state
         .auth
-        .register(&body.username, &body.email, &body.password, None)
+        .register(
+            &body.username,
+            &body.email,
+            &body.password,
+            None,
+            Some(&client),
+        )
         .await?;
     Ok((
         StatusCode::CREATED,
@@ -124,7 +131,7 @@ async fn logout(
     body: axum::body::Bytes,
 ) -> Result<Response> {
     let token = refresh_token_from(&headers, &body)?;
-    state.auth.logout(&p.user.user_id, token.as_deref()).await?;
+    state.auth.logout(&p, token.as_deref()).await?;
     let mut response = Json(json!({"message": "signed out"})).into_response();
     set_cookie(&state, &mut response, "", 0);
     Ok(response)
@@ -194,6 +201,7 @@ fn session_response(state: &AppState, session: Session) -> Response {
         },
     });
     let mut response = Json(body).into_response();
+    no_store(&mut response);
     set_cookie(
         state,
         &mut response,
@@ -201,6 +209,13 @@ fn session_response(state: &AppState, session: Session) -> Response {
         session.refresh_expires_in,
     );
     response
+}
+
+/// Answers that carry secrets (tokens, a new API key) must not be kept by any cache.
+fn no_store(response: &mut Response) {
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
 }
 
 fn set_cookie(state: &AppState, response: &mut Response, value: &str, max_age: u64) {
@@ -244,11 +259,20 @@ struct CreateKeyBody {
     name: String,
 }
 
+/// Creates an API key — with a password-backed session only: a key that could mint keys
+/// would outlive its own revocation.
 async fn create_key(
     state: AppState,
     CurrentUser(p): CurrentUser,
     Json(body): Json<CreateKeyBody>,
-) -> Result<(StatusCode, Json<serde_json::Value>)> {
+) -> Result<Response> {
+    if p.api_key_id.is_some() {
+        return Err(Error::new(
+            crate::error::Kind::Forbidden,
+            "api_key_not_allowed",
+            "an API key cannot create API keys: sign in with the password",
+        ));
+    }
     let (key, secret) = state
         .auth
         .create_api_key(&p.user.user_id, &body.name)
@@ -256,7 +280,9 @@ async fn create_key(
     let mut view = serde_json::to_value(KeyView::from(&key)).map_err(Error::internal)?;
     view["key"] = json!(secret);
     view["message"] = json!("store this key now: it is not shown again");
-    Ok((StatusCode::CREATED, Json(view)))
+    let mut response = (StatusCode::CREATED, Json(view)).into_response();
+    no_store(&mut response);
+    Ok(response)
 }
 
 async fn list_keys(
@@ -266,7 +292,8 @@ async fn list_keys(
     let keys: Vec<KeyView> = state
         .store
         .api_keys_of()
-        .list(&p.user.user_id)?
+        .list(&p.user.user_id)
+        .await?
         .iter()
         .map(KeyView::from)
         .collect();

@@ -62,8 +62,8 @@ struct Target {
 
 /// Resolves a model id: one of the caller's trained models (by `model_id`), else a base
 /// model (by name). Another user's model is "not found".
-fn resolve(state: &AppState, owner: &str, id: &str) -> Result<Target> {
-    if let Some(m) = state.store.models().get(owner, id)? {
+async fn resolve(state: &AppState, owner: &str, id: &str) -> Result<Target> {
+    if let Some(m) = state.store.models().get(owner, id).await? {
         return match m.kind {
             ModelKind::Adapter => Ok(Target {
                 id: id.to_string(),
@@ -91,21 +91,25 @@ fn resolve(state: &AppState, owner: &str, id: &str) -> Result<Target> {
     }
 }
 
-/// Resolves the original API's `model_path` (a base model folder or an adapter folder).
-fn resolve_path(state: &AppState, owner: &str, path: &str) -> Result<Target> {
-    let wanted = PathBuf::from(path);
-    if let Some(m) = state
-        .store
-        .models()
-        .list(owner)?
-        .into_iter()
-        .find(|m| std::path::Path::new(&m.model_path) == wanted)
+/// Resolves the original API's `model_path`: a trained model's path as `/api/files/models`
+/// shows it (relative to the data dir), a base model's (relative to the models dir), a base
+/// model's name, or either as an absolute path.
+async fn resolve_path(state: &AppState, owner: &str, path: &str) -> Result<Target> {
+    if let Some(wanted) = crate::text::resolve_client_path(&state.config.data_dir, path)
+        && let Some(m) = state
+            .store
+            .models()
+            .list(owner)
+            .await?
+            .into_iter()
+            .find(|m| std::path::Path::new(&m.model_path) == wanted)
     {
-        return resolve(state, owner, &m.model_id);
+        return resolve(state, owner, &m.model_id).await;
     }
+    let wanted = crate::text::resolve_client_path(&state.config.models_dir, path);
     let base = crate::models::list_base_models(&state.config.models_dir)?
         .into_iter()
-        .find(|b| b.path == wanted || b.name == path);
+        .find(|b| Some(&b.path) == wanted.as_ref() || b.name == path);
     match base {
         Some(b) => Ok(Target {
             id: b.name.clone(),
@@ -120,6 +124,20 @@ fn resolve_path(state: &AppState, owner: &str, path: &str) -> Result<Target> {
     }
 }
 
+/// Starts a generation for `user` once the limits allow it. The engine's checks read files
+/// (the model's tokenizer and template, an adapter), so they run on the blocking pool. The
+/// permit must live as long as the generation.
+async fn start_generation(
+    state: &AppState,
+    user: &str,
+    req: GenerateRequest,
+) -> Result<(crate::inference::Generation, crate::chat::GenerationPermit)> {
+    let permit = state.generations.acquire(user)?;
+    let engine = state.engine.clone();
+    let generation = tokio::task::spawn_blocking(move || engine.generate(req)).await??;
+    Ok((generation, permit))
+}
+
 fn unix_now() -> i64 {
     OffsetDateTime::now_utc().unix_timestamp()
 }
@@ -131,7 +149,7 @@ async fn v1_models(state: AppState, CurrentUser(p): CurrentUser) -> Result<Json<
         .iter()
         .map(|b| json!({"id": b.name, "object": "model", "created": 0, "owned_by": "ferrotune", "kind": "base"}))
         .collect();
-    for m in state.store.models().list(&p.user.user_id)? {
+    for m in state.store.models().list(&p.user.user_id).await? {
         if m.kind != ModelKind::Adapter {
             continue;
         }
@@ -248,7 +266,7 @@ async fn v1_chat(
             "only n = 1 is supported",
         ));
     }
-    let target = resolve(&state, &p.user.user_id, &req.model)?;
+    let target = resolve(&state, &p.user.user_id, &req.model).await?;
     let stop = match req.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s],
@@ -268,12 +286,17 @@ async fn v1_chat(
             .unwrap_or(DEFAULT_MAX_TOKENS),
         stop,
     };
-    let generation = state.engine.generate(GenerateRequest {
-        base_model: target.base_model.clone(),
-        adapter: target.adapter.clone(),
-        messages: to_messages(req.messages)?,
-        params,
-    })?;
+    let (generation, permit) = start_generation(
+        &state,
+        &p.user.user_id,
+        GenerateRequest {
+            base_model: target.base_model.clone(),
+            adapter: target.adapter.clone(),
+            messages: to_messages(req.messages)?,
+            params,
+        },
+    )
+    .await?;
     let id = format!("chatcmpl-{}", new_id());
     let created = unix_now();
     if !req.stream {
@@ -296,6 +319,8 @@ async fn v1_chat(
     let (tx, rx) = tokio::sync::mpsc::channel::<std::result::Result<Event, Infallible>>(32);
     let mut events = generation.events;
     tokio::spawn(async move {
+        // The generation's place is freed when this task ends.
+        let _permit = permit;
         let send = |v: Value| Event::default().data(v.to_string());
         if tx
             .send(Ok(send(chunk(
@@ -400,8 +425,8 @@ async fn api_chat(
 ) -> Result<Json<Value>> {
     let owner = p.user.user_id.clone();
     let target = match (req.model_id.as_deref(), req.model_path.as_deref()) {
-        (Some(id), _) if !id.is_empty() => resolve(&state, &owner, id)?,
-        (_, Some(path)) if !path.is_empty() => resolve_path(&state, &owner, path)?,
+        (Some(id), _) if !id.is_empty() => resolve(&state, &owner, id).await?,
+        (_, Some(path)) if !path.is_empty() => resolve_path(&state, &owner, path).await?,
         _ => {
             return Err(Error::new(
                 Kind::Invalid,
@@ -410,48 +435,59 @@ async fn api_chat(
             ));
         }
     };
-    let mut session = match &req.session_id {
-        Some(id) => Some(
-            state
-                .store
-                .chat_sessions()
-                .get(&owner, id)?
-                .ok_or_else(|| Error::not_found("chat session"))?,
-        ),
-        None => None,
-    };
+    if let Some(id) = &req.session_id {
+        // Checked before generating; the answer is appended to what the session holds then.
+        load_session(&state, &owner, id).await?;
+    }
     let messages = to_messages(req.messages)?;
     let last_user = messages.iter().rev().find(|m| m.role == "user").cloned();
-    let generation = state.engine.generate(GenerateRequest {
-        base_model: target.base_model,
-        adapter: target.adapter,
-        messages,
-        params: SamplingParams {
-            temperature: req.temperature.unwrap_or(0.7),
-            top_p: req.top_p.unwrap_or(1.0),
-            seed: req.seed,
-            max_tokens: req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
-            ..SamplingParams::default()
+    let (generation, permit) = start_generation(
+        &state,
+        &owner,
+        GenerateRequest {
+            base_model: target.base_model,
+            adapter: target.adapter,
+            messages,
+            params: SamplingParams {
+                temperature: req.temperature.unwrap_or(0.7),
+                top_p: req.top_p.unwrap_or(1.0),
+                seed: req.seed,
+                max_tokens: req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+                ..SamplingParams::default()
+            },
         },
-    })?;
+    )
+    .await?;
     let done = generation.collect().await?;
-    if let Some(s) = session.as_mut() {
+    drop(permit);
+    if let Some(id) = &req.session_id {
         let now = OffsetDateTime::now_utc();
-        if let Some(u) = last_user {
-            s.messages.push(SessionMessage {
+        let mut added: Vec<SessionMessage> = last_user
+            .map(|u| SessionMessage {
                 role: u.role,
                 content: u.content,
                 created_at: now,
-            });
-        }
-        s.messages.push(SessionMessage {
+            })
+            .into_iter()
+            .collect();
+        added.push(SessionMessage {
             role: "assistant".into(),
             content: done.text.clone(),
             created_at: now,
         });
-        s.model = Some(target.id.clone());
-        s.updated_at = now;
-        state.store.chat_sessions().put(s).await?;
+        let model = target.id.clone();
+        // Atomic, so answers recorded at the same time in one session all stay.
+        state
+            .store
+            .chat_sessions()
+            .update(&owner, id, move |s| {
+                s.messages.extend(added.iter().cloned());
+                s.model = Some(model.clone());
+                s.updated_at = now;
+                true
+            })
+            .await?
+            .ok_or_else(|| Error::not_found("chat session"))?;
     }
     Ok(Json(json!({
         "role": "assistant",
@@ -488,7 +524,8 @@ struct CreateSession {
 }
 
 fn check_title(title: &str) -> Result<String> {
-    let t = title.trim();
+    let t = crate::text::clean_name(title);
+    let t = t.as_str();
     if t.is_empty() || t.chars().count() > 200 {
         return Err(Error::new(
             Kind::Invalid,
@@ -510,7 +547,7 @@ async fn create_session(
         None => "New chat".into(),
     };
     if let Some(model) = &body.model {
-        resolve(&state, &p.user.user_id, model)?;
+        resolve(&state, &p.user.user_id, model).await?;
     }
     let messages = to_messages_allow_empty(body.messages)?
         .into_iter()
@@ -544,18 +581,20 @@ async fn list_sessions(state: AppState, CurrentUser(p): CurrentUser) -> Result<J
     let sessions: Vec<Value> = state
         .store
         .chat_sessions()
-        .list(&p.user.user_id)?
+        .list(&p.user.user_id)
+        .await?
         .iter()
         .map(session_summary)
         .collect();
     Ok(Json(json!({ "sessions": sessions })))
 }
 
-fn load_session(state: &AppState, owner: &str, id: &str) -> Result<ChatSession> {
+async fn load_session(state: &AppState, owner: &str, id: &str) -> Result<ChatSession> {
     state
         .store
         .chat_sessions()
-        .get(owner, id)?
+        .get(owner, id)
+        .await?
         .ok_or_else(|| Error::not_found("chat session"))
 }
 
@@ -564,11 +603,8 @@ async fn get_session(
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
-    Ok(Json(session_full(&load_session(
-        &state,
-        &p.user.user_id,
-        &id,
-    )?)))
+    let s = load_session(&state, &p.user.user_id, &id).await?;
+    Ok(Json(session_full(&s)))
 }
 
 #[derive(Deserialize)]
@@ -584,16 +620,27 @@ async fn rename_session(
     Path(id): Path<String>,
     Json(body): Json<UpdateSession>,
 ) -> Result<Json<Value>> {
-    let mut s = load_session(&state, &p.user.user_id, &id)?;
-    if let Some(t) = body.title {
-        s.title = check_title(&t)?;
+    let title = body.title.as_deref().map(check_title).transpose()?;
+    if let Some(m) = &body.model {
+        resolve(&state, &p.user.user_id, m).await?;
     }
-    if let Some(m) = body.model {
-        resolve(&state, &p.user.user_id, &m)?;
-        s.model = Some(m);
-    }
-    s.updated_at = OffsetDateTime::now_utc();
-    state.store.chat_sessions().put(&s).await?;
+    let model = body.model;
+    let now = OffsetDateTime::now_utc();
+    let s = state
+        .store
+        .chat_sessions()
+        .update(&p.user.user_id, &id, move |s| {
+            if let Some(t) = &title {
+                s.title = t.clone();
+            }
+            if let Some(m) = &model {
+                s.model = Some(m.clone());
+            }
+            s.updated_at = now;
+            true
+        })
+        .await?
+        .ok_or_else(|| Error::not_found("chat session"))?;
     Ok(Json(session_full(&s)))
 }
 
@@ -608,17 +655,26 @@ async fn append_messages(
     Path(id): Path<String>,
     Json(body): Json<AppendMessages>,
 ) -> Result<Json<Value>> {
-    let mut s = load_session(&state, &p.user.user_id, &id)?;
     let now = OffsetDateTime::now_utc();
-    for m in to_messages(body.messages)? {
-        s.messages.push(SessionMessage {
+    let added: Vec<SessionMessage> = to_messages(body.messages)?
+        .into_iter()
+        .map(|m| SessionMessage {
             role: m.role,
             content: m.content,
             created_at: now,
-        });
-    }
-    s.updated_at = now;
-    state.store.chat_sessions().put(&s).await?;
+        })
+        .collect();
+    // Atomic: messages appended at the same time to one session all stay.
+    let s = state
+        .store
+        .chat_sessions()
+        .update(&p.user.user_id, &id, move |s| {
+            s.messages.extend(added.iter().cloned());
+            s.updated_at = now;
+            true
+        })
+        .await?
+        .ok_or_else(|| Error::not_found("chat session"))?;
     Ok(Json(session_full(&s)))
 }
 
@@ -647,7 +703,7 @@ async fn export_session(
     Path(id): Path<String>,
     Query(q): Query<ExportQuery>,
 ) -> Result<Response> {
-    let s = load_session(&state, &p.user.user_id, &id)?;
+    let s = load_session(&state, &p.user.user_id, &id).await?;
     let (body, content_type, ext) = match q.format.as_deref().unwrap_or("json") {
         "json" => (
             serde_json::to_string_pretty(&session_full(&s)).map_err(Error::internal)?,

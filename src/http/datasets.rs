@@ -50,12 +50,12 @@ struct DatasetView {
     created_at: OffsetDateTime,
 }
 
-impl From<&Dataset> for DatasetView {
-    fn from(d: &Dataset) -> Self {
+impl DatasetView {
+    fn new(state: &AppState, d: &Dataset) -> Self {
         DatasetView {
             file_id: d.file_id.clone(),
             filename: d.filename.clone(),
-            file_path: d.file_path.clone(),
+            file_path: crate::text::relative_path(&state.config.data_dir, &d.file_path),
             size: d.size,
             format: d.format,
             container: d.container,
@@ -115,7 +115,7 @@ async fn upload(
             .upload(&p.user.user_id, &client_name, Box::pin(stream))
             .await?;
         let mut body =
-            serde_json::to_value(DatasetView::from(&dataset)).map_err(Error::internal)?;
+            serde_json::to_value(DatasetView::new(&state, &dataset)).map_err(Error::internal)?;
         body["message"] = json!(format!(
             "uploaded {} ({} rows, {})",
             dataset.filename, dataset.num_rows, dataset.format
@@ -127,9 +127,10 @@ async fn upload(
 async fn list(state: AppState, CurrentUser(p): CurrentUser) -> Result<Json<serde_json::Value>> {
     let files: Vec<DatasetView> = state
         .datasets
-        .list(&p.user.user_id)?
+        .list(&p.user.user_id)
+        .await?
         .iter()
-        .map(DatasetView::from)
+        .map(|d| DatasetView::new(&state, d))
         .collect();
     Ok(Json(json!({ "files": files })))
 }
@@ -139,8 +140,8 @@ async fn detail(
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
 ) -> Result<Json<DatasetView>> {
-    let d = state.datasets.get(&p.user.user_id, &id)?;
-    Ok(Json(DatasetView::from(&d)))
+    let d = state.datasets.get(&p.user.user_id, &id).await?;
+    Ok(Json(DatasetView::new(&state, &d)))
 }
 
 #[derive(Deserialize)]
@@ -154,7 +155,7 @@ async fn preview(
     Path(id): Path<String>,
     Query(q): Query<PreviewQuery>,
 ) -> Result<Json<serde_json::Value>> {
-    let d = state.datasets.get(&p.user.user_id, &id)?;
+    let d = state.datasets.get(&p.user.user_id, &id).await?;
     let rows = state.datasets.preview(&d, q.limit.unwrap_or(10)).await?;
     Ok(Json(json!({
         "format": d.format,
@@ -168,7 +169,7 @@ async fn download(
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let d = state.datasets.get(&p.user.user_id, &id)?;
+    let d = state.datasets.get(&p.user.user_id, &id).await?;
     let file = tokio::fs::File::open(&d.file_path).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             Error::new(
@@ -228,7 +229,7 @@ async fn remove(
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>> {
-    if state.trainer.dataset_in_use(&p.user.user_id, &id)? {
+    if state.trainer.dataset_in_use(&p.user.user_id, &id).await? {
         return Err(Error::conflict(
             "dataset_in_use",
             "a queued or running task uses this dataset; cancel it first",

@@ -20,6 +20,7 @@ pub fn status_of(kind: Kind) -> StatusCode {
         Kind::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
         Kind::Throttled => StatusCode::TOO_MANY_REQUESTS,
         Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Kind::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
         Kind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

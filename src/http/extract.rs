@@ -31,7 +31,7 @@ impl FromRequestParts<AppState> for CurrentUser {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Error::unauthenticated("expected 'Authorization: Bearer <token>'"))?;
-        let principal = state.auth.authenticate(token)?;
+        let principal = state.auth.authenticate(token).await?;
         Ok(CurrentUser(principal))
     }
 }

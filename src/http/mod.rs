@@ -21,6 +21,7 @@ use axum::routing::get;
 use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::Auth;
@@ -42,6 +43,8 @@ pub struct App {
     pub datasets: Datasets,
     pub trainer: Arc<Trainer>,
     pub engine: Arc<crate::inference::Engine>,
+    /// How many generations run at once (server-wide and per user).
+    pub generations: Arc<crate::chat::GenerationLimits>,
     /// Progress of the default model's pull at start, for `/api/system/status`.
     pub model_pull: std::sync::RwLock<PullStatus>,
 }
@@ -87,7 +90,14 @@ impl AppState {
         let trainer = Trainer::new(store.clone(), &config, env);
         let engine = crate::inference::Engine::new(
             config.models_dir.clone(),
-            crate::inference::EngineOptions::default(),
+            crate::inference::EngineOptions {
+                max_tokens: config.max_generation_tokens,
+                ..crate::inference::EngineOptions::default()
+            },
+        );
+        let generations = crate::chat::GenerationLimits::new(
+            config.max_concurrent_generations,
+            config.max_generations_per_user,
         );
         Ok(AppState(Arc::new(App {
             config,
@@ -96,6 +106,7 @@ impl AppState {
             datasets,
             trainer,
             engine,
+            generations,
             model_pull: std::sync::RwLock::new(PullStatus {
                 state: "idle".into(),
                 ..PullStatus::default()
@@ -141,6 +152,11 @@ pub fn router(state: AppState) -> Router {
     });
 
     let mut app = api
+        // Browsers must take every answer for the type it says it is.
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
         .layer(trace)
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid));
@@ -231,7 +247,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             let mut tick = tokio::time::interval(Duration::from_secs(3600));
             loop {
                 tick.tick().await;
-                match auth.sweep_expired() {
+                match auth.sweep_expired().await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(removed = n, "expired refresh tokens swept"),
                     Err(e) => tracing::warn!(error = %e, "refresh token sweep failed"),

@@ -77,8 +77,10 @@ fn summary<'a>(
     }
 }
 
-/// Every parameter, the status, progress, error, diagnosis and model of a task.
-fn detail_view(t: &Task, queue_position: Option<usize>) -> Value {
+/// Every parameter, the status, progress, error, diagnosis and model of a task. Paths are
+/// relative (the dataset to the data dir, the output to the task's folder) and the worker's
+/// pid is not shown: answers do not describe the server's insides.
+fn detail_view(state: &AppState, t: &Task, queue_position: Option<usize>) -> Value {
     let mut v = serde_json::to_value(&t.spec).unwrap_or_else(|_| json!({}));
     let fields = json!({
         "task_id": t.task_id,
@@ -86,16 +88,15 @@ fn detail_view(t: &Task, queue_position: Option<usize>) -> Value {
         "queue_position": queue_position,
         "progress": t.progress,
         "gpu_ids": t.gpu_ids,
-        "pid": t.pid,
-        "resume_from": t.resume_from,
+        "resume_from": t.resume_from.as_deref().map(|p| crate::text::relative_path(std::path::Path::new(&t.paths.output_dir), p)),
         "outputs_removed": t.outputs_removed,
         "error": t.error,
         "diagnosis": t.diagnosis,
         "model_id": t.model_id,
         "dataset_id": t.dataset_id,
-        "dataset_path": t.paths.dataset_file,
+        "dataset_path": crate::text::relative_path(&state.config.data_dir, &t.paths.dataset_file),
         "dataset_format": t.paths.dataset_format,
-        "output_dir": t.paths.output_dir,
+        "output_dir": crate::text::relative_path(std::path::Path::new(&t.paths.task_dir), &t.paths.output_dir),
         "created_at": rfc3339(t.created_at),
         "updated_at": rfc3339(t.updated_at),
         "started_at": t.started_at.map(rfc3339),
@@ -138,9 +139,9 @@ async fn create(
 
 /// Whose task `id` is, as seen by the caller: their own; for an administrator, anyone's
 /// (DESIGN.md: admins may see everything); otherwise the caller's id, so the lookup is a 404.
-fn task_owner(state: &AppState, p: &crate::auth::Principal, id: &str) -> Result<String> {
+async fn task_owner(state: &AppState, p: &crate::auth::Principal, id: &str) -> Result<String> {
     if p.is_admin()
-        && let Some(t) = state.store.tasks().get_any(id)?
+        && let Some(t) = state.store.tasks().get_any(id).await?
     {
         return Ok(t.owner);
     }
@@ -159,9 +160,9 @@ async fn list(
     CurrentUser(p): CurrentUser,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>> {
-    let positions = state.trainer.queue_positions()?;
+    let positions = state.trainer.queue_positions().await?;
     if !q.all {
-        let tasks = state.trainer.list(&p.user.user_id)?;
+        let tasks = state.trainer.list(&p.user.user_id).await?;
         let items: Vec<TaskSummary> = tasks.iter().map(|t| summary(t, &positions)).collect();
         return Ok(Json(json!({ "tasks": items })));
     }
@@ -170,11 +171,12 @@ async fn list(
             "only administrators may list every user's tasks",
         ));
     }
-    let mut tasks = state.store.tasks().list_all()?;
+    let mut tasks = state.store.tasks().list_all().await?;
     tasks.sort_by_key(|t| std::cmp::Reverse(t.created_at));
     let names: std::collections::HashMap<String, String> = state
         .store
-        .users()?
+        .users()
+        .await?
         .into_iter()
         .map(|u| (u.user_id, u.username))
         .collect();
@@ -194,9 +196,17 @@ async fn detail(
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
-    let task = state.trainer.get(&task_owner(&state, &p, &id)?, &id)?;
-    let position = state.trainer.queue_positions()?.get(&task.task_id).copied();
-    Ok(Json(detail_view(&task, position)))
+    let task = state
+        .trainer
+        .get(&task_owner(&state, &p, &id).await?, &id)
+        .await?;
+    let position = state
+        .trainer
+        .queue_positions()
+        .await?
+        .get(&task.task_id)
+        .copied();
+    Ok(Json(detail_view(&state, &task, position)))
 }
 
 async fn cancel(
@@ -206,7 +216,7 @@ async fn cancel(
 ) -> Result<Json<Value>> {
     let status = state
         .trainer
-        .cancel(&task_owner(&state, &p, &id)?, &id)
+        .cancel(&task_owner(&state, &p, &id).await?, &id)
         .await?;
     let message = match status {
         TaskStatus::Running => {
@@ -266,17 +276,24 @@ async fn delete_task(
 ) -> Result<Json<Value>> {
     state
         .trainer
-        .delete(&task_owner(&state, &p, &id)?, &id)
+        .delete(&task_owner(&state, &p, &id).await?, &id)
         .await?;
     Ok(Json(json!({"message": "task deleted"})))
 }
 
-/// The snapshot every event stream starts with: the task as `GET /api/tasks/{id}` shows it.
-async fn snapshot(state: &AppState, owner: &str, id: &str) -> Result<(Value, u64)> {
-    let task = state.trainer.get(owner, id)?;
-    let position = state.trainer.queue_positions()?.get(&task.task_id).copied();
-    let last = state.trainer.last_event_id(&task).await;
-    Ok((detail_view(&task, position), last))
+/// The snapshot every event stream starts with: the task as `GET /api/tasks/{id}` shows it,
+/// and the id of the last event it already reflects. The id is read first: an event recorded
+/// meanwhile is then sent after the snapshot (at worst once more), never lost.
+async fn snapshot(state: &AppState, task: &Task) -> Result<(Value, u64)> {
+    let last = state.trainer.last_event_id(task).await?;
+    let task = state.trainer.get(&task.owner, &task.task_id).await?;
+    let position = state
+        .trainer
+        .queue_positions()
+        .await?
+        .get(&task.task_id)
+        .copied();
+    Ok((detail_view(state, &task, position), last))
 }
 
 fn last_event_id(headers: &HeaderMap) -> Option<u64> {
@@ -286,109 +303,110 @@ fn last_event_id(headers: &HeaderMap) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn event_type(data: &str) -> String {
-    serde_json::from_str::<Value>(data)
-        .ok()
-        .and_then(|v| v["type"].as_str().map(str::to_string))
-        .unwrap_or_else(|| "message".into())
+/// One item of a task's event stream, as both transports (SSE and WebSocket) send it.
+struct StreamItem {
+    id: u64,
+    event: String,
+    data: String,
+}
+
+impl StreamItem {
+    fn of(e: &crate::training::TaskEvent) -> StreamItem {
+        StreamItem {
+            id: e.id,
+            event: e.kind(),
+            data: e.data.to_string(),
+        }
+    }
+}
+
+/// A task's event stream, the one implementation behind SSE and the WebSocket: a snapshot,
+/// or (resuming after an id) every event missed since; then every new event once, in order.
+/// A subscriber that falls behind the live channel catches up from the task's log file, so
+/// it never misses one. Ends when the receiver is dropped or the task is deleted.
+async fn task_stream(
+    state: AppState,
+    task: Task,
+    after: Option<u64>,
+) -> Result<tokio::sync::mpsc::Receiver<StreamItem>> {
+    // Subscribe before reading the history, so nothing falls between the two.
+    let mut live = state.trainer.subscribe(&task);
+    let (first, mut seen) = match after {
+        Some(after) => {
+            let missed = state.trainer.events_since(&task, after).await?;
+            let seen = missed.last().map_or(after, |e| e.id);
+            (missed.iter().map(StreamItem::of).collect::<Vec<_>>(), seen)
+        }
+        None => {
+            let (snap, last) = snapshot(&state, &task).await?;
+            let item = StreamItem {
+                id: last,
+                event: "snapshot".into(),
+                data: snap.to_string(),
+            };
+            (vec![item], last)
+        }
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<StreamItem>(64);
+    tokio::spawn(async move {
+        for item in first {
+            if tx.send(item).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let batch = tokio::select! {
+                _ = tx.closed() => return,
+                next = live.recv() => match next {
+                    Ok(e) => vec![e],
+                    Err(RecvError::Lagged(_)) => {
+                        match state.trainer.events_since(&task, seen).await {
+                            Ok(missed) => missed,
+                            Err(e) => {
+                                tracing::warn!(task_id = %task.task_id, error = %e, "event replay failed");
+                                return;
+                            }
+                        }
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            };
+            for e in batch {
+                if e.id <= seen {
+                    continue;
+                }
+                seen = e.id;
+                if tx.send(StreamItem::of(&e)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(rx)
 }
 
 /// The task's events as they happen (SSE). The stream opens with a `snapshot` event; a
 /// client reconnecting with `Last-Event-ID` gets every event it missed instead. Each event's
-/// id is its line number in the task's events file.
+/// id is its position in the task's event log.
 async fn events(
     state: AppState,
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>> {
-    let task = state.trainer.get(&task_owner(&state, &p, &id)?, &id)?;
-    // Subscribe before reading history, so nothing falls between the two.
-    let live = state.trainer.subscribe(&id);
-    let resume_after = last_event_id(&headers);
-    let (first, mut seen): (Vec<Event>, u64) = match resume_after {
-        Some(after) => {
-            let missed = state.trainer.events_since(&task, after).await?;
-            let seen = missed.last().map(|e| e.id).unwrap_or(after);
-            let events = missed
-                .into_iter()
-                .map(|e| {
-                    Event::default()
-                        .id(e.id.to_string())
-                        .event(event_type(&e.data))
-                        .data(&*e.data)
-                })
-                .collect();
-            (events, seen)
-        }
-        None => {
-            let (snap, last) = snapshot(&state, &task.owner, &id).await?;
-            (
-                vec![
-                    Event::default()
-                        .id(last.to_string())
-                        .event("snapshot")
-                        .data(snap.to_string()),
-                ],
-                last,
-            )
-        }
-    };
-    let stream = async_stream_events(first, live, move |e: &crate::training::TaskEvent| {
-        if e.id <= seen {
-            return None;
-        }
-        seen = e.id;
-        Some(
-            Event::default()
-                .id(e.id.to_string())
-                .event(event_type(&e.data))
-                .data(&*e.data),
-        )
-    });
+    let task = state
+        .trainer
+        .get(&task_owner(&state, &p, &id).await?, &id)
+        .await?;
+    let items = task_stream(state, task, last_event_id(&headers)).await?;
+    let stream =
+        futures_util::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(items), |item| {
+            Ok(Event::default()
+                .id(item.id.to_string())
+                .event(item.event)
+                .data(item.data))
+        });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
-}
-
-/// `first`, then every live event mapped through `map` (skipping `None`), until the channel
-/// closes. A subscriber that lags behind gets a `lagged` event telling it to reconnect with
-/// its last id.
-fn async_stream_events<M>(
-    first: Vec<Event>,
-    mut live: tokio::sync::broadcast::Receiver<crate::training::TaskEvent>,
-    mut map: M,
-) -> impl Stream<Item = std::result::Result<Event, Infallible>>
-where
-    M: FnMut(&crate::training::TaskEvent) -> Option<Event> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
-    tokio::spawn(async move {
-        for e in first {
-            if tx.send(e).await.is_err() {
-                return;
-            }
-        }
-        loop {
-            tokio::select! {
-                _ = tx.closed() => return,
-                next = live.recv() => match next {
-                    Ok(event) => {
-                        if let Some(e) = map(&event)
-                            && tx.send(e).await.is_err() {
-                                return;
-                            }
-                    }
-                    Err(RecvError::Lagged(n)) => {
-                        let e = Event::default().event("lagged").data(json!({"missed": n}).to_string());
-                        if tx.send(e).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(RecvError::Closed) => return,
-                }
-            }
-        }
-    });
-    futures_util::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
 }
 
 /// The same events over a WebSocket: JSON messages `{"id", "event", "data"}`, starting with a
@@ -400,10 +418,12 @@ async fn websocket(
     Query(q): Query<WsQuery>,
     ws: WebSocketUpgrade,
 ) -> Result<Response> {
-    let task = state.trainer.get(&task_owner(&state, &p, &id)?, &id)?;
-    let live = state.trainer.subscribe(&id);
-    let owner = task.owner.clone();
-    Ok(ws.on_upgrade(move |socket| ws_session(socket, state, owner, task, live, q.last_event_id)))
+    let task = state
+        .trainer
+        .get(&task_owner(&state, &p, &id).await?, &id)
+        .await?;
+    let items = task_stream(state, task, q.last_event_id).await?;
+    Ok(ws.on_upgrade(move |socket| ws_session(socket, items)))
 }
 
 #[derive(Deserialize)]
@@ -411,71 +431,20 @@ struct WsQuery {
     last_event_id: Option<u64>,
 }
 
-async fn ws_session(
-    mut socket: WebSocket,
-    state: AppState,
-    owner: String,
-    task: Task,
-    mut live: tokio::sync::broadcast::Receiver<crate::training::TaskEvent>,
-    after: Option<u64>,
-) {
-    let msg = |id: u64, event: &str, data: Value| {
-        Message::Text(
-            json!({"id": id, "event": event, "data": data})
-                .to_string()
-                .into(),
-        )
-    };
-    let mut seen = match after {
-        Some(after) => {
-            let Ok(missed) = state.trainer.events_since(&task, after).await else {
-                return;
-            };
-            let mut seen = after;
-            for e in missed {
-                let data: Value = serde_json::from_str(&e.data).unwrap_or(Value::Null);
-                if socket
-                    .send(msg(e.id, &event_type(&e.data), data))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                seen = e.id;
-            }
-            seen
-        }
-        None => {
-            let Ok((snap, last)) = snapshot(&state, &owner, &task.task_id).await else {
-                return;
-            };
-            if socket.send(msg(last, "snapshot", snap)).await.is_err() {
-                return;
-            }
-            last
-        }
-    };
+async fn ws_session(mut socket: WebSocket, mut items: tokio::sync::mpsc::Receiver<StreamItem>) {
     loop {
         tokio::select! {
             incoming = socket.recv() => match incoming {
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                 Some(Ok(_)) => {}
             },
-            next = live.recv() => match next {
-                Ok(e) if e.id > seen => {
-                    seen = e.id;
-                    let data: Value = serde_json::from_str(&e.data).unwrap_or(Value::Null);
-                    if socket.send(msg(e.id, &event_type(&e.data), data)).await.is_err() {
-                        return;
-                    }
+            item = items.recv() => {
+                let Some(item) = item else { return };
+                let data: Value = serde_json::from_str(&item.data).unwrap_or(Value::Null);
+                let text = json!({"id": item.id, "event": item.event, "data": data}).to_string();
+                if socket.send(Message::Text(text.into())).await.is_err() {
+                    return;
                 }
-                Ok(_) => {}
-                Err(RecvError::Lagged(n)) => {
-                    if socket.send(msg(seen, "lagged", json!({"missed": n}))).await.is_err() {
-                        return;
-                    }
-                }
-                Err(RecvError::Closed) => return,
             }
         }
     }
@@ -486,7 +455,10 @@ async fn artifact(
     CurrentUser(p): CurrentUser,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Response> {
-    let task = state.trainer.get(&task_owner(&state, &p, &id)?, &id)?;
+    let task = state
+        .trainer
+        .get(&task_owner(&state, &p, &id).await?, &id)
+        .await?;
     let artifact = crate::training::artifacts::Artifact::parse(&name)
         .ok_or_else(|| Error::not_found("artifact (use adapter, logs or checkpoint-N)"))?;
     let (filename, stream) = crate::training::artifacts::archive(&task, &artifact)?;
@@ -503,7 +475,8 @@ async fn download_model(
     let model = state
         .store
         .models()
-        .get(&p.user.user_id, &id)?
+        .get(&p.user.user_id, &id)
+        .await?
         .ok_or_else(|| Error::not_found("model"))?;
     let (filename, stream) = crate::training::artifacts::model_archive(&model)?;
     Ok(gzip_download(filename, stream))
@@ -537,14 +510,16 @@ async fn resources(state: AppState, CurrentUser(p): CurrentUser) -> Result<Json<
         let mine = state
             .store
             .tasks()
-            .get(&p.user.user_id, &task_id)?
+            .get(&p.user.user_id, &task_id)
+            .await?
             .is_some();
         if !mine && !p.is_admin() {
             continue;
         }
         running.push(json!({
             "task_id": task_id,
-            "pid": pid,
+            // The process id is for administrators (who may look at the machine itself).
+            "pid": p.is_admin().then_some(pid),
             "gpu_ids": gpu_ids,
             "rss_bytes": crate::system::process_rss(pid),
             "gpu_memory_mib": procs.get(&pid),
@@ -570,7 +545,10 @@ async fn logs(
     Path(id): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> Result<Json<Value>> {
-    let task = state.trainer.get(&task_owner(&state, &p, &id)?, &id)?;
+    let task = state
+        .trainer
+        .get(&task_owner(&state, &p, &id).await?, &id)
+        .await?;
     let tail = q
         .tail
         .unwrap_or(crate::training::DEFAULT_LOG_TAIL)
@@ -586,8 +564,11 @@ async fn metrics(
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
-    let task = state.trainer.get(&task_owner(&state, &p, &id)?, &id)?;
-    let points = state.trainer.metrics(&task)?;
+    let task = state
+        .trainer
+        .get(&task_owner(&state, &p, &id).await?, &id)
+        .await?;
+    let points = state.trainer.metrics(&task).await?;
     Ok(Json(json!({ "task_id": task.task_id, "points": points })))
 }
 
@@ -596,7 +577,10 @@ async fn config(
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let task = state.trainer.get(&task_owner(&state, &p, &id)?, &id)?;
+    let task = state
+        .trainer
+        .get(&task_owner(&state, &p, &id).await?, &id)
+        .await?;
     let yaml = state.trainer.config_yaml(&task);
     let mut response = yaml.into_response();
     response.headers_mut().insert(
@@ -608,11 +592,11 @@ async fn config(
 
 // ---- models -------------------------------------------------------------------------------
 
-fn base_model_view(m: &crate::models::BaseModel) -> Value {
+fn base_model_view(state: &AppState, m: &crate::models::BaseModel) -> Value {
     json!({
         "model_id": m.name,
         "name": m.name,
-        "model_path": m.path.to_string_lossy(),
+        "model_path": crate::text::relative_path(&state.config.models_dir, &m.path.to_string_lossy()),
         "kind": ModelKind::Base,
         "base_model": Value::Null,
         "task_id": Value::Null,
@@ -623,11 +607,11 @@ fn base_model_view(m: &crate::models::BaseModel) -> Value {
     })
 }
 
-fn model_view(m: &ModelRecord) -> Value {
+fn model_view(state: &AppState, m: &ModelRecord) -> Value {
     json!({
         "model_id": m.model_id,
         "name": m.name,
-        "model_path": m.model_path,
+        "model_path": crate::text::relative_path(&state.config.data_dir, &m.model_path),
         "kind": m.kind,
         "base_model": m.base_model,
         "task_id": m.task_id,
@@ -641,14 +625,18 @@ fn base_models(state: &AppState) -> Result<Vec<crate::models::BaseModel>> {
 }
 
 async fn list_models(state: AppState, CurrentUser(p): CurrentUser) -> Result<Json<Value>> {
-    let mut models: Vec<Value> = base_models(&state)?.iter().map(base_model_view).collect();
+    let mut models: Vec<Value> = base_models(&state)?
+        .iter()
+        .map(|m| base_model_view(&state, m))
+        .collect();
     models.extend(
         state
             .store
             .models()
-            .list(&p.user.user_id)?
+            .list(&p.user.user_id)
+            .await?
             .iter()
-            .map(model_view),
+            .map(|m| model_view(&state, m)),
     );
     Ok(Json(json!({ "models": models })))
 }
@@ -658,13 +646,13 @@ async fn model_detail(
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
-    if let Some(m) = state.store.models().get(&p.user.user_id, &id)? {
-        return Ok(Json(model_view(&m)));
+    if let Some(m) = state.store.models().get(&p.user.user_id, &id).await? {
+        return Ok(Json(model_view(&state, &m)));
     }
     base_models(&state)?
         .iter()
         .find(|m| m.name == id)
-        .map(|m| Json(base_model_view(m)))
+        .map(|m| Json(base_model_view(&state, m)))
         .ok_or_else(|| Error::not_found("model"))
 }
 
@@ -689,10 +677,10 @@ async fn delete_model(
 async fn available_models(state: AppState, CurrentUser(p): CurrentUser) -> Result<Json<Value>> {
     let mut models: Vec<Value> = base_models(&state)?
         .iter()
-        .map(|m| json!({"model_id": m.name, "name": m.name, "model_path": m.path.to_string_lossy(), "kind": "base"}))
+        .map(|m| json!({"model_id": m.name, "name": m.name, "model_path": crate::text::relative_path(&state.config.models_dir, &m.path.to_string_lossy()), "kind": "base"}))
         .collect();
-    models.extend(state.store.models().list(&p.user.user_id)?.iter().map(|m| {
-        json!({"model_id": m.model_id, "name": m.name, "model_path": m.model_path, "kind": m.kind, "base_model": m.base_model})
+    models.extend(state.store.models().list(&p.user.user_id).await?.iter().map(|m| {
+        json!({"model_id": m.model_id, "name": m.name, "model_path": crate::text::relative_path(&state.config.data_dir, &m.model_path), "kind": m.kind, "base_model": m.base_model})
     }));
     Ok(Json(json!({ "models": models })))
 }

@@ -15,9 +15,12 @@
 //! - [`Engine`]: one per server. One worker thread per base model in use; the first request
 //!   for a model waits for its weights to load, later ones reuse them.
 //! - Fairness: a worker advances every active sequence by one step in turn (a decode token,
-//!   or a chunk of at most [`EngineOptions::prefill_chunk`] prompt tokens), so a long prompt
-//!   does not stall the others. Each step is one `Model::forward` of one sequence; batching
-//!   the decode steps of a round into one forward is the next step and needs no API change.
+//!   or a chunk of prompt tokens: at most [`EngineOptions::prefill_chunk`] for a sequence
+//!   alone, about 60 ms of work while others wait), so a long prompt does not stall the
+//!   others. Each step is one `Model::forward` of one sequence; batching the decode steps of
+//!   a round into one forward is the next step and needs no API change.
+//! - Bounds: `max_tokens` is capped by [`EngineOptions::max_tokens`] and the context; the
+//!   number of generations at once is bounded above the engine (`chat::limits`).
 //! - Adapters are loaded (and checked against the model's shape) when a request names them
 //!   and kept in an LRU cache bounded by bytes ([`EngineOptions::adapter_cache_bytes`]).
 
@@ -293,6 +296,8 @@ pub struct EngineOptions {
     pub requantize: Requantize,
     /// Most prompt tokens run in one step (before the other sequences get their turn).
     pub prefill_chunk: usize,
+    /// Most tokens one generation may produce, whatever it asks (the context bounds it too).
+    pub max_tokens: usize,
 }
 
 impl Default for EngineOptions {
@@ -302,6 +307,7 @@ impl Default for EngineOptions {
             format: WeightsFormat::Auto,
             requantize: Requantize::Auto,
             prefill_chunk: 256,
+            max_tokens: 4096,
         }
     }
 }

@@ -75,6 +75,19 @@ pub struct RefreshToken {
     pub rotated_at: Option<i64>,
 }
 
+/// A login session: what one sign-in and every refresh rotated from it share. Access tokens
+/// name it (`sid`), so ending it ends them at once.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LoginSession {
+    /// The refresh-token family.
+    pub session_id: String,
+    pub user_id: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds: the expiry of its newest refresh token.
+    pub expires_at: i64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiKey {
     pub key_id: String,

@@ -5,6 +5,7 @@
 
 pub mod artifacts;
 pub mod diagnose;
+pub mod events;
 pub mod spec;
 mod supervisor;
 
@@ -21,19 +22,11 @@ use crate::config::Config;
 use crate::error::{Error, Kind, Result};
 use crate::pyenv::EnvTracker;
 use crate::store::{Dataset, MetricPoint, Progress, Store, Task, TaskStatus, new_id};
+pub use events::TaskEvent;
 use spec::{RunPaths, TaskRequest};
 
 /// Lines of the log returned by default.
 pub const DEFAULT_LOG_TAIL: usize = 500;
-/// Events kept in memory per task for subscribers that lag behind.
-const CHANNEL_CAPACITY: usize = 1024;
-
-/// One line of a task's events file, numbered from 1 (the SSE event id).
-#[derive(Debug, Clone)]
-pub struct TaskEvent {
-    pub id: u64,
-    pub data: Arc<str>,
-}
 
 /// A worker this process supervises.
 struct Running {
@@ -56,7 +49,7 @@ pub struct Trainer {
     env: EnvTracker,
     wake: tokio::sync::Notify,
     running: Mutex<HashMap<String, Running>>,
-    channels: Mutex<HashMap<String, broadcast::Sender<TaskEvent>>>,
+    events: events::EventLog,
 }
 
 impl Trainer {
@@ -84,7 +77,7 @@ impl Trainer {
             env,
             wake: tokio::sync::Notify::new(),
             running: Mutex::new(HashMap::new()),
-            channels: Mutex::new(HashMap::new()),
+            events: events::EventLog::new(),
         })
     }
 
@@ -118,83 +111,46 @@ impl Trainer {
 
     // ---- events -------------------------------------------------------------------------
 
-    /// Subscribes to a task's live events (call before reading the file's history, then skip
-    /// ids already seen).
-    pub fn subscribe(&self, task_id: &str) -> broadcast::Receiver<TaskEvent> {
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        channels
-            .entry(task_id.to_string())
-            .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
-            .subscribe()
+    /// The task's live events (subscribe before reading the history, then skip ids seen).
+    pub fn subscribe(&self, task: &Task) -> broadcast::Receiver<TaskEvent> {
+        self.events
+            .subscribe(&task.task_id, Path::new(&task.paths.task_dir))
     }
 
-    fn publish(&self, task_id: &str, event: TaskEvent) {
-        let channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = channels.get(task_id) {
-            let _ = tx.send(event);
-        }
-    }
-
-    /// Events recorded after `after`, from the task's events file.
+    /// Events recorded after `after`.
     pub async fn events_since(&self, task: &Task, after: u64) -> Result<Vec<TaskEvent>> {
-        let path = events_path(task);
-        let text = match tokio::fs::read(&path).await {
-            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(e.into()),
-        };
-        Ok(text
-            .lines()
-            .enumerate()
-            .map(|(i, l)| (i as u64 + 1, l))
-            .filter(|(id, l)| *id > after && !l.trim().is_empty())
-            .map(|(id, l)| TaskEvent {
-                id,
-                data: Arc::from(l),
-            })
-            .collect())
+        self.events
+            .since(Path::new(&task.paths.task_dir), after)
+            .await
     }
 
-    /// Number of event lines recorded so far (the id of the last one).
-    pub async fn last_event_id(&self, task: &Task) -> u64 {
-        match tokio::fs::read(events_path(task)).await {
-            Ok(b) => b.iter().filter(|c| **c == b'\n').count() as u64,
-            Err(_) => 0,
-        }
+    /// The id of the last event recorded.
+    pub async fn last_event_id(&self, task: &Task) -> Result<u64> {
+        self.events
+            .last_id(&task.task_id, Path::new(&task.paths.task_dir))
+            .await
     }
 
-    /// Appends a server-side event (status changes) to the task's file and publishes it.
-    async fn record_event(&self, task: &Task, mut event: Value) {
+    /// Records a server-side event (status changes) in the task's log and publishes it.
+    async fn record_event(&self, task: &Task, event: Value) {
+        self.record_event_at(task, event, None).await;
+    }
+
+    async fn record_event_at(&self, task: &Task, mut event: Value, worker_offset: Option<u64>) {
         let now = OffsetDateTime::now_utc();
         event["ts"] = json!((now.unix_timestamp_nanos() / 1_000_000) as f64 / 1000.0);
-        let line = event.to_string();
-        let path = events_path(task);
-        if let Some(parent) = path.parent() {
-            let _ = tokio::fs::create_dir_all(parent).await;
-        }
-        let result = async {
-            use tokio::io::AsyncWriteExt;
-            let mut f = tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .await?;
-            f.write_all(format!("{line}\n").as_bytes()).await?;
-            f.flush().await
-        }
-        .await;
-        if let Err(e) = result {
+        if let Err(e) = self
+            .events
+            .append(
+                &task.task_id,
+                Path::new(&task.paths.task_dir),
+                event,
+                worker_offset,
+            )
+            .await
+        {
             tracing::warn!(task_id = %task.task_id, error = %e, "could not record an event");
-            return;
         }
-        let id = self.last_event_id(task).await;
-        self.publish(
-            &task.task_id,
-            TaskEvent {
-                id,
-                data: Arc::from(line.as_str()),
-            },
-        );
     }
 
     // ---- submission ---------------------------------------------------------------------
@@ -224,8 +180,9 @@ impl Trainer {
                 rel.to_path_buf()
             }
         };
-        let dataset =
-            self.resolve_dataset(owner, dataset_id.as_deref(), dataset_path.as_deref())?;
+        let dataset = self
+            .resolve_dataset(owner, dataset_id.as_deref(), dataset_path.as_deref())
+            .await?;
         if spec.gpus as usize > self.gpus.len().max(1) && !self.gpus.is_empty() {
             return Err(Error::new(
                 Kind::Invalid,
@@ -322,14 +279,14 @@ impl Trainer {
         Ok(task)
     }
 
-    fn resolve_dataset(
+    async fn resolve_dataset(
         &self,
         owner: &str,
         id: Option<&str>,
         path: Option<&str>,
     ) -> Result<Dataset> {
         match (id.filter(|s| !s.is_empty()), path.filter(|s| !s.is_empty())) {
-            (Some(id), _) => self.store.datasets().get(owner, id)?.ok_or_else(|| {
+            (Some(id), _) => self.store.datasets().get(owner, id).await?.ok_or_else(|| {
                 Error::new(
                     Kind::Invalid,
                     "dataset_not_found",
@@ -339,11 +296,18 @@ impl Trainer {
             (None, Some(path)) => {
                 // A path must be the file of one of the caller's datasets: it is then inside
                 // the data dir, validated, and theirs.
-                let wanted = std::path::absolute(path)
-                    .map_err(|_| Error::invalid("dataset_path: not a path"))?;
+                let wanted =
+                    crate::text::resolve_client_path(&self.data_dir, path).ok_or_else(|| {
+                        Error::new(
+                            Kind::Invalid,
+                            "dataset_not_found",
+                            "dataset_path: must be the file_path of one of your uploaded datasets",
+                        )
+                    })?;
                 self.store
                     .datasets()
-                    .list(owner)?
+                    .list(owner)
+                    .await?
                     .into_iter()
                     .find(|d| Path::new(&d.file_path) == wanted)
                     .ok_or_else(|| {
@@ -362,32 +326,35 @@ impl Trainer {
         }
     }
 
-    pub fn list(&self, owner: &str) -> Result<Vec<Task>> {
-        Ok(self.store.tasks().list(owner)?)
+    pub async fn list(&self, owner: &str) -> Result<Vec<Task>> {
+        Ok(self.store.tasks().list(owner).await?)
     }
 
-    pub fn get(&self, owner: &str, task_id: &str) -> Result<Task> {
+    pub async fn get(&self, owner: &str, task_id: &str) -> Result<Task> {
         self.store
             .tasks()
-            .get(owner, task_id)?
+            .get(owner, task_id)
+            .await?
             .ok_or_else(|| Error::not_found("task"))
     }
 
     /// Queue positions (1 = next to start) of every queued task, by id.
-    pub fn queue_positions(&self) -> Result<HashMap<String, usize>> {
+    pub async fn queue_positions(&self) -> Result<HashMap<String, usize>> {
         Ok(self
-            .queued_in_order()?
+            .queued_in_order()
+            .await?
             .into_iter()
             .enumerate()
             .map(|(i, t)| (t.task_id, i + 1))
             .collect())
     }
 
-    fn queued_in_order(&self) -> Result<Vec<Task>> {
+    async fn queued_in_order(&self) -> Result<Vec<Task>> {
         let mut queued: Vec<Task> = self
             .store
             .tasks()
-            .list_all()?
+            .list_all()
+            .await?
             .into_iter()
             .filter(|t| t.status == TaskStatus::Queued)
             .collect();
@@ -402,11 +369,12 @@ impl Trainer {
     }
 
     /// Whether a queued or running task of the owner uses the dataset.
-    pub fn dataset_in_use(&self, owner: &str, dataset_id: &str) -> Result<bool> {
+    pub async fn dataset_in_use(&self, owner: &str, dataset_id: &str) -> Result<bool> {
         Ok(self
             .store
             .tasks()
-            .list(owner)?
+            .list(owner)
+            .await?
             .iter()
             .any(|t| t.status.is_active() && t.dataset_id.as_deref() == Some(dataset_id)))
     }
@@ -438,8 +406,8 @@ impl Trainer {
         }
     }
 
-    pub fn metrics(&self, task: &Task) -> Result<Vec<MetricPoint>> {
-        Ok(self.store.metrics(&task.task_id)?)
+    pub async fn metrics(&self, task: &Task) -> Result<Vec<MetricPoint>> {
+        Ok(self.store.metrics(&task.task_id).await?)
     }
 
     // ---- control ------------------------------------------------------------------------
@@ -448,7 +416,7 @@ impl Trainer {
     /// its process group if it has not exited within the grace period. Returns the status
     /// the task has now (`cancelled`, or still `running` while it stops).
     pub async fn cancel(self: &Arc<Self>, owner: &str, task_id: &str) -> Result<TaskStatus> {
-        let mut task = self.get(owner, task_id)?;
+        let mut task = self.get(owner, task_id).await?;
         match task.status {
             TaskStatus::Queued => {
                 task.status = TaskStatus::Cancelled;
@@ -517,7 +485,7 @@ impl Trainer {
 
     /// Queues a failed or cancelled task again, continuing from its latest checkpoint.
     pub async fn resume(&self, owner: &str, task_id: &str) -> Result<Task> {
-        let mut task = self.get(owner, task_id)?;
+        let mut task = self.get(owner, task_id).await?;
         if !matches!(task.status, TaskStatus::Failed | TaskStatus::Cancelled) {
             return Err(Error::conflict(
                 "not_resumable",
@@ -552,7 +520,7 @@ impl Trainer {
     /// A new queued task with the same specification, with `overrides` (any task field)
     /// applied.
     pub async fn clone_task(&self, owner: &str, task_id: &str, overrides: Value) -> Result<Task> {
-        let task = self.get(owner, task_id)?;
+        let task = self.get(owner, task_id).await?;
         let mut body = serde_json::to_value(&task.spec).map_err(Error::internal)?;
         body["dataset_id"] = json!(task.dataset_id);
         body["name"] = json!(format!("{} (copy)", task.spec.name));
@@ -579,7 +547,7 @@ impl Trainer {
     /// Deletes a finished task: its record, metrics and files (a registered model keeps its
     /// own files).
     pub async fn delete(&self, owner: &str, task_id: &str) -> Result<()> {
-        let task = self.get(owner, task_id)?;
+        let task = self.get(owner, task_id).await?;
         if task.status.is_active() {
             return Err(Error::conflict(
                 "task_active",
@@ -587,17 +555,14 @@ impl Trainer {
             ));
         }
         self.store.tasks().remove(owner, task_id).await?;
-        self.store.remove_metrics(task_id)?;
+        self.store.remove_metrics(task_id).await?;
         self.store.flush().await?;
         if let Err(e) = tokio::fs::remove_dir_all(&task.paths.task_dir).await
             && e.kind() != std::io::ErrorKind::NotFound
         {
             tracing::warn!(task_id, error = %e, "could not remove a task's files");
         }
-        self.channels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(task_id);
+        self.events.forget(task_id);
         Ok(())
     }
 
@@ -639,7 +604,7 @@ impl Trainer {
         if !self.env.is_ready() {
             return Ok(());
         }
-        for task in self.queued_in_order()? {
+        for task in self.queued_in_order().await? {
             let gpus = {
                 let running = self.lock_running();
                 if running.len() >= self.max_concurrent {
@@ -684,7 +649,7 @@ impl Trainer {
     /// Re-attaches to workers a previous server process left running; tasks whose worker is
     /// gone become `failed` (`interrupted`, resumable from their last checkpoint).
     pub async fn recover(self: &Arc<Self>) -> Result<()> {
-        for task in self.store.tasks().list_all()? {
+        for task in self.store.tasks().list_all().await? {
             if task.status != TaskStatus::Running {
                 continue;
             }
@@ -733,7 +698,7 @@ impl Trainer {
         };
         let cutoff = OffsetDateTime::now_utc() - retention;
         let mut n = 0;
-        for mut task in self.store.tasks().list_all()? {
+        for mut task in self.store.tasks().list_all().await? {
             let expired = !task.status.is_active()
                 && !task.outputs_removed
                 && task.finished_at.is_some_and(|t| t < cutoff);
@@ -762,7 +727,7 @@ impl Trainer {
         error: Option<String>,
         model_id: Option<String>,
     ) {
-        let Ok(Some(mut task)) = self.store.tasks().get_any(task_id) else {
+        let Ok(Some(mut task)) = self.store.tasks().get_any(task_id).await else {
             return;
         };
         if status == TaskStatus::Failed {
@@ -801,8 +766,9 @@ impl Trainer {
     }
 }
 
-fn events_path(task: &Task) -> PathBuf {
-    Path::new(&task.paths.task_dir).join("events.jsonl")
+/// Where the task's worker writes its events.
+fn worker_events_path(task: &Task) -> PathBuf {
+    events::worker_path(Path::new(&task.paths.task_dir))
 }
 
 /// Updates `progress` from one worker event; true when it changed.

@@ -157,7 +157,7 @@ pub const KNOWN_TEMPLATES: &[&str] = &[
 impl TaskRequest {
     /// Validates every field and fills the defaults.
     pub fn into_spec(self) -> Result<TaskSpec> {
-        let name = self.name.trim().to_string();
+        let name = crate::text::clean_name(&self.name);
         if name.is_empty() || name.chars().count() > 100 {
             return Err(invalid("name", "must be 1 to 100 characters"));
         }
@@ -230,7 +230,8 @@ impl TaskRequest {
             system,
             cutoff_len: range_u("cutoff_len", self.cutoff_len.unwrap_or(2048), 16, 1_048_576)?,
             val_size: range_f("val_size", self.val_size.unwrap_or(0.0), 0.0, 0.5, true)?,
-            seed: self.seed.unwrap_or(42),
+            // PyTorch and NumPy take 32-bit seeds: a larger one fails the run much later.
+            seed: range_u("seed", self.seed.unwrap_or(42), 0, u32::MAX as u64)?,
             precision: self.precision.unwrap_or_default(),
             gradient_accumulation_steps: range_u(
                 "gradient_accumulation_steps",

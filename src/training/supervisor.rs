@@ -1,6 +1,7 @@
 //! Starting workers and following them. A worker appends its events to the task's
-//! `events.jsonl`; the supervisor tails that file (not a pipe), so a server that restarts can
-//! pick a surviving worker up where it left off. It ends when the worker exits: through
+//! `worker.jsonl`; the supervisor tails that file (not a pipe) and relays each line into the
+//! task's event log with the file offset it reached, so a server that restarts can pick a
+//! surviving worker up exactly where it left off. It ends when the worker exits: through
 //! `wait` for its own children, through `kill(pid, 0)` and `exit.json` for adopted ones.
 
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tokio::io::{AsyncBufReadExt, AsyncSeekExt, BufReader};
 
-use super::{Running, TaskEvent, Trainer, apply_event, events_path, spec::FinetuningType};
+use super::{Running, Trainer, apply_event, spec::FinetuningType, worker_events_path};
 use crate::error::{Error, Result};
 use crate::store::{MetricPoint, ModelKind, ModelRecord, Task, TaskStatus, new_id};
 use crate::system::{alive, signal_group};
@@ -37,7 +38,7 @@ impl Trainer {
             args: self.run_args(&task),
             env_dir: env.dir.clone(),
             site_packages: env.site_packages(),
-            events_file: events_path(&task),
+            events_file: worker_events_path(&task),
             exit_file,
             heartbeat_secs: HEARTBEAT_SECS,
         };
@@ -98,11 +99,11 @@ impl Trainer {
             );
         }
 
-        // Everything before this offset belongs to earlier runs.
-        let start_offset = tokio::fs::metadata(events_path(&task))
-            .await
-            .map(|m| m.len())
-            .unwrap_or(0);
+        // Each run's worker writes a file of its own.
+        match tokio::fs::remove_file(worker_events_path(&task)).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
         let child = cmd.spawn()?;
         let pid = child.id().unwrap_or(0);
 
@@ -123,28 +124,33 @@ impl Trainer {
             },
         );
         tracing::info!(task_id = %task.task_id, pid, ?gpus, "worker started");
-        self.record_event(
+        // The log reads the new worker's file from its start.
+        self.record_event_at(
             &task,
-            json!({"type": "status", "status": "running", "pid": pid, "gpus": gpus}),
+            json!({"type": "status", "status": "running", "gpus": gpus}),
+            Some(0),
         )
         .await;
 
         let this = self.clone();
         tokio::spawn(async move {
-            this.supervise_from(task, pid, Some(child), start_offset)
-                .await;
+            this.supervise_from(task, pid, Some(child), 0).await;
         });
         Ok(())
     }
 
-    /// Follows an adopted worker: its run's events start at the last `running` status line.
+    /// Follows an adopted worker from where the task's log stopped reading its file.
     pub(super) async fn supervise(
         self: Arc<Self>,
         task: Task,
         pid: u32,
         child: Option<tokio::process::Child>,
     ) {
-        let offset = run_start_offset(&events_path(&task)).await;
+        let offset = self
+            .events
+            .worker_offset(&task.task_id, Path::new(&task.paths.task_dir))
+            .await
+            .unwrap_or(0);
         self.supervise_from(task, pid, child, offset).await;
     }
 
@@ -156,10 +162,10 @@ impl Trainer {
         start_offset: u64,
     ) {
         let task_id = task.task_id.clone();
-        let path = events_path(&task);
+        let path = worker_events_path(&task);
         let mut state = RunState::default();
         let mut progress = task.progress.clone();
-        let mut id = count_lines_before(&path, start_offset).await;
+        let mut offset = start_offset;
         let mut reader = None;
         let mut partial = String::new();
         let mut last_activity = Instant::now();
@@ -177,10 +183,10 @@ impl Trainer {
                     if n == 0 || !partial.ends_with('\n') {
                         break;
                     }
-                    id += 1;
                     let line = std::mem::take(&mut partial);
+                    offset += line.len() as u64;
                     last_activity = Instant::now();
-                    self.handle_line(&task, id, line.trim_end(), &mut progress, &mut state)
+                    self.handle_line(&task, offset, line.trim_end(), &mut progress, &mut state)
                         .await;
                 }
             }
@@ -201,10 +207,16 @@ impl Trainer {
                             break;
                         }
                         if partial.ends_with('\n') {
-                            id += 1;
                             let line = std::mem::take(&mut partial);
-                            self.handle_line(&task, id, line.trim_end(), &mut progress, &mut state)
-                                .await;
+                            offset += line.len() as u64;
+                            self.handle_line(
+                                &task,
+                                offset,
+                                line.trim_end(),
+                                &mut progress,
+                                &mut state,
+                            )
+                            .await;
                         }
                     }
                 }
@@ -259,27 +271,44 @@ impl Trainer {
         self.wake.notify_one();
     }
 
+    /// Relays one line of the worker's file (ending at `offset`) into the task's log and
+    /// applies it to the task's progress.
     async fn handle_line(
         &self,
         task: &Task,
-        id: u64,
+        offset: u64,
         line: &str,
         progress: &mut crate::store::Progress,
         state: &mut RunState,
     ) {
-        if line.is_empty() {
-            return;
-        }
-        self.publish(
-            &task.task_id,
-            TaskEvent {
-                id,
-                data: Arc::from(line),
-            },
-        );
-        let Ok(event) = serde_json::from_str::<Value>(line) else {
-            return;
+        let event = match serde_json::from_str::<Value>(line) {
+            Ok(mut v) if v.is_object() => {
+                // The worker's process id is the server's business, not the client's.
+                if let Some(obj) = v.as_object_mut() {
+                    obj.remove("pid");
+                }
+                v
+            }
+            _ => {
+                // Not an event: the log still records that the file moved on.
+                if !line.trim().is_empty() {
+                    tracing::warn!(task_id = %task.task_id, "a worker line that is not a JSON object");
+                }
+                json!({"type": "worker_output", "text": line})
+            }
         };
+        if let Err(e) = self
+            .events
+            .append(
+                &task.task_id,
+                Path::new(&task.paths.task_dir),
+                event.clone(),
+                Some(offset),
+            )
+            .await
+        {
+            tracing::warn!(task_id = %task.task_id, error = %e, "could not record a worker event");
+        }
         match event["type"].as_str().unwrap_or("") {
             "error" => state.last_error = event["message"].as_str().map(str::to_string),
             "done" => state.done = true,
@@ -297,16 +326,23 @@ impl Trainer {
                 epoch: progress.epoch,
                 t: event["t"].as_f64().unwrap_or(0.0),
             };
-            if let Err(e) = self.store.add_metric(&task.task_id, &point) {
+            if let Err(e) = self.store.add_metric(&task.task_id, &point).await {
                 tracing::warn!(task_id = %task.task_id, error = %e, "could not record a metric");
             }
         }
-        if let Ok(Some(mut current)) = self.store.tasks().get(&task.owner, &task.task_id) {
-            current.progress = progress.clone();
-            current.updated_at = OffsetDateTime::now_utc();
-            if let Err(e) = self.store.tasks().put(&current).await {
-                tracing::warn!(task_id = %task.task_id, error = %e, "could not record progress");
-            }
+        // Only the progress changes: a status written meanwhile (cancelling) stays.
+        let progress = progress.clone();
+        let updated = self
+            .store
+            .tasks()
+            .update(&task.owner, &task.task_id, move |current| {
+                current.progress = progress.clone();
+                current.updated_at = OffsetDateTime::now_utc();
+                true
+            })
+            .await;
+        if let Err(e) = updated {
+            tracing::warn!(task_id = %task.task_id, error = %e, "could not record progress");
         }
     }
 
@@ -317,7 +353,8 @@ impl Trainer {
         let task = self
             .store
             .tasks()
-            .get(owner, task_id)?
+            .get(owner, task_id)
+            .await?
             .ok_or_else(|| Error::not_found("task"))?;
         let out = PathBuf::from(&task.paths.output_dir);
         let (kind, marker) = match task.spec.finetuning_type {
@@ -372,35 +409,6 @@ async fn read_exit_file(task: &Task) -> Option<i32> {
         .map(|c| c as i32)
 }
 
-/// Byte offset of the last `running` status line: where the current run's events begin.
-async fn run_start_offset(path: &Path) -> u64 {
-    let Ok(bytes) = tokio::fs::read(path).await else {
-        return 0;
-    };
-    let mut offset = 0u64;
-    let mut start = 0u64;
-    for line in bytes.split_inclusive(|b| *b == b'\n') {
-        if let Ok(v) = serde_json::from_slice::<Value>(line)
-            && v["type"] == "status"
-            && v["status"] == "running"
-        {
-            start = offset + line.len() as u64;
-        }
-        offset += line.len() as u64;
-    }
-    start
-}
-
-async fn count_lines_before(path: &Path, offset: u64) -> u64 {
-    match tokio::fs::read(path).await {
-        Ok(b) => b[..(offset as usize).min(b.len())]
-            .iter()
-            .filter(|c| **c == b'\n')
-            .count() as u64,
-        Err(_) => 0,
-    }
-}
-
 /// Hard-links (or copies, across file systems) the files directly in `from` into `to`;
 /// returns their total size.
 async fn link_top_files(from: &Path, to: &Path) -> Result<u64> {
@@ -447,27 +455,4 @@ pub(super) fn is_our_worker(pid: u32, task: &Task) -> bool {
     };
     let cmdline = String::from_utf8_lossy(&cmdline);
     cmdline.contains(&task.task_id)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_run_starts_after_its_running_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("events.jsonl");
-        let lines = [
-            json!({"type": "status", "status": "queued"}),
-            json!({"type": "status", "status": "running"}),
-            json!({"type": "step", "step": 1}),
-            json!({"type": "status", "status": "running"}),
-            json!({"type": "step", "step": 5}),
-        ];
-        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
-        tokio::fs::write(&p, &text).await.unwrap();
-        let off = run_start_offset(&p).await;
-        assert_eq!(&text[off as usize..], format!("{}\n", lines[4]));
-        assert_eq!(count_lines_before(&p, off).await, 4);
-    }
 }

@@ -150,8 +150,22 @@ impl Server {
         }
     }
 
+    /// The server process's id (for its memory figures).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn data_path(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// Where a task's outputs are on disk (answers show `output_dir` relative to the task's
+    /// folder).
+    pub fn task_output(&self, task: &Value) -> PathBuf {
+        let id = task["task_id"].as_str().expect("task_id");
+        let rel = task["output_dir"].as_str().expect("output_dir");
+        assert!(!rel.starts_with('/'), "output_dir is relative: {rel}");
+        self.data_dir.join("tasks").join(id).join(rel)
     }
 }
 
@@ -388,6 +402,22 @@ pub async fn submit_task(c: &Client, dataset_id: &str, extra: Value) -> String {
     let r = c.post("/api/tasks", body).await;
     assert_eq!(r.status, 201, "{:?}", r.body);
     r.body["task_id"].as_str().expect("task_id").to_string()
+}
+
+/// The process id of a running task's worker, as `/api/system/resources` shows it to an
+/// administrator (task answers do not carry it).
+pub async fn worker_pid(admin: &Client, task_id: &str) -> u64 {
+    wait_until("the worker's pid", Duration::from_secs(60), async || {
+        let r = admin.get("/api/system/resources").await;
+        r.body["running_tasks"]
+            .as_array()
+            .and_then(|tasks| tasks.iter().find(|t| t["task_id"] == task_id))
+            .and_then(|t| t["pid"].as_u64())
+            .map(Value::from)
+    })
+    .await
+    .as_u64()
+    .expect("pid")
 }
 
 /// Waits for a task to reach one of `statuses`; returns its detail.
