@@ -320,14 +320,29 @@ async fn main() {
     let mut args = std::env::args().skip(1);
     let mut server: Option<PathBuf> = None;
     let mut baseline: Option<PathBuf> = None;
+    let mut benching = false;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--server" => server = args.next().map(PathBuf::from),
             "--baseline" => baseline = args.next().map(PathBuf::from),
-            _ => {} // cargo bench passes --bench
+            "--bench" => benching = true,
+            _ => {}
         }
     }
+    if !benching {
+        // `cargo test --all-targets` runs benches once without `--bench`: this one needs a
+        // release build and a minute, so it only runs under `cargo bench`.
+        println!("load: run it with `cargo bench --bench load -- --server BINARY`");
+        return;
+    }
     let server = server.unwrap_or_else(|| PathBuf::from("target/release/ferrotune"));
+    if !server.is_file() {
+        eprintln!(
+            "load: {} does not exist; build it first (cargo build --release)",
+            server.display()
+        );
+        std::process::exit(2);
+    }
     let ours = run(&server).await;
     print(&format!("{} (this build)", server.display()), &ours);
     if let Some(b) = baseline {
