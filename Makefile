@@ -32,13 +32,13 @@ FUZZ_CASES ?= 20000
 fuzz:
 	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release --locked --test properties
 
-# The web UI in headless chromium (web/tests/e2e.mjs, Playwright): sign up, upload, train one
+# The web UI in headless chromium (static/tests/e2e.mjs, Playwright): sign up, upload, train one
 # short LoRA while watching it, chat with the adapter; screenshots in target/ui-screenshots/.
-test-ui: setup chromium web/node_modules/.package-lock.json
-	node --test web/tests/taskspec.test.mjs
-	FERROTUNE_BIN=$(BIN) CHROMIUM=$(CHROMIUM) node web/tests/e2e.mjs
+test-ui: setup chromium static/node_modules/.package-lock.json
+	FERROTUNE_BIN=$(BIN) node --test static/tests/taskspec.test.mjs
+	FERROTUNE_BIN=$(BIN) CHROMIUM=$(CHROMIUM) node static/tests/e2e.mjs
 
-web/node_modules/.package-lock.json: web/package-lock.json
+static/node_modules/.package-lock.json: static/package-lock.json
 	cd web && npm ci --no-audit --no-fund
 
 chromium:

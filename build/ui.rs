@@ -1,4 +1,4 @@
-//! Builds the web UI (`web/`, Vite + Vue) and embeds it: `npm ci` when `web/node_modules` is
+//! Builds the web UI (`static/`, Vite + Vue) and embeds it: `npm ci` when `static/node_modules` is
 //! missing or older than the lockfile, `npm run build` into `$OUT_DIR/ui`, then a generated
 //! `$OUT_DIR/ui_assets.rs` that `include_bytes!`s every file (with a gzip copy of the
 //! compressible ones) for `src/http/ui.rs`.
@@ -26,10 +26,10 @@ const INPUTS: &[&str] = &[
 pub fn build() {
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").unwrap_or_default());
-    let web = manifest.join("web");
+    let web = manifest.join("static");
     let dist = out_dir.join("ui");
     for input in INPUTS {
-        println!("cargo:rerun-if-changed=web/{input}");
+        println!("cargo:rerun-if-changed=static/{input}");
     }
     println!("cargo:rerun-if-changed=build/ui.rs");
     println!("cargo:rerun-if-env-changed=FERROTUNE_SKIP_UI");
@@ -45,8 +45,8 @@ pub fn build() {
         placeholder(&dist, "it is the Python extension module");
         false
     } else if !web.join("package.json").is_file() {
-        placeholder(&dist, "its sources (web/) were not found at build time");
-        println!("cargo:warning=web/package.json not found: the web UI is not embedded");
+        placeholder(&dist, "its sources (static/) were not found at build time");
+        println!("cargo:warning=static/package.json not found: the web UI is not embedded");
         false
     } else if Command::new(&npm).arg("--version").output().is_err() {
         placeholder(
@@ -84,7 +84,7 @@ fn fail(what: &str, output: &str) -> ! {
         lines.join("\n")
     };
     panic!(
-        "\n\nferrotune: {what}.\n{shown}\n\nThe web UI is built from web/ with npm (Node.js 20+). Fix \
+        "\n\nferrotune: {what}.\n{shown}\n\nThe web UI is built from static/ with npm (Node.js 20+). Fix \
          the error above, or build without the UI: FERROTUNE_SKIP_UI=1 cargo build\n"
     );
 }
@@ -117,9 +117,9 @@ fn install(npm: &str, web: &Path) {
         Command::new(npm)
             .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
             .current_dir(web),
-        "`npm ci` in web/ (installing the UI's packages from the npm registry)",
+        "`npm ci` in static/ (installing the UI's packages from the npm registry)",
     );
-    println!("cargo:warning=installed the web UI's npm packages into web/node_modules");
+    println!("cargo:warning=installed the web UI's npm packages into static/node_modules");
 }
 
 fn vite_build(npm: &str, web: &Path, dist: &Path) {
@@ -128,7 +128,7 @@ fn vite_build(npm: &str, web: &Path, dist: &Path) {
             .args(["run", "build", "--silent"])
             .env("FERROTUNE_UI_OUT", dist)
             .current_dir(web),
-        "`npm run build` in web/ (building the UI with Vite)",
+        "`npm run build` in static/ (building the UI with Vite)",
     );
 }
 

@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md for the map of the crate.
 
+pub mod accounts;
 pub mod auth;
 pub mod chat;
 pub mod config;
@@ -9,6 +10,7 @@ pub mod datasets;
 pub mod error;
 pub mod http;
 pub mod inference;
+pub mod locks;
 pub mod models;
 pub mod pyenv;
 #[cfg(feature = "python")]

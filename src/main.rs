@@ -48,6 +48,12 @@ enum Command {
     },
     /// Print the effective configuration and exit.
     Config,
+    /// Print the HTTP API's OpenAPI 3.1 document (what the server serves at /openapi.json).
+    Openapi,
+    /// Print the task form's rules (fields, ranges, templates) as JSON; the web UI's tests
+    /// check their copy of the server's rules against it.
+    #[command(hide = true)]
+    TaskForm,
     /// Create (or verify) the managed Python training environment, showing progress.
     Setup {
         /// Print the environment's interpreter path and exit (non-zero when not ready).
@@ -196,6 +202,17 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             print!("{}", config.display_masked());
             Ok(())
         }
+        Command::Openapi => {
+            println!("{}", ferrotune::http::openapi::document().to_pretty_json()?);
+            Ok(())
+        }
+        Command::TaskForm => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&ferrotune::training::spec::form())?
+            );
+            Ok(())
+        }
         Command::Users { command } => users(command, config).await,
         Command::Models { command } => models(command, &config).await,
         Command::Setup { print_python } => {
@@ -261,10 +278,15 @@ async fn chat(
                      model id ({e}); with the server running, pass the adapter's folder"
                 )
             })?;
-            let record = store
-                .models()
-                .get_any(&id)
-                .await?
+            let registry = ferrotune::models::Registry::new(
+                config.models_dir.clone(),
+                &config.data_dir,
+                store,
+            );
+            let record = registry
+                .trained_by_id(&id)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?
                 .ok_or_else(|| anyhow::anyhow!("no adapter folder or trained model `{id}`"))?;
             (
                 Some(PathBuf::from(record.model_path)),
@@ -374,8 +396,9 @@ async fn models(command: ModelsCommand, config: &Config) -> anyhow::Result<()> {
             println!("{}", out.display());
         }
         ModelsCommand::List => {
-            let found = models::list_base_models(&config.models_dir)?;
-            for m in &found {
+            let found =
+                models::Registry::local(config.models_dir.clone()).base_models_blocking()?;
+            for m in found.iter() {
                 let forms: Vec<&str> = [
                     m.hf_dir.as_ref().map(|_| "hf"),
                     m.gguf.as_ref().map(|_| "gguf"),
@@ -409,9 +432,11 @@ async fn models(command: ModelsCommand, config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ferrotune users …`: the same account service the server uses, over the store.
 async fn users(command: UsersCommand, config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)?;
     let store = Store::open(&config.store_dir())?;
+    let services = ferrotune::http::AppState::new(config, store.clone())?;
     match command {
         UsersCommand::Create {
             username,
@@ -419,9 +444,9 @@ async fn users(command: UsersCommand, config: Config) -> anyhow::Result<()> {
             password,
             admin,
         } => {
-            let auth = ferrotune::auth::Auth::new(store.clone(), &config)?;
             let role = if admin { Some(Role::Admin) } else { None };
-            let user = auth
+            let user = services
+                .accounts
                 .register(&username, &email, &password, role, None)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
@@ -433,7 +458,12 @@ async fn users(command: UsersCommand, config: Config) -> anyhow::Result<()> {
             );
         }
         UsersCommand::List => {
-            for u in store.users().await? {
+            let users = services
+                .accounts
+                .list()
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            for u in users {
                 println!(
                     "{}\t{}\t{}\t{}{}",
                     u.user_id,

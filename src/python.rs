@@ -95,15 +95,17 @@ fn parse_messages(py: Python<'_>, messages: &Bound<'_, PyAny>) -> PyResult<Vec<C
                 type_name(item)
             )));
         };
-        if !matches!(role.as_str(), "system" | "user" | "assistant" | "tool") {
+        // The same roles as the HTTP API (`developer` is a system message).
+        let Some(role) = crate::chat::normalize_role(&role) else {
             return Err(invalid(
                 py,
                 format!(
-                    "messages[{i}] has role \"{role}\"; expected system, user, assistant or tool"
+                    "messages[{i}] has role \"{role}\"; expected system, developer, user, \
+                     assistant or tool"
                 ),
             ));
-        }
-        out.push(ChatMessage { role, content });
+        };
+        out.push(ChatMessage::new(role, content));
     }
     if out.is_empty() {
         return Err(invalid(py, "messages is empty".into()));
@@ -171,7 +173,8 @@ impl PyEngine {
     /// The base models in the models directory (folder names), sorted.
     fn models(&self, py: Python<'_>) -> PyResult<Vec<String>> {
         let dir = self.engine.models_dir().to_path_buf();
-        let found = py.detach(|| crate::models::list_base_models(&dir));
+        let registry = self.engine.registry().clone();
+        let found = py.detach(move || registry.base_models_blocking());
         let models = found.map_err(|e| {
             error(
                 py,
@@ -179,7 +182,7 @@ impl PyEngine {
                 format!("cannot read the models directory {}: {e}", dir.display()),
             )
         })?;
-        Ok(models.into_iter().map(|m| m.name).collect())
+        Ok(models.iter().map(|m| m.name.clone()).collect())
     }
 
     /// Answers `messages` with `model` (a base model's folder name), optionally through a LoRA

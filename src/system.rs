@@ -152,16 +152,28 @@ pub fn process_rss(pid: u32) -> Option<u64> {
     meminfo_kib(&status, "VmRSS:").map(|k| k * 1024)
 }
 
-/// Whether a process (or process group, with a negative id) exists.
-pub fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks for existence and permission.
-    unsafe { libc::kill(pid, 0) == 0 }
+/// Whether a process exists (one of ours, or one we may not signal).
+pub fn alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) => true,
+        Err(e) => e == nix::errno::Errno::EPERM,
+    }
 }
 
-/// Sends a signal to a process group; false when there is none.
-pub fn signal_group(pgid: u32, signal: i32) -> bool {
-    // SAFETY: `pgid` is a worker's process group (the worker is its leader).
-    unsafe { libc::kill(-(pgid as i32), signal) == 0 }
+/// Sends `signal` to one process; false when there is none.
+pub fn signal(pid: u32, signal: nix::sys::signal::Signal) -> bool {
+    i32::try_from(pid)
+        .is_ok_and(|pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).is_ok())
+}
+
+/// Sends `signal` to a process group (a worker leads its own); false when there is none.
+pub fn signal_group(pgid: u32, signal: nix::sys::signal::Signal) -> bool {
+    i32::try_from(pgid).is_ok_and(|pgid| {
+        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), signal).is_ok()
+    })
 }
 
 #[cfg(test)]
@@ -176,7 +188,8 @@ mod tests {
         let m = memory().unwrap();
         assert!(m.total_bytes > m.available_bytes);
         assert!(process_rss(std::process::id()).unwrap() > 0);
-        assert!(alive(std::process::id() as i32));
+        assert!(alive(std::process::id()));
+        assert!(!alive(u32::MAX), "no such process");
         let _ = gpus(); // empty here, listed on GPU machines
     }
 }

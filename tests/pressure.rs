@@ -584,8 +584,18 @@ async fn a_full_disk_is_a_507_and_nothing_half_written() {
     server.restart();
     let c = server.client();
     let (alice, _) = c.signup("alice").await;
+    // Fill the disk to its last few KiB, then upload what no longer fits. The upload is
+    // small enough to be sent whole before the server answers (a large one would see its
+    // connection closed mid-body, as servers do on an early error).
+    let filler = mount.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+    }
     let row = json!({"instruction": "x".repeat(1000), "output": "y"});
-    let big: Vec<u8> = (0..30_000)
+    let big: Vec<u8> = (0..300)
         .flat_map(|_| format!("{row}\n").into_bytes())
         .collect();
     let r = alice.upload("big.jsonl", big).await;
@@ -602,6 +612,7 @@ async fn a_full_disk_is_a_507_and_nothing_half_written() {
     assert_eq!(list.status, 200);
     assert_eq!(list.body["files"].as_array().unwrap().len(), 0);
     // Once space is free again, it works.
+    std::fs::remove_file(&filler).unwrap();
     let small = serde_json::to_vec(&json!([{"instruction": "q", "output": "a"}])).unwrap();
     assert_eq!(alice.upload("small.json", small).await.status, 201);
 }

@@ -1,6 +1,6 @@
 //! The web UI as the binary serves it: the embedded page and assets at `/`, the single-page
 //! app's fallback for client routes, caching and compression headers, and API paths that
-//! keep their JSON errors. (The browser test of the UI itself is web/tests/e2e.mjs.)
+//! keep their JSON errors. (The browser test of the UI itself is static/tests/e2e.mjs.)
 
 mod common;
 

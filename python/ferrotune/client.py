@@ -426,8 +426,6 @@ class Client:
                     for _id, event, data in self.events(task_id, last_id, timeout=read_timeout):
                         if _id is not None:
                             last_id = _id
-                        if event == "lagged":
-                            break  # reconnect from last_id: the server replays what we missed
                         if not isinstance(data, dict):
                             continue
                         if event == "snapshot":

@@ -539,6 +539,19 @@ impl Auth {
         self.store.create_api_key(&key, &hash).await?;
         Ok((key, secret))
     }
+
+    /// The owner's API keys (without secrets), newest first.
+    pub async fn api_keys(&self, owner: &str) -> Result<Vec<ApiKey>> {
+        Ok(self.store.api_keys_of().list(owner).await?)
+    }
+
+    /// Revokes one of the owner's API keys; it stops working at once.
+    pub async fn revoke_api_key(&self, owner: &str, key_id: &str) -> Result<ApiKey> {
+        self.store
+            .delete_api_key(owner, key_id)
+            .await?
+            .ok_or_else(|| Error::not_found("API key"))
+    }
 }
 
 fn active(user: Option<User>) -> Result<User> {

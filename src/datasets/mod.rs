@@ -1,8 +1,8 @@
 //! Datasets: uploads streamed to disk, validated, recorded; list, preview, download, delete.
 //!
-//! Files live at `<data_dir>/datasets/<owner>/<file_id>.<ext>`; an upload is written to
-//! `<data_dir>/tmp/` first and renamed into place only once it is complete and valid, so a
-//! failed upload leaves nothing behind.
+//! Files live at `<data_dir>/datasets/<owner>/<file_id>.<ext>`; an upload is written to a
+//! temporary file in `<data_dir>/tmp/` first and renamed into place only once it is complete
+//! and valid, so a failed upload leaves nothing behind.
 
 pub mod format;
 
@@ -14,36 +14,77 @@ use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt;
 
 use crate::error::{Error, Kind, Result};
-use crate::store::{Dataset, Store, new_id};
-use format::InspectError;
+use crate::store::{DatasetRecord, Store, new_id};
+use format::{Container, DatasetFormat, InspectError};
 
 /// The most rows a preview returns.
 pub const MAX_PREVIEW_ROWS: usize = 500;
 
+/// An uploaded, validated dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    pub file_id: String,
+    pub owner: String,
+    /// The client's file name, sanitised; never used as a path.
+    pub filename: String,
+    /// Where the file is (absolute; answers show it relative to the data dir).
+    pub file_path: PathBuf,
+    pub size: u64,
+    pub format: DatasetFormat,
+    pub container: Container,
+    pub num_rows: u64,
+    /// Top-level fields present in the records (CSV: recognised header columns).
+    pub columns: Vec<String>,
+    pub created_at: OffsetDateTime,
+}
+
+impl Dataset {
+    /// The typed form of a stored record.
+    pub fn from_record(r: DatasetRecord) -> Result<Dataset> {
+        let bad = |what: &str, v: &str| {
+            Error::internal(format!(
+                "dataset {}: unknown {what} `{v}` in the store",
+                r.file_id
+            ))
+        };
+        Ok(Dataset {
+            format: DatasetFormat::parse(&r.format).ok_or_else(|| bad("format", &r.format))?,
+            container: Container::parse(&r.container)
+                .ok_or_else(|| bad("container", &r.container))?,
+            file_id: r.file_id,
+            owner: r.owner,
+            filename: r.filename,
+            file_path: PathBuf::from(r.file_path),
+            size: r.size,
+            num_rows: r.num_rows,
+            columns: r.columns,
+            created_at: r.created_at,
+        })
+    }
+
+    pub fn to_record(&self) -> DatasetRecord {
+        DatasetRecord {
+            file_id: self.file_id.clone(),
+            owner: self.owner.clone(),
+            filename: self.filename.clone(),
+            file_path: self.file_path.to_string_lossy().into_owned(),
+            size: self.size,
+            format: self.format.as_str().to_string(),
+            container: self.container.extension().to_string(),
+            num_rows: self.num_rows,
+            columns: self.columns.clone(),
+            created_at: self.created_at,
+        }
+    }
+}
+
+/// Datasets: uploads, their records and files.
 #[derive(Clone)]
 pub struct Datasets {
     store: Store,
     dir: PathBuf,
     tmp: PathBuf,
     max_bytes: u64,
-}
-
-/// Removes a file on drop unless disarmed: no half-written upload survives an error or a
-/// dropped connection.
-struct TempFile {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        if !self.keep
-            && let Err(e) = std::fs::remove_file(&self.path)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(path = %self.path.display(), error = %e, "could not remove a temporary upload");
-        }
-    }
 }
 
 impl Datasets {
@@ -69,18 +110,24 @@ impl Datasets {
         self.max_bytes
     }
 
-    /// Streams an upload to disk, validates it, and records it for `owner`.
+    /// Streams an upload to disk, validates it, and records it for `owner`. The upload is
+    /// written to a temporary file (removed on any failure or a dropped connection) and
+    /// renamed into place only once it is complete and valid.
     pub async fn upload<S>(&self, owner: &str, client_name: &str, mut body: S) -> Result<Dataset>
     where
         S: Stream<Item = Result<Bytes>> + Unpin,
     {
         let filename = sanitize_filename(client_name);
         let file_id = new_id();
-        let mut temp = TempFile {
-            path: self.tmp.join(format!("upload-{file_id}")),
-            keep: false,
-        };
-        let mut file = tokio::fs::File::create(&temp.path).await?;
+        let tmp_dir = self.tmp.clone();
+        let prefix = format!("upload-{file_id}-");
+        let temp = tokio::task::spawn_blocking(move || {
+            tempfile::Builder::new()
+                .prefix(&prefix)
+                .tempfile_in(&tmp_dir)
+        })
+        .await??;
+        let mut file = tokio::fs::File::from_std(temp.reopen()?);
         let mut size: u64 = 0;
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
@@ -93,7 +140,7 @@ impl Datasets {
         file.sync_all().await?;
         drop(file);
 
-        let inspect_path = temp.path.clone();
+        let inspect_path = temp.path().to_path_buf();
         let hint = filename.clone();
         let summary =
             tokio::task::spawn_blocking(move || format::inspect(&inspect_path, Some(&hint)))
@@ -108,14 +155,14 @@ impl Datasets {
         let owner_dir = self.dir.join(owner);
         tokio::fs::create_dir_all(&owner_dir).await?;
         let final_path = owner_dir.join(format!("{file_id}.{}", summary.container.extension()));
-        tokio::fs::rename(&temp.path, &final_path).await?;
-        temp.path = final_path.clone();
+        let placed = final_path.clone();
+        tokio::task::spawn_blocking(move || temp.persist(&placed).map_err(|e| e.error)).await??;
 
         let dataset = Dataset {
             file_id,
             owner: owner.to_string(),
             filename,
-            file_path: final_path.to_string_lossy().into_owned(),
+            file_path: final_path.clone(),
             size,
             format: summary.format,
             container: summary.container,
@@ -123,29 +170,57 @@ impl Datasets {
             columns: summary.columns,
             created_at: OffsetDateTime::now_utc(),
         };
-        // If recording fails, the guard removes the renamed file too.
-        self.store.datasets().put(&dataset).await?;
-        temp.keep = true;
+        if let Err(e) = self.store.datasets().put(&dataset.to_record()).await {
+            // Nothing half-written: the file goes with the record that could not be kept.
+            remove_file_logged(&final_path).await;
+            return Err(e.into());
+        }
         tracing::info!(file_id = %dataset.file_id, owner, size, format = %dataset.format, rows = dataset.num_rows, "dataset uploaded");
         Ok(dataset)
     }
 
     pub async fn list(&self, owner: &str) -> Result<Vec<Dataset>> {
-        Ok(self.store.datasets().list(owner).await?)
+        self.store
+            .datasets()
+            .list(owner)
+            .await?
+            .into_iter()
+            .map(Dataset::from_record)
+            .collect()
     }
 
     /// The owner's dataset; another user's is "not found".
     pub async fn get(&self, owner: &str, file_id: &str) -> Result<Dataset> {
-        self.store
+        let record = self
+            .store
             .datasets()
             .get(owner, file_id)
             .await?
-            .ok_or_else(|| Error::not_found("dataset"))
+            .ok_or_else(|| Error::not_found("dataset"))?;
+        Dataset::from_record(record)
+    }
+
+    /// The owner's dataset whose file is at `path` (as answers show it, relative to the data
+    /// dir, or absolute), if any.
+    pub async fn by_path(
+        &self,
+        owner: &str,
+        data_dir: &Path,
+        path: &str,
+    ) -> Result<Option<Dataset>> {
+        let Some(wanted) = crate::text::resolve_client_path(data_dir, path) else {
+            return Ok(None);
+        };
+        Ok(self
+            .list(owner)
+            .await?
+            .into_iter()
+            .find(|d| d.file_path == wanted))
     }
 
     /// The first `limit` records (at most [`MAX_PREVIEW_ROWS`]).
     pub async fn preview(&self, dataset: &Dataset, limit: usize) -> Result<Vec<serde_json::Value>> {
-        let path = PathBuf::from(&dataset.file_path);
+        let path = dataset.file_path.clone();
         let container = dataset.container;
         let limit = limit.min(MAX_PREVIEW_ROWS);
         tokio::task::spawn_blocking(move || format::preview(&path, container, limit))
@@ -158,15 +233,35 @@ impl Datasets {
             })
     }
 
-    /// Deletes the record, then the file.
-    pub async fn delete(&self, owner: &str, file_id: &str) -> Result<Dataset> {
-        let dataset = self
+    /// The dataset and its file, open for reading.
+    pub async fn open(&self, owner: &str, file_id: &str) -> Result<(Dataset, tokio::fs::File)> {
+        let d = self.get(owner, file_id).await?;
+        let file = tokio::fs::File::open(&d.file_path).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::new(
+                    Kind::NotFound,
+                    "file_missing",
+                    "the dataset's file is missing on disk",
+                )
+            } else {
+                Error::from(e)
+            }
+        })?;
+        Ok((d, file))
+    }
+
+    /// Deletes the record, then the file. Whether a task still needs the dataset is the
+    /// caller's question (`training::Training::delete_dataset` asks it under the owner's
+    /// lock).
+    pub(crate) async fn delete(&self, owner: &str, file_id: &str) -> Result<Dataset> {
+        let record = self
             .store
             .datasets()
             .remove(owner, file_id)
             .await?
             .ok_or_else(|| Error::not_found("dataset"))?;
-        remove_file_logged(Path::new(&dataset.file_path)).await;
+        let dataset = Dataset::from_record(record)?;
+        remove_file_logged(&dataset.file_path).await;
         Ok(dataset)
     }
 

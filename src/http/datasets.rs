@@ -1,68 +1,35 @@
 //! `/api/files/datasets`.
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::DefaultBodyLimit;
 use axum::extract::multipart::{Multipart, MultipartError};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
-use time::OffsetDateTime;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
-use super::error::{Json, Path, Query};
+use super::error::{ErrorBody, Json, Path, Query};
 use super::extract::CurrentUser;
+use super::views::{DatasetView, Message};
 use crate::datasets::format::{Container, DatasetFormat};
 use crate::datasets::too_large;
 use crate::error::{Error, Kind, Result};
-use crate::store::Dataset;
 
 /// Room for the multipart framing and small extra fields around the file itself.
 const MULTIPART_OVERHEAD: u64 = 1024 * 1024;
 
-pub fn router(max_upload: u64) -> Router<AppState> {
+pub fn router(max_upload: u64) -> OpenApiRouter<AppState> {
     let body_limit = usize::try_from(max_upload + MULTIPART_OVERHEAD).unwrap_or(usize::MAX);
-    Router::new()
-        .route(
-            "/api/files/datasets",
-            get(list)
-                .post(upload)
-                .layer(DefaultBodyLimit::max(body_limit)),
-        )
-        .route("/api/files/datasets/{id}", get(detail).delete(remove))
-        .route("/api/files/datasets/{id}/preview", get(preview))
-        .route("/api/files/datasets/{id}/download", get(download))
-}
-
-#[derive(Serialize)]
-struct DatasetView {
-    file_id: String,
-    filename: String,
-    file_path: String,
-    size: u64,
-    format: DatasetFormat,
-    container: Container,
-    num_rows: u64,
-    #[serde(with = "time::serde::rfc3339")]
-    created_at: OffsetDateTime,
-}
-
-impl DatasetView {
-    fn new(state: &AppState, d: &Dataset) -> Self {
-        DatasetView {
-            file_id: d.file_id.clone(),
-            filename: d.filename.clone(),
-            file_path: crate::text::relative_path(&state.config.data_dir, &d.file_path),
-            size: d.size,
-            format: d.format,
-            container: d.container,
-            num_rows: d.num_rows,
-            created_at: d.created_at,
-        }
-    }
+    OpenApiRouter::new()
+        .routes(routes!(upload, list))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .routes(routes!(detail, remove))
+        .routes(routes!(preview))
+        .routes(routes!(download))
 }
 
 fn multipart_error(e: MultipartError, max: u64) -> Error {
@@ -73,12 +40,36 @@ fn multipart_error(e: MultipartError, max: u64) -> Error {
     }
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct Uploaded {
+    #[serde(flatten)]
+    dataset: DatasetView,
+    message: String,
+}
+
+/// The upload form: one `file` field.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct UploadForm {
+    /// JSON array, JSON Lines or CSV; alpaca, sharegpt or OpenAI `messages` records.
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
+}
+
+/// Uploads a dataset (streamed to disk, validated, recorded).
+#[utoipa::path(post, path = "/api/files/datasets", tag = "datasets",
+    request_body(content = UploadForm, content_type = "multipart/form-data"),
+    responses((status = 201, description = "Uploaded and valid", body = Uploaded),
+              (status = 400, description = "No `file` field, or not multipart", body = ErrorBody),
+              (status = 413, description = "Larger than `max_upload_bytes`", body = ErrorBody),
+              (status = 422, description = "Not a valid dataset: the first bad record is named", body = ErrorBody),
+              (status = 507, description = "The server's disk is full; nothing was kept", body = ErrorBody)))]
 async fn upload(
     state: AppState,
     CurrentUser(p): CurrentUser,
     headers: HeaderMap,
     multipart: std::result::Result<Multipart, axum::extract::multipart::MultipartRejection>,
-) -> Result<(StatusCode, Json<serde_json::Value>)> {
+) -> Result<(StatusCode, Json<Uploaded>)> {
     let max = state.datasets.max_bytes();
     // Refuse a declared oversize body before reading any of it.
     if let Some(len) = headers
@@ -114,27 +105,45 @@ async fn upload(
             .datasets
             .upload(&p.user.user_id, &client_name, Box::pin(stream))
             .await?;
-        let mut body =
-            serde_json::to_value(DatasetView::new(&state, &dataset)).map_err(Error::internal)?;
-        body["message"] = json!(format!(
+        let message = format!(
             "uploaded {} ({} rows, {})",
             dataset.filename, dataset.num_rows, dataset.format
+        );
+        return Ok((
+            StatusCode::CREATED,
+            Json(Uploaded {
+                dataset: DatasetView::new(&state, &dataset),
+                message,
+            }),
         ));
-        return Ok((StatusCode::CREATED, Json(body)));
     }
 }
 
-async fn list(state: AppState, CurrentUser(p): CurrentUser) -> Result<Json<serde_json::Value>> {
-    let files: Vec<DatasetView> = state
+#[derive(Serialize, ToSchema)]
+pub struct DatasetList {
+    files: Vec<DatasetView>,
+}
+
+/// The caller's datasets, newest first.
+#[utoipa::path(get, path = "/api/files/datasets", tag = "datasets",
+    responses((status = 200, description = "The datasets", body = DatasetList),
+              (status = 401, description = "No or bad credentials", body = ErrorBody)))]
+async fn list(state: AppState, CurrentUser(p): CurrentUser) -> Result<Json<DatasetList>> {
+    let files = state
         .datasets
         .list(&p.user.user_id)
         .await?
         .iter()
         .map(|d| DatasetView::new(&state, d))
         .collect();
-    Ok(Json(json!({ "files": files })))
+    Ok(Json(DatasetList { files }))
 }
 
+/// One of the caller's datasets.
+#[utoipa::path(get, path = "/api/files/datasets/{id}", tag = "datasets",
+    params(("id" = String, Path, description = "The dataset's file_id")),
+    responses((status = 200, description = "The dataset", body = DatasetView),
+              (status = 404, description = "No such dataset of yours", body = ErrorBody)))]
 async fn detail(
     state: AppState,
     CurrentUser(p): CurrentUser,
@@ -144,43 +153,53 @@ async fn detail(
     Ok(Json(DatasetView::new(&state, &d)))
 }
 
-#[derive(Deserialize)]
-struct PreviewQuery {
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PreviewQuery {
+    /// Records to return (at most 500; default 10).
     limit: Option<usize>,
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct Preview {
+    format: DatasetFormat,
+    num_rows: u64,
+    /// The first records, as JSON objects (CSV rows as alpaca objects).
+    #[schema(value_type = Vec<Object>)]
+    rows: Vec<serde_json::Value>,
+}
+
+/// The first records of a dataset.
+#[utoipa::path(get, path = "/api/files/datasets/{id}/preview", tag = "datasets",
+    params(("id" = String, Path, description = "The dataset's file_id"), PreviewQuery),
+    responses((status = 200, description = "The first records", body = Preview),
+              (status = 404, description = "No such dataset of yours", body = ErrorBody)))]
 async fn preview(
     state: AppState,
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
     Query(q): Query<PreviewQuery>,
-) -> Result<Json<serde_json::Value>> {
+) -> Result<Json<Preview>> {
     let d = state.datasets.get(&p.user.user_id, &id).await?;
     let rows = state.datasets.preview(&d, q.limit.unwrap_or(10)).await?;
-    Ok(Json(json!({
-        "format": d.format,
-        "num_rows": d.num_rows,
-        "rows": rows,
-    })))
+    Ok(Json(Preview {
+        format: d.format,
+        num_rows: d.num_rows,
+        rows,
+    }))
 }
 
+/// The original bytes, as uploaded.
+#[utoipa::path(get, path = "/api/files/datasets/{id}/download", tag = "datasets",
+    params(("id" = String, Path, description = "The dataset's file_id")),
+    responses((status = 200, description = "The file (JSON, JSON Lines or CSV)", content_type = "application/octet-stream", body = Vec<u8>),
+              (status = 404, description = "No such dataset of yours, or its file is missing", body = ErrorBody)))]
 async fn download(
     state: AppState,
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let d = state.datasets.get(&p.user.user_id, &id).await?;
-    let file = tokio::fs::File::open(&d.file_path).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::new(
-                Kind::NotFound,
-                "file_missing",
-                "the dataset's file is missing on disk",
-            )
-        } else {
-            Error::from(e)
-        }
-    })?;
+    let (d, file) = state.datasets.open(&p.user.user_id, &id).await?;
     let content_type = match d.container {
         Container::Json => "application/json",
         Container::Jsonl => "application/jsonl",
@@ -224,17 +243,18 @@ fn content_disposition(name: &str) -> String {
     format!("attachment; filename=\"{ascii}\"; filename*=UTF-8''{encoded}")
 }
 
+/// Deletes a dataset: its record and its file. Refused while a queued or running task uses
+/// it.
+#[utoipa::path(delete, path = "/api/files/datasets/{id}", tag = "datasets",
+    params(("id" = String, Path, description = "The dataset's file_id")),
+    responses((status = 200, description = "Deleted", body = Message),
+              (status = 404, description = "No such dataset of yours", body = ErrorBody),
+              (status = 409, description = "A queued or running task uses it", body = ErrorBody)))]
 async fn remove(
     state: AppState,
     CurrentUser(p): CurrentUser,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>> {
-    if state.trainer.dataset_in_use(&p.user.user_id, &id).await? {
-        return Err(Error::conflict(
-            "dataset_in_use",
-            "a queued or running task uses this dataset; cancel it first",
-        ));
-    }
-    let d = state.datasets.delete(&p.user.user_id, &id).await?;
-    Ok(Json(json!({"message": format!("deleted {}", d.filename)})))
+) -> Result<Json<Message>> {
+    let d = state.training.delete_dataset(&p.user.user_id, &id).await?;
+    Ok(Json(Message::new(format!("deleted {}", d.filename))))
 }

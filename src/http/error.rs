@@ -9,6 +9,15 @@ use serde_json::json;
 
 use crate::error::{Error, Kind};
 
+/// Every error answer: a human-readable message and a stable machine code.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, for people.
+    pub error: String,
+    /// What went wrong, for programs (`invalid_spec`, `dataset_in_use`, `too_many_attempts`…).
+    pub code: String,
+}
+
 pub fn status_of(kind: Kind) -> StatusCode {
     match kind {
         Kind::BadRequest => StatusCode::BAD_REQUEST,

@@ -1,4 +1,10 @@
-//! The HTTP server: axum router, shared state, middleware, graceful shutdown.
+//! The HTTP server: axum router, shared state, middleware, the OpenAPI document, graceful
+//! shutdown.
+//!
+//! Handlers are thin: an extractor (who calls, what they sent), one call to a service, a
+//! typed view. Every route is registered through `utoipa_axum`'s `routes!` with its
+//! `#[utoipa::path]`, so the document at `/openapi.json` covers every route by construction
+//! (`openapi::tests` guards it).
 
 mod admin;
 mod auth;
@@ -6,8 +12,13 @@ mod chat;
 mod datasets;
 pub mod error;
 mod extract;
+mod models;
+mod openai;
+pub mod openapi;
+mod system;
 mod tasks;
 pub mod ui;
+mod views;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,40 +28,43 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, Method, Request, header};
-use axum::routing::get;
 use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
-use tower_http::trace::TraceLayer;
+use utoipa_axum::router::OpenApiRouter;
 
+use crate::accounts::Accounts;
 use crate::auth::Auth;
+use crate::chat::{Chat, GenerationLimits, Sessions};
 use crate::config::Config;
 use crate::datasets::Datasets;
 use crate::error::{Error, Kind};
+use crate::locks::OwnerLocks;
+use crate::models::Registry;
 use crate::pyenv::{EnvTracker, PyEnv};
 use crate::store::Store;
-use crate::training::Trainer;
+use crate::training::Training;
 
-/// Everything a handler may need. Cheap to clone.
+/// Everything a handler may need: the services. Cheap to clone. (The store is not here:
+/// handlers reach data only through the services.)
 #[derive(Clone)]
 pub struct AppState(Arc<App>);
 
 pub struct App {
     pub config: Config,
-    pub store: Store,
     pub auth: Arc<Auth>,
+    pub accounts: Arc<Accounts>,
     pub datasets: Datasets,
-    pub trainer: Arc<Trainer>,
-    pub engine: Arc<crate::inference::Engine>,
-    /// How many generations run at once (server-wide and per user).
-    pub generations: Arc<crate::chat::GenerationLimits>,
+    pub training: Arc<Training>,
+    pub models: Arc<Registry>,
+    pub chat: Arc<Chat>,
     /// Progress of the default model's pull at start, for `/api/system/status`.
     pub model_pull: std::sync::RwLock<PullStatus>,
 }
 
 /// What the server is doing about its default model.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, utoipa::ToSchema)]
 pub struct PullStatus {
     /// `idle`, `pulling`, `done` or `failed`.
     pub state: String,
@@ -74,11 +88,9 @@ impl FromRequestParts<AppState> for AppState {
 }
 
 impl AppState {
-    /// Opens the store and sets up every service for `config` (whose directories must be
-    /// absolute; see [`absolute_dirs`]).
-    pub fn open(config: Config) -> anyhow::Result<AppState> {
-        std::fs::create_dir_all(&config.data_dir)?;
-        let store = Store::open(&config.store_dir())?;
+    /// Sets up every service over `store` for `config` (whose directories must be absolute;
+    /// see [`absolute_dirs`]).
+    pub fn new(config: Config, store: Store) -> anyhow::Result<AppState> {
         let auth = Auth::new(store.clone(), &config)?;
         let datasets = Datasets::new(
             store.clone(),
@@ -86,32 +98,56 @@ impl AppState {
             config.tmp_dir(),
             config.max_upload_bytes,
         )?;
+        let models = Registry::new(config.models_dir.clone(), &config.data_dir, store.clone());
         let env = EnvTracker::new(PyEnv::locate(Some(&config.python_env_dir)));
-        let trainer = Trainer::new(store.clone(), &config, env);
-        let engine = crate::inference::Engine::new(
-            config.models_dir.clone(),
+        let owners = Arc::new(OwnerLocks::new());
+        let training = Training::new(
+            store.clone(),
+            &config,
+            env,
+            datasets.clone(),
+            models.clone(),
+            owners,
+        );
+        let accounts = Accounts::new(
+            store.clone(),
+            auth.clone(),
+            training.clone(),
+            datasets.clone(),
+            models.clone(),
+        );
+        let engine = crate::inference::Engine::with_registry(
+            models.clone(),
             crate::inference::EngineOptions {
                 max_tokens: config.max_generation_tokens,
                 ..crate::inference::EngineOptions::default()
             },
         );
-        let generations = crate::chat::GenerationLimits::new(
+        let limits = GenerationLimits::new(
             config.max_concurrent_generations,
             config.max_generations_per_user,
         );
+        let chat = Chat::new(engine, models.clone(), limits, Sessions::new(store));
         Ok(AppState(Arc::new(App {
             config,
-            store,
             auth,
+            accounts,
             datasets,
-            trainer,
-            engine,
-            generations,
+            training,
+            models,
+            chat,
             model_pull: std::sync::RwLock::new(PullStatus {
                 state: "idle".into(),
                 ..PullStatus::default()
             }),
         })))
+    }
+
+    /// Opens the store in the data dir and sets up every service.
+    pub fn open(config: Config) -> anyhow::Result<(AppState, Store)> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let store = Store::open(&config.store_dir())?;
+        Ok((AppState::new(config, store.clone())?, store))
     }
 }
 
@@ -123,21 +159,39 @@ pub fn absolute_dirs(config: &mut Config) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Every documented route (all of them) and the OpenAPI document they make.
+pub fn api(max_upload_bytes: u64) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(openapi::base())
+        .merge(system::router())
+        .merge(auth::router())
+        .merge(datasets::router(max_upload_bytes))
+        .merge(admin::router())
+        .merge(tasks::router())
+        .merge(models::router())
+        .merge(chat::router())
+        .merge(openai::router())
+        .split_for_parts()
+}
+
 pub fn router(state: AppState) -> Router {
     let x_request_id = HeaderName::from_static("x-request-id");
     let ui_source = ui::Source::from_env();
-    let api = Router::new()
-        .route("/health", get(health))
-        .merge(auth::router())
-        .merge(datasets::router(state.config.max_upload_bytes))
-        .merge(admin::router())
-        .merge(tasks::router())
-        .merge(chat::router().layer(axum::middleware::map_response(openai_errors_on_v1)))
+    let (routes, doc) = api(state.config.max_upload_bytes);
+    let doc = Arc::new(doc);
+    let api = routes
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc.clone();
+                async move { axum::Json(doc.as_ref().clone()) }
+            }),
+        )
+        .layer(axum::middleware::map_response(openai::errors_on_v1))
         .fallback(move |req: axum::extract::Request| ui_or_not_found(ui_source.clone(), req))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_json_bytes));
 
-    let trace = TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+    let trace = tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
         let route = req
             .extensions()
             .get::<MatchedPath>()
@@ -196,32 +250,16 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     Some(base.allow_origin(list).allow_credentials(true))
 }
 
-/// OpenAI-shaped errors on `/v1` only (the rest of the API keeps ours).
-async fn openai_errors_on_v1(
-    uri: axum::http::Uri,
-    response: axum::response::Response,
-) -> axum::response::Response {
-    if uri.path().starts_with("/v1/") {
-        chat::openai_errors(response).await
-    } else {
-        response
-    }
-}
-
-async fn health() -> axum::Json<serde_json::Value> {
-    axum::Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
-}
-
 /// The web UI for page and asset requests; the JSON 404 for everything else.
 async fn ui_or_not_found(
     source: ui::Source,
     req: axum::extract::Request,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    ui::serve(source, req, not_found().await.into_response()).await
+    ui::serve(source, req, not_found().into_response()).await
 }
 
-async fn not_found() -> Error {
+fn not_found() -> Error {
     Error::new(Kind::NotFound, "no_route", "no such route")
 }
 
@@ -235,7 +273,7 @@ async fn method_not_allowed() -> (axum::http::StatusCode, axum::Json<serde_json:
 /// Serves until SIGTERM or Ctrl-C, then drains in-flight requests and flushes the store.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let state = AppState::open(config)?;
+    let (state, store) = tokio::task::block_in_place(|| AppState::open(config))?;
     let listener = tokio::net::TcpListener::bind(state.config.bind)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", state.config.bind))?;
@@ -256,15 +294,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         })
     };
 
-    state.trainer.recover().await?;
-    let background = state.trainer.spawn_background();
-    if state.config.auto_setup && !state.trainer.env().is_ready() {
-        let env = state.trainer.env().clone();
+    state.training.recover().await?;
+    let background = state.training.spawn_background();
+    if state.config.auto_setup && !state.training.env().is_ready() {
+        let env = state.training.env().clone();
         tokio::spawn(async move { env.ensure().await });
     }
-    spawn_default_model_pull(&state);
+    spawn_default_model_pull(&state).await;
 
-    let store = state.store.clone();
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     tracing::info!(
         startup_ms = started.elapsed().as_millis() as u64,
@@ -284,15 +321,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
 /// Pulls the configured default model in the background when the models dir has none, so a
 /// fresh install can chat and train without a manual step.
-fn spawn_default_model_pull(state: &AppState) {
+async fn spawn_default_model_pull(state: &AppState) {
     let name = state.config.default_model.trim().to_string();
     if name.is_empty() {
         return;
     }
     let models_dir = state.config.models_dir.clone();
-    match crate::models::list_base_models(&models_dir) {
+    match state.models.base_models().await {
         Ok(models) if !models.is_empty() => return,
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+        Err(e) => {
             tracing::warn!(dir = %models_dir.display(), error = %e, "cannot read the models dir");
             return;
         }
@@ -318,7 +355,8 @@ fn spawn_default_model_pull(state: &AppState) {
         let python = std::path::PathBuf::from(crate::pyenv::BUILD_PYTHON);
         match crate::models::pull(&models_dir, &name, &python, progress).await {
             Ok(m) => {
-                set("done", &format!("{} ready at {}", m.name, m.path.display()));
+                state.models.invalidate();
+                set("done", &format!("{} ready", m.name));
                 tracing::info!(model = %m.name, "default model ready");
             }
             Err(e) => {

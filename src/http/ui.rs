@@ -1,9 +1,9 @@
-//! The web UI: the files build.rs built from `web/` and embedded in the binary, served at `/`
+//! The web UI: the files build.rs built from `static/` and embedded in the binary, served at `/`
 //! with the single-page app's fallback (any other path that does not look like a file gets
 //! `index.html`, so client routes survive a reload). API paths (`/api`, `/v1`, `/health`) are
 //! never shadowed: unknown ones keep the JSON 404.
 //!
-//! `FERROTUNE_STATIC_DIR=web/dist` serves the files from disk instead (development: rebuild
+//! `FERROTUNE_STATIC_DIR=static/dist` serves the files from disk instead (development: rebuild
 //! with `npm run build` without rebuilding the binary, or use `npm run dev` with its proxy).
 
 use std::path::PathBuf;

@@ -21,7 +21,8 @@ use super::{
 /// Serves chat for every base model in a models directory. Create one per process and share
 /// it (`Arc`); all methods take `&self`.
 pub struct Engine {
-    models_dir: PathBuf,
+    /// Where base models are found (the server's registry, or a folder of its own).
+    models: Arc<crate::models::Registry>,
     opts: EngineOptions,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     adapters: Mutex<AdapterCache>,
@@ -48,10 +49,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Engine {
+    /// An engine over the base models in `models_dir` (the command line, Python, tests).
     pub fn new(models_dir: PathBuf, opts: EngineOptions) -> Arc<Engine> {
+        Engine::with_registry(crate::models::Registry::local(models_dir), opts)
+    }
+
+    /// An engine that finds base models through `models` (the server's registry).
+    pub fn with_registry(models: Arc<crate::models::Registry>, opts: EngineOptions) -> Arc<Engine> {
         let cap = opts.adapter_cache_bytes;
         Arc::new(Engine {
-            models_dir,
+            models,
             opts,
             slots: Mutex::new(HashMap::new()),
             adapters: Mutex::new(AdapterCache::new(cap)),
@@ -59,7 +66,12 @@ impl Engine {
     }
 
     pub fn models_dir(&self) -> &Path {
-        &self.models_dir
+        self.models.models_dir()
+    }
+
+    /// Where this engine finds base models.
+    pub fn registry(&self) -> &Arc<crate::models::Registry> {
+        &self.models
     }
 
     /// Starts a generation on the model's worker thread and returns its event stream.
@@ -192,7 +204,9 @@ impl Engine {
         if let Some(s) = lock(&self.slots).get(name) {
             return Ok(s.clone());
         }
-        let found = crate::models::find_base_model(&self.models_dir, name)
+        let found = self
+            .models
+            .find_base_blocking(name)
             .map_err(|e| EngineError::Internal(format!("cannot read the models directory: {e}")))?
             .ok_or_else(|| EngineError::NotFound(format!("no base model `{name}`")))?;
         if let Some(s) = lock(&self.slots).get(&found.name) {

@@ -19,7 +19,10 @@
 
 pub(crate) mod convert;
 pub(crate) mod gguf;
+mod registry;
 pub(crate) mod tokenizer;
+
+pub use registry::{Registry, Resolved};
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -79,10 +82,15 @@ pub struct BaseModel {
     pub model_type: Option<String>,
     /// Bytes on disk, all files in the folder.
     pub size: u64,
+    /// When the folder was made (its modification time where the file system keeps no
+    /// creation time).
+    pub created_at: Option<time::OffsetDateTime>,
 }
 
 /// Every base model in `models_dir`, sorted by name. Hidden folders (pulls in flight) are
-/// skipped; a missing `models_dir` is an empty list.
+/// skipped; a missing `models_dir` is an empty list. Symbolic links are followed (a Hugging
+/// Face cache snapshot is a folder of links). Blocking: it reads every model folder — the
+/// server asks [`Registry`], which caches the answer.
 pub fn list_base_models(models_dir: &Path) -> std::io::Result<Vec<BaseModel>> {
     let entries = match std::fs::read_dir(models_dir) {
         Ok(e) => e,
@@ -93,7 +101,7 @@ pub fn list_base_models(models_dir: &Path) -> std::io::Result<Vec<BaseModel>> {
     for entry in entries {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || !entry.file_type()?.is_dir() {
+        if name.starts_with('.') || !entry.path().is_dir() {
             continue;
         }
         if let Some(model) = inspect(&entry.path(), name)? {
@@ -125,7 +133,7 @@ fn inspect(dir: &Path, name: String) -> std::io::Result<Option<BaseModel>> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let p = entry.path();
-        if entry.file_type()?.is_file()
+        if p.is_file()
             && p.extension()
                 .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
         {
@@ -141,6 +149,12 @@ fn inspect(dir: &Path, name: String) -> std::io::Result<Option<BaseModel>> {
         .as_ref()
         .and_then(|_| config_model_type(&config))
         .or_else(|| gguf.as_deref().and_then(gguf_architecture));
+    let meta = std::fs::metadata(dir)?;
+    let created_at = meta
+        .created()
+        .or_else(|_| meta.modified())
+        .ok()
+        .map(time::OffsetDateTime::from);
     Ok(Some(BaseModel {
         name,
         path: dir.to_path_buf(),
@@ -148,6 +162,7 @@ fn inspect(dir: &Path, name: String) -> std::io::Result<Option<BaseModel>> {
         gguf,
         model_type,
         size: dir_size(dir)?,
+        created_at,
     }))
 }
 
@@ -166,6 +181,8 @@ fn gguf_architecture(path: &Path) -> Option<String> {
     }
 }
 
+/// Bytes of the files under `dir`; linked files count with their targets' size, linked
+/// folders are not entered (no loops).
 fn dir_size(dir: &Path) -> std::io::Result<u64> {
     let mut total = 0;
     for entry in std::fs::read_dir(dir)? {
@@ -175,6 +192,11 @@ fn dir_size(dir: &Path) -> std::io::Result<u64> {
             total += dir_size(&entry.path())?;
         } else if ty.is_file() {
             total += entry.metadata()?.len();
+        } else if ty.is_symlink()
+            && let Ok(meta) = std::fs::metadata(entry.path())
+            && meta.is_file()
+        {
+            total += meta.len();
         }
     }
     Ok(total)
@@ -528,22 +550,14 @@ fn remove_stale(dir: &Path, prefix: &str) {
         let Some(rest) = name.strip_prefix(prefix) else {
             continue;
         };
-        let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
         if let Some(pid) = pid
-            && !process_alive(pid)
+            && pid > 0
+            && !crate::system::alive(pid)
         {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
-}
-
-fn process_alive(pid: i32) -> bool {
-    if pid <= 0 {
-        return false;
-    }
-    // SAFETY: signal 0 only checks that the process exists; it sends nothing.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 #[cfg(test)]

@@ -282,6 +282,22 @@ impl<T: OwnedRecord> Owned<T> {
     where
         F: FnMut(&mut T) -> bool + Send + 'static,
     {
+        Ok(self
+            .update_checked(owner, id, change)
+            .await?
+            .map(|(r, _)| r))
+    }
+
+    /// [`Owned::update`], also saying whether `change` changed the record.
+    pub async fn update_checked<F>(
+        &self,
+        owner: &str,
+        id: &str,
+        change: F,
+    ) -> Result<Option<(T, bool)>>
+    where
+        F: FnMut(&mut T) -> bool + Send + 'static,
+    {
         let tree = self.tree.clone();
         let key = owned_key(owner, id);
         let mut change = change;
@@ -304,7 +320,7 @@ impl<T: OwnedRecord> Owned<T> {
         if changed {
             self.flusher.durable().await?;
         }
-        Ok(record)
+        Ok(record.map(|r| (r, changed)))
     }
 
     /// Removes the owner's record, durably; `None` when there was none.
@@ -346,8 +362,8 @@ struct Inner {
     sessions: sled::Tree,
     api_key_hashes: sled::Tree,
     api_keys: Owned<ApiKey>,
-    datasets: Owned<Dataset>,
-    tasks: Owned<Task>,
+    datasets: Owned<DatasetRecord>,
+    tasks: Owned<TaskRecord>,
     models: Owned<ModelRecord>,
     chat_sessions: Owned<ChatSession>,
     task_metrics: sled::Tree,
@@ -410,11 +426,11 @@ impl Store {
         blocking(move || read_version(&meta)).await
     }
 
-    pub fn datasets(&self) -> &Owned<Dataset> {
+    pub fn datasets(&self) -> &Owned<DatasetRecord> {
         &self.inner.datasets
     }
 
-    pub fn tasks(&self) -> &Owned<Task> {
+    pub fn tasks(&self) -> &Owned<TaskRecord> {
         &self.inner.tasks
     }
 
@@ -949,9 +965,9 @@ mod tests {
     async fn owned_records_are_scoped_by_owner() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let d1 = Dataset::example("u1");
-        let d2 = Dataset::example("u2");
-        let d3 = Dataset::example("u1");
+        let d1 = DatasetRecord::example("u1");
+        let d2 = DatasetRecord::example("u2");
+        let d3 = DatasetRecord::example("u1");
         for d in [&d1, &d2, &d3] {
             store.datasets().put(d).await.unwrap();
         }
@@ -1000,9 +1016,14 @@ mod tests {
                             .create_user(user(&format!("user{n}"), &format!("{n}@x.io")), None)
                             .await?;
                     }
-                    1 => store.datasets().put(&Dataset::example(&owner)).await?,
+                    1 => {
+                        store
+                            .datasets()
+                            .put(&DatasetRecord::example(&owner))
+                            .await?
+                    }
                     _ => {
-                        let d = Dataset::example(&owner);
+                        let d = DatasetRecord::example(&owner);
                         store.datasets().put(&d).await?;
                         store.datasets().remove(&owner, &d.file_id).await?;
                     }
@@ -1032,7 +1053,7 @@ mod tests {
     async fn update_is_atomic_under_contention() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let d = Dataset::example("u1");
+        let d = DatasetRecord::example("u1");
         store.datasets().put(&d).await.unwrap();
         let mut handles = Vec::new();
         for _ in 0..50 {

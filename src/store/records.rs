@@ -1,13 +1,17 @@
 //! The records kept in the store. Each is self-describing JSON; fields added later carry
 //! `#[serde(default)]` so older records still read.
+//!
+//! These are the store's own types: it imports no domain module. Where a record holds
+//! something a domain module defines (a dataset's format, a task's specification), it keeps
+//! it in its stored form (a name, a JSON document) and the domain converts at the boundary
+//! (`datasets::Dataset`, `training::Task`).
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::OwnedRecord;
-use crate::datasets::format::{Container, DatasetFormat};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Admin,
@@ -111,8 +115,9 @@ impl OwnedRecord for ApiKey {
     }
 }
 
+/// An uploaded dataset (`datasets::Dataset` is its typed form).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Dataset {
+pub struct DatasetRecord {
     pub file_id: String,
     pub owner: String,
     /// The client's file name, sanitised; never used as a path.
@@ -120,8 +125,10 @@ pub struct Dataset {
     /// Absolute path of the stored file.
     pub file_path: String,
     pub size: u64,
-    pub format: DatasetFormat,
-    pub container: Container,
+    /// The record format's name (`alpaca`, `sharegpt`, `openai`).
+    pub format: String,
+    /// The file's container (`json`, `jsonl`, `csv`).
+    pub container: String,
     pub num_rows: u64,
     /// Top-level fields present in the records (CSV: recognised header columns).
     #[serde(default)]
@@ -130,7 +137,7 @@ pub struct Dataset {
     pub created_at: OffsetDateTime,
 }
 
-impl OwnedRecord for Dataset {
+impl OwnedRecord for DatasetRecord {
     fn id(&self) -> &str {
         &self.file_id
     }
@@ -140,16 +147,16 @@ impl OwnedRecord for Dataset {
 }
 
 #[cfg(test)]
-impl Dataset {
-    pub fn example(owner: &str) -> Dataset {
-        Dataset {
+impl DatasetRecord {
+    pub fn example(owner: &str) -> DatasetRecord {
+        DatasetRecord {
             file_id: super::new_id(),
             owner: owner.into(),
             filename: "d.json".into(),
             file_path: "/tmp/d.json".into(),
             size: 1,
-            format: DatasetFormat::Alpaca,
-            container: Container::Json,
+            format: "alpaca".into(),
+            container: "json".into(),
             num_rows: 1,
             columns: vec!["instruction".into(), "output".into()],
             created_at: OffsetDateTime::now_utc(),
@@ -177,7 +184,7 @@ mod hex_bytes {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskStatus {
     Queued,
@@ -204,7 +211,7 @@ impl TaskStatus {
 }
 
 /// Live progress of a task, as the worker last reported it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Progress {
     pub current_step: u64,
     pub total_steps: u64,
@@ -216,13 +223,17 @@ pub struct Progress {
     pub eta_s: Option<f64>,
 }
 
+/// A training task (`training::Task` is its typed form).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Task {
+pub struct TaskRecord {
     pub task_id: String,
     pub owner: String,
-    pub spec: crate::training::spec::TaskSpec,
+    /// The task's specification as submitted and completed with defaults (its schema is
+    /// `training::spec::TaskSpec`).
+    pub spec: serde_json::Value,
     pub dataset_id: Option<String>,
-    pub paths: crate::training::spec::RunPaths,
+    /// The files the run uses (`training::spec::RunPaths`).
+    pub paths: serde_json::Value,
     pub status: TaskStatus,
     #[serde(default)]
     pub progress: Progress,
@@ -253,7 +264,7 @@ pub struct Task {
     pub finished_at: Option<OffsetDateTime>,
 }
 
-impl OwnedRecord for Task {
+impl OwnedRecord for TaskRecord {
     fn id(&self) -> &str {
         &self.task_id
     }
@@ -262,7 +273,7 @@ impl OwnedRecord for Task {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelKind {
     Base,
@@ -297,7 +308,7 @@ impl OwnedRecord for ModelRecord {
 }
 
 /// One point of a task's loss curve.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct MetricPoint {
     pub step: u64,
     pub loss: Option<f64>,
@@ -308,7 +319,7 @@ pub struct MetricPoint {
 }
 
 /// A message of a saved conversation.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct SessionMessage {
     pub role: String,
     pub content: String,

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::{Error, Result};
-use crate::store::Task;
+use crate::training::Task;
 
 /// What can be downloaded from a task.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,11 +128,11 @@ impl Write for ChannelWriter {
     }
 }
 
+/// An archive's bytes, produced as they are sent.
+pub type ArchiveStream = ReceiverStream<std::io::Result<Bytes>>;
+
 /// The archive's file name and its bytes as a stream.
-pub fn archive(
-    task: &Task,
-    artifact: &Artifact,
-) -> Result<(String, ReceiverStream<std::io::Result<Bytes>>)> {
+pub fn archive(task: &Task, artifact: &Artifact) -> Result<(String, ArchiveStream)> {
     let files = entries(task, artifact)?;
     let filename = format!("{}-{}.tar.gz", task.task_id, artifact.name());
     Ok((filename, tar_gz(files)))
@@ -140,9 +140,7 @@ pub fn archive(
 
 /// A registered model's files (an adapter's, kept even when its task's outputs are gone) as
 /// `<name>/…` in a `.tar.gz`.
-pub fn model_archive(
-    model: &crate::store::ModelRecord,
-) -> Result<(String, ReceiverStream<std::io::Result<Bytes>>)> {
+pub fn model_archive(model: &crate::store::ModelRecord) -> Result<(String, ArchiveStream)> {
     let dir = Path::new(&model.model_path);
     if !dir.is_dir() {
         return Err(Error::not_found("model files"));

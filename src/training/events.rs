@@ -13,11 +13,23 @@
 //!
 //! Subscribers first subscribe, then read the history ([`EventLog::since`]), then follow the
 //! channel skipping ids they have seen: every event once, in order.
+//!
+//! # The worker's protocol
+//!
+//! `ferrotune worker` (and `worker.py` under torchrun, rank 0 only) writes one JSON object per
+//! line to `worker.jsonl`, with one `write` per line, each with `type`, `t` (seconds since the
+//! worker started) and `ts` (Unix time). The types are the variants of [`WorkerEvent`]:
+//! `starting`, `train_begin`, `step` (every optimizer step), `log` (every `logging_steps`:
+//! loss, learning rate, gradient norm), `eval`, `train_end`, `checkpoint`, `heartbeat` (every
+//! 10 s, so a silent worker is told from a busy one), then `done`, `stopped` (after SIGUSR1:
+//! stop and save) or `error`. Non-finite numbers are written as strings (`"nan"`). The
+//! server adds `status` events (`queued`, `running`, `cancelling`, and the final status).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::broadcast;
@@ -26,6 +38,264 @@ use crate::error::Result;
 
 /// Events kept in memory per task for subscribers that lag behind.
 const CHANNEL_CAPACITY: usize = 1024;
+
+/// When an event happened: `t`, seconds since the worker started (worker events), and `ts`,
+/// Unix time.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stamp {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub t: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<f64>,
+}
+
+impl Stamp {
+    pub fn now() -> Stamp {
+        let now = time::OffsetDateTime::now_utc();
+        Stamp {
+            t: None,
+            ts: Some((now.unix_timestamp_nanos() / 1_000_000) as f64 / 1000.0),
+        }
+    }
+}
+
+/// A number the worker may have written as a string (`"nan"`, `"inf"`): those read as none.
+fn lenient_f64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    Ok(match Option::<Value>::deserialize(d)? {
+        Some(Value::Number(n)) => n.as_f64(),
+        _ => None,
+    })
+}
+
+/// The statuses a task's log records (its `status` events).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatusChange {
+    Queued,
+    Running,
+    /// A cancel was asked of a running task: it saves and stops.
+    Cancelling,
+    Cancelled,
+    Completed,
+    Failed,
+}
+
+impl From<crate::store::TaskStatus> for StatusChange {
+    fn from(s: crate::store::TaskStatus) -> Self {
+        use crate::store::TaskStatus;
+        match s {
+            TaskStatus::Queued => StatusChange::Queued,
+            TaskStatus::Running => StatusChange::Running,
+            TaskStatus::Completed => StatusChange::Completed,
+            TaskStatus::Failed => StatusChange::Failed,
+            TaskStatus::Cancelled => StatusChange::Cancelled,
+        }
+    }
+}
+
+/// One event of a task: what the worker reports, and the server's `status` changes. The JSON
+/// form (`{"type": "step", …}`) is what the worker writes, the log keeps and clients receive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WorkerEvent {
+    /// The worker process is up (its Python version; its pid stays on the server).
+    Starting {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        python: Option<String>,
+        #[serde(flatten)]
+        at: Stamp,
+    },
+    TrainBegin {
+        #[serde(default)]
+        total_steps: Option<u64>,
+        #[serde(default)]
+        start_step: Option<u64>,
+        #[serde(default, deserialize_with = "lenient_f64")]
+        num_epochs: Option<f64>,
+        #[serde(flatten)]
+        at: Stamp,
+    },
+    Step {
+        step: u64,
+        #[serde(default)]
+        total_steps: Option<u64>,
+        #[serde(default, deserialize_with = "lenient_f64")]
+        epoch: Option<f64>,
+        #[serde(flatten)]
+        at: Stamp,
+    },
+    Log {
+        #[serde(default)]
+        step: Option<u64>,
+        #[serde(default)]
+        total_steps: Option<u64>,
+        #[serde(default, deserialize_with = "lenient_f64")]
+        epoch: Option<f64>,
+        #[serde(default, deserialize_with = "lenient_f64")]
+        loss: Option<f64>,
+        #[serde(default, deserialize_with = "lenient_f64")]
+        learning_rate: Option<f64>,
+        #[serde(default, deserialize_with = "lenient_f64")]
+        grad_norm: Option<f64>,
+        #[serde(flatten)]
+        at: Stamp,
+    },
+    Eval {
+        #[serde(default)]
+        metrics: serde_json::Map<String, Value>,
+        #[serde(default)]
+        step: Option<u64>,
+        #[serde(default)]
+        total_steps: Option<u64>,
+        #[serde(default, deserialize_with = "lenient_f64")]
+        epoch: Option<f64>,
+        #[serde(flatten)]
+        at: Stamp,
+    },
+    TrainEnd {
+        #[serde(default)]
+        metrics: serde_json::Map<String, Value>,
+        #[serde(default)]
+        step: Option<u64>,
+        #[serde(default)]
+        total_steps: Option<u64>,
+        #[serde(default, deserialize_with = "lenient_f64")]
+        epoch: Option<f64>,
+        #[serde(flatten)]
+        at: Stamp,
+    },
+    /// A checkpoint was saved; `path` is its folder's name in the task's output.
+    Checkpoint {
+        step: u64,
+        #[serde(default)]
+        path: String,
+        #[serde(flatten)]
+        at: Stamp,
+    },
+    Heartbeat {
+        #[serde(flatten)]
+        at: Stamp,
+    },
+    Done {
+        #[serde(flatten)]
+        at: Stamp,
+    },
+    Stopped {
+        #[serde(flatten)]
+        at: Stamp,
+    },
+    Error {
+        #[serde(default)]
+        stage: String,
+        #[serde(default)]
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceback: Option<String>,
+        #[serde(flatten)]
+        at: Stamp,
+    },
+    /// A line in the worker's file that is not an event (kept, so nothing is lost).
+    WorkerOutput {
+        text: String,
+        #[serde(flatten)]
+        at: Stamp,
+    },
+    /// The server's record of a status change.
+    Status {
+        status: StatusChange,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        diagnosis: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gpus: Option<Vec<u32>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume_from_step: Option<u64>,
+        #[serde(flatten)]
+        at: Stamp,
+    },
+}
+
+impl WorkerEvent {
+    /// A status event stamped now.
+    pub fn status(status: StatusChange) -> WorkerEvent {
+        WorkerEvent::Status {
+            status,
+            error: None,
+            diagnosis: None,
+            model_id: None,
+            gpus: None,
+            resume_from_step: None,
+            at: Stamp::now(),
+        }
+    }
+
+    /// The event's `type` as it is written.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WorkerEvent::Starting { .. } => "starting",
+            WorkerEvent::TrainBegin { .. } => "train_begin",
+            WorkerEvent::Step { .. } => "step",
+            WorkerEvent::Log { .. } => "log",
+            WorkerEvent::Eval { .. } => "eval",
+            WorkerEvent::TrainEnd { .. } => "train_end",
+            WorkerEvent::Checkpoint { .. } => "checkpoint",
+            WorkerEvent::Heartbeat { .. } => "heartbeat",
+            WorkerEvent::Done { .. } => "done",
+            WorkerEvent::Stopped { .. } => "stopped",
+            WorkerEvent::Error { .. } => "error",
+            WorkerEvent::WorkerOutput { .. } => "worker_output",
+            WorkerEvent::Status { .. } => "status",
+        }
+    }
+
+    /// Where training is, as far as the event says: (step, total steps, epoch, seconds since
+    /// the worker started).
+    pub fn position(&self) -> (Option<u64>, Option<u64>, Option<f64>, Option<f64>) {
+        match self {
+            WorkerEvent::TrainBegin {
+                total_steps, at, ..
+            } => (None, *total_steps, None, at.t),
+            WorkerEvent::Step {
+                step,
+                total_steps,
+                epoch,
+                at,
+            } => (Some(*step), *total_steps, *epoch, at.t),
+            WorkerEvent::Log {
+                step,
+                total_steps,
+                epoch,
+                at,
+                ..
+            }
+            | WorkerEvent::Eval {
+                step,
+                total_steps,
+                epoch,
+                at,
+                ..
+            }
+            | WorkerEvent::TrainEnd {
+                step,
+                total_steps,
+                epoch,
+                at,
+                ..
+            } => (*step, *total_steps, *epoch, at.t),
+            WorkerEvent::Checkpoint { step, at, .. } => (Some(*step), None, None, at.t),
+            WorkerEvent::Starting { at, .. }
+            | WorkerEvent::Heartbeat { at }
+            | WorkerEvent::Done { at }
+            | WorkerEvent::Stopped { at }
+            | WorkerEvent::Error { at, .. }
+            | WorkerEvent::WorkerOutput { at, .. }
+            | WorkerEvent::Status { at, .. } => (None, None, None, at.t),
+        }
+    }
+}
 
 /// One event of a task's log.
 #[derive(Debug, Clone)]
@@ -156,9 +426,10 @@ impl EventLog {
         &self,
         task_id: &str,
         task_dir: &Path,
-        event: Value,
+        event: &WorkerEvent,
         worker_offset: Option<u64>,
     ) -> Result<u64> {
+        let event = serde_json::to_value(event).map_err(crate::error::Error::internal)?;
         let log = self.log(task_id, task_dir);
         let mut guard = Self::loaded(&log).await?;
         let Some(state) = guard.as_mut() else {
@@ -278,13 +549,20 @@ mod tests {
             let (log, dir) = (log.clone(), task_dir.clone());
             writers.push(tokio::spawn(async move {
                 for n in 0..EACH {
+                    // Writer 0 is the server's status events; the others relay worker steps
+                    // (their step number says which writer and in what order).
                     let event = if w == 0 {
-                        json!({"type": "status", "status": format!("s{n}")})
+                        WorkerEvent::status(StatusChange::Running)
                     } else {
-                        json!({"type": "step", "writer": w, "step": n})
+                        WorkerEvent::Step {
+                            step: w * 100_000 + n,
+                            total_steps: None,
+                            epoch: None,
+                            at: Stamp::default(),
+                        }
                     };
                     let offset = (w != 0).then_some(n);
-                    log.append("t", &dir, event, offset).await.unwrap();
+                    log.append("t", &dir, &event, offset).await.unwrap();
                     if n % 37 == 0 {
                         tokio::task::yield_now().await;
                     }
@@ -314,43 +592,79 @@ mod tests {
             .collect();
         assert_eq!(file, expected);
         // Each writer's events kept their own order.
-        let steps: BTreeSet<(u64, u64)> = log
+        let steps: Vec<u64> = log
             .since(&task_dir, 0)
             .await
             .unwrap()
             .iter()
-            .filter_map(|e| {
-                let v: Value = serde_json::from_str(&e.data).ok()?;
-                Some((v["writer"].as_u64()?, v["step"].as_u64()?))
-            })
+            .filter_map(|e| serde_json::from_str::<Value>(&e.data).ok()?["step"].as_u64())
             .collect();
         assert_eq!(steps.len() as u64, (WRITERS - 1) * EACH);
+        for w in 1..WRITERS {
+            let mine: Vec<u64> = steps.iter().copied().filter(|s| s / 100_000 == w).collect();
+            assert!(mine.windows(2).all(|p| p[0] < p[1]), "writer {w} in order");
+        }
+        let distinct: BTreeSet<u64> = steps.iter().copied().collect();
+        assert_eq!(distinct.len(), steps.len(), "no event twice");
     }
 
     #[tokio::test]
     async fn ids_and_the_worker_offset_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let log = EventLog::new();
-        log.append("t", dir.path(), json!({"type": "status"}), Some(0))
-            .await
-            .unwrap();
-        log.append("t", dir.path(), json!({"type": "step"}), Some(120))
-            .await
-            .unwrap();
-        log.append("t", dir.path(), json!({"type": "status"}), None)
-            .await
-            .unwrap();
+        let status = WorkerEvent::status(StatusChange::Running);
+        let step = WorkerEvent::Step {
+            step: 1,
+            total_steps: None,
+            epoch: None,
+            at: Stamp::default(),
+        };
+        log.append("t", dir.path(), &status, Some(0)).await.unwrap();
+        log.append("t", dir.path(), &step, Some(120)).await.unwrap();
+        log.append("t", dir.path(), &status, None).await.unwrap();
         // A new process: a fresh EventLog over the same files.
         let log = EventLog::new();
         assert_eq!(log.last_id("t", dir.path()).await.unwrap(), 3);
         assert_eq!(log.worker_offset("t", dir.path()).await.unwrap(), 120);
-        let id = log
-            .append("t", dir.path(), json!({"type": "step"}), Some(200))
-            .await
-            .unwrap();
+        let id = log.append("t", dir.path(), &step, Some(200)).await.unwrap();
         assert_eq!(id, 4);
         let after = log.since(dir.path(), 2).await.unwrap();
         assert_eq!(after.iter().map(|e| e.id).collect::<Vec<_>>(), vec![3, 4]);
+    }
+
+    #[test]
+    fn the_worker_protocol_reads_as_typed_events() {
+        let lines = [
+            r#"{"type": "starting", "pid": 42, "python": "3.11.7", "t": 0.1, "ts": 1.5}"#,
+            r#"{"type": "log", "loss": "nan", "learning_rate": 0.001, "step": 3, "epoch": 0.5, "t": 2.0, "ts": 3.0}"#,
+            r#"{"type": "checkpoint", "step": 4, "path": "checkpoint-4", "t": 2.0}"#,
+            r#"{"type": "error", "stage": "train", "message": "boom"}"#,
+        ];
+        let events: Vec<WorkerEvent> = lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(events[0].kind(), "starting");
+        let written = serde_json::to_string(&events[0]).unwrap();
+        assert!(
+            !written.contains("pid"),
+            "the pid stays on the server: {written}"
+        );
+        assert!(matches!(
+            events[1],
+            WorkerEvent::Log {
+                loss: None,
+                learning_rate: Some(_),
+                step: Some(3),
+                ..
+            }
+        ));
+        assert_eq!(events[2].position().0, Some(4));
+        assert_eq!(events[3].kind(), "error");
+        let status = serde_json::to_value(WorkerEvent::status(StatusChange::Cancelling)).unwrap();
+        assert_eq!(status["type"], "status");
+        assert_eq!(status["status"], "cancelling");
+        assert!(status["ts"].is_number());
     }
 
     #[test]

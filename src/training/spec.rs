@@ -7,7 +7,7 @@ use serde_json::{Map, Value, json};
 use crate::datasets::format::{Container, DatasetFormat};
 use crate::error::{Error, Kind, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Stage {
     #[default]
@@ -15,7 +15,7 @@ pub enum Stage {
     Pt,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FinetuningType {
     #[default]
@@ -23,7 +23,7 @@ pub enum FinetuningType {
     Full,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]
@@ -34,7 +34,7 @@ pub enum Precision {
 }
 
 /// The body of `POST /api/tasks`. Unknown fields are refused.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskRequest {
     pub name: String,
@@ -66,7 +66,7 @@ pub struct TaskRequest {
 }
 
 /// The validated specification with every default filled in: what a task runs with.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct TaskSpec {
     pub name: String,
     pub model_name: String,
@@ -94,32 +94,172 @@ pub struct TaskSpec {
     pub priority: i32,
 }
 
+/// A numeric field of a task: its default and the values accepted. The one source of these
+/// rules: [`TaskRequest::into_spec`] checks them, and the web UI's form gets them from
+/// `GET /api/tasks/form`.
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+pub struct NumericField {
+    pub name: &'static str,
+    pub min: f64,
+    pub max: f64,
+    /// `min` itself is refused (`(min, max]`).
+    pub exclusive_min: bool,
+    pub integer: bool,
+    /// The default; none when the field may stay unset (or its default depends on another,
+    /// as `lora_alpha` = 2 × `lora_rank`).
+    pub default: Option<f64>,
+    /// Unset is allowed.
+    pub optional: bool,
+}
+
+const fn num(name: &'static str, min: f64, max: f64, default: f64) -> NumericField {
+    NumericField {
+        name,
+        min,
+        max,
+        exclusive_min: false,
+        integer: true,
+        default: Some(default),
+        optional: false,
+    }
+}
+
+/// Every numeric field, as the server checks it.
+pub const NUMERIC_FIELDS: &[NumericField] = &[
+    NumericField {
+        exclusive_min: true,
+        integer: false,
+        ..num("epochs", 0.0, 1000.0, 3.0)
+    },
+    NumericField {
+        exclusive_min: true,
+        integer: false,
+        ..num("learning_rate", 0.0, 1.0, 5e-5)
+    },
+    num("batch_size", 1.0, 1024.0, 4.0),
+    num("lora_rank", 1.0, 1024.0, 8.0),
+    NumericField {
+        default: None,
+        optional: true,
+        ..num("lora_alpha", 1.0, 4096.0, 0.0)
+    },
+    NumericField {
+        integer: false,
+        ..num("lora_dropout", 0.0, 0.9, 0.0)
+    },
+    num("cutoff_len", 16.0, 1_048_576.0, 2048.0),
+    NumericField {
+        integer: false,
+        ..num("val_size", 0.0, 0.5, 0.0)
+    },
+    // PyTorch and NumPy take 32-bit seeds: a larger one fails the run much later.
+    num("seed", 0.0, u32::MAX as f64, 42.0),
+    num("gradient_accumulation_steps", 1.0, 1024.0, 1.0),
+    NumericField {
+        default: None,
+        optional: true,
+        ..num("max_steps", 1.0, 100_000_000.0, 0.0)
+    },
+    num("save_steps", 1.0, 10_000_000.0, 500.0),
+    num("logging_steps", 1.0, 1_000_000.0, 10.0),
+    num("gpus", 0.0, 64.0, 1.0),
+    num("priority", -100.0, 100.0, 0.0),
+];
+
+/// The rules of the numeric field `name` (a name from [`NUMERIC_FIELDS`]).
+fn field(name: &str) -> &'static NumericField {
+    NUMERIC_FIELDS
+        .iter()
+        .find(|f| f.name == name)
+        .unwrap_or(&NUMERIC_FIELDS[0])
+}
+
+/// Everything the task form needs to know to refuse what the server would refuse.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct TaskForm {
+    pub fields: Vec<NumericField>,
+    pub templates: Vec<&'static str>,
+    pub stages: Vec<Stage>,
+    pub finetuning_types: Vec<FinetuningType>,
+    pub precisions: Vec<Precision>,
+    /// Longest task name, in characters.
+    pub max_name_chars: usize,
+}
+
+pub fn form() -> TaskForm {
+    TaskForm {
+        fields: NUMERIC_FIELDS.to_vec(),
+        templates: KNOWN_TEMPLATES.to_vec(),
+        stages: vec![Stage::Sft, Stage::Pt],
+        finetuning_types: vec![FinetuningType::Lora, FinetuningType::Full],
+        precisions: vec![
+            Precision::Auto,
+            Precision::Bf16,
+            Precision::Fp16,
+            Precision::Fp32,
+        ],
+        max_name_chars: MAX_NAME_CHARS,
+    }
+}
+
+const MAX_NAME_CHARS: usize = 100;
+
+/// `value` (or the field's default) checked against the field's rules.
+fn float(name: &str, value: Option<f64>) -> Result<f64> {
+    let f = field(name);
+    let v = value.or(f.default).unwrap_or(f.min);
+    let lo_ok = if f.exclusive_min {
+        v > f.min
+    } else {
+        v >= f.min
+    };
+    if v.is_finite() && lo_ok && v <= f.max {
+        Ok(v)
+    } else {
+        let open = if f.exclusive_min { "(" } else { "[" };
+        Err(invalid(
+            name,
+            format!("must be in {open}{}, {}], got {v}", f.min, f.max),
+        ))
+    }
+}
+
+/// An integer field checked against its rules (`value` or the field's default).
+fn int<T>(name: &str, value: Option<T>) -> Result<T>
+where
+    T: Copy + std::fmt::Display + TryFrom<i64> + Into<f64>,
+{
+    let f = field(name);
+    let v: f64 = match value {
+        Some(v) => v.into(),
+        None => f.default.unwrap_or(f.min),
+    };
+    if v >= f.min && v <= f.max && v.fract() == 0.0 {
+        T::try_from(v as i64).map_err(|_| invalid(name, "out of range"))
+    } else {
+        Err(invalid(
+            name,
+            format!("must be between {} and {}, got {v}", f.min, f.max),
+        ))
+    }
+}
+
+/// A whole-number `u64` field checked against its rules.
+fn whole(name: &str, value: Option<f64>) -> Result<u64> {
+    let f = field(name);
+    let v = value.or(f.default).unwrap_or(f.min);
+    if v >= f.min && v <= f.max && v.fract() == 0.0 {
+        Ok(v as u64)
+    } else {
+        Err(invalid(
+            name,
+            format!("must be between {} and {}, got {v}", f.min, f.max),
+        ))
+    }
+}
+
 fn invalid(field: &str, why: impl std::fmt::Display) -> Error {
     Error::new(Kind::Invalid, "invalid_spec", format!("{field}: {why}"))
-}
-
-fn range_f(field: &str, v: f64, lo: f64, hi: f64, lo_inclusive: bool) -> Result<f64> {
-    let lo_ok = if lo_inclusive { v >= lo } else { v > lo };
-    if v.is_finite() && lo_ok && v <= hi {
-        Ok(v)
-    } else {
-        let open = if lo_inclusive { "[" } else { "(" };
-        Err(invalid(
-            field,
-            format!("must be in {open}{lo}, {hi}], got {v}"),
-        ))
-    }
-}
-
-fn range_u<T: PartialOrd + std::fmt::Display + Copy>(field: &str, v: T, lo: T, hi: T) -> Result<T> {
-    if v >= lo && v <= hi {
-        Ok(v)
-    } else {
-        Err(invalid(
-            field,
-            format!("must be between {lo} and {hi}, got {v}"),
-        ))
-    }
 }
 
 /// LlamaFactory template names accepted in `template` (a subset of 0.9.5's registry that
@@ -158,15 +298,18 @@ impl TaskRequest {
     /// Validates every field and fills the defaults.
     pub fn into_spec(self) -> Result<TaskSpec> {
         let name = crate::text::clean_name(&self.name);
-        if name.is_empty() || name.chars().count() > 100 {
-            return Err(invalid("name", "must be 1 to 100 characters"));
+        if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+            return Err(invalid(
+                "name",
+                format!("must be 1 to {MAX_NAME_CHARS} characters"),
+            ));
         }
         let model_name = self.model_name.trim().to_string();
         if model_name.is_empty() {
             return Err(invalid("model_name", "is required"));
         }
         let finetuning_type = self.finetuning_type.unwrap_or_default();
-        let lora_rank = range_u("lora_rank", self.lora_rank.unwrap_or(8), 1, 1024)?;
+        let lora_rank: u32 = int("lora_rank", self.lora_rank)?;
         let lora_target = self.lora_target.unwrap_or_else(|| "all".into());
         let lora_target = lora_target.trim().to_string();
         if lora_target.is_empty()
@@ -196,62 +339,39 @@ impl TaskRequest {
         if system.as_ref().is_some_and(|s| s.len() > 32 * 1024) {
             return Err(invalid("system", "must be at most 32 KiB"));
         }
-        let save_steps = range_u("save_steps", self.save_steps.unwrap_or(500), 1, 10_000_000)?;
+        // A u64 beyond what f64 holds exactly is far outside every range anyway.
+        let wide = |v: Option<u64>| v.map(|v| v as f64);
+        let seed = whole("seed", wide(self.seed))?;
         let spec = TaskSpec {
             name,
             model_name,
-            epochs: range_f("epochs", self.epochs.unwrap_or(3.0), 0.0, 1000.0, false)?,
-            learning_rate: range_f(
-                "learning_rate",
-                self.learning_rate.unwrap_or(5e-5),
-                0.0,
-                1.0,
-                false,
-            )?,
-            batch_size: range_u("batch_size", self.batch_size.unwrap_or(4), 1, 1024)?,
+            epochs: float("epochs", self.epochs)?,
+            learning_rate: float("learning_rate", self.learning_rate)?,
+            batch_size: int("batch_size", self.batch_size)?,
             stage: self.stage.unwrap_or_default(),
             finetuning_type,
             lora_rank,
-            lora_alpha: range_u(
-                "lora_alpha",
-                self.lora_alpha.unwrap_or(lora_rank * 2),
-                1,
-                4096,
-            )?,
-            lora_dropout: range_f(
-                "lora_dropout",
-                self.lora_dropout.unwrap_or(0.0),
-                0.0,
-                0.9,
-                true,
-            )?,
+            lora_alpha: int("lora_alpha", Some(self.lora_alpha.unwrap_or(lora_rank * 2)))?,
+            lora_dropout: float("lora_dropout", self.lora_dropout)?,
             lora_target,
             template,
             system,
-            cutoff_len: range_u("cutoff_len", self.cutoff_len.unwrap_or(2048), 16, 1_048_576)?,
-            val_size: range_f("val_size", self.val_size.unwrap_or(0.0), 0.0, 0.5, true)?,
-            // PyTorch and NumPy take 32-bit seeds: a larger one fails the run much later.
-            seed: range_u("seed", self.seed.unwrap_or(42), 0, u32::MAX as u64)?,
+            cutoff_len: int("cutoff_len", self.cutoff_len)?,
+            val_size: float("val_size", self.val_size)?,
+            seed,
             precision: self.precision.unwrap_or_default(),
-            gradient_accumulation_steps: range_u(
+            gradient_accumulation_steps: int(
                 "gradient_accumulation_steps",
-                self.gradient_accumulation_steps.unwrap_or(1),
-                1,
-                1024,
+                self.gradient_accumulation_steps,
             )?,
             max_steps: self
                 .max_steps
-                .map(|v| range_u("max_steps", v, 1, 100_000_000))
+                .map(|v| whole("max_steps", Some(v as f64)))
                 .transpose()?,
-            save_steps,
-            logging_steps: range_u(
-                "logging_steps",
-                self.logging_steps.unwrap_or(10),
-                1,
-                1_000_000,
-            )?,
-            gpus: range_u("gpus", self.gpus.unwrap_or(1), 0, 64)?,
-            priority: range_u("priority", self.priority.unwrap_or(0), -100, 100)?,
+            save_steps: whole("save_steps", wide(self.save_steps))?,
+            logging_steps: whole("logging_steps", wide(self.logging_steps))?,
+            gpus: int("gpus", self.gpus)?,
+            priority: int("priority", self.priority)?,
         };
         Ok(spec)
     }
@@ -273,6 +393,21 @@ pub struct RunPaths {
     pub task_dir: String,
     /// LlamaFactory's `output_dir`.
     pub output_dir: String,
+}
+
+#[cfg(test)]
+impl RunPaths {
+    pub fn example() -> RunPaths {
+        RunPaths {
+            model_dir: "/m".into(),
+            dataset_file: "/d.json".into(),
+            dataset_format: DatasetFormat::Alpaca,
+            dataset_container: Container::Json,
+            dataset_columns: vec!["instruction".into(), "output".into()],
+            task_dir: "/t".into(),
+            output_dir: "/t/output".into(),
+        }
+    }
 }
 
 /// The dataset's name in the task's `dataset_info.json`.
@@ -493,6 +628,8 @@ mod tests {
             (json!({"model_name": " "}), "model_name"),
             (json!({"max_steps": 0}), "max_steps"),
             (json!({"priority": 1000}), "priority"),
+            (json!({"seed": u64::MAX}), "seed"),
+            (json!({"seed": 4_294_967_296u64}), "seed"),
         ] {
             let e = req(bad.clone())
                 .err()
@@ -506,6 +643,37 @@ mod tests {
         ] {
             assert!(req(bad.clone()).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn every_numeric_field_has_its_rule() {
+        // Each name the validation asks for is in the table the form is served from.
+        for name in [
+            "epochs",
+            "learning_rate",
+            "batch_size",
+            "lora_rank",
+            "lora_alpha",
+            "lora_dropout",
+            "cutoff_len",
+            "val_size",
+            "seed",
+            "gradient_accumulation_steps",
+            "max_steps",
+            "save_steps",
+            "logging_steps",
+            "gpus",
+            "priority",
+        ] {
+            assert_eq!(field(name).name, name);
+        }
+        let spec = req(json!({"seed": u32::MAX})).unwrap();
+        assert_eq!(
+            spec.seed,
+            u32::MAX as u64,
+            "the largest 32-bit seed is fine"
+        );
+        assert_eq!(form().fields.len(), NUMERIC_FIELDS.len());
     }
 
     fn paths(format: DatasetFormat) -> RunPaths {

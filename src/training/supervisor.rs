@@ -1,44 +1,204 @@
-//! Starting workers and following them. A worker appends its events to the task's
-//! `worker.jsonl`; the supervisor tails that file (not a pipe) and relays each line into the
-//! task's event log with the file offset it reached, so a server that restarts can pick a
-//! surviving worker up exactly where it left off. It ends when the worker exits: through
-//! `wait` for its own children, through `kill(pid, 0)` and `exit.json` for adopted ones.
+//! The supervisor: worker processes. It starts a task's worker (its own process group, its
+//! GPUs, its log), follows it through the worker's events file (not a pipe, so a server that
+//! restarts picks a surviving worker up where it left off), relays every line into the
+//! task's event log, keeps the task's progress, stops it on request or when it falls silent,
+//! and records how it ended (registering its model on success).
+//!
+//! Processes are the boundary to a different executor (DESIGN.md's scale-out plan: a Ray job
+//! instead of a local process): everything process-specific is in [`Supervisor::spawn`], the
+//! liveness checks and the signals.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use nix::sys::signal::Signal;
 use time::OffsetDateTime;
 use tokio::io::{AsyncBufReadExt, AsyncSeekExt, BufReader};
 
-use super::{Running, Trainer, apply_event, spec::FinetuningType, worker_events_path};
+use super::events::{EventLog, StatusChange, WorkerEvent, worker_path};
+use super::queue::{Queue, RunningSlot};
+use super::spec::{self, FinetuningType};
+use super::task::{MetricPoint, Progress, Task, TaskStatus, apply_event};
+use super::{diagnose, read_log_tail};
 use crate::error::{Error, Result};
-use crate::store::{MetricPoint, ModelKind, ModelRecord, Task, TaskStatus, new_id};
-use crate::system::{alive, signal_group};
+use crate::models::Registry;
+use crate::pyenv::EnvTracker;
+use crate::store::{ModelKind, Store};
+use crate::system::{alive, signal, signal_group};
 use crate::worker::{EXIT_STOPPED, Job};
 
-/// How often the events file is polled.
+/// How often the worker's events file is polled.
 const POLL: Duration = Duration::from_millis(50);
 /// Seconds between heartbeats the worker writes.
 const HEARTBEAT_SECS: f64 = 10.0;
 
-impl Trainer {
-    pub(super) async fn start(self: &Arc<Self>, mut task: Task, gpus: Vec<u32>) -> Result<()> {
-        let task_dir = PathBuf::from(&task.paths.task_dir);
+/// A worker this process supervises.
+struct Running {
+    owner: String,
+    pid: u32,
+    gpus: Vec<u32>,
+    cancel_requested: bool,
+}
+
+/// How the supervisor runs workers.
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub heartbeat_timeout: Duration,
+    pub cancel_grace: Duration,
+    /// Workers that may run at once (they share the CPU cores: OpenMP threads each).
+    pub max_concurrent: usize,
+    /// The machine has GPUs to hand out (`CUDA_VISIBLE_DEVICES` is set then).
+    pub has_gpus: bool,
+}
+
+pub struct Supervisor {
+    store: Store,
+    events: Arc<EventLog>,
+    models: Arc<Registry>,
+    env: EnvTracker,
+    queue: Arc<Queue>,
+    settings: Settings,
+    running: Mutex<HashMap<String, Running>>,
+}
+
+#[derive(Default)]
+struct RunState {
+    done: bool,
+    stopped: bool,
+    last_error: Option<String>,
+}
+
+impl Supervisor {
+    pub fn new(
+        store: Store,
+        events: Arc<EventLog>,
+        models: Arc<Registry>,
+        env: EnvTracker,
+        queue: Arc<Queue>,
+        settings: Settings,
+    ) -> Arc<Supervisor> {
+        Arc::new(Supervisor {
+            store,
+            events,
+            models,
+            env,
+            queue,
+            settings,
+            running: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What runs, for the queue.
+    pub fn running_slots(&self) -> Vec<RunningSlot> {
+        self.lock_running()
+            .values()
+            .map(|r| RunningSlot {
+                owner: r.owner.clone(),
+                gpus: r.gpus.clone(),
+            })
+            .collect()
+    }
+
+    /// The workers this process supervises: (task id, pid, GPUs).
+    pub fn running_workers(&self) -> Vec<(String, u32, Vec<u32>)> {
+        self.lock_running()
+            .iter()
+            .map(|(id, r)| (id.clone(), r.pid, r.gpus.clone()))
+            .collect()
+    }
+
+    /// Records a server-side event in the task's log (and publishes it).
+    pub async fn record(&self, task: &Task, event: WorkerEvent, worker_offset: Option<u64>) {
+        if let Err(e) = self
+            .events
+            .append(&task.task_id, task.task_dir(), &event, worker_offset)
+            .await
+        {
+            tracing::warn!(task_id = %task.task_id, error = %e, "could not record an event");
+        }
+    }
+
+    /// Starts a queued task's worker on `gpus`; returns once it runs (or could not start).
+    /// A task cancelled meanwhile is left alone.
+    pub async fn start(self: &Arc<Self>, task: Task, gpus: Vec<u32>) -> Result<()> {
+        // Claim it: queued → running, atomically (a cancel may be writing too).
+        let now = OffsetDateTime::now_utc();
+        let assigned = gpus.clone();
+        let claimed = self
+            .store
+            .tasks()
+            .update_checked(&task.owner, &task.task_id, move |t| {
+                if t.status != TaskStatus::Queued {
+                    return false;
+                }
+                t.status = TaskStatus::Running;
+                t.gpu_ids = assigned.clone();
+                t.pid = None;
+                t.error = None;
+                t.diagnosis = None;
+                t.started_at = Some(now);
+                t.updated_at = now;
+                true
+            })
+            .await?;
+        let mut task = match claimed {
+            Some((record, true)) => Task::from_record(record)?,
+            _ => return Ok(()),
+        };
+        let (pid, child) = self.spawn(&task, &gpus).await?;
+        task.pid = Some(pid);
+        self.store
+            .tasks()
+            .update(&task.owner, &task.task_id, move |t| {
+                t.pid = Some(pid);
+                true
+            })
+            .await?;
+        self.lock_running().insert(
+            task.task_id.clone(),
+            Running {
+                owner: task.owner.clone(),
+                pid,
+                gpus: gpus.clone(),
+                cancel_requested: false,
+            },
+        );
+        tracing::info!(task_id = %task.task_id, pid, ?gpus, "worker started");
+        // The log reads the new worker's file from its start.
+        let mut running = WorkerEvent::status(StatusChange::Running);
+        if let WorkerEvent::Status { gpus: g, .. } = &mut running {
+            *g = Some(gpus);
+        }
+        self.record(&task, running, Some(0)).await;
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.supervise(task, pid, Some(child), 0).await;
+        });
+        Ok(())
+    }
+
+    /// The process: `ferrotune worker --job` (or torchrun over worker.py for several GPUs),
+    /// in its own process group, output to the task's log.
+    async fn spawn(&self, task: &Task, gpus: &[u32]) -> Result<(u32, tokio::process::Child)> {
+        let task_dir = task.task_dir().to_path_buf();
         tokio::fs::create_dir_all(&task_dir).await?;
-        let log_file = task_dir.join("train.log");
+        let log_file = task.log_path();
         let exit_file = task_dir.join("exit.json");
         let _ = tokio::fs::remove_file(&exit_file).await;
-        task.gpu_ids = gpus.clone();
         let env = self.env.env();
         let job = Job {
             task_id: task.task_id.clone(),
-            args: self.run_args(&task),
+            args: run_args(task),
             env_dir: env.dir.clone(),
             site_packages: env.site_packages(),
-            events_file: worker_events_path(&task),
+            events_file: worker_path(&task_dir),
             exit_file,
             heartbeat_secs: HEARTBEAT_SECS,
         };
@@ -79,82 +239,43 @@ impl Trainer {
             .env("DISABLE_VERSION_CHECK", "1")
             .env("TOKENIZERS_PARALLELISM", "false")
             .env("HF_HUB_OFFLINE", "1")
-            .env("HF_HOME", self.data_dir.join("cache").join("huggingface"))
+            .env(
+                "HF_HOME",
+                self.settings.data_dir.join("cache").join("huggingface"),
+            )
             .env("RUST_LOG", "warn")
             .process_group(0)
             .kill_on_drop(false);
-        if !self.gpus.is_empty() {
+        if self.settings.has_gpus {
             let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
             cmd.env("CUDA_VISIBLE_DEVICES", list.join(","));
         }
         if std::env::var_os("OMP_NUM_THREADS").is_none() {
             // Workers share the CPU cores: oversubscribed OpenMP threads spin against each
             // other and can make every step many times slower.
-            let cores = std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1);
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             cmd.env(
                 "OMP_NUM_THREADS",
-                (cores / self.max_concurrent).max(1).to_string(),
+                (cores / self.settings.max_concurrent.max(1))
+                    .max(1)
+                    .to_string(),
             );
         }
-
         // Each run's worker writes a file of its own.
-        match tokio::fs::remove_file(worker_events_path(&task)).await {
+        match tokio::fs::remove_file(worker_path(&task_dir)).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
             _ => {}
         }
         let child = cmd.spawn()?;
-        let pid = child.id().unwrap_or(0);
-
-        task.status = TaskStatus::Running;
-        task.pid = Some(pid);
-        task.error = None;
-        task.diagnosis = None;
-        task.started_at = Some(OffsetDateTime::now_utc());
-        task.updated_at = OffsetDateTime::now_utc();
-        self.store.tasks().put(&task).await?;
-        self.lock_running().insert(
-            task.task_id.clone(),
-            Running {
-                owner: task.owner.clone(),
-                pid,
-                gpus: gpus.clone(),
-                cancel_requested: false,
-            },
-        );
-        tracing::info!(task_id = %task.task_id, pid, ?gpus, "worker started");
-        // The log reads the new worker's file from its start.
-        self.record_event_at(
-            &task,
-            json!({"type": "status", "status": "running", "gpus": gpus}),
-            Some(0),
-        )
-        .await;
-
-        let this = self.clone();
-        tokio::spawn(async move {
-            this.supervise_from(task, pid, Some(child), 0).await;
-        });
-        Ok(())
+        let pid = child
+            .id()
+            .ok_or_else(|| Error::internal("the worker exited at once"))?;
+        Ok((pid, child))
     }
 
-    /// Follows an adopted worker from where the task's log stopped reading its file.
-    pub(super) async fn supervise(
-        self: Arc<Self>,
-        task: Task,
-        pid: u32,
-        child: Option<tokio::process::Child>,
-    ) {
-        let offset = self
-            .events
-            .worker_offset(&task.task_id, Path::new(&task.paths.task_dir))
-            .await
-            .unwrap_or(0);
-        self.supervise_from(task, pid, child, offset).await;
-    }
-
-    async fn supervise_from(
+    /// Follows a worker until it exits: relays its events, keeps the progress, watches the
+    /// heartbeat; then records the outcome.
+    async fn supervise(
         self: Arc<Self>,
         task: Task,
         pid: u32,
@@ -162,7 +283,7 @@ impl Trainer {
         start_offset: u64,
     ) {
         let task_id = task.task_id.clone();
-        let path = worker_events_path(&task);
+        let path = worker_path(task.task_dir());
         let mut state = RunState::default();
         let mut progress = task.progress.clone();
         let mut offset = start_offset;
@@ -174,10 +295,20 @@ impl Trainer {
         let exit_code: Option<i32> = loop {
             if reader.is_none()
                 && let Ok(mut f) = tokio::fs::File::open(&path).await
-                && f.seek(std::io::SeekFrom::Start(start_offset)).await.is_ok()
+                && f.seek(std::io::SeekFrom::Start(offset)).await.is_ok()
             {
                 reader = Some(BufReader::new(f));
             }
+            let exited = match child.as_mut() {
+                Some(c) => match c.try_wait() {
+                    Ok(Some(status)) => Some(status.code()),
+                    Ok(None) => None,
+                    Err(_) => Some(None),
+                },
+                None if !alive(pid) => Some(read_exit_file(&task).await),
+                None => None,
+            };
+            // Every complete line (after an exit: the last ones too).
             if let Some(r) = reader.as_mut() {
                 while let Ok(n) = r.read_line(&mut partial).await {
                     if n == 0 || !partial.ends_with('\n') {
@@ -190,54 +321,25 @@ impl Trainer {
                         .await;
                 }
             }
-            let exited = match child.as_mut() {
-                Some(c) => match c.try_wait() {
-                    Ok(Some(status)) => Some(status_code(&status)),
-                    Ok(None) => None,
-                    Err(_) => Some(None),
-                },
-                None if !alive(pid as i32) => Some(read_exit_file(&task).await),
-                None => None,
-            };
             if let Some(code) = exited {
-                // Lines written just before the exit.
-                if let Some(r) = reader.as_mut() {
-                    while let Ok(n) = r.read_line(&mut partial).await {
-                        if n == 0 {
-                            break;
-                        }
-                        if partial.ends_with('\n') {
-                            let line = std::mem::take(&mut partial);
-                            offset += line.len() as u64;
-                            self.handle_line(
-                                &task,
-                                offset,
-                                line.trim_end(),
-                                &mut progress,
-                                &mut state,
-                            )
-                            .await;
-                        }
-                    }
-                }
                 break code;
             }
-            if last_activity.elapsed() > self.heartbeat_timeout && !stuck {
+            if last_activity.elapsed() > self.settings.heartbeat_timeout && !stuck {
                 stuck = true;
                 tracing::warn!(task_id = %task_id, pid, "worker stopped reporting: killing it");
-                signal_group(pid, libc::SIGKILL);
+                signal_group(pid, Signal::SIGKILL);
             }
             tokio::time::sleep(POLL).await;
         };
         // Nothing of the worker's process group may outlive it.
-        signal_group(pid, libc::SIGKILL);
+        signal_group(pid, Signal::SIGKILL);
 
         let cancel_requested = self
             .lock_running()
             .get(&task_id)
             .is_some_and(|r| r.cancel_requested);
         let (status, error, model_id) = if state.done && exit_code == Some(0) {
-            match self.register_model(&task_id, &task.owner).await {
+            match self.register_model(&task).await {
                 Ok(model_id) => (TaskStatus::Completed, None, Some(model_id)),
                 Err(e) => (
                     TaskStatus::Failed,
@@ -255,7 +357,7 @@ impl Trainer {
                 TaskStatus::Failed,
                 Some(format!(
                     "the worker stopped reporting for {} s and was stopped",
-                    self.heartbeat_timeout.as_secs()
+                    self.settings.heartbeat_timeout.as_secs()
                 )),
                 None,
             )
@@ -268,7 +370,7 @@ impl Trainer {
         };
         self.lock_running().remove(&task_id);
         self.finish(&task_id, status, error, model_id).await;
-        self.wake.notify_one();
+        self.queue.wake();
     }
 
     /// Relays one line of the worker's file (ending at `offset`) into the task's log and
@@ -278,53 +380,50 @@ impl Trainer {
         task: &Task,
         offset: u64,
         line: &str,
-        progress: &mut crate::store::Progress,
+        progress: &mut Progress,
         state: &mut RunState,
     ) {
-        let event = match serde_json::from_str::<Value>(line) {
-            Ok(mut v) if v.is_object() => {
-                // The worker's process id is the server's business, not the client's.
-                if let Some(obj) = v.as_object_mut() {
-                    obj.remove("pid");
-                }
-                v
-            }
-            _ => {
-                // Not an event: the log still records that the file moved on.
+        let event = match serde_json::from_str::<WorkerEvent>(line) {
+            Ok(WorkerEvent::Checkpoint { step, path, at }) => WorkerEvent::Checkpoint {
+                step,
+                // Its folder's name in the task's output, not where the server keeps it.
+                path: Path::new(&path)
+                    .file_name()
+                    .map_or(path.clone(), |n| n.to_string_lossy().into_owned()),
+                at,
+            },
+            Ok(WorkerEvent::Status { .. }) => WorkerEvent::WorkerOutput {
+                text: line.to_string(),
+                at: Default::default(),
+            },
+            Ok(event) => event,
+            Err(e) => {
                 if !line.trim().is_empty() {
-                    tracing::warn!(task_id = %task.task_id, "a worker line that is not a JSON object");
+                    tracing::warn!(task_id = %task.task_id, error = %e, "a worker line that is not an event");
                 }
-                json!({"type": "worker_output", "text": line})
+                WorkerEvent::WorkerOutput {
+                    text: line.to_string(),
+                    at: Default::default(),
+                }
             }
         };
-        if let Err(e) = self
-            .events
-            .append(
-                &task.task_id,
-                Path::new(&task.paths.task_dir),
-                event.clone(),
-                Some(offset),
-            )
-            .await
-        {
-            tracing::warn!(task_id = %task.task_id, error = %e, "could not record a worker event");
-        }
-        match event["type"].as_str().unwrap_or("") {
-            "error" => state.last_error = event["message"].as_str().map(str::to_string),
-            "done" => state.done = true,
-            "stopped" => state.stopped = true,
+        self.record(task, event.clone(), Some(offset)).await;
+        match &event {
+            WorkerEvent::Error { message, .. } => state.last_error = Some(message.clone()),
+            WorkerEvent::Done { .. } => state.done = true,
+            WorkerEvent::Stopped { .. } => state.stopped = true,
             _ => {}
         }
         if !apply_event(progress, &event) {
             return;
         }
-        if event["type"] == "log" {
+        if let WorkerEvent::Log { at, .. } = &event {
             let point = MetricPoint {
                 step: progress.current_step,
                 loss: progress.loss,
                 learning_rate: progress.learning_rate,
                 epoch: progress.epoch,
-                t: event["t"].as_f64().unwrap_or(0.0),
+                t: at.t.unwrap_or(0.0),
             };
             if let Err(e) = self.store.add_metric(&task.task_id, &point).await {
                 tracing::warn!(task_id = %task.task_id, error = %e, "could not record a metric");
@@ -346,113 +445,225 @@ impl Trainer {
         }
     }
 
-    /// Registers a finished task's output as the owner's model. The files are hard-linked
-    /// into `<data_dir>/models/<owner>/<model_id>/`, so the model outlives the task's outputs
-    /// (deletion, retention) at no copying cost.
-    async fn register_model(&self, task_id: &str, owner: &str) -> Result<String> {
-        let task = self
+    async fn register_model(&self, task: &Task) -> Result<String> {
+        let kind = match task.spec.finetuning_type {
+            FinetuningType::Lora => ModelKind::Adapter,
+            FinetuningType::Full => ModelKind::Full,
+        };
+        let record = self
+            .models
+            .register_trained(
+                &task.owner,
+                &task.spec.name,
+                kind,
+                &task.spec.model_name,
+                &task.task_id,
+                task.output_dir(),
+            )
+            .await?;
+        Ok(record.model_id)
+    }
+
+    /// Asks a running task's worker to stop and save (SIGUSR1: a checkpoint at the next
+    /// step end), and terminates its process group if it has not exited after the grace
+    /// period (SIGTERM, then SIGKILL 5 s later).
+    pub async fn request_stop(&self, task: &Task) -> Result<()> {
+        let pid = {
+            let mut running = self.lock_running();
+            running.get_mut(&task.task_id).map(|r| {
+                r.cancel_requested = true;
+                r.pid
+            })
+        };
+        let Some(pid) = pid else {
+            return Err(Error::conflict(
+                "not_supervised",
+                "the task's worker is not supervised by this server",
+            ));
+        };
+        self.record(task, WorkerEvent::status(StatusChange::Cancelling), None)
+            .await;
+        signal(pid, Signal::SIGUSR1);
+        let grace = self.settings.cancel_grace;
+        tokio::spawn(async move { terminate_after(pid, grace).await });
+        tracing::info!(task_id = %task.task_id, pid, "cancel requested: stop and save");
+        Ok(())
+    }
+
+    /// Re-attaches to workers a previous server process left running; tasks whose worker is
+    /// gone become `failed` (`interrupted`, resumable from their last checkpoint).
+    pub async fn recover(self: &Arc<Self>) -> Result<()> {
+        for record in self.store.tasks().list_all().await? {
+            if record.status != TaskStatus::Running {
+                continue;
+            }
+            let task = Task::from_record(record)?;
+            match task.pid {
+                Some(pid) if is_our_worker(pid, &task) => {
+                    tracing::info!(task_id = %task.task_id, pid, "re-attaching to a running worker");
+                    self.lock_running().insert(
+                        task.task_id.clone(),
+                        Running {
+                            owner: task.owner.clone(),
+                            pid,
+                            gpus: task.gpu_ids.clone(),
+                            cancel_requested: false,
+                        },
+                    );
+                    let offset = self
+                        .events
+                        .worker_offset(&task.task_id, task.task_dir())
+                        .await
+                        .unwrap_or(0);
+                    let this = self.clone();
+                    tokio::spawn(async move { this.supervise(task, pid, None, offset).await });
+                }
+                _ => {
+                    let probe = task.clone();
+                    let has_ckpt =
+                        tokio::task::spawn_blocking(move || probe.latest_checkpoint().is_some())
+                            .await
+                            .unwrap_or(false);
+                    let advice = if has_ckpt {
+                        "resume it to continue from its last checkpoint"
+                    } else {
+                        "clone it to run it again"
+                    };
+                    tracing::warn!(task_id = %task.task_id, "task interrupted by a restart: marked failed");
+                    self.finish(
+                        &task.task_id,
+                        TaskStatus::Failed,
+                        Some(format!(
+                            "interrupted: the worker stopped while the server was down; {advice}"
+                        )),
+                        None,
+                    )
+                    .await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a task's final state (with a diagnosis when it failed) and announces it.
+    pub async fn finish(
+        &self,
+        task_id: &str,
+        status: TaskStatus,
+        error: Option<String>,
+        model_id: Option<String>,
+    ) {
+        let task = match self.store.tasks().get_any(task_id).await {
+            Ok(Some(record)) => match Task::from_record(record) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(task_id, error = %e, "could not read a finished task");
+                    return;
+                }
+            },
+            _ => return,
+        };
+        let diagnosis = if status == TaskStatus::Failed {
+            let log_tail = read_log_tail(&task, 200).await.unwrap_or_default();
+            diagnose::diagnose(error.as_deref().unwrap_or(""), &log_tail)
+        } else {
+            None
+        };
+        let now = OffsetDateTime::now_utc();
+        let (err, diag, model) = (error.clone(), diagnosis.clone(), model_id.clone());
+        let stored = self
             .store
             .tasks()
-            .get(owner, task_id)
-            .await?
-            .ok_or_else(|| Error::not_found("task"))?;
-        let out = PathBuf::from(&task.paths.output_dir);
-        let (kind, marker) = match task.spec.finetuning_type {
-            FinetuningType::Lora => (ModelKind::Adapter, "adapter_model.safetensors"),
-            FinetuningType::Full => (ModelKind::Full, "config.json"),
-        };
-        if !out.join(marker).is_file() {
-            return Err(Error::internal(format!(
-                "{marker} is missing from {}",
-                out.display()
-            )));
+            .update(&task.owner, task_id, move |t| {
+                t.status = status;
+                t.error = err.clone();
+                t.diagnosis = diag.clone();
+                if model.is_some() {
+                    t.model_id = model.clone();
+                }
+                t.pid = None;
+                t.gpu_ids.clear();
+                t.finished_at = Some(now);
+                t.updated_at = now;
+                if status == TaskStatus::Completed && t.progress.total_steps > 0 {
+                    t.progress.current_step = t.progress.total_steps;
+                    t.progress.percentage = 100.0;
+                    t.progress.eta_s = Some(0.0);
+                }
+                true
+            })
+            .await;
+        match stored {
+            Ok(Some(t)) => tracing::info!(
+                task_id,
+                status = status.as_str(),
+                error = t.error.as_deref().unwrap_or(""),
+                "task finished"
+            ),
+            Ok(None) => return,
+            Err(e) => tracing::error!(task_id, error = %e, "could not record a task's end"),
         }
-        let model_id = new_id();
-        let dir = self.data_dir.join("models").join(owner).join(&model_id);
-        let size = link_top_files(&out, &dir).await?;
-        let record = ModelRecord {
-            model_id: model_id.clone(),
-            owner: owner.to_string(),
-            name: task.spec.name.clone(),
-            model_path: dir.to_string_lossy().into_owned(),
-            kind,
-            base_model: task.spec.model_name.clone(),
-            task_id: Some(task_id.to_string()),
-            size,
-            created_at: OffsetDateTime::now_utc(),
-        };
-        if let Err(e) = self.store.models().put(&record).await {
-            let _ = tokio::fs::remove_dir_all(&dir).await;
-            return Err(e.into());
+        let mut event = WorkerEvent::status(status.into());
+        if let WorkerEvent::Status {
+            error: e,
+            diagnosis: d,
+            model_id: m,
+            ..
+        } = &mut event
+        {
+            *e = error;
+            *d = diagnosis;
+            *m = model_id;
         }
-        Ok(model_id)
+        self.record(&task, event, None).await;
     }
 }
 
-#[derive(Default)]
-struct RunState {
-    done: bool,
-    stopped: bool,
-    last_error: Option<String>,
-}
-
-fn status_code(status: &std::process::ExitStatus) -> Option<i32> {
-    status.code()
+/// The LlamaFactory arguments of a task's run.
+pub fn run_args(task: &Task) -> serde_json::Map<String, serde_json::Value> {
+    let mut args = spec::llamafactory_args(
+        &task.spec,
+        &task.paths,
+        !task.gpu_ids.is_empty() || task.spec.gpus > 0,
+    );
+    if let Some(ckpt) = &task.resume_from {
+        args.insert("resume_from_checkpoint".into(), serde_json::json!(ckpt));
+    }
+    args
 }
 
 async fn read_exit_file(task: &Task) -> Option<i32> {
-    let bytes = tokio::fs::read(Path::new(&task.paths.task_dir).join("exit.json"))
+    let bytes = tokio::fs::read(task.task_dir().join("exit.json"))
         .await
         .ok()?;
-    serde_json::from_slice::<Value>(&bytes).ok()?["code"]
+    serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["code"]
         .as_i64()
-        .map(|c| c as i32)
-}
-
-/// Hard-links (or copies, across file systems) the files directly in `from` into `to`;
-/// returns their total size.
-async fn link_top_files(from: &Path, to: &Path) -> Result<u64> {
-    tokio::fs::create_dir_all(to).await?;
-    let mut size = 0;
-    let mut entries = tokio::fs::read_dir(from).await?;
-    while let Some(e) = entries.next_entry().await? {
-        let meta = e.metadata().await?;
-        if !meta.is_file() {
-            continue;
-        }
-        let target = to.join(e.file_name());
-        if tokio::fs::hard_link(e.path(), &target).await.is_err() {
-            tokio::fs::copy(e.path(), &target).await?;
-        }
-        size += meta.len();
-    }
-    Ok(size)
+        .and_then(|c| i32::try_from(c).ok())
 }
 
 /// Cancel escalation: the worker had `grace` to stop and save; then SIGTERM to its group,
 /// and SIGKILL 5 s later.
-pub(super) async fn terminate_after(pid: u32, grace: Duration) {
+async fn terminate_after(pid: u32, grace: Duration) {
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
-        if !alive(pid as i32) {
+        if !alive(pid) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    if signal_group(pid, libc::SIGTERM) {
+    if signal_group(pid, Signal::SIGTERM) {
         tracing::warn!(pid, "worker did not stop in time: SIGTERM");
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
-    if signal_group(pid, libc::SIGKILL) {
+    if signal_group(pid, Signal::SIGKILL) {
         tracing::warn!(pid, "worker group still alive: SIGKILL");
     }
 }
 
 /// Whether `pid` is still this task's worker (pids get reused).
-pub(super) fn is_our_worker(pid: u32, task: &Task) -> bool {
+fn is_our_worker(pid: u32, task: &Task) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    let cmdline = String::from_utf8_lossy(&cmdline);
-    cmdline.contains(&task.task_id)
+    String::from_utf8_lossy(&cmdline).contains(&task.task_id)
 }

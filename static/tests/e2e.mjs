@@ -492,6 +492,19 @@ async function main() {
     await page.locator('[data-test=answer]').first().waitFor()
     await snap('chat-dark')
 
+    // -- the API reference, rendered from /openapi.json by the bundled RapiDoc: every request
+    // stays on this server (no fonts or scripts from elsewhere)
+    const offsite = []
+    const onRequest = (r) => {
+      if (!r.url().startsWith(base) && !r.url().startsWith('data:') && !r.url().startsWith('blob:')) offsite.push(r.url())
+    }
+    page.on('request', onRequest)
+    await visit('/docs', 'API reference')
+    await page.locator('rapi-doc').getByText('/api/tasks/{id}/events').first().waitFor({ timeout: 30000 })
+    await snap('api-docs')
+    page.off('request', onRequest)
+    check(offsite.length === 0, `the API reference fetched from elsewhere: ${offsite.join(', ')}`)
+
     fs.writeFileSync(path.join(SHOTS, 'first-load.json'), JSON.stringify(firstLoad, null, 2))
     if (warnings.length) log(`browser warnings (not failures):\n  ${warnings.join('\n  ')}`)
     check(errors.length === 0, `JavaScript errors:\n  ${errors.join('\n  ')}`)

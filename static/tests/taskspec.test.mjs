@@ -1,15 +1,22 @@
-// Unit tests of the task form's logic (node --test): validation as the server does it, and
-// LlamaFactory YAML import/export.
+// Unit tests of the task form's logic (node --test): validation with the server's own rules,
+// and LlamaFactory YAML import/export. The rules come from the binary (`ferrotune task-form`,
+// what `GET /api/tasks/form` answers): FERROTUNE_BIN names it (make test-ui sets it).
 import assert from 'node:assert/strict'
+import { execFileSync } from 'node:child_process'
 import test from 'node:test'
-import { applyYaml, defaults, parseFlatYaml, toRequest, toYaml, validate } from '../src/lib/taskspec.js'
+import { applyYaml, defaults as formDefaults, fromTask, parseFlatYaml, toRequest, toYaml, validate as check } from '../src/lib/taskspec.js'
+
+const bin = process.env.FERROTUNE_BIN || 'target/debug/ferrotune'
+const rules = JSON.parse(execFileSync(bin, ['task-form'], { encoding: 'utf8' }))
+const defaults = () => formDefaults(rules)
+const validate = (f) => check(f, rules)
 
 const models = [{ name: 'SmolLM2-135M-Instruct', model_path: '/m/SmolLM2-135M-Instruct' }]
 
 test('defaults are valid once model, dataset and name are chosen', () => {
   const f = { ...defaults(), name: 't', model_name: 'SmolLM2-135M-Instruct', dataset_id: 'd' }
   assert.deepEqual(validate(f), {})
-  const body = toRequest(f)
+  const body = toRequest(f, rules)
   assert.equal(body.epochs, 3)
   assert.equal(body.learning_rate, 5e-5)
   assert.ok(!('lora_alpha' in body) && !('max_steps' in body) && !('template' in body) && !('system' in body))
@@ -38,7 +45,7 @@ bf16: true
 default_system: 'It''s a test'
 output_dir: saves/smollm2/lora/sft
 `
-  const r = applyYaml(defaults(), yaml, models)
+  const r = applyYaml(defaults(), yaml, models, rules)
   assert.equal(r.form.model_name, 'SmolLM2-135M-Instruct')
   assert.equal(r.form.learning_rate, 1e-4)
   assert.equal(r.form.batch_size, 1)
@@ -53,6 +60,26 @@ test('export then import gives the same form', () => {
   const f = { ...defaults(), name: 'x', model_name: 'SmolLM2-135M-Instruct', lora_rank: 4, lora_alpha: 16, max_steps: 8, template: 'smollm2', system: 'Be "brief"', val_size: 0.1 }
   const y = toYaml(f, '/m/SmolLM2-135M-Instruct', 'arith.json')
   assert.equal(parseFlatYaml(y).default_system, 'Be "brief"')
-  const back = applyYaml({ ...defaults(), name: 'x' }, y, models).form
+  const back = applyYaml({ ...defaults(), name: 'x' }, y, models, rules).form
   assert.deepEqual(back, f)
+})
+
+test('the server\'s rules are the form\'s: its defaults, its ranges, its templates', () => {
+  const f = defaults()
+  for (const field of rules.fields) {
+    if (field.default !== null) assert.equal(f[field.name], field.default, field.name)
+  }
+  assert.ok(rules.templates.includes('smollm2'))
+  // A seed beyond 32 bits is refused here as the server refuses it.
+  const e = validate({ ...f, name: 't', model_name: 'm', dataset_id: 'd', seed: 2 ** 32 })
+  assert.ok(e.seed, 'seed')
+  assert.deepEqual(validate({ ...f, name: 't', model_name: 'm', dataset_id: 'd', seed: 2 ** 32 - 1 }), {})
+})
+
+test('a task detail fills the form for cloning', () => {
+  const t = { name: 'n', model_name: 'm', dataset_id: 'd', epochs: 2, lora_rank: 16, max_steps: null, system: null }
+  const f = fromTask(t, rules)
+  assert.equal(f.epochs, 2)
+  assert.equal(f.lora_rank, 16)
+  assert.equal(f.max_steps, '')
 })

@@ -1,68 +1,37 @@
-// The task form's fields, their defaults and ranges (as the server validates them, see
-// src/training/spec.rs), and conversion to and from LlamaFactory YAML.
+// The task form: its values, checked by the server's own rules, and conversion to and from
+// LlamaFactory YAML. The rules (every numeric field's default and range, the templates, the
+// stages…) come from the server (`GET /api/tasks/form`, the one source: src/training/spec.rs);
+// nothing here copies them.
 
-export const TEMPLATES = [
-  'default', 'empty', 'alpaca', 'chatml', 'smollm', 'smollm2', 'llama2', 'llama3', 'llama4', 'mistral',
-  'ministral', 'qwen', 'qwen2_vl', 'qwen3', 'qwen3_nothink', 'gemma', 'gemma2', 'gemma3', 'phi', 'phi4',
-  'deepseek', 'deepseek3', 'yi', 'glm4', 'cpm4', 'vicuna', 'zephyr',
-]
-
-/** The form's initial values ('' = leave to the server's default). */
-export function defaults() {
-  return {
+/** The form's initial values from the server's rules ('' = leave to the server's default). */
+export function defaults(rules) {
+  const f = {
     name: '',
     model_name: '',
     dataset_id: '',
-    epochs: 3,
-    learning_rate: 5e-5,
-    batch_size: 4,
-    stage: 'sft',
-    finetuning_type: 'lora',
-    lora_rank: 8,
-    lora_alpha: '',
-    lora_dropout: 0,
+    stage: rules.stages[0],
+    finetuning_type: rules.finetuning_types[0],
     lora_target: 'all',
     template: '',
     system: '',
-    cutoff_len: 2048,
-    val_size: 0,
-    seed: 42,
-    precision: 'auto',
-    gradient_accumulation_steps: 1,
-    max_steps: '',
-    save_steps: 500,
-    logging_steps: 10,
-    gpus: 1,
-    priority: 0,
+    precision: rules.precisions[0],
   }
+  for (const field of rules.fields) f[field.name] = field.default ?? ''
+  return f
 }
 
-const NUMERIC = {
-  epochs: { min: 0, max: 1000, open: true },
-  learning_rate: { min: 0, max: 1, open: true },
-  batch_size: { min: 1, max: 1024, int: true },
-  lora_rank: { min: 1, max: 1024, int: true },
-  lora_alpha: { min: 1, max: 4096, int: true, optional: true },
-  lora_dropout: { min: 0, max: 0.9 },
-  cutoff_len: { min: 16, max: 1048576, int: true },
-  val_size: { min: 0, max: 0.5 },
-  seed: { min: 0, max: Number.MAX_SAFE_INTEGER, int: true },
-  gradient_accumulation_steps: { min: 1, max: 1024, int: true },
-  max_steps: { min: 1, max: 100000000, int: true, optional: true },
-  save_steps: { min: 1, max: 10000000, int: true },
-  logging_steps: { min: 1, max: 1000000, int: true },
-  gpus: { min: 0, max: 64, int: true },
-  priority: { min: -100, max: 100, int: true },
+function numeric(rules) {
+  return Object.fromEntries(rules.fields.map((r) => [r.name, r]))
 }
 
 /** Field → message for every value the server would refuse. */
-export function validate(f) {
+export function validate(f, rules) {
   const e = {}
   if (!String(f.name).trim()) e.name = 'Give the task a name.'
-  else if (String(f.name).trim().length > 100) e.name = 'At most 100 characters.'
+  else if (String(f.name).trim().length > rules.max_name_chars) e.name = `At most ${rules.max_name_chars} characters.`
   if (!f.model_name) e.model_name = 'Choose a base model.'
   if (!f.dataset_id) e.dataset_id = 'Choose a dataset.'
-  for (const [k, r] of Object.entries(NUMERIC)) {
+  for (const [k, r] of Object.entries(numeric(rules))) {
     const raw = f[k]
     if (raw === '' || raw === null || raw === undefined) {
       if (!r.optional) e[k] = 'Required.'
@@ -70,19 +39,19 @@ export function validate(f) {
     }
     const v = Number(raw)
     if (!Number.isFinite(v)) e[k] = 'Must be a number.'
-    else if (r.int && !Number.isInteger(v)) e[k] = 'Must be a whole number.'
-    else if ((r.open ? v <= r.min : v < r.min) || v > r.max)
-      e[k] = `Between ${r.min}${r.open ? ' (exclusive)' : ''} and ${r.max}.`
+    else if (r.integer && !Number.isInteger(v)) e[k] = 'Must be a whole number.'
+    else if ((r.exclusive_min ? v <= r.min : v < r.min) || v > r.max)
+      e[k] = `Between ${r.min}${r.exclusive_min ? ' (exclusive)' : ''} and ${r.max}.`
   }
   const targets = String(f.lora_target).trim()
   if (!targets || !targets.split(',').every((t) => /^[A-Za-z0-9_.]+$/.test(t.trim())))
     e.lora_target = '`all` or module names separated by commas (q_proj,v_proj).'
-  if (f.template && !TEMPLATES.includes(f.template)) e.template = 'Unknown template.'
+  if (f.template && !rules.templates.includes(f.template)) e.template = 'Unknown template.'
   return e
 }
 
 /** The POST /api/tasks body for the form's values. */
-export function toRequest(f) {
+export function toRequest(f, rules) {
   const body = {
     name: String(f.name).trim(),
     model_name: f.model_name,
@@ -92,7 +61,7 @@ export function toRequest(f) {
     lora_target: String(f.lora_target).trim(),
     precision: f.precision,
   }
-  for (const k of Object.keys(NUMERIC)) {
+  for (const k of Object.keys(numeric(rules))) {
     if (f[k] !== '' && f[k] !== null && f[k] !== undefined) body[k] = Number(f[k])
   }
   if (f.template) body.template = f.template
@@ -101,8 +70,8 @@ export function toRequest(f) {
 }
 
 /** Form values from a task detail (GET /api/tasks/{id}), for cloning. */
-export function fromTask(t) {
-  const f = defaults()
+export function fromTask(t, rules) {
+  const f = defaults(rules)
   for (const k of Object.keys(f)) {
     if (t[k] !== undefined && t[k] !== null) f[k] = t[k]
   }
@@ -174,7 +143,7 @@ const MANAGED = new Set([
  * Applies a LlamaFactory YAML to form values. Returns {form, applied, ignored, model}: the keys
  * used, the keys ferrotune does not take from a config, and the model path it names.
  */
-export function applyYaml(form, text, baseModels) {
+export function applyYaml(form, text, baseModels, rules) {
   const y = parseFlatYaml(text)
   const f = { ...form }
   const applied = []
@@ -183,7 +152,7 @@ export function applyYaml(form, text, baseModels) {
     if (k in YAML_TO_FORM) {
       if (v === null) continue
       const field = YAML_TO_FORM[k]
-      f[field] = k === 'template' && !TEMPLATES.includes(v) ? '' : v
+      f[field] = k === 'template' && !rules.templates.includes(v) ? '' : v
       applied.push(k)
     } else if (!MANAGED.has(k)) ignored.push(k)
   }

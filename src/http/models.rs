@@ -1,0 +1,153 @@
+//! `/api/files/models…` and `/api/models/available`: base models and the models users
+//! trained.
+
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::AppState;
+use super::error::{ErrorBody, Json, Path, Query};
+use super::extract::CurrentUser;
+use super::tasks::gzip_download;
+use super::views::{Message, ModelView};
+use crate::error::{Error, Kind, Result};
+use crate::store::ModelKind;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_models))
+        .routes(routes!(model_detail, delete_model))
+        .routes(routes!(download_model))
+        .routes(routes!(available_models))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct KindQuery {
+    /// Only models of this kind: `base`, `adapter` or `full`.
+    kind: Option<ModelKind>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ModelList {
+    models: Vec<ModelView>,
+}
+
+/// Every model of the caller's, with `kind`: the base models (folders in the models dir) and
+/// the models they trained.
+async fn all_models(state: &AppState, owner: &str) -> Result<Vec<ModelView>> {
+    let mut models: Vec<ModelView> = state
+        .models
+        .base_models()
+        .await?
+        .iter()
+        .map(|m| ModelView::base(state, m))
+        .collect();
+    models.extend(
+        state
+            .models
+            .trained(owner)
+            .await?
+            .iter()
+            .map(|m| ModelView::trained(state, m)),
+    );
+    Ok(models)
+}
+
+/// Base models and the caller's trained models (`?kind=` to filter).
+#[utoipa::path(get, path = "/api/files/models", tag = "models", params(KindQuery),
+    responses((status = 200, description = "The models", body = ModelList),
+              (status = 400, description = "An unknown kind", body = ErrorBody)))]
+async fn list_models(
+    state: AppState,
+    CurrentUser(p): CurrentUser,
+    Query(q): Query<KindQuery>,
+) -> Result<Json<ModelList>> {
+    let models = all_models(&state, &p.user.user_id)
+        .await?
+        .into_iter()
+        .filter(|m| q.kind.is_none_or(|k| m.kind == k))
+        .collect();
+    Ok(Json(ModelList { models }))
+}
+
+/// One model: a trained model of the caller's by id, or a base model by name.
+#[utoipa::path(get, path = "/api/files/models/{id}", tag = "models",
+    params(("id" = String, Path, description = "A trained model's id or a base model's name")),
+    responses((status = 200, description = "The model", body = ModelView),
+              (status = 404, description = "No such model", body = ErrorBody)))]
+async fn model_detail(
+    state: AppState,
+    CurrentUser(p): CurrentUser,
+    Path(id): Path<String>,
+) -> Result<Json<ModelView>> {
+    match state.models.trained_model(&p.user.user_id, &id).await {
+        Ok(m) => return Ok(Json(ModelView::trained(&state, &m))),
+        Err(e) if e.kind != Kind::NotFound => return Err(e),
+        Err(_) => {}
+    }
+    state
+        .models
+        .base_models()
+        .await?
+        .iter()
+        .find(|m| m.name == id)
+        .map(|m| Json(ModelView::base(&state, m)))
+        .ok_or_else(|| Error::not_found("model"))
+}
+
+/// Removes one of the caller's trained models (its record and files). Base models are
+/// folders in the models dir: remove the folder to remove one.
+#[utoipa::path(delete, path = "/api/files/models/{id}", tag = "models",
+    params(("id" = String, Path, description = "A trained model's id")),
+    responses((status = 200, description = "Removed", body = Message),
+              (status = 403, description = "A base model", body = ErrorBody),
+              (status = 404, description = "No such model of yours", body = ErrorBody)))]
+async fn delete_model(
+    state: AppState,
+    CurrentUser(p): CurrentUser,
+    Path(id): Path<String>,
+) -> Result<Json<Message>> {
+    match state.models.delete_trained(&p.user.user_id, &id).await {
+        Ok(m) => Ok(Json(Message::new(format!("removed model {}", m.name)))),
+        Err(e) if e.kind == Kind::NotFound => {
+            if state.models.find_base(&id).await?.is_some() {
+                Err(Error::forbidden(
+                    "base models are folders in the models dir; remove the folder to remove one",
+                ))
+            } else {
+                Err(e)
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// One of the caller's trained models as a `.tar.gz` (kept after its task is deleted or its
+/// outputs expire). Base models are folders on the server and are not offered.
+#[utoipa::path(get, path = "/api/files/models/{id}/download", tag = "models",
+    params(("id" = String, Path, description = "A trained model's id")),
+    responses((status = 200, description = "The model's files", content_type = "application/gzip", body = Vec<u8>),
+              (status = 404, description = "No such model of yours", body = ErrorBody)))]
+async fn download_model(
+    state: AppState,
+    CurrentUser(p): CurrentUser,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let (filename, stream) = state.models.archive(&p.user.user_id, &id).await?;
+    Ok(gzip_download(filename, stream))
+}
+
+/// The models the caller can chat with.
+#[utoipa::path(get, path = "/api/models/available", tag = "models",
+    responses((status = 200, description = "The models", body = ModelList)))]
+async fn available_models(state: AppState, CurrentUser(p): CurrentUser) -> Result<Json<ModelList>> {
+    let models = all_models(&state, &p.user.user_id)
+        .await?
+        .into_iter()
+        .filter(|m| m.kind != ModelKind::Full)
+        .collect();
+    Ok(Json(ModelList { models }))
+}

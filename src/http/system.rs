@@ -1,0 +1,168 @@
+//! `/health`, `/api/system/status`, `/api/system/resources`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::error::{ErrorBody, Json};
+use super::extract::CurrentUser;
+use super::{AppState, PullStatus};
+use crate::error::Result;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(status))
+        .routes(routes!(resources))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`.
+    status: &'static str,
+    version: &'static str,
+}
+
+/// Liveness, without credentials.
+#[utoipa::path(get, path = "/health", tag = "system", security(()),
+    responses((status = 200, description = "The server answers", body = Health)))]
+async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok",
+        version: env!("CARGO_PKG_VERSION"),
+    })
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SystemStatus {
+    version: &'static str,
+    /// The training environment: `missing`, `installing`, `ready` or `failed`, with the
+    /// installer's last lines.
+    #[schema(value_type = Object)]
+    environment: serde_json::Value,
+    /// The base models' names.
+    models: Vec<String>,
+    /// The default model's pull at first start.
+    model_pull: PullStatus,
+    limits: Limits,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Limits {
+    max_upload_bytes: u64,
+    max_generation_tokens: usize,
+}
+
+/// The training environment, the base models, the default model's pull, limits.
+#[utoipa::path(get, path = "/api/system/status", tag = "system",
+    responses((status = 200, description = "What the server is ready for", body = SystemStatus),
+              (status = 401, description = "No or bad credentials", body = ErrorBody)))]
+async fn status(state: AppState, _user: CurrentUser) -> Result<Json<SystemStatus>> {
+    let models = state
+        .models
+        .base_models()
+        .await?
+        .iter()
+        .map(|m| m.name.clone())
+        .collect();
+    let pull = state
+        .model_pull
+        .read()
+        .map(|s| s.clone())
+        .unwrap_or_default();
+    let environment = serde_json::to_value(state.training.env().status()).unwrap_or_default();
+    Ok(Json(SystemStatus {
+        version: env!("CARGO_PKG_VERSION"),
+        environment,
+        models,
+        model_pull: pull,
+        limits: Limits {
+            max_upload_bytes: state.config.max_upload_bytes,
+            max_generation_tokens: state.config.max_generation_tokens,
+        },
+    }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Resources {
+    #[schema(value_type = Object)]
+    cpu: serde_json::Value,
+    #[schema(value_type = Object)]
+    memory: serde_json::Value,
+    #[schema(value_type = Vec<Object>)]
+    gpus: serde_json::Value,
+    scheduler: Scheduler,
+    running_tasks: Vec<RunningTask>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Scheduler {
+    /// Training workers at once.
+    slots: usize,
+    gpu_ids: Vec<u32>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RunningTask {
+    task_id: String,
+    /// The worker's process id: administrators only.
+    pid: Option<u32>,
+    gpu_ids: Vec<u32>,
+    rss_bytes: Option<u64>,
+    gpu_memory_mib: Option<f64>,
+}
+
+/// CPU and memory always; GPUs (utilisation, memory, temperature) where present; the
+/// caller's running workers (an administrator's: everyone's) with their memory.
+#[utoipa::path(get, path = "/api/system/resources", tag = "system",
+    responses((status = 200, description = "The machine and the running workers", body = Resources),
+              (status = 401, description = "No or bad credentials", body = ErrorBody)))]
+async fn resources(state: AppState, CurrentUser(p): CurrentUser) -> Result<Json<Resources>> {
+    let cpu = crate::system::cpu(Duration::from_millis(200)).await;
+    let (gpus, procs, memory) = tokio::task::spawn_blocking(|| {
+        (
+            crate::system::gpus(),
+            crate::system::gpu_processes(),
+            crate::system::memory(),
+        )
+    })
+    .await?;
+    let mine: HashMap<String, ()> = if p.is_admin() {
+        HashMap::new()
+    } else {
+        state
+            .training
+            .list(&p.user.user_id)
+            .await?
+            .into_iter()
+            .map(|t| (t.task_id, ()))
+            .collect()
+    };
+    let running_tasks = state
+        .training
+        .running_workers()
+        .into_iter()
+        .filter(|(id, _, _)| p.is_admin() || mine.contains_key(id))
+        .map(|(task_id, pid, gpu_ids)| RunningTask {
+            task_id,
+            pid: p.is_admin().then_some(pid),
+            gpu_ids,
+            rss_bytes: crate::system::process_rss(pid),
+            gpu_memory_mib: procs.get(&pid).copied(),
+        })
+        .collect();
+    Ok(Json(Resources {
+        cpu: serde_json::to_value(cpu).unwrap_or_default(),
+        memory: serde_json::to_value(memory).unwrap_or_default(),
+        gpus: serde_json::to_value(gpus).unwrap_or_default(),
+        scheduler: Scheduler {
+            slots: state.training.max_concurrent(),
+            gpu_ids: state.training.gpu_ids().to_vec(),
+        },
+        running_tasks,
+    }))
+}

@@ -1,0 +1,220 @@
+//! The candle-tensor forward path: matmuls through candle (any weight format) with the LoRA
+//! term added per layer.
+
+use super::*;
+
+/// One linear layer: `y = x·Wᵀ (+ b)`, W quantised or dense.
+/// A matmul weight: Q4_0 / Q4_1 / Q8_0 on the engine's own kernels (float activations),
+/// anything else on candle's (dense, or quantised with 8-bit activations).
+pub(super) enum Weight {
+    Candle(QMatMul),
+    Own(QuantMatrix),
+}
+
+impl Weight {
+    pub(super) fn new(w: QMatMul) -> anyhow::Result<Weight> {
+        if let QMatMul::QTensor(q) = &w {
+            let format = match q.dtype() {
+                GgmlDType::Q4_0 => Some(Format::Q4_0),
+                GgmlDType::Q4_1 => Some(Format::Q4_1),
+                GgmlDType::Q8_0 => Some(Format::Q8_0),
+                _ => None,
+            };
+            if let Some(format) = format {
+                let (rows, cols) = q.shape().dims2()?;
+                return Ok(Weight::Own(QuantMatrix::from_bytes(
+                    format,
+                    &q.data()?,
+                    rows,
+                    cols,
+                )?));
+            }
+        }
+        if let QMatMul::Tensor(t) = &w
+            && t.dtype() == DType::F32
+            && t.device().is_cpu()
+            && let Ok((rows, cols)) = t.dims2()
+        {
+            let values = t.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            return Ok(Weight::Own(QuantMatrix::from_f32(values, rows, cols)?));
+        }
+        Ok(Weight::Candle(w))
+    }
+
+    /// `x·Wᵀ`, plus the LoRA term when `lora` is given and the weight runs on the engine's own
+    /// kernels (the caller adds it otherwise).
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        lora: Option<&LoraPair>,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Weight::Candle(w) => w.forward(x),
+            Weight::Own(w) => {
+                let (s, _) = x.dims2()?;
+                let x = x.contiguous()?;
+                let mut out = vec![0f32; s * w.rows()];
+                {
+                    let (storage, layout) = x.storage_and_layout();
+                    let candle_core::Storage::Cpu(cpu) = &*storage else {
+                        candle_core::bail!("the quantised kernels run on the CPU");
+                    };
+                    let data = cpu.as_slice::<f32>()?;
+                    let xs = &data[layout.start_offset()..layout.start_offset() + x.elem_count()];
+                    w.matmul(xs, &mut out, lora.map(LoraPair::rows));
+                }
+                Tensor::from_vec(out, (s, w.rows()), x.device())
+            }
+        }
+    }
+}
+
+/// One linear layer: `y = x·Wᵀ (+ b)`, W quantised or dense.
+pub(super) struct Linear {
+    pub(super) w: Weight,
+    pub(super) b: Option<Tensor>,
+}
+
+impl Linear {
+    pub(super) fn new(w: QMatMul, b: Option<Tensor>) -> anyhow::Result<Linear> {
+        Ok(Linear {
+            w: Weight::new(w)?,
+            b,
+        })
+    }
+
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        lora: Option<&LoraPair>,
+    ) -> candle_core::Result<Tensor> {
+        let own = matches!(self.w, Weight::Own(_));
+        let mut y = self.w.forward(x, lora.filter(|_| own))?;
+        if let Some(b) = &self.b {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(l) = lora.filter(|_| !own) {
+            let (m, n) = y.dims2()?;
+            let mut out = y.flatten_all()?.to_vec1::<f32>()?;
+            l.rows()
+                .add_to(&x.flatten_all()?.to_vec1::<f32>()?, &mut out);
+            y = Tensor::from_vec(out, (m, n), y.device())?;
+        }
+        Ok(y)
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        let w = match &self.w {
+            Weight::Own(m) => m.bytes(),
+            Weight::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
+        };
+        w + self.b.as_ref().map_or(0, |b| b.elem_count() * 4)
+    }
+
+    pub(super) fn describe(&self) -> String {
+        match &self.w {
+            Weight::Own(m) => format!("{:?} (float activations)", m.format()),
+            Weight::Candle(QMatMul::QTensor(q)) => format!("{:?}", q.dtype()),
+            Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                format!("{:?}", t.dtype())
+            }
+        }
+    }
+}
+
+impl Model {
+    /// The additive attention mask (`s × (pos+s)`) for a chunk of `s` positions starting at
+    /// `pos`: causal, plus the sliding window when the model has one. `None` when nothing is
+    /// masked (one position, no window in reach).
+    pub(super) fn mask(&self, s: usize, pos: usize) -> anyhow::Result<Option<Tensor>> {
+        let t = pos + s;
+        let window = self.config.sliding_window.filter(|w| *w < t);
+        if s == 1 && window.is_none() {
+            return Ok(None);
+        }
+        let mut m = vec![0f32; s * t];
+        for i in 0..s {
+            let qpos = pos + i;
+            for j in 0..t {
+                if j > qpos || window.is_some_and(|w| qpos - j >= w) {
+                    m[i * t + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(m, (s, t), &self.device)?))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        pos: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        lora: Option<&LayerLora>,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let eps = c.rms_norm_eps as f32;
+        let (s, _) = x.dims2()?;
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let n_rep = nh / nkv;
+
+        let h = candle_nn::ops::rms_norm(x, &l.input_norm, eps)?;
+        let qkv = l.qkv.forward(&h, lora.and_then(|l| l.qkv.as_ref()))?;
+        let [qs, ks, _] = c.qkv_sizes();
+        let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            t.reshape((s, n, hd))?.transpose(0, 1)?.contiguous()
+        };
+        let mut q = heads(qkv.narrow(1, 0, qs)?, nh)?;
+        let mut k = heads(qkv.narrow(1, qs, ks)?, nkv)?;
+        let v = heads(qkv.narrow(1, qs + ks, ks)?, nkv)?;
+        if let Some(n) = &l.q_norm {
+            q = candle_nn::ops::rms_norm(&q, n, eps)?;
+        }
+        if let Some(n) = &l.k_norm {
+            k = candle_nn::ops::rms_norm(&k, n, eps)?;
+        }
+        let q = candle_nn::rotary_emb::rope(&q.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+        let k = candle_nn::rotary_emb::rope(&k.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+        k_cache.slice_set(&k, 1, pos)?;
+        v_cache.slice_set(&v, 1, pos)?;
+        let t = pos + s;
+        let k_all = k_cache.narrow(1, 0, t)?;
+        let v_all = v_cache.narrow(1, 0, t)?;
+
+        // Query heads that share a key/value head are stacked as rows of one matmul.
+        let q = q.reshape((nkv, n_rep * s, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut att = (q.matmul(&k_all.t()?)? * scale)?;
+        if let Some(m) = mask {
+            att = att
+                .reshape((nkv, n_rep, s, t))?
+                .broadcast_add(m)?
+                .reshape((nkv, n_rep * s, t))?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let out = att
+            .matmul(&v_all)?
+            .reshape((nh, s, hd))?
+            .transpose(0, 1)?
+            .reshape((s, nh * hd))?;
+        let o = l.o.forward(&out, lora.and_then(|l| l.o.as_ref()))?;
+        let x = (x + o)?;
+
+        let h = candle_nn::ops::rms_norm(&x, &l.post_norm, eps)?;
+        let gu = l
+            .gate_up
+            .forward(&h, lora.and_then(|l| l.gate_up.as_ref()))?;
+        let i = c.intermediate_size;
+        let act = (gu.narrow(1, 0, i)?.silu()? * gu.narrow(1, i, i)?)?;
+        let d = l.down.forward(&act, lora.and_then(|l| l.down.as_ref()))?;
+        x + d
+    }
+}
