@@ -39,7 +39,7 @@ test-ui: setup chromium static/node_modules/.package-lock.json
 	FERROTUNE_BIN=$(BIN) CHROMIUM=$(CHROMIUM) node static/tests/e2e.mjs
 
 static/node_modules/.package-lock.json: static/package-lock.json
-	cd web && npm ci --no-audit --no-fund
+	cd static && npm ci --no-audit --no-fund
 
 chromium:
 	@test -x $(CHROMIUM) || { echo "installing chromium for the UI test (apt-get)"; \
