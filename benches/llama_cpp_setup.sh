@@ -29,7 +29,8 @@ if [ -f "$ADAPTER/adapter_model.safetensors" ] && [ ! -f "$ADAPTER/adapter.gguf"
   SRC="$CACHE/llama-cpp-src"
   if [ ! -f "$SRC/llama_cpp_python-$VERSION/vendor/llama.cpp/convert_lora_to_gguf.py" ]; then
     mkdir -p "$SRC"
-    "$VENV/bin/pip" download --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$SRC"
+    # Only this package as source (`:all:` would build cmake itself from source too).
+    "$VENV/bin/pip" download --no-deps --no-binary llama-cpp-python "llama-cpp-python==$VERSION" -d "$SRC"
     tar xzf "$SRC/llama_cpp_python-$VERSION.tar.gz" -C "$SRC" \
       "llama_cpp_python-$VERSION/vendor/llama.cpp"
   fi

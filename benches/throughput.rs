@@ -153,6 +153,21 @@ fn main() -> anyhow::Result<()> {
         v.sort_by(|x, y| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal));
         v[v.len() / 2]
     };
+    // Memory: resident now and at its peak (the first load's quantisation included), against
+    // the weights and the KV cache at the positions used (f32 keys and values).
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = |key: &str| -> f64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let (rss, peak) = (kb("VmRSS:") * 1024.0, kb("VmHWM:") * 1024.0);
+    let c = &model.config;
+    let kv = (c.num_layers * 2 * c.kv_size() * (prompt.len() + a.tokens) * 4) as f64;
+    let weights = model.weight_bytes() as f64;
     let ttft = median(&mut ttfts);
     let decode = median(&mut decode_rates);
     let total = median(&mut totals);
@@ -166,6 +181,10 @@ fn main() -> anyhow::Result<()> {
                 "prompt_tokens": prompt.len(),
                 "new_tokens": a.tokens,
                 "load_s": load_s,
+                "weight_bytes": weights,
+                "kv_bytes": kv,
+                "rss_bytes": rss,
+                "peak_rss_bytes": peak,
                 "ttft_s": ttft,
                 "decode_tok_s": decode,
                 "total_tok_s": total,
@@ -176,13 +195,19 @@ fn main() -> anyhow::Result<()> {
     } else {
         println!(
             "ferrotune [{}{}]: load {load_s:.2} s, prompt {} tokens, TTFT {:.1} ms, decode {decode:.1} tok/s, \
-             {} tokens incl. prefill {total:.1} tok/s ({} threads)",
+             {} tokens incl. prefill {total:.1} tok/s ({} threads); resident {:.0} MB (peak {:.0}) \
+             = {:.2}× weights {:.0} MB + KV {:.1} MB",
             model.description,
             if adapter.is_some() { " + LoRA" } else { "" },
             prompt.len(),
             ttft * 1e3,
             a.tokens,
             candle_core::utils::get_num_threads(),
+            rss / 1e6,
+            peak / 1e6,
+            rss / (weights + kv),
+            weights / 1e6,
+            kv / 1e6,
         );
         println!(
             "text: {:?}",

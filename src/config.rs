@@ -50,6 +50,13 @@ pub struct Config {
     pub max_concurrent_generations: usize,
     /// Generations one user may run at once; more are refused with 429.
     pub max_generations_per_user: usize,
+    /// What a model's weights become at load: `auto` (a Hugging Face folder's float weights
+    /// are quantised to Q8_0; GGUF files keep their formats), `q8_0`, `q4_0`, `q4_1`, `q4k`…,
+    /// or `keep` (float32 for Hugging Face folders). Quantised weights are cached beside the
+    /// model and memory-mapped on later loads.
+    pub inference_weights: String,
+    /// The same, per base model (folder name → format), e.g. `{ "Llama-3.1-8B" = "q4_0" }`.
+    pub model_weights: std::collections::BTreeMap<String, String>,
     /// Take the client address from `X-Forwarded-For` (only behind a trusted reverse proxy).
     pub trust_forwarded_for: bool,
     /// Mark the refresh-token cookie `Secure` (set when served over HTTPS).
@@ -115,6 +122,8 @@ impl Default for Config {
             max_generation_tokens: 4096,
             max_concurrent_generations: 32,
             max_generations_per_user: 4,
+            inference_weights: "auto".into(),
+            model_weights: std::collections::BTreeMap::new(),
             trust_forwarded_for: false,
             cookie_secure: false,
             jwt_secret: String::new(),
@@ -246,6 +255,12 @@ impl Config {
         if self.login_max_failures == 0 || self.login_max_failures_per_ip == 0 {
             anyhow::bail!("login failure limits must be greater than 0");
         }
+        crate::inference::Requantize::parse(&self.inference_weights)
+            .map_err(|e| anyhow::anyhow!("inference_weights: {e}"))?;
+        for (model, w) in &self.model_weights {
+            crate::inference::Requantize::parse(w)
+                .map_err(|e| anyhow::anyhow!("model_weights.{model}: {e}"))?;
+        }
         if self.register_max_per_ip == 0 {
             anyhow::bail!("register_max_per_ip must be greater than 0");
         }
@@ -287,6 +302,21 @@ impl Config {
 
     pub fn jwt_secret_path(&self) -> PathBuf {
         self.data_dir.join("jwt_secret")
+    }
+
+    /// The engine's options from the settings (validated at load).
+    pub fn engine_options(&self) -> crate::inference::EngineOptions {
+        use crate::inference::Requantize;
+        crate::inference::EngineOptions {
+            max_tokens: self.max_generation_tokens,
+            requantize: Requantize::parse(&self.inference_weights).unwrap_or_default(),
+            model_requantize: self
+                .model_weights
+                .iter()
+                .filter_map(|(m, w)| Requantize::parse(w).ok().map(|r| (m.clone(), r)))
+                .collect(),
+            ..crate::inference::EngineOptions::default()
+        }
     }
 }
 

@@ -68,11 +68,14 @@ enum Command {
     /// Chat with a base model, or an adapter over it, in the terminal (answers stream as they
     /// are generated). One message per line; `/reset` starts over, `/exit` or end of input quits.
     Chat {
-        /// The base model: its folder in the models dir (optional with a trained model's id).
+        /// The base model: its folder in the models dir, or a path to a model folder anywhere
+        /// (a full fine-tune's output, a Hugging Face cache snapshot); optional with a trained
+        /// model's id.
         #[arg(long)]
         model: Option<String>,
         /// A LoRA adapter: a PEFT folder, or the id of a trained model (read from the store,
-        /// which must not be in use by a running server).
+        /// which must not be in use by a running server); a full fine-tune's id chats with its
+        /// own weights.
         #[arg(long)]
         adapter: Option<String>,
         /// A system message that opens the conversation.
@@ -87,6 +90,11 @@ enum Command {
         max_tokens: usize,
         #[arg(long)]
         seed: Option<u64>,
+        /// What the weights become at load: `auto` (a Hugging Face folder's float weights
+        /// are quantised to Q8_0), `q8_0`, `q4_0`, `q4_1`, `q4k`…, or `keep` (float32)
+        /// [default: the `inference_weights` setting].
+        #[arg(long)]
+        weights: Option<String>,
     },
     /// Run one training job (started by the server; not for direct use).
     #[command(hide = true)]
@@ -241,7 +249,14 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             top_p,
             max_tokens,
             seed,
+            weights,
         } => {
+            let mut config = config;
+            if let Some(w) = weights {
+                ferrotune::inference::Requantize::parse(&w)?;
+                config.inference_weights = w;
+                config.model_weights.clear();
+            }
             let params = ferrotune::inference::SamplingParams {
                 temperature,
                 top_p,
@@ -263,7 +278,7 @@ async fn chat(
     system: Option<String>,
     params: ferrotune::inference::SamplingParams,
 ) -> anyhow::Result<()> {
-    use ferrotune::inference::{ChatMessage, Engine, EngineOptions, GenEvent, GenerateRequest};
+    use ferrotune::inference::{ChatMessage, Engine, GenEvent, GenerateRequest};
     use std::io::Write;
     use tokio::io::AsyncBufReadExt;
 
@@ -288,14 +303,19 @@ async fn chat(
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", e.message))?
                 .ok_or_else(|| anyhow::anyhow!("no adapter folder or trained model `{id}`"))?;
-            (
-                Some(PathBuf::from(record.model_path)),
-                model.or(Some(record.base_model)),
-            )
+            if record.kind == ferrotune::store::ModelKind::Adapter {
+                (
+                    Some(PathBuf::from(record.model_path)),
+                    model.or(Some(record.base_model)),
+                )
+            } else {
+                // A full or freeze fine-tune: whole weights in its own folder.
+                (None, Some(record.model_path))
+            }
         }
     };
     let model = model.ok_or_else(|| anyhow::anyhow!("name the base model with --model"))?;
-    let engine = Engine::new(config.models_dir.clone(), EngineOptions::default());
+    let engine = Engine::new(config.models_dir.clone(), config.engine_options());
     let mut history: Vec<ChatMessage> = system
         .iter()
         .map(|s| ChatMessage::new("system", s.clone()))
@@ -328,6 +348,7 @@ async fn chat(
         history.push(ChatMessage::new("user", line));
         let req = GenerateRequest {
             base_model: model.clone(),
+            model_dir: ferrotune::inference::model_dir_of(&model),
             adapter: adapter.clone(),
             messages: history.clone(),
             params: params.clone(),

@@ -8,13 +8,12 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple, PyType};
 
 use crate::inference::{
-    ChatMessage, EngineError, EngineOptions, FinishReason, GenEvent, GenerateRequest, Generation,
-    SamplingParams,
+    ChatMessage, EngineError, FinishReason, GenEvent, GenerateRequest, Generation, SamplingParams,
 };
 
 /// An exception of `ferrotune.errors` by class name; `RuntimeError` when that module is
@@ -148,19 +147,20 @@ struct PyEngine {
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (models_dir=None))]
-    fn new(py: Python<'_>, models_dir: Option<PathBuf>) -> PyResult<Self> {
-        let dir = match models_dir {
-            Some(d) => d,
-            None => {
-                let file = std::env::var_os("FERROTUNE_CONFIG").map(PathBuf::from);
-                crate::config::Config::load(file.as_deref(), &Default::default())
-                    .map_err(|e| error(py, "FerrotuneError", format!("{e:#}")))?
-                    .models_dir
-            }
-        };
+    #[pyo3(signature = (models_dir=None, weights=None))]
+    fn new(py: Python<'_>, models_dir: Option<PathBuf>, weights: Option<String>) -> PyResult<Self> {
+        let file = std::env::var_os("FERROTUNE_CONFIG").map(PathBuf::from);
+        let mut config = crate::config::Config::load(file.as_deref(), &Default::default())
+            .map_err(|e| error(py, "FerrotuneError", format!("{e:#}")))?;
+        if let Some(w) = weights {
+            crate::inference::Requantize::parse(&w)
+                .map_err(|e| PyValueError::new_err(format!("weights: {e:#}")))?;
+            config.inference_weights = w;
+            config.model_weights.clear();
+        }
+        let dir = models_dir.unwrap_or_else(|| config.models_dir.clone());
         Ok(PyEngine {
-            engine: crate::inference::Engine::new(dir, EngineOptions::default()),
+            engine: crate::inference::Engine::new(dir, config.engine_options()),
         })
     }
 
@@ -216,6 +216,7 @@ impl PyEngine {
             ));
         }
         let req = GenerateRequest {
+            model_dir: crate::inference::model_dir_of(&model),
             base_model: model,
             adapter,
             messages,

@@ -269,6 +269,206 @@ fn safetensors_path_matches_transformers_and_peft() {
     assert_eq!(greedy, want_greedy, "32 greedy tokens");
 }
 
+/// Every file of `from` as a symbolic link in a new folder `to` (a Hugging Face cache
+/// snapshot is laid out this way).
+fn link_folder(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::os::unix::fs::symlink(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn cosine(a: &[f32], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|y| y.powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+fn cache_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    out.retain(|p| p.extension().is_some_and(|x| x == "safetensors"));
+    out.sort();
+    out
+}
+
+#[test]
+fn bf16_checkpoint_is_quantised_at_load_cached_and_mapped() {
+    // SmolLM2 as checkpoints are published (bfloat16, sharded with an index), used through
+    // symbolic links as a Hugging Face cache snapshot is; each format against transformers +
+    // peft on the same bf16 weights, with the trained LoRA applied unmerged on top.
+    let src = smollm2();
+    let adapter_dir = trained_adapter();
+    let tmp = tempfile::tempdir().unwrap();
+    let blobs = tmp.path().join("blobs");
+    let made = reference(
+        json!({"op": "to_bf16", "model_dir": src, "out": blobs, "max_shard_size": "100MB"}),
+    );
+    let files: Vec<String> = serde_json::from_value(made["files"].clone()).unwrap();
+    assert!(
+        files.contains(&"model.safetensors.index.json".to_string()),
+        "{files:?}"
+    );
+    let snap = tmp.path().join("snapshot");
+    link_folder(&blobs, &snap);
+    let source = WeightsSource::Hf(snap.clone());
+    let assets = ChatAssets::load(&snap, source.clone()).unwrap();
+    let prompt = poem_prompt(&assets);
+    // transformers + peft on the bf16 weights, and on them rounded through each format.
+    let formats = [None, Some("q8_0"), Some("q4_0")];
+    let requests: Vec<Value> = formats
+        .iter()
+        .map(|f| {
+            json!({
+                "op": "reference", "model_dir": snap, "adapter": adapter_dir, "prompt_ids": prompt,
+                "n": 32, "quantize": f,
+            })
+        })
+        .collect();
+    let refs = reference(json!({"op": "batch", "requests": requests}));
+    let refs: Vec<(Vec<f64>, Vec<u32>)> = refs["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                serde_json::from_value(r["logits"].clone()).unwrap(),
+                serde_json::from_value(r["greedy"].clone()).unwrap(),
+            )
+        })
+        .collect();
+    let bf16 = &refs[0].0;
+    let scale = bf16.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    // `matched`: the reference on the same rounded weights, which the engine must reproduce
+    // (to float rounding); the bf16 reference measures what the format itself costs.
+    let logits_of = |requant: Requantize, matched: usize, max_diff: f64| -> (Model, Vec<f32>) {
+        let started = Instant::now();
+        let model = Model::load(&source, requant).unwrap();
+        let load = started.elapsed();
+        let adapter = lora::load(&adapter_dir, &model.config).unwrap();
+        let (all, greedy) = ours(&model, Some(&adapter), &prompt, 32);
+        let last = all.last().unwrap().clone();
+        let (want, want_greedy) = &refs[matched];
+        let d = max_abs_diff(&last, want);
+        let same = greedy
+            .iter()
+            .zip(want_greedy)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let cost = max_abs_diff(&last, bf16);
+        let mean = last
+            .iter()
+            .zip(bf16)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .sum::<f64>()
+            / bf16.len() as f64;
+        eprintln!(
+            "bf16 checkpoint as {} + LoRA: vs transformers + peft on the same rounded weights \
+             max |Δlogit| {d:.2e}, greedy tokens equal {same}/32; vs the bf16 weights |Δlogit| \
+             max {cost:.3} mean {mean:.3}, cosine {:.5} (max |logit| {scale:.1}); load {:.2} s, \
+             weights {:.0} MB",
+            model.description,
+            cosine(&last, bf16),
+            load.as_secs_f64(),
+            model.weight_bytes() as f64 / 1e6
+        );
+        assert!(d < max_diff, "{requant:?}: logits differ by {d}");
+        assert_eq!(
+            ferrotune::inference::sampling::argmax(&last) as u32,
+            want_greedy[0],
+            "{requant:?}: the next token"
+        );
+        (model, last)
+    };
+    let (f32_model, _) = logits_of(Requantize::Keep, 0, 2e-3);
+    let f32_bytes = f32_model.weight_bytes();
+    drop(f32_model);
+    assert!(
+        cache_files(&snap.join(".ferrotune")).is_empty(),
+        "float32 is not cached"
+    );
+
+    // Q8_0 by default: quantised as read, cached beside the model.
+    let (q8, first) = logits_of(Requantize::Auto, 1, 1e-3);
+    assert!(q8.description.contains("as Q8_0"), "{}", q8.description);
+    assert!(!q8.description.contains("cached"), "{}", q8.description);
+    let ratio = q8.weight_bytes() as f64 / f32_bytes as f64;
+    assert!(ratio < 0.3, "Q8_0 weights are {ratio:.2} of float32");
+    drop(q8);
+    let cached = cache_files(&snap.join(".ferrotune"));
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    // The second load maps the cache and computes exactly what the first did.
+    let (again, second) = logits_of(Requantize::Auto, 1, 1e-3);
+    assert!(
+        again.description.contains("cached"),
+        "{}",
+        again.description
+    );
+    assert_eq!(
+        first, second,
+        "the cached weights are the quantised weights"
+    );
+    drop(again);
+
+    let (q4, _) = logits_of(Requantize::To(GgmlDType::Q4_0), 2, 1e-3);
+    assert!(q4.description.contains("as Q4_0"), "{}", q4.description);
+    drop(q4);
+    assert_eq!(
+        cache_files(&snap.join(".ferrotune")).len(),
+        2,
+        "one cache per format"
+    );
+
+    // New weights (a shard rewritten) never read the stale cache, which goes.
+    let shard = blobs.join(files.iter().find(|f| f.ends_with(".safetensors")).unwrap());
+    let bytes = std::fs::read(&shard).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&shard, bytes).unwrap();
+    let model = Model::load(&source, Requantize::Auto).unwrap();
+    assert!(
+        !model.description.contains("cached"),
+        "{}",
+        model.description
+    );
+    let now = cache_files(&snap.join(".ferrotune"));
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(!now.contains(&cached[0]), "the stale cache was removed");
+    drop(model);
+
+    // A folder that cannot take the cache (here `.ferrotune` is a file; a read-only hub
+    // snapshot in real life): the cache goes under the user's cache folder instead.
+    let ro = tmp.path().join("read-only-snapshot");
+    link_folder(&blobs, &ro);
+    std::fs::write(ro.join(".ferrotune"), b"not a folder").unwrap();
+    let first = Model::load(&WeightsSource::Hf(ro.clone()), Requantize::Auto).unwrap();
+    assert!(
+        !first.description.contains("cached"),
+        "{}",
+        first.description
+    );
+    drop(first);
+    let second = Model::load(&WeightsSource::Hf(ro.clone()), Requantize::Auto).unwrap();
+    assert!(
+        second.description.contains("cached"),
+        "{}",
+        second.description
+    );
+    let key = {
+        use sha2::Digest;
+        let k = format!(
+            "{:x}",
+            sha2::Sha256::digest(ro.canonicalize().unwrap().to_string_lossy().as_bytes())
+        );
+        k[..16].to_string()
+    };
+    let elsewhere = ferrotune::pyenv::cache_root().join("quantized").join(key);
+    assert_eq!(cache_files(&elsewhere).len(), 1, "{}", elsewhere.display());
+    std::fs::remove_dir_all(&elsewhere).unwrap();
+}
+
 #[test]
 fn chunked_runs_agree_with_one_pass_across_cache_growth() {
     // The KV cache starts at 256 positions and grows (copying what it holds); prompts are run
@@ -499,6 +699,7 @@ fn gguf_tokenizer_matches_tokenizer_json() {
 fn request(adapter: Option<PathBuf>, user: &str, params: SamplingParams) -> GenerateRequest {
     GenerateRequest {
         base_model: MODEL.into(),
+        model_dir: None,
         adapter,
         messages: vec![ChatMessage::new("user", user)],
         params,

@@ -228,3 +228,116 @@ async fn bad_task_requests_are_422_before_anything_runs() {
                 .is_none()
     );
 }
+
+/// A full fine-tune is a model of its owner's: listed for chat, answered through the same
+/// engine (its float weights quantised at load, cached in its folder), downloadable without
+/// that cache.
+#[tokio::test]
+async fn a_full_fine_tune_is_a_model_that_chats() {
+    let models = test_models_dir();
+    std::fs::create_dir_all(&models).unwrap();
+    let server = Server::start_with(
+        Some(&models),
+        &[
+            ("FERROTUNE_AUTO_SETUP", "true"),
+            ("FERROTUNE_DEFAULT_MODEL", "smollm2-135m-instruct"),
+        ],
+    );
+    let c = server.client();
+    let (alice, _) = c.signup("alice").await;
+    let (bob, _) = c.signup("bob").await;
+    let up = alice.upload("arith.json", arithmetic_dataset()).await;
+    assert_eq!(up.status, 201, "{:?}", up.body);
+    let dataset_id = up.body["file_id"].as_str().unwrap().to_string();
+    wait_for_environment_and_model(&alice).await;
+
+    let r = alice
+        .post(
+            "/api/tasks",
+            json!({
+                "name": "arith-full", "model_name": MODEL, "dataset_id": dataset_id,
+                "finetuning_type": "full", "epochs": 1, "learning_rate": 0.00001,
+                "batch_size": 8, "cutoff_len": 64, "logging_steps": 1, "save_steps": 1000,
+            }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let id = r.body["task_id"].as_str().unwrap().to_string();
+    let done = wait_until("the full fine-tune", Duration::from_secs(900), async || {
+        let t = alice.get(&format!("/api/tasks/{id}")).await.body;
+        matches!(t["status"].as_str(), Some("completed" | "failed")).then_some(t)
+    })
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let model_id = done["model_id"].as_str().expect("model_id").to_string();
+
+    let available = alice.get("/api/models/available").await.body["models"]
+        .as_array()
+        .cloned()
+        .unwrap();
+    let m = available
+        .iter()
+        .find(|m| m["model_id"] == model_id.as_str())
+        .expect("a full fine-tune is offered for chat");
+    assert_eq!(m["kind"], "full");
+    let v1 = alice.get("/v1/models").await.body;
+    assert!(
+        v1["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == model_id.as_str() && m["kind"] == "full"),
+        "{v1}"
+    );
+
+    let chat = json!({
+        "model": model_id, "max_tokens": 8, "temperature": 0,
+        "messages": [{"role": "user", "content": "What is 3 plus 4?"}],
+    });
+    let r = alice.post("/v1/chat/completions", chat.clone()).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let answer = r.body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!answer.trim().is_empty(), "{:?}", r.body);
+    assert_eq!(r.body["model"], model_id.as_str());
+    assert_eq!(
+        bob.post("/v1/chat/completions", chat).await.status,
+        404,
+        "not bob's"
+    );
+
+    // Its weights were quantised at load and cached in its own folder…
+    let rel = m["model_path"].as_str().unwrap();
+    let folder = server.data_path().join(rel);
+    let cache: Vec<String> = std::fs::read_dir(folder.join(".ferrotune"))
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        cache.iter().any(|n| n.starts_with("weights-q8_0-")),
+        "{cache:?} in {}",
+        folder.display()
+    );
+    // …which its download leaves out.
+    let (status, bytes, _) = alice
+        .get_bytes(&format!("/api/files/models/{model_id}/download"))
+        .await;
+    assert_eq!(status, 200);
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
+    let names: Vec<String> = archive
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.ends_with("config.json")),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n.ends_with(".safetensors")),
+        "{names:?}"
+    );
+    assert!(!names.iter().any(|n| n.contains(".ferrotune")), "{names:?}");
+}

@@ -40,9 +40,17 @@ class Engine:
         models_dir: the folder of base models (one folder each). Default: the server's
             setting — ``FERROTUNE_MODELS_DIR``, else ``models_dir`` in ``ferrotune.toml`` (or
             the file ``FERROTUNE_CONFIG`` names), else ``./models``.
+        weights: what a model's weights become at load: ``"auto"`` (a Hugging Face folder's
+            float weights are quantised to Q8_0, cached beside the model and memory-mapped on
+            later loads; GGUF files keep their formats), ``"q8_0"``, ``"q4_0"``, ``"q4_1"``,
+            or ``"keep"`` (float32). Default: the server's ``inference_weights`` setting.
     """
 
-    def __init__(self, models_dir: Union[str, os.PathLike[str], None] = None) -> None: ...
+    def __init__(
+        self,
+        models_dir: Union[str, os.PathLike[str], None] = None,
+        weights: Optional[str] = None,
+    ) -> None: ...
     @property
     def models_dir(self) -> pathlib.Path:
         """The models directory this engine reads."""

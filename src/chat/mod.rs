@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::error::{Error, Kind, Result};
 use crate::inference::{ChatMessage, Engine, GenerateRequest, Generation, SamplingParams};
 use crate::models::{Registry, Resolved};
+use crate::store::ModelKind;
 pub use limits::{GenerationLimits, GenerationPermit};
 pub use sessions::{Session, SessionMessage, Sessions};
 
@@ -127,6 +128,8 @@ impl Chat {
         let engine = self.engine.clone();
         let req = GenerateRequest {
             base_model: target.base.name.clone(),
+            model_dir: (target.kind != ModelKind::Base && target.adapter.is_none())
+                .then(|| target.base.path.clone()),
             adapter: target.adapter.clone(),
             messages,
             params,
@@ -168,16 +171,14 @@ impl Chat {
         })
     }
 
-    /// The models `owner` may chat with: base models by name, their adapters by id.
+    /// The models `owner` may chat with: base models by name, their trained models (adapters
+    /// and full fine-tunes) by id.
     pub async fn models(&self, owner: &str) -> Result<ChatModels> {
         let base = self.models.base_models().await?;
         let trained = self.models.trained(owner).await?;
         Ok(ChatModels {
             base: base.iter().cloned().collect(),
-            adapters: trained
-                .into_iter()
-                .filter(|m| m.kind == crate::store::ModelKind::Adapter)
-                .collect(),
+            trained,
         })
     }
 }
@@ -185,7 +186,7 @@ impl Chat {
 /// The models one user may chat with.
 pub struct ChatModels {
     pub base: Vec<crate::models::BaseModel>,
-    pub adapters: Vec<crate::store::ModelRecord>,
+    pub trained: Vec<crate::store::ModelRecord>,
 }
 
 #[cfg(test)]

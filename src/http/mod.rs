@@ -116,13 +116,8 @@ impl AppState {
             datasets.clone(),
             models.clone(),
         );
-        let engine = crate::inference::Engine::with_registry(
-            models.clone(),
-            crate::inference::EngineOptions {
-                max_tokens: config.max_generation_tokens,
-                ..crate::inference::EngineOptions::default()
-            },
-        );
+        let engine =
+            crate::inference::Engine::with_registry(models.clone(), config.engine_options());
         let limits = GenerationLimits::new(
             config.max_concurrent_generations,
             config.max_generations_per_user,

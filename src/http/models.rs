@@ -144,10 +144,6 @@ async fn download_model(
 #[utoipa::path(get, path = "/api/models/available", tag = "models",
     responses((status = 200, description = "The models", body = ModelList)))]
 async fn available_models(state: AppState, CurrentUser(p): CurrentUser) -> Result<Json<ModelList>> {
-    let models = all_models(&state, &p.user.user_id)
-        .await?
-        .into_iter()
-        .filter(|m| m.kind != ModelKind::Full)
-        .collect();
+    let models = all_models(&state, &p.user.user_id).await?;
     Ok(Json(ModelList { models }))
 }

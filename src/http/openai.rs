@@ -20,7 +20,7 @@ use super::error::{ErrorBody, Json};
 use super::extract::CurrentUser;
 use crate::error::{Error, Kind, Result};
 use crate::inference::{ChatMessage, GenEvent, SamplingParams};
-use crate::store::new_id;
+use crate::store::{ModelKind, new_id};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -114,8 +114,8 @@ pub struct V1Model {
     object: &'static str,
     created: i64,
     owned_by: String,
-    /// `base` or `adapter`.
-    kind: &'static str,
+    /// `base`, `adapter` (LoRA over `base_model`) or `full` (whole weights of its own).
+    kind: ModelKind,
     #[serde(skip_serializing_if = "Option::is_none")]
     name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -129,7 +129,7 @@ pub struct V1ModelList {
     data: Vec<V1Model>,
 }
 
-/// Every base model (by name) and the caller's adapters (by id).
+/// Every base model (by name) and the caller's trained models (by id).
 #[utoipa::path(get, path = "/v1/models", tag = "openai",
     responses((status = 200, description = "OpenAI's model list", body = V1ModelList),
               (status = 401, description = "No or bad credentials", body = ErrorBody)))]
@@ -143,17 +143,17 @@ async fn models(state: AppState, CurrentUser(p): CurrentUser) -> Result<Json<V1M
             object: "model",
             created: b.created_at.map_or(0, |t| t.unix_timestamp()),
             owned_by: "ferrotune".into(),
-            kind: "base",
+            kind: ModelKind::Base,
             name: None,
             base_model: None,
         })
         .collect();
-    data.extend(models.adapters.iter().map(|m| V1Model {
+    data.extend(models.trained.iter().map(|m| V1Model {
         id: m.model_id.clone(),
         object: "model",
         created: m.created_at.unix_timestamp(),
         owned_by: p.user.username.clone(),
-        kind: "adapter",
+        kind: m.kind,
         name: Some(m.name.clone()),
         base_model: Some(m.base_model.clone()),
     }));

@@ -87,7 +87,7 @@ impl Engine {
         if req.messages.is_empty() {
             return Err(EngineError::Invalid("no messages".into()));
         }
-        let slot = self.slot(&req.base_model)?;
+        let slot = self.slot(&req.base_model, req.model_dir.as_deref())?;
         let assets = &slot.assets;
         let text = assets.template.render(&req.messages, true).map_err(|e| {
             EngineError::Invalid(format!("the chat template refused the messages: {e}"))
@@ -127,7 +127,7 @@ impl Engine {
         if let Err(std_mpsc::SendError(job)) = sent {
             // The worker is gone (its model failed to load): forget the slot, try once more.
             lock(&self.slots).remove(&slot.name);
-            let slot = self.slot(&req.base_model)?;
+            let slot = self.slot(&req.base_model, req.model_dir.as_deref())?;
             lock(&slot.jobs).send(job).map_err(|_| {
                 EngineError::Internal(format!("the model {} cannot be loaded", slot.name))
             })?;
@@ -144,7 +144,7 @@ impl Engine {
         base_model: &str,
         messages: &[ChatMessage],
     ) -> Result<String, EngineError> {
-        let slot = self.slot(base_model)?;
+        let slot = self.slot(base_model, None)?;
         slot.assets.template.render(messages, true).map_err(|e| {
             EngineError::Invalid(format!("the chat template refused the messages: {e}"))
         })
@@ -152,7 +152,7 @@ impl Engine {
 
     /// The assets of a base model (loaded on first use): tokenizer, template, config.
     pub fn assets(&self, base_model: &str) -> Result<Arc<ChatAssets>, EngineError> {
-        Ok(self.slot(base_model)?.assets.clone())
+        Ok(self.slot(base_model, None)?.assets.clone())
     }
 
     /// Loads (or finds in the cache) an adapter for a base model, checking it fits. Useful to
@@ -162,7 +162,7 @@ impl Engine {
         base_model: &str,
         dir: &Path,
     ) -> Result<Arc<LoraAdapter>, EngineError> {
-        let slot = self.slot(base_model)?;
+        let slot = self.slot(base_model, None)?;
         self.adapter(&slot, dir)
     }
 
@@ -200,15 +200,26 @@ impl Engine {
         Ok(adapter)
     }
 
-    fn slot(&self, name: &str) -> Result<Arc<Slot>, EngineError> {
+    /// The loaded model `name` (a base model of the models directory, or with `dir` the model
+    /// in that folder), loading it on first use.
+    fn slot(&self, name: &str, dir: Option<&Path>) -> Result<Arc<Slot>, EngineError> {
         if let Some(s) = lock(&self.slots).get(name) {
             return Ok(s.clone());
         }
-        let found = self
-            .models
-            .find_base_blocking(name)
-            .map_err(|e| EngineError::Internal(format!("cannot read the models directory: {e}")))?
-            .ok_or_else(|| EngineError::NotFound(format!("no base model `{name}`")))?;
+        let found = match dir {
+            Some(d) => crate::models::inspect(d, name.to_string())
+                .map_err(|e| EngineError::Internal(format!("cannot read the model's folder: {e}")))?
+                .ok_or_else(|| {
+                    EngineError::NotFound(format!("the model `{name}` has no weights"))
+                })?,
+            None => self
+                .models
+                .find_base_blocking(name)
+                .map_err(|e| {
+                    EngineError::Internal(format!("cannot read the models directory: {e}"))
+                })?
+                .ok_or_else(|| EngineError::NotFound(format!("no base model `{name}`")))?,
+        };
         if let Some(s) = lock(&self.slots).get(&found.name) {
             return Ok(s.clone());
         }
@@ -249,7 +260,12 @@ impl Engine {
         let worker = Worker {
             name: found.name.clone(),
             source,
-            requantize: self.opts.requantize,
+            requantize: self
+                .opts
+                .model_requantize
+                .get(&found.name)
+                .copied()
+                .unwrap_or(self.opts.requantize),
             prefill_chunk: self.opts.prefill_chunk.max(1),
             assets: assets.clone(),
         };

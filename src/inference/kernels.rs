@@ -9,12 +9,65 @@
 //! as they are, so the GGUF path computes what its de-quantised form computes (to float
 //! rounding), while reading only the quantised bytes per token.
 
+use std::marker::PhantomData;
+use std::ops::Deref;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use half::f16;
 
+/// A plain-old-data value a weight file may hold (`u8` quants, `f32` scales and values).
+pub(crate) trait Pod: Copy + Send + Sync + 'static {}
+impl Pod for u8 {}
+impl Pod for f32 {}
+
+/// Weight data: owned, or borrowed from a memory-mapped file (the quantised-weights cache),
+/// which the kernels read in place — a cached model costs no copy and no anonymous memory.
+pub(crate) enum Buf<T: Pod> {
+    Owned(Vec<T>),
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        offset: usize,
+        len: usize,
+        _t: PhantomData<T>,
+    },
+}
+
+impl<T: Pod> Buf<T> {
+    /// `len` values at `offset` bytes into `map`; `None` when they do not fit or are not
+    /// aligned for `T`.
+    pub fn mapped(map: Arc<memmap2::Mmap>, offset: usize, len: usize) -> Option<Buf<T>> {
+        let bytes = len.checked_mul(std::mem::size_of::<T>())?;
+        let end = offset.checked_add(bytes)?;
+        let aligned = (map.as_ptr() as usize + offset).is_multiple_of(std::mem::align_of::<T>());
+        (end <= map.len() && aligned).then_some(Buf::Mapped {
+            map,
+            offset,
+            len,
+            _t: PhantomData,
+        })
+    }
+}
+
+impl<T: Pod> Deref for Buf<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match self {
+            Buf::Owned(v) => v,
+            // SAFETY: `mapped` checked that `len` values of `T` fit in the map from `offset`
+            // and that the address is aligned for `T`; `T` is plain data (any bit pattern is
+            // a value); the map is read-only and lives as long as this `Buf` (the `Arc`). The
+            // cache file is written once to a temporary name and renamed: never changed in
+            // place while mapped.
+            Buf::Mapped {
+                map, offset, len, ..
+            } => unsafe { std::slice::from_raw_parts(map.as_ptr().add(*offset).cast::<T>(), *len) },
+        }
+    }
+}
+
 /// The block formats these kernels run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) enum Format {
     /// `x = d·(q − 8)`, `q` in 0..16: 18 bytes per 32 values.
     Q4_0,
@@ -40,16 +93,29 @@ impl Format {
 
 /// A quantised weight matrix, `rows × cols`, row-major, split at load into the block
 /// quants (`qs`: 16 or 32 bytes per 32 values) and float32 scales (`d`) and offsets (`m`:
-/// Q4_1's minimum, Q4_0's `−8·d`), so the inner loop converts no half floats.
+/// Q4_1's minimum; Q4_0's offset is `−8·d`, computed, not stored: 20 bytes a block, where
+/// storing it would take 24 and decode reads every byte once per token), so the inner loop
+/// converts no half floats.
 pub(crate) struct QuantMatrix {
     format: Format,
     rows: usize,
     cols: usize,
-    qs: Vec<u8>,
-    d: Vec<f32>,
-    m: Vec<f32>,
+    qs: Buf<u8>,
+    d: Buf<f32>,
+    m: Buf<f32>,
     /// [`Format::F32`]'s values (`rows × cols`); empty otherwise.
-    f: Vec<f32>,
+    f: Buf<f32>,
+}
+
+/// The stored parts of a [`QuantMatrix`] (what the quantised-weights cache writes).
+pub(crate) struct Parts<'a> {
+    pub format: Format,
+    pub rows: usize,
+    pub cols: usize,
+    pub qs: &'a [u8],
+    pub d: &'a [f32],
+    pub m: &'a [f32],
+    pub f: &'a [f32],
 }
 
 impl QuantMatrix {
@@ -71,32 +137,104 @@ impl QuantMatrix {
         if bytes.len() != n * bb {
             anyhow::bail!("{} bytes for {rows}×{cols} {format:?} values", bytes.len());
         }
-        let mut mat = QuantMatrix {
-            format,
-            rows,
-            cols,
-            qs: Vec::with_capacity(n * format.quant_bytes()),
-            d: Vec::with_capacity(n),
-            m: Vec::with_capacity(if format == Format::Q8_0 { 0 } else { n }),
-            f: Vec::new(),
-        };
+        let mut qs = Vec::with_capacity(n * format.quant_bytes());
+        let mut ds = Vec::with_capacity(n);
+        let mut ms = Vec::with_capacity(if format == Format::Q4_1 { n } else { 0 });
         for blk in bytes.chunks_exact(bb) {
             let d = f16_at(blk, 0);
-            mat.d.push(d);
+            ds.push(d);
             match format {
-                Format::Q8_0 => mat.qs.extend_from_slice(&blk[2..34]),
-                Format::Q4_0 => {
-                    mat.m.push(-8.0 * d);
-                    mat.qs.extend_from_slice(&blk[2..18]);
-                }
+                Format::Q8_0 => qs.extend_from_slice(&blk[2..34]),
+                Format::Q4_0 => qs.extend_from_slice(&blk[2..18]),
                 Format::Q4_1 => {
-                    mat.m.push(f16_at(blk, 2));
-                    mat.qs.extend_from_slice(&blk[4..20]);
+                    ms.push(f16_at(blk, 2));
+                    qs.extend_from_slice(&blk[4..20]);
                 }
                 Format::F32 => {}
             }
         }
-        Ok(mat)
+        Ok(QuantMatrix {
+            format,
+            rows,
+            cols,
+            qs: Buf::Owned(qs),
+            d: Buf::Owned(ds),
+            m: Buf::Owned(ms),
+            f: Buf::Owned(Vec::new()),
+        })
+    }
+
+    /// From stored parts (the quantised-weights cache), checked against the shape.
+    pub fn from_parts(
+        format: Format,
+        rows: usize,
+        cols: usize,
+        qs: Buf<u8>,
+        d: Buf<f32>,
+        m: Buf<f32>,
+        f: Buf<f32>,
+    ) -> anyhow::Result<QuantMatrix> {
+        let (blocks, ok) = if format == Format::F32 {
+            (
+                0,
+                f.len() == rows * cols && qs.is_empty() && d.is_empty() && m.is_empty(),
+            )
+        } else {
+            let n = rows * cols / 32;
+            let m_len = if format == Format::Q4_1 { n } else { 0 };
+            (
+                n,
+                cols.is_multiple_of(32)
+                    && qs.len() == n * format.quant_bytes()
+                    && d.len() == n
+                    && m.len() == m_len
+                    && f.is_empty(),
+            )
+        };
+        if !ok {
+            anyhow::bail!(
+                "stored parts do not make a {rows}×{cols} {format:?} matrix ({blocks} blocks)"
+            );
+        }
+        Ok(QuantMatrix {
+            format,
+            rows,
+            cols,
+            qs,
+            d,
+            m,
+            f,
+        })
+    }
+
+    /// The stored parts (for the quantised-weights cache).
+    pub fn parts(&self) -> Parts<'_> {
+        Parts {
+            format: self.format,
+            rows: self.rows,
+            cols: self.cols,
+            qs: &self.qs,
+            d: &self.d,
+            m: &self.m,
+            f: &self.f,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Rows `ids` as floats, one after the other (an embedding lookup).
+    pub fn rows_f32(&self, ids: &[u32]) -> anyhow::Result<Vec<f32>> {
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (&id, o) in ids.iter().zip(out.chunks_exact_mut(self.cols)) {
+            let r = id as usize;
+            if r >= self.rows {
+                anyhow::bail!("token {id} is outside the vocabulary of {}", self.rows);
+            }
+            self.row(r).dequantize(o);
+        }
+        Ok(out)
     }
 
     /// A float32 matrix (`rows × cols` values, row-major).
@@ -108,10 +246,10 @@ impl QuantMatrix {
             format: Format::F32,
             rows,
             cols,
-            qs: Vec::new(),
-            d: Vec::new(),
-            m: Vec::new(),
-            f: values,
+            qs: Buf::Owned(Vec::new()),
+            d: Buf::Owned(Vec::new()),
+            m: Buf::Owned(Vec::new()),
+            f: Buf::Owned(values),
         })
     }
 
@@ -363,7 +501,8 @@ impl QuantMatrix {
         unsafe {
             match self.format {
                 Format::Q8_0 => dot4_q8_0_avx512(qs, d, nb, x),
-                _ => dot4_q4_avx512(qs, d, &self.m[r * nb..(r + 4) * nb], nb, x),
+                Format::Q4_0 => dot4_q4_avx512::<false>(qs, d, &[], nb, x),
+                _ => dot4_q4_avx512::<true>(qs, d, &self.m[r * nb..(r + 4) * nb], nb, x),
             }
         }
     }
@@ -389,6 +528,15 @@ struct Row<'a> {
 }
 
 impl Row<'_> {
+    /// Block `b`'s offset: Q4_1's stored minimum, Q4_0's `−8·d`.
+    fn offset(&self, b: usize) -> f32 {
+        if self.format == Format::Q4_0 {
+            -8.0 * self.d[b]
+        } else {
+            self.m[b]
+        }
+    }
+
     /// The row's values as floats (exactly what de-quantising the tensor gives).
     fn dequantize(&self, out: &mut [f32]) {
         if self.format == Format::F32 {
@@ -410,7 +558,7 @@ impl Row<'_> {
                     }
                 }
                 Format::Q4_0 | Format::Q4_1 => {
-                    let m = self.m[b];
+                    let m = self.offset(b);
                     for j in 0..16 {
                         o[j] = d * f32::from(qs[j] & 0x0F) + m;
                         o[j + 16] = d * f32::from(qs[j] >> 4) + m;
@@ -434,7 +582,8 @@ impl Row<'_> {
                 return unsafe {
                     match self.format {
                         Format::Q8_0 => dot_q8_0_avx512(self.qs, self.d, x),
-                        Format::Q4_0 | Format::Q4_1 => dot_q4_avx512(self.qs, self.d, self.m, x),
+                        Format::Q4_0 => dot_q4_avx512::<false>(self.qs, self.d, &[], x),
+                        Format::Q4_1 => dot_q4_avx512::<true>(self.qs, self.d, self.m, x),
                         Format::F32 => dot_f32_avx512(self.f, x),
                     }
                 };
@@ -444,7 +593,10 @@ impl Row<'_> {
                 return unsafe {
                     match self.format {
                         Format::Q8_0 => dot_q8_0_avx2(self.qs, self.d, x),
-                        Format::Q4_0 | Format::Q4_1 => {
+                        Format::Q4_0 => {
+                            dot_q4_avx2(self.qs, self.d, x) - 8.0 * dot_f32_avx2(self.d, sums)
+                        }
+                        Format::Q4_1 => {
                             dot_q4_avx2(self.qs, self.d, x) + dot_f32_avx2(self.m, sums)
                         }
                         Format::F32 => dot_f32_avx2(self.f, x),
@@ -475,7 +627,7 @@ impl Row<'_> {
                     for j in 0..16 {
                         p += f32::from(qs[j] & 0x0F) * xs[j] + f32::from(qs[j] >> 4) * xs[j + 16];
                     }
-                    acc += self.m[b] * sums[b];
+                    acc += self.offset(b) * sums[b];
                 }
                 Format::F32 => {}
             }
@@ -817,15 +969,14 @@ const PREFETCH_BYTES: usize = 4096;
 /// `Σ_b Σ_j (d_b·q_bj + m_b) · x_bj` for 4-bit quants, 16 floats per instruction. Each block's
 /// 16 possible weight values `d·q + m` are one register, and the quants index it (`vpermps`
 /// reads the low 4 bits of each lane), so no integer-to-float conversion is needed.
+/// `OFFSETS`: `m` holds each block's offset (Q4_1); without, the offset is `−8·d` (Q4_0).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn dot_q4_avx512(qs: &[u8], d: &[f32], m: &[f32], x: &[f32]) -> f32 {
+unsafe fn dot_q4_avx512<const OFFSETS: bool>(qs: &[u8], d: &[f32], m: &[f32], x: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let nb = d.len();
-    debug_assert!(qs.len() == nb * 16 && m.len() == nb && x.len() >= nb * 32);
-    let iota = _mm512_setr_ps(
-        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
-    );
+    debug_assert!(qs.len() == nb * 16 && (!OFFSETS || m.len() == nb) && x.len() >= nb * 32);
+    let iota = q4_iota::<OFFSETS>();
     let mut acc = [_mm512_setzero_ps(); 4];
     // SAFETY: block `b` reads 16 bytes of quants at 16·b and 32 floats at 32·b, inside the
     // slices (lengths checked at load); unaligned loads.
@@ -833,11 +984,15 @@ unsafe fn dot_q4_avx512(qs: &[u8], d: &[f32], m: &[f32], x: &[f32]) -> f32 {
         let block = |b: usize| {
             let lanes =
                 _mm512_cvtepu8_epi32(_mm_loadu_si128(qs.as_ptr().add(16 * b) as *const __m128i));
-            let table = _mm512_fmadd_ps(
-                iota,
-                _mm512_set1_ps(*d.get_unchecked(b)),
-                _mm512_set1_ps(*m.get_unchecked(b)),
-            );
+            let table = if OFFSETS {
+                _mm512_fmadd_ps(
+                    iota,
+                    _mm512_set1_ps(*d.get_unchecked(b)),
+                    _mm512_set1_ps(*m.get_unchecked(b)),
+                )
+            } else {
+                _mm512_mul_ps(iota, _mm512_set1_ps(*d.get_unchecked(b)))
+            };
             let xp = x.as_ptr().add(32 * b);
             (
                 _mm512_permutexvar_ps(lanes, table),
@@ -858,9 +1013,11 @@ unsafe fn dot_q4_avx512(qs: &[u8], d: &[f32], m: &[f32], x: &[f32]) -> f32 {
                 _mm_prefetch::<_MM_HINT_T0>(
                     d.as_ptr().wrapping_add(b + PREFETCH_BYTES / 4) as *const i8
                 );
-                _mm_prefetch::<_MM_HINT_T0>(
-                    m.as_ptr().wrapping_add(b + PREFETCH_BYTES / 4) as *const i8
-                );
+                if OFFSETS {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        m.as_ptr().wrapping_add(b + PREFETCH_BYTES / 4) as *const i8
+                    );
+                }
             }
             let (w0, x0, w1, x1) = block(b);
             acc[0] = _mm512_fmadd_ps(w0, x0, acc[0]);
@@ -882,16 +1039,48 @@ unsafe fn dot_q4_avx512(qs: &[u8], d: &[f32], m: &[f32], x: &[f32]) -> f32 {
     ))
 }
 
-/// [`dot_q4_avx512`] for 4 consecutive rows (`qs`, `d`, `m` hold 4 rows of `nb` blocks).
+/// The 16 quant values a 4-bit block's table is made from: `0..16`, or `−8..8` when the
+/// offset is `−8·d` (Q4_0: the table is then `d·(q − 8)`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn q4_iota<const OFFSETS: bool>() -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let o = if OFFSETS { 0.0 } else { -8.0 };
+    _mm512_setr_ps(
+        o,
+        o + 1.0,
+        o + 2.0,
+        o + 3.0,
+        o + 4.0,
+        o + 5.0,
+        o + 6.0,
+        o + 7.0,
+        o + 8.0,
+        o + 9.0,
+        o + 10.0,
+        o + 11.0,
+        o + 12.0,
+        o + 13.0,
+        o + 14.0,
+        o + 15.0,
+    )
+}
+
+/// [`dot_q4_avx512`] for 4 consecutive rows (`qs`, `d`, and with `OFFSETS` `m`, hold 4 rows
+/// of `nb` blocks).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn dot4_q4_avx512(qs: &[u8], d: &[f32], m: &[f32], nb: usize, x: &[f32]) -> [f32; 4] {
+unsafe fn dot4_q4_avx512<const OFFSETS: bool>(
+    qs: &[u8],
+    d: &[f32],
+    m: &[f32],
+    nb: usize,
+    x: &[f32],
+) -> [f32; 4] {
     use std::arch::x86_64::*;
-    debug_assert!(qs.len() == 4 * nb * 16 && d.len() == 4 * nb && m.len() == 4 * nb);
+    debug_assert!(qs.len() == 4 * nb * 16 && d.len() == 4 * nb && (!OFFSETS || m.len() == 4 * nb));
     debug_assert!(x.len() >= nb * 32);
-    let iota = _mm512_setr_ps(
-        0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
-    );
+    let iota = q4_iota::<OFFSETS>();
     let mut lo = [_mm512_setzero_ps(); 4];
     let mut hi = [_mm512_setzero_ps(); 4];
     // SAFETY: row j's block b reads 16 bytes at (j·nb + b)·16 and one float at j·nb + b, all
@@ -906,7 +1095,9 @@ unsafe fn dot4_q4_avx512(qs: &[u8], d: &[f32], m: &[f32], nb: usize, x: &[f32]) 
             if b % 4 == 0 {
                 let ahead = 16 * b + PREFETCH_BYTES / 4;
                 _mm_prefetch::<_MM_HINT_T0>((dp as *const u8).wrapping_add(ahead) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>((mp as *const u8).wrapping_add(ahead) as *const i8);
+                if OFFSETS {
+                    _mm_prefetch::<_MM_HINT_T0>((mp as *const u8).wrapping_add(ahead) as *const i8);
+                }
             }
             let x0 = _mm512_loadu_ps(xp.add(32 * b));
             let x1 = _mm512_loadu_ps(xp.add(32 * b + 16));
@@ -914,11 +1105,15 @@ unsafe fn dot4_q4_avx512(qs: &[u8], d: &[f32], m: &[f32], nb: usize, x: &[f32]) 
                 let at = j * nb + b;
                 let lanes =
                     _mm512_cvtepu8_epi32(_mm_loadu_si128(qp.add(16 * at) as *const __m128i));
-                let table = _mm512_fmadd_ps(
-                    iota,
-                    _mm512_set1_ps(*dp.add(at)),
-                    _mm512_set1_ps(*mp.add(at)),
-                );
+                let table = if OFFSETS {
+                    _mm512_fmadd_ps(
+                        iota,
+                        _mm512_set1_ps(*dp.add(at)),
+                        _mm512_set1_ps(*mp.add(at)),
+                    )
+                } else {
+                    _mm512_mul_ps(iota, _mm512_set1_ps(*dp.add(at)))
+                };
                 lo[j] = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes, table), x0, lo[j]);
                 hi[j] = _mm512_fmadd_ps(
                     _mm512_permutexvar_ps(_mm512_srli_epi32(lanes, 4), table),

@@ -141,11 +141,22 @@ impl SamplingParams {
     }
 }
 
+/// The folder a request's model names when it is a path (with a `/`) to a folder: a model
+/// outside the models directory (a full fine-tune's output, a Hugging Face cache snapshot).
+pub fn model_dir_of(model: &str) -> Option<PathBuf> {
+    let p = std::path::Path::new(model);
+    (model.contains('/') && p.is_dir()).then(|| p.to_path_buf())
+}
+
 /// A chat request.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
-    /// A base model: its folder name in the models directory (or catalogue name).
+    /// A base model: its folder name in the models directory (or catalogue name); with
+    /// `model_dir`, the name that folder's model is known by (a trained model's id).
     pub base_model: String,
+    /// A model folder outside the models directory: a full or freeze fine-tune's weights,
+    /// loaded (and quantised) like a base model, under the name `base_model`.
+    pub model_dir: Option<PathBuf>,
     /// A PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`).
     pub adapter: Option<PathBuf>,
     pub messages: Vec<ChatMessage>,
@@ -292,8 +303,12 @@ pub struct EngineOptions {
     /// Bytes of loaded adapters kept for reuse (least recently used go first).
     pub adapter_cache_bytes: usize,
     pub format: WeightsFormat,
-    /// What happens to GGUF weights in formats candle has no fast CPU kernel for.
+    /// What the weights become at load: a Hugging Face folder's float weights are quantised
+    /// (`Auto`: Q8_0; `To(Q4_0)`…; `Keep`: float32); GGUF weights in formats candle has no
+    /// fast CPU kernel for are re-quantised.
     pub requantize: Requantize,
+    /// The same, per base model (by folder name), overriding `requantize`.
+    pub model_requantize: std::collections::HashMap<String, Requantize>,
     /// Most prompt tokens run in one step (before the other sequences get their turn).
     pub prefill_chunk: usize,
     /// Most tokens one generation may produce, whatever it asks (the context bounds it too).
@@ -306,6 +321,7 @@ impl Default for EngineOptions {
             adapter_cache_bytes: 512 << 20,
             format: WeightsFormat::Auto,
             requantize: Requantize::Auto,
+            model_requantize: std::collections::HashMap::new(),
             prefill_chunk: 256,
             max_tokens: 4096,
         }

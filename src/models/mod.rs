@@ -126,7 +126,7 @@ pub fn find_base_model(models_dir: &Path, name: &str) -> std::io::Result<Option<
 }
 
 /// Describes one folder, or `None` when it holds neither form.
-fn inspect(dir: &Path, name: String) -> std::io::Result<Option<BaseModel>> {
+pub(crate) fn inspect(dir: &Path, name: String) -> std::io::Result<Option<BaseModel>> {
     let config = dir.join("config.json");
     let hf_dir = config.is_file().then(|| dir.to_path_buf());
     let mut ggufs = Vec::new();

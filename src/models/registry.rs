@@ -228,11 +228,25 @@ impl Registry {
 
     async fn resolve_record(self: &Arc<Self>, id: &str, m: &ModelRecord) -> Result<Resolved> {
         if m.kind != ModelKind::Adapter {
-            return Err(Error::new(
-                Kind::Invalid,
-                "unsupported",
-                "chat serves base models and LoRA adapters; full fine-tunes are not served yet",
-            ));
+            // A full or freeze fine-tune: its own folder holds whole weights, served like a
+            // base model of its own (quantised at load).
+            let dir = PathBuf::from(&m.model_path);
+            let name = m.model_id.clone();
+            let base = tokio::task::spawn_blocking(move || super::inspect(&dir, name))
+                .await??
+                .ok_or_else(|| {
+                    Error::new(
+                        Kind::NotFound,
+                        "model_not_found",
+                        format!("the model `{id}` has no weights left on the server"),
+                    )
+                })?;
+            return Ok(Resolved {
+                id: id.to_string(),
+                base,
+                adapter: None,
+                kind: m.kind,
+            });
         }
         let base = self.find_base(&m.base_model).await?.ok_or_else(|| {
             Error::new(

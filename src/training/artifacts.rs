@@ -91,6 +91,10 @@ fn walk(dir: &Path, prefix: &Path, files: &mut Vec<(PathBuf, PathBuf)>) -> Resul
     for e in std::fs::read_dir(dir)?.flatten() {
         let p = e.path();
         let name = prefix.join(e.file_name());
+        if e.file_name() == ".ferrotune" {
+            // The engine's quantised-weights cache: made again from the weights on load.
+            continue;
+        }
         if p.is_dir() {
             walk(&p, &name, files)?;
         } else if p.is_file() {

@@ -8,13 +8,18 @@ REQUEST is one of
       -> {"rendered": [str, ...]}
   {"op": "tokens", "model_dir": D, "texts": [str, ...]}
       -> {"ids": [[int, ...], ...]}
-  {"op": "reference", "model_dir": D, "adapter": A or null, "prompt_ids": [int, ...], "n": 32}
+  {"op": "reference", "model_dir": D, "adapter": A or null, "prompt_ids": [int, ...], "n": 32,
+   "quantize": null | "q8_0" | "q4_0" | "q4_1"}
       -> {"logits": [float] (last prompt position), "argmax": [int] (every prompt position),
           "greedy": [int] (n tokens, EOS not special)}
+      with "quantize", the base's matrices (projections, embedding, head) are first rounded
+      through that GGML format (ggml's reference quantiser, written out below in torch)
   {"op": "train_lora", "model_dir": D, "out": O, "steps": N}
       -> {"loss": [float, ...]}      trains a real LoRA on "What is A plus B?" -> "A plus B is C."
   {"op": "make_tiny", "out": O, "model_type": "llama"|"mistral"|"qwen2"|"qwen3"}
       -> {}                           random tiny model (+ random LoRA in O/lora) for shape tests
+  {"op": "to_bf16", "model_dir": D, "out": O, "max_shard_size": "100MB"}
+      -> {"files": [str, ...]}        the model in bfloat16, sharded with an index, + tokenizer
   {"op": "batch", "requests": [REQUEST, ...]}
       -> {"results": [RESULT, ...]}   several in one process
 """
@@ -68,10 +73,57 @@ def op_tokens(req):
     return {"ids": [tok(t, add_special_tokens=False)["input_ids"] for t in req["texts"]]}
 
 
+def round_away(x):
+    """C's roundf (ties away from zero), which ggml uses; torch.round rounds ties to even."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def ggml_round_trip(w, fmt):
+    """`w` (rows x cols, float32) quantised in blocks of 32 along a row as ggml's
+    quantize_row_*_ref does, and de-quantised again (block scales stored as float16)."""
+    rows, cols = w.shape
+    x = w.reshape(rows, cols // 32, 32)
+    f16 = lambda t: t.to(torch.float16).to(torch.float32)
+    if fmt == "q8_0":
+        d = x.abs().amax(-1, keepdim=True) / 127
+        idv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+        q = round_away(x * idv)
+        y = q * f16(d)
+    elif fmt == "q4_0":
+        # The value of largest magnitude, with its sign.
+        i = x.abs().argmax(-1, keepdim=True)
+        mx = torch.gather(x, -1, i)
+        d = mx / -8
+        idv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+        q = torch.clamp(torch.trunc(x * idv + 8.5), max=15)
+        y = (q - 8) * f16(d)
+    elif fmt == "q4_1":
+        mn = x.amin(-1, keepdim=True)
+        mx = x.amax(-1, keepdim=True)
+        d = (mx - mn) / 15
+        idv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+        q = torch.clamp(torch.trunc((x - mn) * idv + 0.5), max=15)
+        y = q * f16(d) + f16(mn)
+    else:
+        raise ValueError(fmt)
+    return y.reshape(rows, cols)
+
+
+@torch.no_grad()
+def quantize_base(model, fmt):
+    for name, p in model.named_parameters():
+        if "lora_" in name or p.dim() != 2 or p.shape[1] % 32:
+            continue
+        if name.endswith(("_proj.weight", "embed_tokens.weight", "lm_head.weight")) or name.endswith("_proj.base_layer.weight"):
+            p.copy_(ggml_round_trip(p.float(), fmt))
+
+
 @torch.no_grad()
 def op_reference(req):
     torch.manual_seed(0)
     model = load(req["model_dir"], req.get("adapter"))
+    if req.get("quantize"):
+        quantize_base(model, req["quantize"])
     ids = torch.tensor([req["prompt_ids"]])
     out = model(input_ids=ids, use_cache=True)
     logits = out.logits[0]
@@ -185,6 +237,21 @@ def op_make_tiny(req):
                 p.mul_(0.2)
     peft_model.save_pretrained(req["out"] + "/lora")
     return {}
+
+
+def op_to_bf16(req):
+    """The model as a checkpoint is published: bfloat16 safetensors, sharded with an index."""
+    import os
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(req["model_dir"], dtype=torch.bfloat16)
+    model.save_pretrained(req["out"], max_shard_size=req.get("max_shard_size", "100MB"))
+    for name in os.listdir(req["model_dir"]):
+        if name.startswith(("tokenizer", "special_tokens", "generation_config")):
+            shutil.copy(os.path.join(req["model_dir"], name), req["out"])
+    return {"files": sorted(os.listdir(req["out"]))}
 
 
 def op_batch(req):

@@ -229,7 +229,35 @@ impl Store {
         }
         // No `lm_head.weight`: the output projection is the embedding (tied).
         let lm_head_raw = self.take_opt("lm_head.weight");
+        let own_format = |q: &QTensor| match q.dtype() {
+            GgmlDType::Q4_0 => Some(Format::Q4_0),
+            GgmlDType::Q4_1 => Some(Format::Q4_1),
+            GgmlDType::Q8_0 => Some(Format::Q8_0),
+            _ => None,
+        };
         let (embed, lm_head) = match embed_raw {
+            // On the engine's kernels: one matrix for the lookup and, tied, the head.
+            Raw::Q(q)
+                if own_format(&q).is_some()
+                    && requantize.target(q.dtype(), hidden) == q.dtype() =>
+            {
+                let format = own_format(&q).context("checked above")?;
+                let m = std::sync::Arc::new(QuantMatrix::from_bytes(
+                    format,
+                    &q.data()?,
+                    vocab,
+                    hidden,
+                )?);
+                drop(q);
+                let head = match lm_head_raw {
+                    Some(r) => Linear::new(fuse(vec![r], requantize)?, None)?,
+                    None => Linear {
+                        w: Weight::Own(m.clone()),
+                        b: None,
+                    },
+                };
+                (Embedding::Own(m), head)
+            }
             Raw::Q(q) => {
                 let q = std::sync::Arc::new(q);
                 let head = Linear::new(
@@ -411,11 +439,11 @@ pub(super) fn gguf_name(
     })
 }
 
-pub(super) fn load_hf(dir: &Path) -> anyhow::Result<Model> {
-    let config = ModelConfig::from_hf_file(&dir.join("config.json"))?;
-    let device = Device::Cpu;
+/// The weight files of a Hugging Face folder: `model.safetensors`, or the shards its index
+/// names.
+fn weight_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let single = dir.join("model.safetensors");
-    let files: Vec<PathBuf> = if single.is_file() {
+    Ok(if single.is_file() {
         vec![single]
     } else {
         let index = dir.join("model.safetensors.index.json");
@@ -435,10 +463,175 @@ pub(super) fn load_hf(dir: &Path) -> anyhow::Result<Model> {
         files.sort();
         files.dedup();
         files
+    })
+}
+
+/// The quantised format a Hugging Face folder's float weights take at load, if any.
+fn hf_target(requantize: Requantize) -> Option<GgmlDType> {
+    match requantize {
+        Requantize::Keep => None,
+        Requantize::Auto => Some(GgmlDType::Q8_0),
+        Requantize::To(GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => None,
+        Requantize::To(t) => Some(t),
+    }
+}
+
+/// Loads a Hugging Face folder: float32 with `Keep`, else quantised as it is read (Q8_0 for
+/// `Auto`) and cached (see `cache`): a later load maps the cache instead.
+pub(super) fn load_hf(dir: &Path, requantize: Requantize) -> anyhow::Result<Model> {
+    let config = ModelConfig::from_hf_file(&dir.join("config.json"))?;
+    let files = weight_files(dir)?;
+    let Some(target) = hf_target(requantize) else {
+        return load_hf_f32(&files, config);
     };
+    let format = format!("{target:?}").to_lowercase();
+    let mut keyed = files.clone();
+    keyed.push(dir.join("config.json"));
+    let locations = cache::locations(dir, &keyed, &format);
+    for path in &locations {
+        if !path.is_file() {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        match cache::read(
+            path,
+            config.clone(),
+            &format!("safetensors as {target:?} (cached, mapped)"),
+        ) {
+            Ok(model) => {
+                tracing::info!(cache = %path.display(), ms = started.elapsed().as_millis() as u64, "quantised weights mapped from the cache");
+                return Ok(model);
+            }
+            Err(e) => {
+                tracing::warn!(cache = %path.display(), error = %format!("{e:#}"), "unreadable weights cache: quantising again")
+            }
+        }
+    }
+    let started = std::time::Instant::now();
+    let model = quantize_hf(&files, config, target)?;
+    tracing::info!(secs = format!("{:.1}", started.elapsed().as_secs_f64()), format = %format, "float weights quantised at load");
+    match cache::write(&model, &locations, &format) {
+        Ok(Some(path)) => tracing::info!(cache = %path.display(), "quantised weights cached"),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "could not cache the quantised weights")
+        }
+    }
+    Ok(model)
+}
+
+/// Whether a Hugging Face tensor is a matrix the model multiplies by (quantised at load).
+fn is_matmul_weight(name: &str) -> bool {
+    name.ends_with("_proj.weight")
+        || name == "model.embed_tokens.weight"
+        || name == "lm_head.weight"
+}
+
+/// One tensor's place in a safetensors file (its header entry).
+#[derive(serde::Deserialize)]
+struct Entry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [u64; 2],
+}
+
+/// The tensors of a safetensors file: name → entry, offsets from the file's start.
+fn safetensors_entries(file: &File) -> anyhow::Result<Vec<(String, Entry)>> {
+    use std::os::unix::fs::FileExt;
+    let mut n = [0u8; 8];
+    file.read_exact_at(&mut n, 0)?;
+    let n = u64::from_le_bytes(n);
+    if n > 100 << 20 {
+        bail!("a safetensors header of {n} bytes");
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact_at(&mut header, 8)?;
+    let map: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)?;
+    let mut out = Vec::new();
+    for (name, v) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let mut e: Entry =
+            serde_json::from_value(v).with_context(|| format!("the header entry of `{name}`"))?;
+        e.data_offsets = [e.data_offsets[0] + 8 + n, e.data_offsets[1] + 8 + n];
+        out.push((name, e));
+    }
+    // In file order: the reads go forward through the file.
+    out.sort_by_key(|(_, e)| e.data_offsets[0]);
+    Ok(out)
+}
+
+/// Reads one tensor into float32 (bf16, f16 and f32 weights).
+fn read_f32(file: &File, e: &Entry, name: &str) -> anyhow::Result<Tensor> {
+    use std::os::unix::fs::FileExt;
+    let len = (e.data_offsets[1] - e.data_offsets[0]) as usize;
+    let count: usize = e.shape.iter().product();
+    let width = match e.dtype.as_str() {
+        "BF16" | "F16" => 2,
+        "F32" => 4,
+        other => bail!("`{name}` is {other}: only BF16, F16 and F32 weights are read"),
+    };
+    if count * width != len {
+        bail!("`{name}`: {len} bytes for {count} values of {}", e.dtype);
+    }
+    let mut bytes = vec![0u8; len];
+    file.read_exact_at(&mut bytes, e.data_offsets[0])
+        .with_context(|| format!("cannot read `{name}`"))?;
+    let values: Vec<f32> = match e.dtype.as_str() {
+        "BF16" => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        "F16" => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    };
+    drop(bytes);
+    Ok(Tensor::from_vec(values, e.shape.clone(), &Device::Cpu)?)
+}
+
+/// Reads the folder's weights tensor by tensor (positioned reads, not a mapping: the float
+/// file never becomes resident), quantising each matrix as it comes: one tensor's float32
+/// form is in memory at a time, never the model's.
+fn quantize_hf(files: &[PathBuf], config: ModelConfig, target: GgmlDType) -> anyhow::Result<Model> {
+    let mut dtypes: Vec<String> = Vec::new();
+    let mut tensors = HashMap::new();
+    for path in files {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        for (name, e) in safetensors_entries(&file)
+            .with_context(|| format!("cannot read the header of {}", path.display()))?
+        {
+            if !dtypes.contains(&e.dtype) {
+                dtypes.push(e.dtype.clone());
+            }
+            let t = read_f32(&file, &e, &name)?;
+            let raw = match t.dims2() {
+                Ok((_, cols))
+                    if is_matmul_weight(&name) && cols.is_multiple_of(target.block_size()) =>
+                {
+                    Raw::Q(QTensor::quantize(&t, target)?)
+                }
+                _ => Raw::F(t),
+            };
+            tensors.insert(name, raw);
+        }
+    }
+    let description = format!("safetensors ({}) as {target:?}", dtypes.join("+"));
+    Store { tensors }.build(config, Requantize::Keep, description)
+}
+
+/// The folder's weights as float32 (`Keep`: the parity tests' reference).
+fn load_hf_f32(files: &[PathBuf], config: ModelConfig) -> anyhow::Result<Model> {
+    let device = Device::Cpu;
     let mut tensors = HashMap::new();
     let mut dtypes = Vec::new();
-    for f in &files {
+    for f in files {
         for (name, t) in candle_core::safetensors::load(f, &device)
             .with_context(|| format!("cannot read {}", f.display()))?
         {

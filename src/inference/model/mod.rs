@@ -28,6 +28,7 @@ use super::lora::{LayerLora, LoraAdapter, LoraPair};
 use crate::models::convert::{Arch, Heads, Mapped, map_tensor_name};
 use crate::models::gguf::Meta;
 
+mod cache;
 mod load;
 mod plain;
 mod tensor;
@@ -117,6 +118,24 @@ struct Layer {
 enum Embedding {
     Quantized(std::sync::Arc<QTensor>),
     Dense(Tensor),
+    /// On the engine's kernels (rows de-quantised as they are looked up); shared with the
+    /// output head when the two are tied.
+    Own(std::sync::Arc<QuantMatrix>),
+}
+
+impl Embedding {
+    /// The rows of `tokens`, as a `tokens × hidden` float32 tensor.
+    fn lookup(&self, tokens: &[u32], device: &Device) -> anyhow::Result<Tensor> {
+        let ids = Tensor::new(tokens, device)?;
+        Ok(match self {
+            Embedding::Quantized(q) => q.embedding(&ids)?,
+            Embedding::Dense(t) => t.index_select(&ids, 0)?,
+            Embedding::Own(m) => {
+                Tensor::from_vec(m.rows_f32(tokens)?, (tokens.len(), m.cols()), device)?
+            }
+        }
+        .to_dtype(DType::F32)?)
+    }
 }
 
 /// A loaded base model. Immutable once loaded: sequences keep their state in a [`KvCache`]
@@ -177,10 +196,14 @@ impl KvCache {
 
 impl Model {
     /// Loads the weights. Takes seconds for large models: call it off the async runtime.
+    ///
+    /// A Hugging Face folder's float weights are quantised as they are read (`Auto`: Q8_0;
+    /// `To(format)`; `Keep`: float32) and the result is cached beside the model, memory-mapped
+    /// on later loads (see `cache`).
     pub fn load(source: &WeightsSource, requantize: Requantize) -> anyhow::Result<Model> {
         match source {
             WeightsSource::Gguf(path) => load_gguf(path, requantize),
-            WeightsSource::Hf(dir) => load_hf(dir),
+            WeightsSource::Hf(dir) => load_hf(dir, requantize),
         }
     }
 
@@ -196,12 +219,14 @@ impl Model {
 
     /// Bytes of the weights in memory.
     pub fn weight_bytes(&self) -> usize {
-        let embed = match &self.embed {
-            Embedding::Quantized(q) => q.storage_size_in_bytes(),
-            Embedding::Dense(t) => t.elem_count() * 4,
+        let (embed, tied) = match (&self.embed, &self.lm_head.w) {
+            (Embedding::Quantized(q), _) => (q.storage_size_in_bytes(), false),
+            (Embedding::Dense(t), _) => (t.elem_count() * 4, false),
+            (Embedding::Own(m), Weight::Own(h)) => (m.bytes(), std::sync::Arc::ptr_eq(m, h)),
+            (Embedding::Own(m), _) => (m.bytes(), false),
         };
         embed
-            + self.lm_head.bytes()
+            + if tied { 0 } else { self.lm_head.bytes() }
             + self
                 .layers
                 .iter()
@@ -246,6 +271,7 @@ impl Model {
         }
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = match &self.embed {
+            Embedding::Own(_) => self.embed.lookup(tokens, &self.device)?,
             Embedding::Quantized(q) => q.embedding(&ids)?,
             Embedding::Dense(t) => t.index_select(&ids, 0)?,
         };

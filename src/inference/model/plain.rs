@@ -98,14 +98,13 @@ impl Model {
         let n_qkv = qs + 2 * ks;
         let inter = c.intermediate_size;
         let half = hd / 2;
-        let ids = Tensor::new(tokens, &self.device)?;
         let mut x = match &self.embed {
-            Embedding::Quantized(q) => q.embedding(&ids)?,
-            Embedding::Dense(t) => t.index_select(&ids, 0)?,
-        }
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+            Embedding::Own(m) => m.rows_f32(tokens)?,
+            other => other
+                .lookup(tokens, &self.device)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        };
         let mut h = vec![0f32; s * hidden];
         let mut qkv = vec![0f32; s * n_qkv];
         let mut q = vec![0f32; s * qs];

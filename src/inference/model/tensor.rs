@@ -3,12 +3,12 @@
 
 use super::*;
 
-/// One linear layer: `y = x·Wᵀ (+ b)`, W quantised or dense.
-/// A matmul weight: Q4_0 / Q4_1 / Q8_0 on the engine's own kernels (float activations),
-/// anything else on candle's (dense, or quantised with 8-bit activations).
+/// A matmul weight: Q4_0 / Q4_1 / Q8_0 / F32 on the engine's own kernels (float
+/// activations; shared, so a tied output head reads the embedding's matrix), anything else
+/// on candle's (dense, or quantised with 8-bit activations).
 pub(super) enum Weight {
     Candle(QMatMul),
-    Own(QuantMatrix),
+    Own(std::sync::Arc<QuantMatrix>),
 }
 
 impl Weight {
@@ -22,12 +22,12 @@ impl Weight {
             };
             if let Some(format) = format {
                 let (rows, cols) = q.shape().dims2()?;
-                return Ok(Weight::Own(QuantMatrix::from_bytes(
+                return Ok(Weight::Own(std::sync::Arc::new(QuantMatrix::from_bytes(
                     format,
                     &q.data()?,
                     rows,
                     cols,
-                )?));
+                )?)));
             }
         }
         if let QMatMul::Tensor(t) = &w
@@ -36,7 +36,9 @@ impl Weight {
             && let Ok((rows, cols)) = t.dims2()
         {
             let values = t.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            return Ok(Weight::Own(QuantMatrix::from_f32(values, rows, cols)?));
+            return Ok(Weight::Own(std::sync::Arc::new(QuantMatrix::from_f32(
+                values, rows, cols,
+            )?)));
         }
         Ok(Weight::Candle(w))
     }
