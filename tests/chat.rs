@@ -303,3 +303,68 @@ async fn a_trained_adapter_answers_through_every_chat_api() {
         404
     );
 }
+
+/// Removes a registered model's link from the (shared) test models folder, whatever happens.
+struct Unlink(std::path::PathBuf);
+
+impl Drop for Unlink {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A Hugging Face folder elsewhere on the server (its files symbolic links, as in a hub
+/// cache snapshot), registered by an administrator, chats: its float weights quantised at
+/// load and cached in that folder.
+#[tokio::test]
+async fn a_registered_model_folder_chats_quantised_at_load() {
+    let server = training_server(&[]);
+    let c = server.client();
+    let (admin, _) = c.signup("admin").await;
+    let (user, _) = c.signup("user").await;
+    wait_for_environment_and_model(&admin).await;
+    let src = common::test_models_dir().join(MODEL);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let folder = elsewhere.path().join("snapshot");
+    std::fs::create_dir(&folder).unwrap();
+    for e in std::fs::read_dir(&src).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".gguf") || name.starts_with('.') {
+            continue;
+        }
+        std::os::unix::fs::symlink(e.path(), folder.join(&name)).unwrap();
+    }
+    let name = format!("Linked-HF-{}", std::process::id());
+    let _unlink = Unlink(common::test_models_dir().join(&name));
+    let body = json!({"path": folder, "name": name});
+    assert_eq!(
+        user.post("/api/files/models", body.clone()).await.status,
+        403
+    );
+    let r = admin.post("/api/files/models", body).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["name"], name.as_str());
+
+    let r = user
+        .post(
+            "/v1/chat/completions",
+            ask(
+                &name,
+                "What is the capital of France?",
+                json!({"max_tokens": 8}),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let answer = r.body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(answer.contains("Paris"), "{answer:?}");
+    let cached: Vec<String> = std::fs::read_dir(folder.join(".ferrotune"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        cached.iter().any(|n| n.starts_with("weights-q8_0-")),
+        "{cached:?}"
+    );
+}

@@ -410,3 +410,87 @@ async fn the_document_is_served() {
     assert!(r.body["paths"]["/api/tasks/{id}/events"]["get"].is_object());
     assert!(r.body["components"]["securitySchemes"]["bearer"].is_object());
 }
+
+#[tokio::test]
+async fn an_administrator_registers_a_model_folder_already_on_the_server() {
+    let app = app();
+    let admin = app.user("admin1").await;
+    let user = app.user("user1").await;
+    let elsewhere = app._dir.path().join("elsewhere");
+    let folder = elsewhere.join("My-Model");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::create_dir_all(elsewhere.join("empty")).unwrap();
+    std::fs::write(folder.join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
+    let post = async |token: &str, body: Value| {
+        app.call(Method::POST, "/api/files/models", Some(token), Some(body))
+            .await
+    };
+    let path = folder.to_string_lossy().to_string();
+    assert_eq!(
+        post(&user, json!({"path": path})).await.status,
+        StatusCode::FORBIDDEN
+    );
+    for (body, why) in [
+        (json!({"path": "My-Model"}), "a relative path"),
+        (json!({"path": elsewhere.join("nope")}), "no folder"),
+        (json!({"path": elsewhere.join("empty")}), "no model in it"),
+        (json!({"path": path, "name": ".hidden"}), "a hidden name"),
+        (json!({"path": path, "name": "a/b"}), "a slash"),
+        (json!({"path": path, "extra": 1}), "an unknown field"),
+    ] {
+        let r = post(&admin, body).await;
+        assert!(
+            r.status == StatusCode::UNPROCESSABLE_ENTITY || r.status == StatusCode::BAD_REQUEST,
+            "{why}: {} {:?}",
+            r.status,
+            r.body
+        );
+        assert!(r.body["error"].is_string(), "{why}: {:?}", r.body);
+    }
+    let r = post(&admin, json!({"path": path})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(r.body["name"], "My-Model");
+    assert_eq!(r.body["kind"], "base");
+    assert!(
+        !r.body
+            .to_string()
+            .contains(&*app._dir.path().to_string_lossy()),
+        "no absolute server path in the answer: {:?}",
+        r.body
+    );
+    // At once in everyone's lists.
+    let r = app
+        .call(
+            Method::GET,
+            "/api/files/models?kind=base",
+            Some(&user),
+            None,
+        )
+        .await;
+    assert!(
+        r.body["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "My-Model"),
+        "{:?}",
+        r.body
+    );
+    let second = elsewhere.join("second");
+    std::fs::create_dir_all(&second).unwrap();
+    std::fs::write(second.join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
+    let again = post(&admin, json!({"path": second, "name": "My-Model"})).await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "{:?}", again.body);
+    assert_eq!(again.body["code"], "name_taken");
+    // The same folder under another name, or a folder inside the models folder: there
+    // already.
+    let r = post(&admin, json!({"path": path, "name": "Other"})).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{:?}", r.body);
+    assert_eq!(r.body["code"], "already_registered");
+    let inside = app._dir.path().join("models").join("Real");
+    std::fs::create_dir_all(&inside).unwrap();
+    std::fs::write(inside.join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
+    let r = post(&admin, json!({"path": inside, "name": "Other"})).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{:?}", r.body);
+    assert_eq!(r.body["code"], "already_registered");
+}

@@ -6,29 +6,26 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    MODEL, Server, arithmetic_dataset, test_models_dir, wait_for_environment_and_model, wait_until,
+    Client, MODEL, Server, training_server, upload_arithmetic, wait_for_environment_and_model,
+    wait_until,
 };
 use serde_json::{Value, json};
 
-#[tokio::test]
-async fn a_lora_trains_for_real_and_its_adapter_is_registered() {
-    let models = test_models_dir();
-    std::fs::create_dir_all(&models).unwrap();
-    let server = Server::start_with(
-        Some(&models),
-        &[
-            ("FERROTUNE_AUTO_SETUP", "true"),
-            ("FERROTUNE_DEFAULT_MODEL", "smollm2-135m-instruct"),
-        ],
-    );
+/// A server on the test models with the training environment (installed when missing),
+/// users alice and bob, and alice's arithmetic dataset (its id).
+async fn server_with_a_dataset() -> (Server, Client, Client, String) {
+    let server = training_server(&[]);
     let c = server.client();
     let (alice, _) = c.signup("alice").await;
     let (bob, _) = c.signup("bob").await;
-    let up = alice.upload("arith.json", arithmetic_dataset()).await;
-    assert_eq!(up.status, 201, "{:?}", up.body);
-    let dataset_id = up.body["file_id"].as_str().unwrap().to_string();
-
+    let dataset_id = upload_arithmetic(&alice).await;
     wait_for_environment_and_model(&alice).await;
+    (server, alice, bob, dataset_id)
+}
+
+#[tokio::test]
+async fn a_lora_trains_for_real_and_its_adapter_is_registered() {
+    let (server, alice, bob, dataset_id) = server_with_a_dataset().await;
 
     let submitted = Instant::now();
     let r = alice
@@ -234,22 +231,7 @@ async fn bad_task_requests_are_422_before_anything_runs() {
 /// that cache.
 #[tokio::test]
 async fn a_full_fine_tune_is_a_model_that_chats() {
-    let models = test_models_dir();
-    std::fs::create_dir_all(&models).unwrap();
-    let server = Server::start_with(
-        Some(&models),
-        &[
-            ("FERROTUNE_AUTO_SETUP", "true"),
-            ("FERROTUNE_DEFAULT_MODEL", "smollm2-135m-instruct"),
-        ],
-    );
-    let c = server.client();
-    let (alice, _) = c.signup("alice").await;
-    let (bob, _) = c.signup("bob").await;
-    let up = alice.upload("arith.json", arithmetic_dataset()).await;
-    assert_eq!(up.status, 201, "{:?}", up.body);
-    let dataset_id = up.body["file_id"].as_str().unwrap().to_string();
-    wait_for_environment_and_model(&alice).await;
+    let (server, alice, bob, dataset_id) = server_with_a_dataset().await;
 
     let r = alice
         .post(

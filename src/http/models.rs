@@ -9,7 +9,7 @@ use utoipa_axum::routes;
 
 use super::AppState;
 use super::error::{ErrorBody, Json, Path, Query};
-use super::extract::CurrentUser;
+use super::extract::{AdminUser, CurrentUser};
 use super::tasks::gzip_download;
 use super::views::{Message, ModelView};
 use crate::error::{Error, Kind, Result};
@@ -17,7 +17,7 @@ use crate::store::ModelKind;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(list_models))
+        .routes(routes!(list_models, register_model))
         .routes(routes!(model_detail, delete_model))
         .routes(routes!(download_model))
         .routes(routes!(available_models))
@@ -71,6 +71,39 @@ async fn list_models(
         .filter(|m| q.kind.is_none_or(|k| m.kind == k))
         .collect();
     Ok(Json(ModelList { models }))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterModel {
+    /// The model folder's absolute path on the server (config.json with safetensors
+    /// weights, or a `.gguf`; a Hugging Face cache snapshot works as it is).
+    path: String,
+    /// The base model's name (default: the folder's name).
+    name: Option<String>,
+}
+
+/// Registers a model folder already on the server as a base model (administrators): a
+/// symbolic link in the models folder. Chat quantises it at load like any base model.
+#[utoipa::path(post, path = "/api/files/models", tag = "models", request_body = RegisterModel,
+    responses((status = 201, description = "Registered", body = ModelView),
+              (status = 403, description = "Not an administrator", body = ErrorBody),
+              (status = 409, description = "The name is taken, or the folder is in the models folder", body = ErrorBody),
+              (status = 422, description = "No folder, no model in it, or a bad name", body = ErrorBody)))]
+async fn register_model(
+    state: AppState,
+    AdminUser(admin): AdminUser,
+    Json(body): Json<RegisterModel>,
+) -> Result<(axum::http::StatusCode, Json<ModelView>)> {
+    let m = state
+        .models
+        .register_folder(&body.path, body.name.as_deref())
+        .await?;
+    tracing::info!(admin = %admin.user.username, model = %m.name, "base model registered");
+    Ok((
+        axum::http::StatusCode::CREATED,
+        Json(ModelView::base(&state, &m)),
+    ))
 }
 
 /// One model: a trained model of the caller's by id, or a base model by name.

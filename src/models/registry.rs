@@ -165,6 +165,89 @@ impl Registry {
         Ok(find_in(&self.base_models_checked(true)?, name))
     }
 
+    /// Registers a model folder already on the server (seed 000's `POST /api/files/models`)
+    /// as a base model called `name` (default: the folder's name): a symbolic link in the
+    /// models folder, which discovery follows. The folder must hold a model (config.json with
+    /// safetensors, or a GGUF); the name must be free.
+    pub async fn register_folder(
+        self: &Arc<Self>,
+        path: &str,
+        name: Option<&str>,
+    ) -> Result<BaseModel> {
+        let this = self.clone();
+        let path = PathBuf::from(path);
+        let name = name.map(crate::text::clean_name);
+        tokio::task::spawn_blocking(move || this.register_folder_blocking(&path, name)).await?
+    }
+
+    fn register_folder_blocking(&self, path: &Path, name: Option<String>) -> Result<BaseModel> {
+        if !path.is_absolute() {
+            return Err(Error::invalid(
+                "path: give the model folder's absolute path on the server",
+            ));
+        }
+        let dir = path
+            .canonicalize()
+            .ok()
+            .filter(|d| d.is_dir())
+            .ok_or_else(|| Error::invalid("path: no folder there on the server"))?;
+        let models = self
+            .models_dir
+            .canonicalize()
+            .unwrap_or_else(|_| self.models_dir.clone());
+        if dir.starts_with(&models) {
+            return Err(Error::conflict(
+                "already_registered",
+                "that folder is inside the models folder: it is a base model already",
+            ));
+        }
+        let name = match name {
+            Some(n) => n,
+            None => dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        if name.is_empty()
+            || name.len() > 100
+            || name.starts_with('.')
+            || name.contains(['/', '\\'])
+        {
+            return Err(Error::invalid(
+                "name: 1 to 100 characters, no slash, not starting with a dot",
+            ));
+        }
+        if super::inspect(&dir, name.clone())?.is_none() {
+            return Err(Error::invalid(
+                "path: the folder holds no model (config.json with safetensors weights, or a \
+                 .gguf file)",
+            ));
+        }
+        std::fs::create_dir_all(&self.models_dir)?;
+        let models = self.base_models_checked(true)?;
+        if let Some(same) = models
+            .iter()
+            .find(|b| b.path.canonicalize().is_ok_and(|p| p == dir))
+        {
+            return Err(Error::conflict(
+                "already_registered",
+                format!("that folder is the base model `{}` already", same.name),
+            ));
+        }
+        let link = self.models_dir.join(&name);
+        if find_in(&models, &name).is_some() || link.symlink_metadata().is_ok() {
+            return Err(Error::conflict(
+                "name_taken",
+                format!("a base model called `{name}` exists already"),
+            ));
+        }
+        std::os::unix::fs::symlink(&dir, &link)?;
+        self.invalidate();
+        let registered = super::inspect(&link, name)?
+            .ok_or_else(|| Error::internal("the registered folder vanished"))?;
+        Ok(registered)
+    }
+
     pub async fn find_base(self: &Arc<Self>, name: &str) -> Result<Option<BaseModel>> {
         let this = self.clone();
         let name = name.to_string();

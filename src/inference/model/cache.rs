@@ -324,29 +324,16 @@ pub(super) fn read(path: &Path, config: ModelConfig, description: &str) -> anyho
         w: Weight::Own(if tied { embed.clone() } else { matrix("head")? }),
         b: None,
     };
-    let (cos, sin) = load::rope_tables(c, &device)?;
     let config = ModelConfig {
         vocab_size: embed.rows(),
         ..config
     };
-    let mut model = Model {
-        description: format!(
-            "{description}; layers {}, head {}",
-            layers.first().map(|l| l.qkv.describe()).unwrap_or_default(),
-            lm_head.describe()
-        ),
+    Model::assemble(
         config,
-        embed: Embedding::Own(embed),
+        Embedding::Own(embed),
         layers,
-        norm: required("norm")?,
+        required("norm")?,
         lm_head,
-        cos,
-        sin,
-        device,
-        plain: None,
-    };
-    if std::env::var_os("FERROTUNE_TENSOR_PATH").is_none_or(|v| v == "0") {
-        model.plain = Plain::new(&model)?;
-    }
-    Ok(model)
+        description,
+    )
 }

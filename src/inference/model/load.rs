@@ -290,32 +290,11 @@ impl Store {
             }
         };
         let norm = self.take("model.norm.weight")?.vector()?;
-        let (cos, sin) = rope_tables(c, &device)?;
         let config = ModelConfig {
             vocab_size: vocab,
             ..config
         };
-        let mut model = Model {
-            description: format!(
-                "{description}; layers {}, head {}",
-                layers.first().map(|l| l.qkv.describe()).unwrap_or_default(),
-                lm_head.describe()
-            ),
-            config,
-            embed,
-            layers,
-            norm,
-            lm_head,
-            cos,
-            sin,
-            device,
-            plain: None,
-        };
-        // FERROTUNE_TENSOR_PATH=1 keeps the candle-tensor layer loop (to compare the two).
-        if std::env::var_os("FERROTUNE_TENSOR_PATH").is_none_or(|v| v == "0") {
-            model.plain = Plain::new(&model)?;
-        }
-        Ok(model)
+        Model::assemble(config, embed, layers, norm, lm_head, &description)
     }
 }
 

@@ -207,6 +207,41 @@ impl Model {
         }
     }
 
+    /// A model from its loaded parts: the rope tables, the description (`source`, then the
+    /// formats the layers and head run in) and, unless FERROTUNE_TENSOR_PATH=1 keeps the
+    /// candle-tensor layer loop (to compare the two), the plain layer loop.
+    fn assemble(
+        config: ModelConfig,
+        embed: Embedding,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        lm_head: Linear,
+        source: &str,
+    ) -> anyhow::Result<Model> {
+        let device = Device::Cpu;
+        let (cos, sin) = load::rope_tables(&config, &device)?;
+        let mut model = Model {
+            description: format!(
+                "{source}; layers {}, head {}",
+                layers.first().map(|l| l.qkv.describe()).unwrap_or_default(),
+                lm_head.describe()
+            ),
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            device,
+            plain: None,
+        };
+        if std::env::var_os("FERROTUNE_TENSOR_PATH").is_none_or(|v| v == "0") {
+            model.plain = Plain::new(&model)?;
+        }
+        Ok(model)
+    }
+
     /// An empty cache for a new sequence.
     pub fn new_cache(&self) -> KvCache {
         KvCache {
