@@ -476,6 +476,38 @@ async fn an_administrator_registers_a_model_folder_already_on_the_server() {
         "{:?}",
         r.body
     );
+    // A burst of registrations of one name at once: exactly one wins, the rest are 409s.
+    let mut folders = Vec::new();
+    for i in 0..16 {
+        let f = elsewhere.join(format!("burst-{i}"));
+        std::fs::create_dir_all(&f).unwrap();
+        std::fs::write(f.join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
+        folders.push(f);
+    }
+    let burst = futures_util::future::join_all(
+        folders
+            .iter()
+            .map(|f| post(&admin, json!({"path": f, "name": "Burst"}))),
+    )
+    .await;
+    let created = burst
+        .iter()
+        .filter(|r| r.status == StatusCode::CREATED)
+        .count();
+    assert_eq!(
+        created,
+        1,
+        "{:?}",
+        burst.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    for r in &burst {
+        assert!(
+            r.status == StatusCode::CREATED || r.body["code"] == "name_taken",
+            "{} {:?}",
+            r.status,
+            r.body
+        );
+    }
     let second = elsewhere.join("second");
     std::fs::create_dir_all(&second).unwrap();
     std::fs::write(second.join("config.json"), r#"{"model_type": "llama"}"#).unwrap();

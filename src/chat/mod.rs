@@ -128,8 +128,8 @@ impl Chat {
         let engine = self.engine.clone();
         let req = GenerateRequest {
             base_model: target.base.name.clone(),
-            model_dir: (target.kind != ModelKind::Base && target.adapter.is_none())
-                .then(|| target.base.path.clone()),
+            // A full fine-tune is whole weights in its own folder, outside the models dir.
+            model_dir: (target.kind == ModelKind::Full).then(|| target.base.path.clone()),
             adapter: target.adapter.clone(),
             messages,
             params,

@@ -241,7 +241,18 @@ impl Registry {
                 format!("a base model called `{name}` exists already"),
             ));
         }
-        std::os::unix::fs::symlink(&dir, &link)?;
+        // Two registrations of one name at once both pass the check above; the link is the
+        // arbiter: the second finds it made.
+        if let Err(e) = std::os::unix::fs::symlink(&dir, &link) {
+            return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::conflict(
+                    "name_taken",
+                    format!("a base model called `{name}` exists already"),
+                )
+            } else {
+                e.into()
+            });
+        }
         self.invalidate();
         let registered = super::inspect(&link, name)?
             .ok_or_else(|| Error::internal("the registered folder vanished"))?;
