@@ -87,8 +87,17 @@ pub struct Config {
     pub python_env_dir: PathBuf,
     /// Install the training environment in the background at start when it is missing.
     pub auto_setup: bool,
-    /// Base model pulled at start when the models dir holds none (empty: pull nothing).
+    /// Base model pulled at start when the models dir holds none: a catalogue name, or a hub
+    /// id (`org/name[@revision]`, pulled once the training environment is ready). Empty:
+    /// pull nothing.
     pub default_model: String,
+    /// The Hugging Face–compatible hub that `models pull org/name` and the "Add model" form
+    /// download from (a mirror, or a private hub). Empty: huggingface_hub's default
+    /// (`HF_ENDPOINT`, else https://huggingface.co).
+    pub hub_endpoint: String,
+    /// The hub token for gated and private models. Empty: huggingface_hub's own (`HF_TOKEN`,
+    /// else a saved `hf auth login`).
+    pub hub_token: String,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `ferrotune=debug,info`.
     pub log: String,
     /// Log format: `text` or `json`.
@@ -136,6 +145,8 @@ impl Default for Config {
             python_env_dir: PathBuf::new(),
             auto_setup: true,
             default_model: "smollm2-135m-instruct".into(),
+            hub_endpoint: String::new(),
+            hub_token: String::new(),
             log: "info".into(),
             log_format: LogFormat::Text,
         }
@@ -273,6 +284,10 @@ impl Config {
                  must be greater than 0"
             );
         }
+        let e = &self.hub_endpoint;
+        if !(e.is_empty() || e.starts_with("http://") || e.starts_with("https://")) {
+            anyhow::bail!("hub_endpoint must be an http:// or https:// address");
+        }
         if !self.jwt_secret.is_empty() && self.jwt_secret.len() < 32 {
             anyhow::bail!("jwt_secret must be at least 32 characters (or empty to generate one)");
         }
@@ -285,7 +300,18 @@ impl Config {
         if !shown.jwt_secret.is_empty() {
             shown.jwt_secret = "********".into();
         }
+        if !shown.hub_token.is_empty() {
+            shown.hub_token = "********".into();
+        }
         toml::to_string(&shown).unwrap_or_else(|e| format!("<unprintable: {e}>"))
+    }
+
+    /// Where hub pulls download from.
+    pub fn hub(&self) -> crate::models::hub::HubSettings {
+        crate::models::hub::HubSettings {
+            endpoint: self.hub_endpoint.trim_end_matches('/').to_string(),
+            token: self.hub_token.clone(),
+        }
     }
 
     pub fn store_dir(&self) -> PathBuf {

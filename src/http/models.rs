@@ -21,6 +21,87 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(model_detail, delete_model))
         .routes(routes!(download_model))
         .routes(routes!(available_models))
+        .routes(routes!(list_pulls, start_pull))
+        .routes(routes!(get_pull))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartPull {
+    /// The hub model id, `organisation/name`, optionally `@revision` (a branch, tag or
+    /// commit), e.g. `Qwen/Qwen2.5-0.5B-Instruct`.
+    repo: String,
+    /// The revision, when `repo` does not name one (default: the default branch).
+    revision: Option<String>,
+    /// The base model's name (default: the repository's name).
+    name: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PullList {
+    pulls: Vec<crate::models::pulls::HubPull>,
+}
+
+/// Pulls a model from the configured Hugging Face–compatible hub (administrators): only the
+/// files a model needs (safetensors, config, tokenizer), resumable, every file checked
+/// against the hub's checksums, renamed into the models folder when complete. Runs in the
+/// background: follow it with `GET /api/models/pulls/{id}`.
+#[utoipa::path(post, path = "/api/models/pulls", tag = "models", request_body = StartPull,
+    responses((status = 202, description = "Started", body = crate::models::pulls::HubPull),
+              (status = 403, description = "Not an administrator", body = ErrorBody),
+              (status = 409, description = "The name is another model's, or a pull of it is running", body = ErrorBody),
+              (status = 422, description = "Not a hub id, or a bad name", body = ErrorBody),
+              (status = 503, description = "The training environment (which has the hub client) is not ready", body = ErrorBody)))]
+async fn start_pull(
+    state: AppState,
+    AdminUser(admin): AdminUser,
+    Json(body): Json<StartPull>,
+) -> Result<(axum::http::StatusCode, Json<crate::models::pulls::HubPull>)> {
+    let env = state.training.env();
+    if !env.is_ready() {
+        return Err(Error::new(
+            Kind::Unavailable,
+            "environment_not_ready",
+            "hub pulls use the training environment's huggingface_hub, which is not installed \
+             yet (see /api/system/status)",
+        ));
+    }
+    let pull = state
+        .pulls
+        .start(
+            &body.repo,
+            body.revision.as_deref(),
+            body.name.as_deref(),
+            env.env().python(),
+            &admin.user.username,
+        )
+        .await?;
+    tracing::info!(admin = %admin.user.username, repo = %pull.repo, model = %pull.name, "hub pull started");
+    Ok((axum::http::StatusCode::ACCEPTED, Json(pull)))
+}
+
+/// The hub pulls since the server started, newest first (administrators).
+#[utoipa::path(get, path = "/api/models/pulls", tag = "models",
+    responses((status = 200, description = "The pulls", body = PullList),
+              (status = 403, description = "Not an administrator", body = ErrorBody)))]
+async fn list_pulls(state: AppState, _admin: AdminUser) -> Result<Json<PullList>> {
+    Ok(Json(PullList {
+        pulls: state.pulls.all(),
+    }))
+}
+
+/// One hub pull: its state, files and bytes so far, and why it failed.
+#[utoipa::path(get, path = "/api/models/pulls/{id}", tag = "models",
+    params(("id" = String, Path, description = "The pull's id")),
+    responses((status = 200, description = "The pull", body = crate::models::pulls::HubPull),
+              (status = 403, description = "Not an administrator", body = ErrorBody),
+              (status = 404, description = "No such pull", body = ErrorBody)))]
+async fn get_pull(
+    state: AppState,
+    _admin: AdminUser,
+    Path(id): Path<String>,
+) -> Result<Json<crate::models::pulls::HubPull>> {
+    Ok(Json(state.pulls.get(&id)?))
 }
 
 #[derive(Deserialize, IntoParams)]

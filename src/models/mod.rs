@@ -1,4 +1,5 @@
-//! Base models: discovery in the models directory, and `pull` from the catalogue.
+//! Base models: discovery in the models directory, `pull` from the catalogue, and pulls
+//! from a Hugging Face–compatible hub ([`hub`]).
 //!
 //! A base model is one folder directly under the models directory that holds a
 //! `config.json` (a Hugging Face folder, trainable by LlamaFactory) and/or a `.gguf` file
@@ -19,6 +20,8 @@
 
 pub(crate) mod convert;
 pub(crate) mod gguf;
+pub mod hub;
+pub mod pulls;
 mod registry;
 pub(crate) mod tokenizer;
 

@@ -456,6 +456,22 @@ async function main() {
     await page.locator('[data-test=admin-stats]').waitFor()
     await snap('admin')
 
+    // -- "Add model" (administrators): the form reaches the server and shows its answer; a
+    // folder already in the models dir is refused with 409 (the hub pull itself is covered by
+    // tests/hub.rs against a loopback hub)
+    where = 'add model'
+    await visit('/models', 'models (admin)')
+    await page.locator('[data-test=add-model]').waitFor()
+    await page.click('[data-test=add-from-folder]')
+    expectHttpError = 409
+    await page.fill('[data-test=register-path]', path.join(MODELS, MODEL))
+    await page.click('[data-test=add-submit]')
+    await page.getByText('inside the models folder').waitFor()
+    await waitFor('the folder inside the models dir answered 409', 5000, async () => expectHttpError === null)
+    await page.click('[data-test=add-from-hub]')
+    await page.locator('[data-test=pull-repo]').waitFor()
+    await snap('add-model')
+
     // -- a new task from an earlier one (what the failure panel's button opens)
     if (taskUrl) {
       where = 'task'
