@@ -35,6 +35,7 @@ async fn a_lora_trains_for_real_and_its_adapter_is_registered() {
                 "name": "arith-lora", "model_name": MODEL, "dataset_id": dataset_id,
                 "epochs": 2, "learning_rate": 0.001, "batch_size": 4, "cutoff_len": 128,
                 "logging_steps": 1, "save_steps": 4, "lora_rank": 8,
+                "system": "You are a calculator.",
             }),
         )
         .await;
@@ -136,6 +137,47 @@ async fn a_lora_trains_for_real_and_its_adapter_is_registered() {
             .await
             .status,
         404
+    );
+
+    // The model records how it was trained, and chats that way: its system prompt is the
+    // default (a conversation without one is the same prompt as one that names it).
+    let detail = alice
+        .get(&format!("/api/files/models/{model_id}"))
+        .await
+        .body;
+    assert_eq!(detail["template"], "smollm2", "{detail}");
+    assert_eq!(detail["system_prompt"], "You are a calculator.", "{detail}");
+    assert!(
+        detail.get("template_warning").is_none(),
+        "SmolLM2's own template is ChatML, like smollm2's: {detail}"
+    );
+    let prompt_tokens = async |model: &str, system: Option<&str>| {
+        let mut messages = vec![json!({"role": "user", "content": "What is 2 plus 3?"})];
+        if let Some(s) = system {
+            messages.insert(0, json!({"role": "system", "content": s}));
+        }
+        let r = alice
+            .post(
+                "/v1/chat/completions",
+                json!({"model": model, "messages": messages, "max_tokens": 1, "temperature": 0}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.body["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    let default = prompt_tokens(&model_id, None).await;
+    assert_eq!(
+        default,
+        prompt_tokens(&model_id, Some("You are a calculator.")).await
+    );
+    assert_ne!(
+        default,
+        prompt_tokens(&model_id, Some("Answer in French, please.")).await
+    );
+    assert_ne!(
+        default,
+        prompt_tokens(MODEL, None).await,
+        "the base model keeps its own default"
     );
 
     let (status, yaml, _) = alice.get_bytes(&format!("/api/tasks/{id}/config")).await;

@@ -126,6 +126,14 @@ impl Chat {
     ) -> Result<(Generation, GenerationPermit)> {
         let permit = self.limits.acquire(owner)?;
         let engine = self.engine.clone();
+        // A trained model answers with the system prompt it was trained with unless the
+        // conversation brings its own.
+        let mut messages = messages;
+        if let Some(system) = &target.system
+            && !messages.iter().any(|m| m.role == "system")
+        {
+            messages.insert(0, ChatMessage::new("system", system.clone()));
+        }
         let req = GenerateRequest {
             base_model: target.base.name.clone(),
             // A full fine-tune is whole weights in its own folder, outside the models dir.

@@ -126,15 +126,58 @@ async fn all_models(state: &AppState, owner: &str) -> Result<Vec<ModelView>> {
         .iter()
         .map(|m| ModelView::base(state, m))
         .collect();
-    models.extend(
-        state
-            .models
-            .trained(owner)
-            .await?
-            .iter()
-            .map(|m| ModelView::trained(state, m)),
-    );
+    let trained = state.models.trained(owner).await?;
+    let warnings = template_warnings(state, &trained).await?;
+    models.extend(trained.iter().zip(warnings).map(|(m, w)| {
+        let mut v = ModelView::trained(state, m);
+        v.template_warning = w;
+        v
+    }));
     Ok(models)
+}
+
+/// For each trained model, whether its training template and the chat template chat will
+/// use differ (the base's for an adapter, its own folder's for a full fine-tune). Reads the
+/// templates on the blocking pool, each base once.
+async fn template_warnings(
+    state: &AppState,
+    trained: &[crate::store::ModelRecord],
+) -> Result<Vec<Option<String>>> {
+    let registry = state.models.clone();
+    let jobs: Vec<(Option<String>, ModelKind, String, String)> = trained
+        .iter()
+        .map(|m| {
+            (
+                m.template.clone(),
+                m.kind,
+                m.base_model.clone(),
+                m.model_path.clone(),
+            )
+        })
+        .collect();
+    Ok(tokio::task::spawn_blocking(move || {
+        let mut bases: std::collections::HashMap<String, Option<String>> = Default::default();
+        jobs.into_iter()
+            .map(|(template, kind, base, path)| {
+                let template = template?;
+                let chat_template = if kind == ModelKind::Adapter {
+                    bases
+                        .entry(base.clone())
+                        .or_insert_with(|| {
+                            let b = registry.find_base_blocking(&base).ok().flatten()?;
+                            crate::models::templates::chat_template_of(
+                                b.hf_dir.as_deref().unwrap_or(&b.path),
+                            )
+                        })
+                        .clone()
+                } else {
+                    crate::models::templates::chat_template_of(std::path::Path::new(&path))
+                };
+                crate::models::templates::mismatch(&template, chat_template.as_deref())
+            })
+            .collect()
+    })
+    .await?)
 }
 
 /// Base models and the caller's trained models (`?kind=` to filter).
@@ -198,7 +241,14 @@ async fn model_detail(
     Path(id): Path<String>,
 ) -> Result<Json<ModelView>> {
     match state.models.trained_model(&p.user.user_id, &id).await {
-        Ok(m) => return Ok(Json(ModelView::trained(&state, &m))),
+        Ok(m) => {
+            let mut v = ModelView::trained(&state, &m);
+            v.template_warning = template_warnings(&state, std::slice::from_ref(&m))
+                .await?
+                .pop()
+                .flatten();
+            return Ok(Json(v));
+        }
         Err(e) if e.kind != Kind::NotFound => return Err(e),
         Err(_) => {}
     }

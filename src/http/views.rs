@@ -134,6 +134,17 @@ pub struct ModelView {
     /// A base model's architecture (`llama`, `qwen2`…).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model_type: Option<String>,
+    /// A trained model: the LlamaFactory template it was trained with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// A trained model: the system prompt it was trained with, which chat uses when a
+    /// conversation has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_prompt: Option<String>,
+    /// A trained model whose training template formats conversations differently from the
+    /// chat template chat uses: why its answers may not follow the fine-tune.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template_warning: Option<String>,
 }
 
 impl ModelView {
@@ -149,6 +160,9 @@ impl ModelView {
             created_at: m.created_at,
             trainable: Some(m.hf_dir.is_some()),
             model_type: m.model_type.clone(),
+            template: None,
+            system_prompt: None,
+            template_warning: None,
         }
     }
 
@@ -164,6 +178,9 @@ impl ModelView {
             created_at: Some(m.created_at),
             trainable: None,
             model_type: None,
+            template: m.template.clone(),
+            system_prompt: m.system.clone(),
+            template_warning: None,
         }
     }
 }

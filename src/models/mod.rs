@@ -23,9 +23,10 @@ pub(crate) mod gguf;
 pub mod hub;
 pub mod pulls;
 mod registry;
+pub mod templates;
 pub(crate) mod tokenizer;
 
-pub use registry::{Registry, Resolved};
+pub use registry::{Registry, Resolved, TrainedWith};
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

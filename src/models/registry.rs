@@ -31,6 +31,18 @@ pub struct Resolved {
     /// The LoRA adapter's folder, for an adapter.
     pub adapter: Option<PathBuf>,
     pub kind: ModelKind,
+    /// The system prompt a trained model was trained with: chat's default.
+    pub system: Option<String>,
+}
+
+/// How a model was trained, recorded with it.
+#[derive(Debug, Clone, Default)]
+pub struct TrainedWith {
+    /// The task that trained it.
+    pub task_id: String,
+    /// The LlamaFactory template.
+    pub template: Option<String>,
+    pub system: Option<String>,
 }
 
 struct Cache {
@@ -311,6 +323,7 @@ impl Registry {
                 base,
                 adapter: None,
                 kind: ModelKind::Base,
+                system: None,
             }),
             None => Err(Error::new(
                 Kind::NotFound,
@@ -340,6 +353,7 @@ impl Registry {
                 base,
                 adapter: None,
                 kind: m.kind,
+                system: m.system.clone(),
             });
         }
         let base = self.find_base(&m.base_model).await?.ok_or_else(|| {
@@ -357,6 +371,7 @@ impl Registry {
             base,
             adapter: Some(PathBuf::from(&m.model_path)),
             kind: m.kind,
+            system: m.system.clone(),
         })
     }
 
@@ -388,6 +403,7 @@ impl Registry {
                 base: b,
                 adapter: None,
                 kind: ModelKind::Base,
+                system: None,
             }),
             None => Err(Error::new(
                 Kind::NotFound,
@@ -406,8 +422,8 @@ impl Registry {
         name: &str,
         kind: ModelKind,
         base_model: &str,
-        task_id: &str,
         output_dir: &Path,
+        trained_with: TrainedWith,
     ) -> Result<ModelRecord> {
         let store = self.store()?;
         let trained_dir = self
@@ -443,9 +459,11 @@ impl Registry {
             model_path: dir.to_string_lossy().into_owned(),
             kind,
             base_model: base_model.to_string(),
-            task_id: Some(task_id.to_string()),
+            task_id: Some(trained_with.task_id),
             size,
             created_at: OffsetDateTime::now_utc(),
+            template: trained_with.template,
+            system: trained_with.system,
         };
         if let Err(e) = store.models().put(&record).await {
             let _ = tokio::fs::remove_dir_all(&dir).await;

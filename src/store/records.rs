@@ -296,6 +296,12 @@ pub struct ModelRecord {
     pub size: u64,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// The LlamaFactory template it was trained with (none: recorded before templates were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// The system prompt it was trained with; chat uses it when a conversation has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
 }
 
 impl OwnedRecord for ModelRecord {

@@ -457,8 +457,12 @@ impl Supervisor {
                 &task.spec.name,
                 kind,
                 &task.spec.model_name,
-                &task.task_id,
                 task.output_dir(),
+                crate::models::TrainedWith {
+                    task_id: task.task_id.clone(),
+                    template: Some(task.spec.template.clone()).filter(|t| !t.is_empty()),
+                    system: task.spec.system.clone(),
+                },
             )
             .await?;
         Ok(record.model_id)
