@@ -302,6 +302,207 @@ async fn a_trained_adapter_answers_through_every_chat_api() {
         alice.get(&format!("/api/chat/sessions/{sid}")).await.status,
         404
     );
+
+    bring_your_own_adapter(&server, &alice, &bob, &model_id).await;
+}
+
+/// The files of a `.tar.gz` (plain files only), by path.
+fn untar(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(bytes));
+    for e in tar.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.header().entry_type().is_file() {
+            let path = e.path().unwrap().to_string_lossy().into_owned();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+            out.push((path, data));
+        }
+    }
+    out
+}
+
+fn zip_of(files: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, data) in files {
+        w.start_file(name.as_str(), zip::write::SimpleFileOptions::default())
+            .unwrap();
+        std::io::Write::write_all(&mut w, data).unwrap();
+    }
+    w.finish().unwrap().into_inner()
+}
+
+/// An adapter someone else trained (here: alice's, downloaded) uploaded by bob as his own
+/// model: checked against its base, chat-able (the same greedy answer as the original),
+/// deletable; and what is not a fitting PEFT LoRA adapter is a 422 that leaves nothing.
+async fn bring_your_own_adapter(
+    server: &common::Server,
+    alice: &Client,
+    bob: &Client,
+    alices_model: &str,
+) {
+    let (status, archive, _) = alice
+        .get_bytes(&format!("/api/files/models/{alices_model}/download"))
+        .await;
+    assert_eq!(status, 200);
+    let up = bob
+        .upload_to(
+            "/api/files/models/adapters",
+            "arith-lora.tar.gz",
+            archive.clone(),
+            &[],
+        )
+        .await;
+    assert_eq!(up.status, 201, "{:?}", up.body);
+    assert_eq!(up.body["kind"], "adapter");
+    assert_eq!(up.body["name"], "arith-lora");
+    assert_eq!(
+        up.body["base_model"], MODEL,
+        "found from base_model_name_or_path"
+    );
+    let mine = up.body["model_id"].as_str().unwrap().to_string();
+    let question = "What is 3 plus 4?";
+    let original = alice
+        .post(
+            "/v1/chat/completions",
+            ask(alices_model, question, json!({})),
+        )
+        .await;
+    let uploaded = bob
+        .post("/v1/chat/completions", ask(&mine, question, json!({})))
+        .await;
+    assert_eq!(uploaded.status, 200, "{:?}", uploaded.body);
+    assert_eq!(
+        uploaded.body["choices"][0]["message"]["content"],
+        original.body["choices"][0]["message"]["content"],
+        "the same adapter answers the same"
+    );
+    assert_eq!(
+        alice.get(&format!("/api/files/models/{mine}")).await.status,
+        404,
+        "bob's"
+    );
+
+    // The same files as a .zip, the base named by the uploader.
+    let files = untar(&archive);
+    assert!(
+        files
+            .iter()
+            .any(|(p, _)| p.ends_with("adapter_config.json"))
+    );
+    let zipped = bob
+        .upload_to(
+            "/api/files/models/adapters",
+            "arith.zip",
+            zip_of(&files),
+            &[("name", "zipped"), ("base_model", MODEL)],
+        )
+        .await;
+    assert_eq!(zipped.status, 201, "{:?}", zipped.body);
+    assert_eq!(zipped.body["name"], "zipped");
+
+    // Refusals, each with its reason.
+    let config = files
+        .iter()
+        .find(|(p, _)| p.ends_with("adapter_config.json"))
+        .unwrap()
+        .1
+        .clone();
+    let mut elsewhere: Value = serde_json::from_slice(&config).unwrap();
+    elsewhere["base_model_name_or_path"] = json!("meta-llama/Llama-3.1-8B");
+    let wrong_shape = {
+        let a = vec![0u8; 4 * 100 * 4];
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 100], &a)
+            .unwrap();
+        safetensors::serialize(
+            [(
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                view,
+            )],
+            None,
+        )
+        .unwrap()
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("notes.zip", b"just text".to_vec(), "invalid_archive"),
+        (
+            "no-config.zip",
+            zip_of(&[("a/README.md".into(), b"hi".to_vec())]),
+            "invalid_adapter",
+        ),
+        (
+            "escape.zip",
+            zip_of(&[("../adapter_config.json".into(), config.clone())]),
+            "invalid_archive",
+        ),
+        (
+            "other-base.zip",
+            zip_of(&[
+                (
+                    "adapter_config.json".into(),
+                    elsewhere.to_string().into_bytes(),
+                ),
+                (
+                    "adapter_model.safetensors".into(),
+                    files
+                        .iter()
+                        .find(|(p, _)| p.ends_with("adapter_model.safetensors"))
+                        .unwrap()
+                        .1
+                        .clone(),
+                ),
+            ]),
+            "unknown_base_model",
+        ),
+        (
+            "misfit.zip",
+            zip_of(&[
+                ("adapter_config.json".into(), config.clone()),
+                ("adapter_model.safetensors".into(), wrong_shape),
+            ]),
+            "adapter_does_not_fit",
+        ),
+    ];
+    for (name, bytes, code) in cases {
+        let r = bob
+            .upload_to("/api/files/models/adapters", name, bytes, &[])
+            .await;
+        assert_eq!(r.status, 422, "{name}: {:?}", r.body);
+        assert_eq!(r.body["code"], code, "{name}: {:?}", r.body);
+    }
+    let listed: Vec<Value> = bob.get("/api/files/models?kind=adapter").await.body["models"]
+        .as_array()
+        .cloned()
+        .unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let leftovers: Vec<_> = walk(&server.data_path().join("models"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".import-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Deleted like a trained model.
+    assert_eq!(
+        bob.delete(&format!("/api/files/models/{mine}"))
+            .await
+            .status,
+        200
+    );
+    let gone = bob
+        .post("/v1/chat/completions", ask(&mine, question, json!({})))
+        .await;
+    assert_eq!(gone.status, 404, "{:?}", gone.body);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        out.push(e.path());
+        if e.path().is_dir() {
+            out.extend(walk(&e.path()));
+        }
+    }
+    out
 }
 
 /// Removes a registered model's link from the (shared) test models folder, whatever happens.

@@ -20,7 +20,7 @@ use crate::datasets::too_large;
 use crate::error::{Error, Kind, Result};
 
 /// Room for the multipart framing and small extra fields around the file itself.
-const MULTIPART_OVERHEAD: u64 = 1024 * 1024;
+pub(super) const MULTIPART_OVERHEAD: u64 = 1024 * 1024;
 
 pub fn router(max_upload: u64) -> OpenApiRouter<AppState> {
     let body_limit = usize::try_from(max_upload + MULTIPART_OVERHEAD).unwrap_or(usize::MAX);
@@ -32,7 +32,7 @@ pub fn router(max_upload: u64) -> OpenApiRouter<AppState> {
         .routes(routes!(download))
 }
 
-fn multipart_error(e: MultipartError, max: u64) -> Error {
+pub(super) fn multipart_error(e: MultipartError, max: u64) -> Error {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         too_large(max)
     } else {

@@ -166,7 +166,7 @@ pub fn api(max_upload_bytes: u64) -> (Router<AppState>, utoipa::openapi::OpenApi
         .merge(datasets::router(max_upload_bytes))
         .merge(admin::router())
         .merge(tasks::router())
-        .merge(models::router())
+        .merge(models::router(max_upload_bytes))
         .merge(chat::router())
         .merge(openai::router())
         .split_for_parts()

@@ -15,14 +15,129 @@ use super::views::{Message, ModelView};
 use crate::error::{Error, Kind, Result};
 use crate::store::ModelKind;
 
-pub fn router() -> OpenApiRouter<AppState> {
+pub fn router(max_upload: u64) -> OpenApiRouter<AppState> {
+    let body_limit =
+        usize::try_from(max_upload + super::datasets::MULTIPART_OVERHEAD).unwrap_or(usize::MAX);
     OpenApiRouter::new()
+        .routes(routes!(upload_adapter))
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .routes(routes!(list_models, register_model))
         .routes(routes!(model_detail, delete_model))
         .routes(routes!(download_model))
         .routes(routes!(available_models))
         .routes(routes!(list_pulls, start_pull))
         .routes(routes!(get_pull))
+}
+
+/// The adapter upload form.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct AdapterForm {
+    /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) packed as
+    /// `.zip` or `.tar.gz`.
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
+    /// The model's name (default: the archive's name).
+    name: Option<String>,
+    /// The base model it was trained on (default: the adapter's `base_model_name_or_path`,
+    /// matched by name, by the last part of a hub id or path, or by the hub repository a base
+    /// model was pulled from).
+    base_model: Option<String>,
+}
+
+/// Bring your own adapter: uploads a PEFT LoRA adapter, checks it against its base model
+/// exactly as chat will load it, and registers it as one of the caller's models (chat,
+/// download and delete like a trained one).
+#[utoipa::path(post, path = "/api/files/models/adapters", tag = "models",
+    request_body(content = AdapterForm, content_type = "multipart/form-data"),
+    responses((status = 201, description = "Registered", body = ModelView),
+              (status = 400, description = "Not multipart, or no `file` field", body = ErrorBody),
+              (status = 413, description = "Larger than `max_upload_bytes`", body = ErrorBody),
+              (status = 422, description = "Not an archive, not a PEFT LoRA adapter, an unknown base model, or an adapter that does not fit its base (the code says which)", body = ErrorBody),
+              (status = 507, description = "The server's disk is full; nothing was kept", body = ErrorBody)))]
+async fn upload_adapter(
+    state: AppState,
+    CurrentUser(p): CurrentUser,
+    multipart: std::result::Result<
+        axum::extract::Multipart,
+        axum::extract::multipart::MultipartRejection,
+    >,
+) -> Result<(axum::http::StatusCode, Json<ModelView>)> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let max = state.datasets.max_bytes();
+    let mut multipart = multipart.map_err(|e| {
+        Error::new(
+            Kind::BadRequest,
+            "bad_multipart",
+            format!(
+                "expected multipart/form-data with a `file` field: {}",
+                e.body_text()
+            ),
+        )
+    })?;
+    let tmp_dir = state.config.tmp_dir();
+    tokio::fs::create_dir_all(&tmp_dir).await?;
+    let archive = tempfile::Builder::new()
+        .prefix("adapter-")
+        .tempfile_in(&tmp_dir)?
+        .into_temp_path();
+    let (mut name, mut base_model, mut file_name) = (None, None, None);
+    while let Some(mut field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| super::datasets::multipart_error(e, max))?
+    {
+        match field.name() {
+            Some("file") => {
+                file_name = Some(field.file_name().unwrap_or("adapter").to_string());
+                let mut f = tokio::fs::File::create(&archive).await?;
+                let mut written = 0u64;
+                while let Some(chunk) = field.next().await {
+                    let chunk = chunk.map_err(|e| super::datasets::multipart_error(e, max))?;
+                    written += chunk.len() as u64;
+                    if written > max {
+                        return Err(crate::datasets::too_large(max));
+                    }
+                    f.write_all(&chunk).await?;
+                }
+                f.flush().await?;
+            }
+            Some(key @ ("name" | "base_model")) => {
+                let key = key.to_string();
+                let text = field
+                    .text()
+                    .await
+                    .map_err(|e| super::datasets::multipart_error(e, max))?;
+                let text = Some(text).filter(|t| !t.trim().is_empty());
+                if key == "name" {
+                    name = text;
+                } else {
+                    base_model = text;
+                }
+            }
+            _ => {}
+        }
+    }
+    let file_name = file_name.ok_or_else(|| Error::bad_request("no `file` field in the form"))?;
+    let record = state
+        .models
+        .import_adapter(
+            &p.user.user_id,
+            crate::models::adapters::AdapterUpload {
+                archive: archive.to_path_buf(),
+                file_name,
+                name,
+                base_model,
+                max_bytes: max,
+            },
+        )
+        .await?;
+    tracing::info!(user = %p.user.username, model_id = %record.model_id, base = %record.base_model, "adapter uploaded");
+    Ok((
+        axum::http::StatusCode::CREATED,
+        Json(ModelView::trained(&state, &record)),
+    ))
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -18,6 +18,7 @@
 //! in Rust ([`convert_gguf_to_hf`]) and renames a temporary sibling folder into place, so a
 //! failed pull leaves nothing half-written.
 
+pub mod adapters;
 pub(crate) mod convert;
 pub(crate) mod gguf;
 pub mod hub;

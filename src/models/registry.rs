@@ -472,6 +472,16 @@ impl Registry {
         Ok(record)
     }
 
+    /// `<data_dir>/models`, where users' models live (a server's registry only).
+    pub(crate) fn trained_dir(&self) -> Option<&Path> {
+        self.trained_dir.as_deref()
+    }
+
+    /// Records a user's model whose files are in place.
+    pub(crate) async fn put_trained(&self, record: &ModelRecord) -> Result<()> {
+        Ok(self.store()?.models().put(record).await?)
+    }
+
     /// One of the owner's trained models as a streamed `.tar.gz`: its file name and bytes.
     pub async fn archive(
         &self,

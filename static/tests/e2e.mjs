@@ -372,6 +372,13 @@ async function main() {
       const [saved] = await Promise.all([page.waitForEvent('download'), page.locator('[data-test=download-model]').first().click()])
       const savedPath = await saved.path()
       check(saved.suggestedFilename().endsWith('.tar.gz') && fs.statSync(savedPath).size > 100000, `the adapter downloads (${saved.suggestedFilename()})`)
+      // bring your own adapter: the downloaded archive uploaded through the form comes back as
+      // another model of this user's, checked against its base
+      await page.setInputFiles('[data-test=adapter-file]', { name: 'uploaded-arith.tar.gz', mimeType: 'application/gzip', buffer: fs.readFileSync(savedPath) })
+      await page.click('[data-test=adapter-submit]')
+      await page.getByText('Added uploaded-arith').waitFor()
+      await page.locator('[data-test=trained-models]').getByText('uploaded-arith').waitFor()
+      await snap('models-uploaded-adapter')
       await page.locator('[data-test=chat-model]').first().click()
       await page.waitForURL(/\/chat\?model=/)
     } else {

@@ -265,13 +265,25 @@ impl Client {
 
     /// Uploads `bytes` as the multipart field `file` named `name`.
     pub async fn upload(&self, name: &str, bytes: Vec<u8>) -> Reply {
+        self.upload_to("/api/files/datasets", name, bytes, &[])
+            .await
+    }
+
+    /// A multipart form to `path`: text `fields`, then the `file`.
+    pub async fn upload_to(
+        &self,
+        path: &str,
+        name: &str,
+        bytes: Vec<u8>,
+        fields: &[(&str, &str)],
+    ) -> Reply {
+        let mut form = reqwest::multipart::Form::new();
+        for (k, v) in fields {
+            form = form.text(k.to_string(), v.to_string());
+        }
         let part = reqwest::multipart::Part::bytes(bytes).file_name(name.to_string());
-        let form = reqwest::multipart::Form::new().part("file", part);
-        Self::send(
-            self.req(reqwest::Method::POST, "/api/files/datasets")
-                .multipart(form),
-        )
-        .await
+        form = form.part("file", part);
+        Self::send(self.req(reqwest::Method::POST, path).multipart(form)).await
     }
 
     /// Registers and signs in; returns a client carrying the access token, and the login reply.

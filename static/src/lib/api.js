@@ -230,7 +230,7 @@ export function saveBlob(blob, name) {
  * Uploads a file as multipart field `file` with progress (XMLHttpRequest: fetch cannot report
  * upload progress). Resolves with the JSON reply; rejects with ApiError.
  */
-export function upload(path, file, onProgress) {
+export function upload(path, file, onProgress, fields = {}) {
   const attempt = () =>
     new Promise((resolve, reject) => {
       const xhr = new XMLHttpRequest()
@@ -254,6 +254,7 @@ export function upload(path, file, onProgress) {
       }
       xhr.onerror = () => reject(new ApiError(0, 'network error during the upload', 'network'))
       const form = new FormData()
+      for (const [k, v] of Object.entries(fields)) if (v) form.append(k, v)
       form.append('file', file, file.name)
       xhr.send(form)
     })
