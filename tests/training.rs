@@ -227,6 +227,8 @@ async fn bad_task_requests_are_422_before_anything_runs() {
         (with(json!({"template": "nonsense"})), "invalid_spec"),
         (with(json!({"output_dir": "../../etc"})), "invalid_spec"),
         (with(json!({"seed": u64::MAX})), "invalid_spec"),
+        (with(json!({"gpu_ids": [999]})), "invalid_spec"),
+        (with(json!({"gpu_ids": [0, 0]})), "invalid_spec"),
         (with(json!({"dataset_id": "nope"})), "dataset_not_found"),
     ] {
         let r = alice.post("/api/tasks", body.clone()).await;

@@ -169,6 +169,21 @@ impl Training {
             .resolve_dataset(owner, dataset_id.as_deref(), dataset_path.as_deref())
             .await?;
         let gpus = self.gpu_ids().len();
+        if let Some(missing) = spec.gpu_ids.iter().find(|i| !self.gpu_ids().contains(i)) {
+            let known: Vec<String> = self.gpu_ids().iter().map(u32::to_string).collect();
+            return Err(Error::new(
+                Kind::Invalid,
+                "invalid_spec",
+                if known.is_empty() {
+                    "gpu_ids: this machine has no GPU to hand out; leave gpu_ids empty".to_string()
+                } else {
+                    format!(
+                        "gpu_ids: GPU {missing} is not one this server hands out ({})",
+                        known.join(", ")
+                    )
+                },
+            ));
+        }
         if spec.gpus as usize > gpus.max(1) && gpus > 0 {
             return Err(Error::new(
                 Kind::Invalid,

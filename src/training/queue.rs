@@ -115,15 +115,21 @@ pub fn admit<'a>(
             .copied()
             .filter(|g| !busy.contains(g))
             .collect();
-        let want = if limits.gpus.is_empty() {
-            0
+        let gpus = if limits.gpus.is_empty() {
+            Vec::new()
+        } else if !task.spec.gpu_ids.is_empty() {
+            // These GPUs and no others: the task waits (and holds its place) until they are.
+            if !task.spec.gpu_ids.iter().all(|g| free.contains(g)) {
+                break;
+            }
+            task.spec.gpu_ids.clone()
         } else {
-            task.spec.gpus as usize
+            let want = task.spec.gpus as usize;
+            if want > free.len() {
+                break;
+            }
+            free[..want].to_vec()
         };
-        if want > free.len() {
-            break;
-        }
-        let gpus = free[..want].to_vec();
         slots.push(RunningSlot {
             owner: task.owner.clone(),
             gpus: gpus.clone(),
@@ -195,5 +201,70 @@ mod tests {
         let admitted = admit(&limits, &queued, &[]);
         assert_eq!(admitted.len(), 1);
         assert_eq!(admitted[0].1, vec![0, 1]);
+    }
+
+    fn task_on(id: &str, gpu_ids: &[u32]) -> Task {
+        let request: TaskRequest = serde_json::from_value(serde_json::json!({
+            "name": id, "model_name": "m", "dataset_id": "d", "gpu_ids": gpu_ids,
+        }))
+        .unwrap();
+        let spec = request.into_spec().unwrap();
+        Task::queued(
+            id.into(),
+            id,
+            spec,
+            None,
+            crate::training::spec::RunPaths::example(),
+        )
+    }
+
+    #[test]
+    fn a_task_on_named_gpus_gets_those_and_waits_for_them() {
+        let limits = Limits {
+            max_concurrent: 4,
+            max_per_user: 4,
+            gpus: vec![0, 1, 2, 3],
+        };
+        let queued = vec![task_on("on-2-3", &[3, 2]), task("any-1", "b", 0, 1)];
+        assert_eq!(queued[0].spec.gpus, 2, "gpus follows gpu_ids");
+        let admitted = admit(&limits, &queued, &[]);
+        assert_eq!(
+            admitted[0].1,
+            vec![3, 2],
+            "the GPUs named, not the first free"
+        );
+        assert_eq!(admitted[1].1, vec![0]);
+        // GPU 2 busy: the named task waits, and holds its place in line.
+        let running = [RunningSlot {
+            owner: "c".into(),
+            gpus: vec![2],
+        }];
+        assert!(admit(&limits, &queued, &running).is_empty());
+        // Named GPUs on a machine without GPUs mean nothing to the queue (refused earlier).
+        let cpu = Limits {
+            gpus: Vec::new(),
+            ..limits
+        };
+        assert_eq!(admit(&cpu, &queued, &[])[0].1, Vec::<u32>::new());
+    }
+
+    #[test]
+    fn bad_gpu_ids_are_refused() {
+        for (body, why) in [
+            (serde_json::json!({"gpu_ids": [1, 1]}), "twice"),
+            (serde_json::json!({"gpu_ids": [5000]}), "below 1024"),
+            (
+                serde_json::json!({"gpu_ids": [0, 1], "gpus": 1}),
+                "asks for",
+            ),
+        ] {
+            let mut b = serde_json::json!({"name": "t", "model_name": "m", "dataset_id": "d"});
+            for (k, v) in body.as_object().unwrap() {
+                b[k] = v.clone();
+            }
+            let request: TaskRequest = serde_json::from_value(b).unwrap();
+            let e = request.into_spec().unwrap_err();
+            assert!(e.message.contains(why), "{}", e.message);
+        }
     }
 }

@@ -62,6 +62,9 @@ pub struct TaskRequest {
     pub save_steps: Option<u64>,
     pub logging_steps: Option<u64>,
     pub gpus: Option<u32>,
+    /// Specific GPUs by index (as `nvidia-smi` numbers them, among those the server hands
+    /// out): the task waits until all of them are free. Sets `gpus` to their number.
+    pub gpu_ids: Option<Vec<u32>>,
     pub priority: Option<i32>,
 }
 
@@ -91,6 +94,9 @@ pub struct TaskSpec {
     pub save_steps: u64,
     pub logging_steps: u64,
     pub gpus: u32,
+    /// The GPUs asked for by index; empty: any `gpus` free ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_ids: Vec<u32>,
     pub priority: i32,
 }
 
@@ -371,8 +377,36 @@ impl TaskRequest {
             save_steps: whole("save_steps", wide(self.save_steps))?,
             logging_steps: whole("logging_steps", wide(self.logging_steps))?,
             gpus: int("gpus", self.gpus)?,
+            gpu_ids: Vec::new(),
             priority: int("priority", self.priority)?,
         };
+        let mut spec = spec;
+        if let Some(ids) = self.gpu_ids.filter(|ids| !ids.is_empty()) {
+            let mut sorted = ids.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            if sorted.len() != ids.len() {
+                return Err(invalid("gpu_ids", "a GPU is named twice"));
+            }
+            if ids.len() > 64 || ids.iter().any(|&i| i > 1023) {
+                return Err(invalid(
+                    "gpu_ids",
+                    "at most 64 GPU indices, each below 1024",
+                ));
+            }
+            if self.gpus.is_some_and(|g| g as usize != ids.len()) {
+                return Err(invalid(
+                    "gpu_ids",
+                    format!(
+                        "names {} GPU(s) but `gpus` asks for {}",
+                        ids.len(),
+                        spec.gpus
+                    ),
+                ));
+            }
+            spec.gpus = ids.len() as u32;
+            spec.gpu_ids = ids;
+        }
         Ok(spec)
     }
 }

@@ -83,3 +83,14 @@ test('a task detail fills the form for cloning', () => {
   assert.equal(f.lora_rank, 16)
   assert.equal(f.max_steps, '')
 })
+
+test('GPU ids: a comma list goes to the server as numbers, instead of a count', () => {
+  const f = { ...defaults(), name: 't', model_name: 'm', dataset_id: 'd', gpus: 1, gpu_ids: '0, 2' }
+  assert.deepEqual(validate(f), {})
+  const body = toRequest(f, rules)
+  assert.deepEqual(body.gpu_ids, [0, 2])
+  assert.ok(!('gpus' in body))
+  assert.ok(validate({ ...f, gpu_ids: '0;2' }).gpu_ids)
+  assert.ok(!('gpu_ids' in toRequest({ ...f, gpu_ids: '' }, rules)))
+  assert.equal(fromTask({ name: 'n', gpu_ids: [1, 3] }, rules).gpu_ids, '1,3')
+})

@@ -15,6 +15,7 @@ export function defaults(rules) {
     template: '',
     system: '',
     precision: rules.precisions[0],
+    gpu_ids: '',
   }
   for (const field of rules.fields) f[field.name] = field.default ?? ''
   return f
@@ -47,6 +48,8 @@ export function validate(f, rules) {
   if (!targets || !targets.split(',').every((t) => /^[A-Za-z0-9_.]+$/.test(t.trim())))
     e.lora_target = '`all` or module names separated by commas (q_proj,v_proj).'
   if (f.template && !rules.templates.includes(f.template)) e.template = 'Unknown template.'
+  if (String(f.gpu_ids || '').trim() && !/^\d+(\s*,\s*\d+)*$/.test(String(f.gpu_ids).trim()))
+    e.gpu_ids = 'GPU indices separated by commas (0,2), or empty for any.'
   return e
 }
 
@@ -66,6 +69,11 @@ export function toRequest(f, rules) {
   }
   if (f.template) body.template = f.template
   if (String(f.system).trim()) body.system = f.system
+  const ids = String(f.gpu_ids || '').trim()
+  if (ids) {
+    body.gpu_ids = ids.split(',').map((s) => Number(s.trim()))
+    delete body.gpus
+  }
   return body
 }
 
@@ -78,6 +86,7 @@ export function fromTask(t, rules) {
   f.system = t.system || ''
   f.max_steps = t.max_steps ?? ''
   f.dataset_id = t.dataset_id || ''
+  f.gpu_ids = Array.isArray(t.gpu_ids) ? t.gpu_ids.join(',') : ''
   return f
 }
 
