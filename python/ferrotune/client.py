@@ -47,12 +47,24 @@ class _Multipart(io.RawIOBase):
     """A multipart/form-data body with one file field, read in pieces (the file is never held
     in memory whole)."""
 
-    def __init__(self, field: str, filename: str, file: BinaryIO, size: int) -> None:
+    def __init__(
+        self,
+        field: str,
+        filename: str,
+        file: BinaryIO,
+        size: int,
+        fields: Optional[Dict[str, str]] = None,
+    ) -> None:
         self.boundary = f"ferrotune-{uuid.uuid4().hex}"
         ctype = mimetypes.guess_type(filename)[0] or "application/octet-stream"
         quoted = filename.replace("\\", "\\\\").replace('"', '\\"')
-        head = (
+        texts = "".join(
             f"--{self.boundary}\r\n"
+            f'Content-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
+            for k, v in (fields or {}).items()
+        )
+        head = (
+            texts + f"--{self.boundary}\r\n"
             f'Content-Disposition: form-data; name="{field}"; filename="{quoted}"\r\n'
             f"Content-Type: {ctype}\r\n\r\n"
         ).encode()
@@ -316,16 +328,16 @@ class Client:
         """Uploads a dataset file (JSON, JSON Lines or CSV in alpaca, sharegpt or openai
         format). Returns ``{file_id, filename, format, num_rows, …}``; an invalid file raises
         APIError 422 naming the first bad record."""
-        path = os.fspath(path)
+        return self._upload("/api/files/datasets", os.fspath(path))
+
+    def _upload(self, url: str, path: str, fields: Optional[Dict[str, str]] = None) -> Any:
         size = os.path.getsize(path)
         for attempt in (1, 2):
             with open(path, "rb") as f:
-                body = _Multipart("file", os.path.basename(path), f, size)
+                body = _Multipart("file", os.path.basename(path), f, size, fields)
                 headers = {"content-type": body.content_type, "content-length": str(body.length)}
                 try:
-                    return self._json(
-                        "POST", "/api/files/datasets", body, headers=headers, retry_auth=False
-                    )
+                    return self._json("POST", url, body, headers=headers, retry_auth=False)
                 except APIError as e:
                     # The body is spent: renew an expired token and send the file again.
                     if e.status != 401 or attempt == 2 or self.api_key or not self._refresh():
@@ -522,6 +534,35 @@ class Client:
                     with src, open(os.path.join(dest, name), "wb") as out:
                         out.write(src.read())
         return dest
+
+    def upload_adapter(
+        self,
+        path: Union[str, "os.PathLike[str]"],
+        *,
+        name: Optional[str] = None,
+        base_model: Optional[str] = None,
+    ) -> dict:
+        """Brings your own adapter: a PEFT LoRA folder (``adapter_config.json`` and
+        ``adapter_model.safetensors``; packed here) or a ``.zip`` / ``.tar.gz`` of one becomes
+        one of your models, checked against its base model (``base_model``, default the
+        adapter's ``base_model_name_or_path``). Returns the model (``model_id``, ``kind:
+        adapter``, ``base_model``); a refusal raises APIError 422 with the reason."""
+        import tarfile
+        import tempfile
+
+        path = os.fspath(path)
+        fields = {k: v for k, v in (("name", name), ("base_model", base_model)) if v}
+        if not os.path.isdir(path):
+            return self._upload("/api/files/models/adapters", path, fields)
+        folder = os.path.basename(os.path.normpath(path)) or "adapter"
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = os.path.join(tmp, f"{folder}.tar.gz")
+            with tarfile.open(archive, "w:gz") as tar:
+                for entry in sorted(os.listdir(path)):
+                    full = os.path.join(path, entry)
+                    if os.path.isfile(full):
+                        tar.add(full, arcname=entry)
+            return self._upload("/api/files/models/adapters", archive, fields)
 
     def chat(
         self,

@@ -111,6 +111,14 @@ def test_upload_train_wait_and_chat_with_the_adapter(server, client, models_dir,
     engine = ferrotune.Engine(models_dir)
     assert engine.chat(MODEL, QUESTION, adapter=adapter, temperature=0) == ANSWER
 
+    # Bring your own adapter: the folder uploaded again is another model that answers the same.
+    mine = client.upload_adapter(adapter, name="uploaded")
+    assert mine["kind"] == "adapter" and mine["base_model"] == MODEL and mine["name"] == "uploaded"
+    assert client.chat(mine["model_id"], QUESTION, temperature=0, max_tokens=16) == ANSWER
+    with pytest.raises(ferrotune.APIError) as refused:
+        client.upload_adapter(data)
+    assert refused.value.status == 422 and refused.value.code == "invalid_archive"
+
     # OpenAI's client pointed at the server.
     openai = pytest.importorskip("openai")
     oa = client.openai()

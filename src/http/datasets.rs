@@ -32,6 +32,22 @@ pub fn router(max_upload: u64) -> OpenApiRouter<AppState> {
         .routes(routes!(download))
 }
 
+/// The multipart form of an upload, or 400 saying what was expected.
+pub(super) fn form(
+    multipart: std::result::Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<Multipart> {
+    multipart.map_err(|e| {
+        Error::new(
+            Kind::BadRequest,
+            "bad_multipart",
+            format!(
+                "expected multipart/form-data with a `file` field: {}",
+                e.body_text()
+            ),
+        )
+    })
+}
+
 pub(super) fn multipart_error(e: MultipartError, max: u64) -> Error {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         too_large(max)
@@ -80,16 +96,7 @@ async fn upload(
     {
         return Err(too_large(max));
     }
-    let mut multipart = multipart.map_err(|e| {
-        Error::new(
-            Kind::BadRequest,
-            "bad_multipart",
-            format!(
-                "expected multipart/form-data with a `file` field: {}",
-                e.body_text()
-            ),
-        )
-    })?;
+    let mut multipart = form(multipart)?;
     loop {
         let field = multipart
             .next_field()

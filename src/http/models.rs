@@ -66,16 +66,7 @@ async fn upload_adapter(
     use futures_util::StreamExt;
     use tokio::io::AsyncWriteExt;
     let max = state.datasets.max_bytes();
-    let mut multipart = multipart.map_err(|e| {
-        Error::new(
-            Kind::BadRequest,
-            "bad_multipart",
-            format!(
-                "expected multipart/form-data with a `file` field: {}",
-                e.body_text()
-            ),
-        )
-    })?;
+    let mut multipart = super::datasets::form(multipart)?;
     let tmp_dir = state.config.tmp_dir();
     tokio::fs::create_dir_all(&tmp_dir).await?;
     let archive = tempfile::Builder::new()

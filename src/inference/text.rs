@@ -179,7 +179,8 @@ fn token_string(v: &Json) -> Option<String> {
 }
 
 /// A template string, or the `default` one of a list of named templates.
-fn template_string(v: &Json) -> Option<String> {
+/// A `chat_template` value: a string, or a list of named templates (the `default` one).
+pub(crate) fn template_string(v: &Json) -> Option<String> {
     match v {
         Json::String(s) => Some(s.clone()),
         Json::Array(items) => items

@@ -39,16 +39,7 @@ pub fn chat_template_of(dir: &Path) -> Option<String> {
     }
     let bytes = std::fs::read(dir.join("tokenizer_config.json")).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    match &v["chat_template"] {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Array(items) => items
-            .iter()
-            .find(|t| t["name"] == "default")
-            .or_else(|| items.first())
-            .and_then(|t| t["template"].as_str())
-            .map(str::to_string),
-        _ => None,
-    }
+    crate::inference::text::template_string(&v["chat_template"])
 }
 
 /// A warning when `trained_with` (a LlamaFactory template name) and the chat template chat
