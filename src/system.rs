@@ -54,6 +54,34 @@ pub fn gpus() -> Vec<Gpu> {
         .collect()
 }
 
+/// Each GPU's compute capability (`8.0` for an A100, `7.5` for a T4), by index, as
+/// `nvidia-smi` reports it once per process (cached: it does not change while we run).
+/// Empty without a driver, or with one too old to report it.
+pub fn compute_capabilities() -> &'static HashMap<u32, f32> {
+    static CAPS: std::sync::OnceLock<HashMap<u32, f32>> = std::sync::OnceLock::new();
+    CAPS.get_or_init(|| {
+        nvidia_smi(&["--query-gpu=index,compute_cap", "--format=csv,noheader"])
+            .map(|text| parse_compute_caps(&text))
+            .unwrap_or_default()
+    })
+}
+
+fn parse_compute_caps(text: &str) -> HashMap<u32, f32> {
+    text.lines()
+        .filter_map(|line| {
+            let (i, cap) = line.split_once(',')?;
+            Some((i.trim().parse().ok()?, cap.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Whether all of `gpus` compute in bfloat16 (compute capability 8.0 or later: Ampere,
+/// Hopper…). A GPU whose capability is unknown is taken to support it.
+pub fn bf16_supported(gpus: &[u32]) -> bool {
+    let caps = compute_capabilities();
+    gpus.iter().all(|g| caps.get(g).is_none_or(|&c| c >= 8.0))
+}
+
 /// GPU memory per process.
 pub fn gpu_processes() -> GpuProcesses {
     let mut out = HashMap::new();
@@ -179,6 +207,14 @@ pub fn signal_group(pgid: u32, signal: nix::sys::signal::Signal) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compute_capabilities_parse() {
+        let caps = parse_compute_caps("0, 9.0\n1, 7.5\nbad line\n");
+        assert_eq!(caps.get(&0), Some(&9.0));
+        assert_eq!(caps.get(&1), Some(&7.5));
+        assert_eq!(caps.len(), 2);
+    }
 
     #[tokio::test]
     async fn reads_this_machine() {

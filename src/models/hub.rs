@@ -444,12 +444,6 @@ async fn run_script(
     }
 }
 
-/// The partial folders and lock files of pulls, for listing what a models folder holds.
-pub fn is_pull_leftover(file_name: &str) -> bool {
-    file_name.starts_with('.')
-        && (file_name.ends_with(".hub-partial") || file_name.ends_with(".hub-lock"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

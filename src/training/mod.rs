@@ -77,6 +77,14 @@ impl Training {
             n => n,
         };
         let has_gpus = !gpus.is_empty();
+        if has_gpus {
+            // Asked once here, at start, where blocking is allowed; cached for the runs.
+            let caps = crate::system::compute_capabilities();
+            tracing::info!(
+                ?caps,
+                "GPU compute capabilities (precision `auto` uses bf16 from 8.0)"
+            );
+        }
         let queue = Arc::new(Queue::new(
             store.clone(),
             Limits {

@@ -268,6 +268,16 @@ fn invalid(field: &str, why: impl std::fmt::Display) -> Error {
     Error::new(Kind::Invalid, "invalid_spec", format!("{field}: {why}"))
 }
 
+/// Where a task trains, as far as its arguments care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// GPUs; `bf16`: all of them compute in bfloat16.
+    Gpu {
+        bf16: bool,
+    },
+}
+
 /// LlamaFactory template names accepted in `template` (a subset of 0.9.5's registry that
 /// covers the model families ferrotune serves; the check catches typos before a run).
 pub const KNOWN_TEMPLATES: &[&str] = &[
@@ -491,7 +501,7 @@ pub fn dataset_info(paths: &RunPaths) -> Value {
 
 /// LlamaFactory's `run_exp` arguments for a task (the keys of its HfArgumentParser; values
 /// typed as it expects: real floats and ints).
-pub fn llamafactory_args(spec: &TaskSpec, paths: &RunPaths, has_gpu: bool) -> Map<String, Value> {
+pub fn llamafactory_args(spec: &TaskSpec, paths: &RunPaths, device: Device) -> Map<String, Value> {
     let mut a = Map::new();
     let mut set = |k: &str, v: Value| {
         a.insert(k.to_string(), v);
@@ -549,10 +559,15 @@ pub fn llamafactory_args(spec: &TaskSpec, paths: &RunPaths, has_gpu: bool) -> Ma
     set("lr_scheduler_type", json!("cosine"));
     set("warmup_ratio", json!(0.1));
     set("seed", json!(spec.seed));
-    match (spec.precision, has_gpu) {
-        (Precision::Bf16, _) | (Precision::Auto, true) => set("bf16", json!(true)),
-        (Precision::Fp16, _) => set("fp16", json!(true)),
-        (Precision::Fp32, _) | (Precision::Auto, false) => {}
+    match (spec.precision, device) {
+        (Precision::Bf16, _) | (Precision::Auto, Device::Gpu { bf16: true }) => {
+            set("bf16", json!(true))
+        }
+        // `auto` on a GPU without bfloat16 (before Ampere: T4, V100): float16 mixed precision.
+        (Precision::Fp16, _) | (Precision::Auto, Device::Gpu { bf16: false }) => {
+            set("fp16", json!(true))
+        }
+        (Precision::Fp32, _) | (Precision::Auto, Device::Cpu) => {}
     }
     if spec.val_size > 0.0 {
         set("val_size", json!(spec.val_size));
@@ -726,7 +741,7 @@ mod tests {
     fn maps_to_llamafactory_arguments() {
         let mut s = req(json!({"max_steps": 8, "system": "Be brief.", "val_size": 0.1})).unwrap();
         s.template = "smollm2".into();
-        let a = llamafactory_args(&s, &paths(DatasetFormat::Alpaca), false);
+        let a = llamafactory_args(&s, &paths(DatasetFormat::Alpaca), Device::Cpu);
         assert_eq!(a["model_name_or_path"], "/m/SmolLM2");
         assert_eq!(a["stage"], "sft");
         assert_eq!(a["finetuning_type"], "lora");
@@ -741,14 +756,25 @@ mod tests {
         assert!(a["num_train_epochs"].is_f64());
         assert!(a.get("bf16").is_none(), "fp32 on CPU");
         assert_eq!(
-            llamafactory_args(&s, &paths(DatasetFormat::Alpaca), true)["bf16"],
+            llamafactory_args(
+                &s,
+                &paths(DatasetFormat::Alpaca),
+                Device::Gpu { bf16: true }
+            )["bf16"],
             true
         );
+        let older = llamafactory_args(
+            &s,
+            &paths(DatasetFormat::Alpaca),
+            Device::Gpu { bf16: false },
+        );
+        assert_eq!(older["fp16"], true, "auto on a T4 or V100: float16");
+        assert!(older.get("bf16").is_none());
 
         let mut full = s.clone();
         full.finetuning_type = FinetuningType::Full;
         assert!(
-            llamafactory_args(&full, &paths(DatasetFormat::Alpaca), false)
+            llamafactory_args(&full, &paths(DatasetFormat::Alpaca), Device::Cpu)
                 .get("lora_rank")
                 .is_none()
         );

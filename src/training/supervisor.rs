@@ -625,11 +625,14 @@ impl Supervisor {
 
 /// The LlamaFactory arguments of a task's run.
 pub fn run_args(task: &Task) -> serde_json::Map<String, serde_json::Value> {
-    let mut args = spec::llamafactory_args(
-        &task.spec,
-        &task.paths,
-        !task.gpu_ids.is_empty() || task.spec.gpus > 0,
-    );
+    let device = if task.gpu_ids.is_empty() && task.spec.gpus == 0 {
+        spec::Device::Cpu
+    } else {
+        spec::Device::Gpu {
+            bf16: crate::system::bf16_supported(&task.gpu_ids),
+        }
+    };
+    let mut args = spec::llamafactory_args(&task.spec, &task.paths, device);
     if let Some(ckpt) = &task.resume_from {
         args.insert("resume_from_checkpoint".into(), serde_json::json!(ckpt));
     }
