@@ -14,6 +14,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// The pinned requirements, compiled in so the binary knows its environment.
 pub const REQUIREMENTS: &str = include_str!("../python/requirements-train.txt");
+/// Installed after them, against their torch (see the file).
+pub const REQUIREMENTS_DEEPSPEED: &str = include_str!("../python/requirements-deepspeed.txt");
 /// The interpreter pyo3 was configured with (see build.rs).
 pub const BUILD_PYTHON: &str = env!("FERROTUNE_BUILD_PYTHON");
 /// Its `major.minor` version.
@@ -43,6 +45,8 @@ pub fn cache_root() -> PathBuf {
 pub fn env_key() -> String {
     let mut h = Sha256::new();
     h.update(REQUIREMENTS.as_bytes());
+    h.update(b"\0deepspeed");
+    h.update(REQUIREMENTS_DEEPSPEED.as_bytes());
     h.update(b"\0python");
     h.update(BUILD_PYTHON_VERSION.as_bytes());
     h.finalize()
@@ -145,12 +149,31 @@ impl PyEnv {
             progress,
         )
         .await?;
+        let deepspeed = self.dir.join("requirements-deepspeed.txt");
+        tokio::fs::write(&deepspeed, REQUIREMENTS_DEEPSPEED).await?;
+        progress("installing DeepSpeed (built against the installed torch)");
+        run_logged(
+            &self.python(),
+            &[
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--progress-bar",
+                "off",
+                "--no-build-isolation",
+                "-r",
+                &deepspeed.to_string_lossy(),
+            ],
+            progress,
+        )
+        .await?;
         progress("checking that the stack imports");
         run_logged(
             &self.python(),
             &[
                 "-c",
-                "import torch, transformers, peft, trl, llamafactory; \
+                "import torch, transformers, peft, trl, llamafactory, bitsandbytes, deepspeed; \
                  from llamafactory.train.tuner import run_exp; \
                  print('torch', torch.__version__, '| transformers', transformers.__version__, \
                  '| llamafactory', llamafactory.__version__, '| cuda', torch.cuda.is_available())",
@@ -347,6 +370,12 @@ mod tests {
             assert!(line.contains("=="), "unpinned requirement: {line}");
         }
         assert!(REQUIREMENTS.contains("llamafactory==0.9.5"));
+        let deepspeed: Vec<&str> = REQUIREMENTS_DEEPSPEED
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect();
+        assert_eq!(deepspeed, ["deepspeed==0.19.8"]);
     }
 
     #[test]

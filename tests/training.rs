@@ -229,6 +229,14 @@ async fn bad_task_requests_are_422_before_anything_runs() {
         (with(json!({"seed": u64::MAX})), "invalid_spec"),
         (with(json!({"gpu_ids": [999]})), "invalid_spec"),
         (with(json!({"gpu_ids": [0, 0]})), "invalid_spec"),
+        (with(json!({"quantization_bit": 2})), "invalid_spec"),
+        (
+            with(json!({"quantization_bit": 4, "finetuning_type": "full"})),
+            "invalid_spec",
+        ),
+        (with(json!({"deepspeed": 3})), "invalid_spec"),
+        // Two GPUs for ZeRO: this server has none to give.
+        (with(json!({"deepspeed": 2, "gpus": 2})), "invalid_spec"),
         (with(json!({"dataset_id": "nope"})), "dataset_not_found"),
     ] {
         let r = alice.post("/api/tasks", body.clone()).await;
@@ -268,6 +276,55 @@ async fn bad_task_requests_are_422_before_anything_runs() {
                 .next()
                 .is_none()
     );
+}
+
+/// QLoRA: the base loaded in 4 bits by bitsandbytes (on the CPU here: bitsandbytes 0.50 has
+/// CPU kernels) while the LoRA trains; the adapter is registered and chats like any other.
+#[tokio::test]
+async fn a_qlora_trains_over_a_4_bit_base() {
+    let (_server, alice, _bob, dataset_id) = server_with_a_dataset().await;
+    let r = alice
+        .post(
+            "/api/tasks",
+            json!({
+                "name": "arith-qlora", "model_name": MODEL, "dataset_id": dataset_id,
+                "quantization_bit": 4, "max_steps": 2, "learning_rate": 0.001,
+                "batch_size": 4, "cutoff_len": 64, "logging_steps": 1, "save_steps": 1000,
+            }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let id = r.body["task_id"].as_str().unwrap().to_string();
+    let t = alice.get(&format!("/api/tasks/{id}")).await.body;
+    assert_eq!(t["quantization_bit"], 4, "{t}");
+    let done = wait_until("the QLoRA task", Duration::from_secs(900), async || {
+        let t = alice.get(&format!("/api/tasks/{id}")).await.body;
+        matches!(t["status"].as_str(), Some("completed" | "failed")).then_some(t)
+    })
+    .await;
+    let logs = alice
+        .get(&format!("/api/tasks/{id}/logs?tail=400"))
+        .await
+        .body["logs"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(done["status"], "completed", "{done}\n{logs}");
+    assert!(
+        logs.contains("Quantizing model to 4 bit with bitsandbytes"),
+        "LlamaFactory quantised the base: {logs}"
+    );
+    let model_id = done["model_id"].as_str().expect("model_id");
+    let r = alice
+        .post(
+            "/v1/chat/completions",
+            json!({
+                "model": model_id, "max_tokens": 4, "temperature": 0,
+                "messages": [{"role": "user", "content": "What is 3 plus 4?"}],
+            }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
 }
 
 /// A full fine-tune is a model of its owner's: listed for chat, answered through the same

@@ -199,6 +199,16 @@ impl Training {
                 format!("gpus: this machine has {gpus} GPU(s)"),
             ));
         }
+        if spec.deepspeed.is_some() && gpus < 2 {
+            return Err(Error::new(
+                Kind::Invalid,
+                "invalid_spec",
+                format!(
+                    "deepspeed: ZeRO shards a task across 2 or more GPUs; this machine hands out \
+                     {gpus}"
+                ),
+            ));
+        }
         if gpus == 0 {
             // CPU-only machine: the task runs on the CPU.
             spec.gpus = 0;
@@ -258,6 +268,11 @@ impl Training {
             let info = serde_json::to_vec_pretty(&spec::dataset_info(&task.paths))
                 .map_err(Error::internal)?;
             tokio::fs::write(task_dir.join("dataset_info.json"), info).await?;
+            if let Some(stage) = task.spec.deepspeed {
+                let config = serde_json::to_vec_pretty(&spec::deepspeed_config(stage))
+                    .map_err(Error::internal)?;
+                tokio::fs::write(task_dir.join(spec::deepspeed_config_name(stage)), config).await?;
+            }
             self.store.tasks().put(&task.to_record()?).await?;
             Ok::<(), Error>(())
         }

@@ -1,6 +1,8 @@
 //! A training task's specification: what the client sends, its validation (every bad value is
 //! a 422 at submit time), and its mapping to LlamaFactory arguments.
 
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
@@ -65,6 +67,10 @@ pub struct TaskRequest {
     /// Specific GPUs by index (as `nvidia-smi` numbers them, among those the server hands
     /// out): the task waits until all of them are free. Sets `gpus` to their number.
     pub gpu_ids: Option<Vec<u32>>,
+    /// QLoRA: the frozen base loaded in 4 or 8 bits (bitsandbytes) while the LoRA trains.
+    pub quantization_bit: Option<u8>,
+    /// DeepSpeed ZeRO stage (2 or 3) for a task on two or more GPUs.
+    pub deepspeed: Option<u8>,
     pub priority: Option<i32>,
 }
 
@@ -97,6 +103,12 @@ pub struct TaskSpec {
     /// The GPUs asked for by index; empty: any `gpus` free ones.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpu_ids: Vec<u32>,
+    /// QLoRA's base precision in bits (4 or 8); none: the base in `precision`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization_bit: Option<u8>,
+    /// DeepSpeed ZeRO stage (2 or 3); none: plain data parallelism.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deepspeed: Option<u8>,
     pub priority: i32,
 }
 
@@ -388,9 +400,24 @@ impl TaskRequest {
             logging_steps: whole("logging_steps", wide(self.logging_steps))?,
             gpus: int("gpus", self.gpus)?,
             gpu_ids: Vec::new(),
+            quantization_bit: None,
+            deepspeed: None,
             priority: int("priority", self.priority)?,
         };
         let mut spec = spec;
+        if let Some(bits) = self.quantization_bit {
+            if !matches!(bits, 4 | 8) {
+                return Err(invalid("quantization_bit", "must be 4 or 8 (QLoRA)"));
+            }
+            if spec.finetuning_type != FinetuningType::Lora {
+                return Err(invalid(
+                    "quantization_bit",
+                    "QLoRA quantises the frozen base under a LoRA: only with finetuning_type \
+                     `lora`",
+                ));
+            }
+            spec.quantization_bit = Some(bits);
+        }
         if let Some(ids) = self.gpu_ids.filter(|ids| !ids.is_empty()) {
             let mut sorted = ids.clone();
             sorted.sort_unstable();
@@ -416,6 +443,19 @@ impl TaskRequest {
             }
             spec.gpus = ids.len() as u32;
             spec.gpu_ids = ids;
+        }
+        if let Some(stage) = self.deepspeed {
+            if !matches!(stage, 2 | 3) {
+                return Err(invalid("deepspeed", "must be ZeRO stage 2 or 3"));
+            }
+            if spec.gpus < 2 {
+                return Err(invalid(
+                    "deepspeed",
+                    "DeepSpeed ZeRO shards the training state across GPUs: ask for 2 or more \
+                     (`gpus` or `gpu_ids`)",
+                ));
+            }
+            spec.deepspeed = Some(stage);
         }
         Ok(spec)
     }
@@ -569,6 +609,20 @@ pub fn llamafactory_args(spec: &TaskSpec, paths: &RunPaths, device: Device) -> M
         }
         (Precision::Fp32, _) | (Precision::Auto, Device::Cpu) => {}
     }
+    if let Some(bits) = spec.quantization_bit {
+        set("quantization_bit", json!(bits));
+        set("quantization_method", json!("bnb"));
+    }
+    if let Some(stage) = spec.deepspeed {
+        set(
+            "deepspeed",
+            json!(
+                Path::new(&paths.task_dir)
+                    .join(deepspeed_config_name(stage))
+                    .to_string_lossy()
+            ),
+        );
+    }
     if spec.val_size > 0.0 {
         set("val_size", json!(spec.val_size));
         set("per_device_eval_batch_size", json!(spec.batch_size));
@@ -576,6 +630,58 @@ pub fn llamafactory_args(spec: &TaskSpec, paths: &RunPaths, device: Device) -> M
         set("eval_steps", json!(spec.save_steps));
     }
     a
+}
+
+/// The DeepSpeed config's file name in the task's folder.
+pub fn deepspeed_config_name(stage: u8) -> String {
+    format!("ds_z{stage}_config.json")
+}
+
+/// The ZeRO config for `stage`: LlamaFactory's own `examples/deepspeed/ds_z{2,3}_config.json`
+/// (batch sizes, precision and clipping left to `auto`, filled from the training arguments by
+/// transformers' integration).
+pub fn deepspeed_config(stage: u8) -> Value {
+    let mut zero = json!({
+        "stage": stage,
+        "allgather_partitions": true,
+        "allgather_bucket_size": 5e8,
+        "overlap_comm": false,
+        "reduce_scatter": true,
+        "reduce_bucket_size": 5e8,
+        "contiguous_gradients": true,
+        "round_robin_gradients": true
+    });
+    if stage == 3 {
+        zero = json!({
+            "stage": 3,
+            "overlap_comm": false,
+            "contiguous_gradients": true,
+            "sub_group_size": 1e9,
+            "reduce_bucket_size": "auto",
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+            "stage3_max_live_parameters": 1e9,
+            "stage3_max_reuse_distance": 1e9,
+            "stage3_gather_16bit_weights_on_model_save": true
+        });
+    }
+    json!({
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": true,
+        "fp16": {
+            "enabled": "auto",
+            "loss_scale": 0,
+            "loss_scale_window": 1000,
+            "initial_scale_power": 16,
+            "hysteresis": 2,
+            "min_loss_scale": 1
+        },
+        "bf16": { "enabled": "auto" },
+        "zero_optimization": zero
+    })
 }
 
 /// The arguments as a LlamaFactory YAML config (`llamafactory-cli train this.yaml`). Values
@@ -669,6 +775,14 @@ mod tests {
             (json!({"batch_size": 0}), "batch_size"),
             (json!({"lora_rank": 0}), "lora_rank"),
             (json!({"lora_dropout": 1.5}), "lora_dropout"),
+            (json!({"quantization_bit": 3}), "quantization_bit"),
+            (
+                json!({"quantization_bit": 4, "finetuning_type": "full"}),
+                "quantization_bit",
+            ),
+            (json!({"deepspeed": 1, "gpus": 2}), "deepspeed"),
+            (json!({"deepspeed": 2}), "deepspeed"),
+            (json!({"deepspeed": 3, "gpus": 1}), "deepspeed"),
             (json!({"val_size": 0.9}), "val_size"),
             (json!({"cutoff_len": 1}), "cutoff_len"),
             (json!({"template": "nope"}), "template"),
@@ -778,6 +892,21 @@ mod tests {
                 .get("lora_rank")
                 .is_none()
         );
+
+        assert!(a.get("quantization_bit").is_none() && a.get("deepspeed").is_none());
+        let q = req(json!({"quantization_bit": 4, "gpus": 2, "deepspeed": 3})).unwrap();
+        let qa = llamafactory_args(
+            &q,
+            &paths(DatasetFormat::Alpaca),
+            Device::Gpu { bf16: true },
+        );
+        assert_eq!(qa["quantization_bit"], 4);
+        assert_eq!(qa["quantization_method"], "bnb");
+        assert_eq!(qa["deepspeed"], "/t/1/ds_z3_config.json");
+        let z3 = deepspeed_config(3);
+        assert_eq!(z3["zero_optimization"]["stage"], 3);
+        assert_eq!(z3["bf16"]["enabled"], "auto");
+        assert_eq!(deepspeed_config(2)["zero_optimization"]["stage"], 2);
 
         let yaml = to_yaml(&a);
         assert!(yaml.contains("model_name_or_path: \"/m/SmolLM2\"\n"));

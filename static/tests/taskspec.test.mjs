@@ -94,3 +94,20 @@ test('GPU ids: a comma list goes to the server as numbers, instead of a count', 
   assert.ok(!('gpu_ids' in toRequest({ ...f, gpu_ids: '' }, rules)))
   assert.equal(fromTask({ name: 'n', gpu_ids: [1, 3] }, rules).gpu_ids, '1,3')
 })
+
+test('QLoRA and DeepSpeed: only with a LoRA / with two or more GPUs, sent as numbers', () => {
+  const f = { ...defaults(), name: 't', model_name: 'm', dataset_id: 'd', quantization_bit: '4' }
+  assert.deepEqual(validate(f), {})
+  assert.equal(toRequest(f, rules).quantization_bit, 4)
+  assert.ok(validate({ ...f, finetuning_type: 'full' }).quantization_bit)
+  assert.ok(!('quantization_bit' in toRequest({ ...f, quantization_bit: '' }, rules)))
+  const ds = { ...f, deepspeed: '3', gpus: 1 }
+  assert.ok(validate(ds).deepspeed, 'one GPU is not enough')
+  assert.deepEqual(validate({ ...ds, gpus: 2 }), {})
+  assert.deepEqual(validate({ ...ds, gpu_ids: '0,1' }), {})
+  assert.equal(toRequest({ ...ds, gpus: 2 }, rules).deepspeed, 3)
+  const back = fromTask({ name: 'n', quantization_bit: 8, deepspeed: 2 }, rules)
+  assert.equal(back.quantization_bit, '8')
+  assert.equal(back.deepspeed, '2')
+  assert.match(toYaml(f, '/m', 'x'), /quantization_bit: 4\n/)
+})

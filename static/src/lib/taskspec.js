@@ -16,6 +16,8 @@ export function defaults(rules) {
     system: '',
     precision: rules.precisions[0],
     gpu_ids: '',
+    quantization_bit: '',
+    deepspeed: '',
   }
   for (const field of rules.fields) f[field.name] = field.default ?? ''
   return f
@@ -50,6 +52,13 @@ export function validate(f, rules) {
   if (f.template && !rules.templates.includes(f.template)) e.template = 'Unknown template.'
   if (String(f.gpu_ids || '').trim() && !/^\d+(\s*,\s*\d+)*$/.test(String(f.gpu_ids).trim()))
     e.gpu_ids = 'GPU indices separated by commas (0,2), or empty for any.'
+  if (f.quantization_bit && f.finetuning_type !== 'lora')
+    e.quantization_bit = 'QLoRA quantises the base under a LoRA: choose the LoRA method.'
+  if (f.deepspeed) {
+    const ids = String(f.gpu_ids || '').trim()
+    const n = ids ? ids.split(',').length : Number(f.gpus || 0)
+    if (n < 2) e.deepspeed = 'DeepSpeed ZeRO needs 2 or more GPUs (GPUs or GPU ids).'
+  }
   return e
 }
 
@@ -69,6 +78,8 @@ export function toRequest(f, rules) {
   }
   if (f.template) body.template = f.template
   if (String(f.system).trim()) body.system = f.system
+  if (f.quantization_bit) body.quantization_bit = Number(f.quantization_bit)
+  if (f.deepspeed) body.deepspeed = Number(f.deepspeed)
   const ids = String(f.gpu_ids || '').trim()
   if (ids) {
     body.gpu_ids = ids.split(',').map((s) => Number(s.trim()))
@@ -87,6 +98,8 @@ export function fromTask(t, rules) {
   f.max_steps = t.max_steps ?? ''
   f.dataset_id = t.dataset_id || ''
   f.gpu_ids = Array.isArray(t.gpu_ids) ? t.gpu_ids.join(',') : ''
+  f.quantization_bit = t.quantization_bit ? String(t.quantization_bit) : ''
+  f.deepspeed = t.deepspeed ? String(t.deepspeed) : ''
   return f
 }
 
@@ -127,6 +140,7 @@ const YAML_TO_FORM = {
   lora_alpha: 'lora_alpha',
   lora_dropout: 'lora_dropout',
   lora_target: 'lora_target',
+  quantization_bit: 'quantization_bit',
   template: 'template',
   default_system: 'system',
   cutoff_len: 'cutoff_len',
@@ -146,6 +160,7 @@ const MANAGED = new Set([
   'model_name_or_path', 'dataset', 'dataset_dir', 'output_dir', 'do_train', 'overwrite_cache', 'overwrite_output_dir',
   'preprocessing_num_workers', 'dataloader_num_workers', 'plot_loss', 'save_only_model', 'report_to', 'trust_remote_code',
   'lr_scheduler_type', 'warmup_ratio', 'per_device_eval_batch_size', 'eval_strategy', 'eval_steps', 'bf16', 'fp16',
+  'quantization_method',
 ])
 
 /**
@@ -199,6 +214,10 @@ export function toYaml(f, modelPath, datasetName) {
     set('lora_alpha', f.lora_alpha === '' ? Number(f.lora_rank) * 2 : Number(f.lora_alpha))
     set('lora_dropout', Number(f.lora_dropout))
     set('lora_target', String(f.lora_target))
+    if (f.quantization_bit) {
+      set('quantization_bit', Number(f.quantization_bit))
+      set('quantization_method', 'bnb')
+    }
   }
   set('dataset', datasetName || 'my_dataset')
   if (f.template) set('template', f.template)
