@@ -7,6 +7,9 @@
 //!     [--format gguf|safetensors] [--requant auto|keep|q8_0|q4_0|…] [--tokens 128]
 //!     [--runs 3] [--threads N] [--temperature 0] [--top-p 1] [--json]
 //! ```
+//! `--batch N`: the decode step of N sequences batched (one `Model::forward_batch` per step)
+//! against N = 1, as ms per step and aggregate tokens/s.
+//!
 //! Without `--models-dir` the test models (`~/.cache/ferrotune/test-models`) are used.
 
 use std::path::PathBuf;
@@ -29,6 +32,8 @@ struct Args {
     /// 0: greedy (the default); otherwise seeded sampling at this temperature.
     temperature: f64,
     top_p: f64,
+    /// With N > 1: time batched decode steps of N sequences (`Model::forward_batch`) instead.
+    batch: usize,
 }
 
 fn parse() -> anyhow::Result<Args> {
@@ -44,6 +49,7 @@ fn parse() -> anyhow::Result<Args> {
         prompt: "Write a long story about a robot who learns to paint.".into(),
         temperature: 0.0,
         top_p: 1.0,
+        batch: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -63,6 +69,7 @@ fn parse() -> anyhow::Result<Args> {
             "--prompt" => a.prompt = val()?,
             "--temperature" => a.temperature = val()?.parse()?,
             "--top-p" => a.top_p = val()?.parse()?,
+            "--batch" => a.batch = val()?.parse()?,
             "--threads" => {
                 // candle reads this when its thread pool starts (first use).
                 // SAFETY: set before any other thread exists.
@@ -104,6 +111,9 @@ fn main() -> anyhow::Result<()> {
         .render(&[ChatMessage::new("user", a.prompt.clone())], true)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let prompt = assets.encode(&text)?;
+    if a.batch > 1 {
+        return batched(&model, &prompt, adapter.as_ref(), &a);
+    }
 
     let mut ttfts = Vec::new();
     let mut decode_rates = Vec::new();
@@ -214,5 +224,54 @@ fn main() -> anyhow::Result<()> {
             sample_text.chars().take(160).collect::<String>()
         );
     }
+    Ok(())
+}
+
+/// Decode steps of `a.batch` sequences batched (and of one, for the ratio), greedy.
+fn batched(
+    model: &Model,
+    prompt: &[u32],
+    adapter: Option<&lora::LoraAdapter>,
+    a: &Args,
+) -> anyhow::Result<()> {
+    use ferrotune::inference::{BatchItem, Want, sampling::argmax};
+    let mut report = Vec::new();
+    for n in [1, a.batch] {
+        let mut caches: Vec<_> = (0..n).map(|_| model.new_cache()).collect();
+        let mut last = vec![0u32; n];
+        for (c, l) in caches.iter_mut().zip(last.iter_mut()) {
+            let logits: Vec<f32> = model.forward(prompt, c, adapter, false)?.to_vec1()?;
+            *l = argmax(&logits);
+        }
+        let steps = a.tokens;
+        let t = Instant::now();
+        for _ in 0..steps {
+            let toks: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
+            let mut items: Vec<BatchItem<'_>> = caches
+                .iter_mut()
+                .zip(&toks)
+                .map(|(cache, t)| BatchItem {
+                    tokens: t,
+                    cache,
+                    adapter,
+                    want: Want::Last,
+                })
+                .collect();
+            let out = model.forward_batch(&mut items)?;
+            for (l, logits) in last.iter_mut().zip(out) {
+                *l = argmax(&logits);
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        report.push((n, secs * 1000.0 / steps as f64, (n * steps) as f64 / secs));
+    }
+    for (n, ms, rate) in &report {
+        println!("batch {n}: {ms:.1} ms per step, {rate:.1} tok/s in all");
+    }
+    println!(
+        "batched {}: {:.2}× the tokens/s of one sequence",
+        a.batch,
+        report[1].2 / report[0].2
+    );
     Ok(())
 }

@@ -46,8 +46,15 @@ pub struct Config {
     /// Most tokens one answer may generate, whatever the request asks (the model's context
     /// bounds it too).
     pub max_generation_tokens: usize,
-    /// Generations that may run at once on this server; more are refused with 429.
+    /// Generations that may be in progress at once on this server (generating, or waiting
+    /// for a place in their model's batch); more are refused with 429.
     pub max_concurrent_generations: usize,
+    /// Sequences one model advances together in each batched decoding step; more wait in a
+    /// queue, in order.
+    pub max_batch_sequences: usize,
+    /// KV-cache memory (MiB) the sequences in one model's batch may reserve together (each
+    /// reserves its prompt plus its `max_tokens`); beyond it requests wait.
+    pub kv_cache_mb: usize,
     /// Generations one user may run at once; more are refused with 429.
     pub max_generations_per_user: usize,
     /// What a model's weights become at load: `auto` (a Hugging Face folder's float weights
@@ -57,6 +64,9 @@ pub struct Config {
     pub inference_weights: String,
     /// The same, per base model (folder name → format), e.g. `{ "Llama-3.1-8B" = "q4_0" }`.
     pub model_weights: std::collections::BTreeMap<String, String>,
+    /// Where chat runs: `auto` (the first GPU when the binary is built with the `cuda`
+    /// feature and one answers, else the CPU), `cpu`, or `cuda:N`.
+    pub inference_device: String,
     /// Take the client address from `X-Forwarded-For` (only behind a trusted reverse proxy).
     pub trust_forwarded_for: bool,
     /// Mark the refresh-token cookie `Secure` (set when served over HTTPS).
@@ -131,8 +141,11 @@ impl Default for Config {
             max_generation_tokens: 4096,
             max_concurrent_generations: 32,
             max_generations_per_user: 4,
+            max_batch_sequences: 16,
+            kv_cache_mb: 4096,
             inference_weights: "auto".into(),
             model_weights: std::collections::BTreeMap::new(),
+            inference_device: "auto".into(),
             trust_forwarded_for: false,
             cookie_secure: false,
             jwt_secret: String::new(),
@@ -272,16 +285,21 @@ impl Config {
             crate::inference::Requantize::parse(w)
                 .map_err(|e| anyhow::anyhow!("model_weights.{model}: {e}"))?;
         }
+        crate::inference::InferenceDevice::parse(&self.inference_device)
+            .and_then(|d| d.check_build())
+            .map_err(|e| anyhow::anyhow!("inference_device: {e}"))?;
         if self.register_max_per_ip == 0 {
             anyhow::bail!("register_max_per_ip must be greater than 0");
         }
         if self.max_generation_tokens == 0
             || self.max_concurrent_generations == 0
             || self.max_generations_per_user == 0
+            || self.max_batch_sequences == 0
+            || self.kv_cache_mb == 0
         {
             anyhow::bail!(
-                "max_generation_tokens, max_concurrent_generations and max_generations_per_user \
-                 must be greater than 0"
+                "max_generation_tokens, max_concurrent_generations, max_generations_per_user, \
+                 max_batch_sequences and kv_cache_mb must be greater than 0"
             );
         }
         let e = &self.hub_endpoint;
@@ -335,12 +353,17 @@ impl Config {
         use crate::inference::Requantize;
         crate::inference::EngineOptions {
             max_tokens: self.max_generation_tokens,
+            device: crate::inference::InferenceDevice::parse(&self.inference_device)
+                .unwrap_or_default(),
             requantize: Requantize::parse(&self.inference_weights).unwrap_or_default(),
             model_requantize: self
                 .model_weights
                 .iter()
                 .filter_map(|(m, w)| Requantize::parse(w).ok().map(|r| (m.clone(), r)))
                 .collect(),
+            max_batch: self.max_batch_sequences,
+            kv_cache_bytes: self.kv_cache_mb << 20,
+            max_queue: self.max_concurrent_generations,
             ..crate::inference::EngineOptions::default()
         }
     }
@@ -350,6 +373,32 @@ impl Config {
 #[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
     use super::*;
+
+    #[test]
+    fn inference_device_setting() {
+        use crate::inference::InferenceDevice as D;
+        assert_eq!(D::parse("auto").unwrap(), D::Auto);
+        assert_eq!(D::parse("CPU").unwrap(), D::Cpu);
+        assert_eq!(D::parse("cuda").unwrap(), D::Cuda(0));
+        assert_eq!(D::parse("cuda:3").unwrap(), D::Cuda(3));
+        assert!(D::parse("cuda:x").is_err());
+        assert!(D::parse("tpu").is_err());
+        assert!(D::Cpu.resolve().unwrap().is_cpu());
+        let mut c = Config {
+            inference_device: "cuda:0".into(),
+            ..Config::default()
+        };
+        // Without the `cuda` feature a GPU setting cannot work: refused at start.
+        assert_eq!(
+            c.validate().is_err(),
+            !candle_core::utils::cuda_is_available()
+        );
+        c.inference_device = "metal".into();
+        assert!(c.validate().is_err());
+        c.inference_device = "cpu".into();
+        assert!(c.validate().is_ok());
+        assert_eq!(c.engine_options().device, D::Cpu);
+    }
 
     #[test]
     fn layers_apply_in_order() {

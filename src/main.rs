@@ -95,6 +95,10 @@ enum Command {
         /// [default: the `inference_weights` setting].
         #[arg(long)]
         weights: Option<String>,
+        /// Where the model runs: `auto`, `cpu` or `cuda:N` [default: the `inference_device`
+        /// setting].
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Run one training job (started by the server; not for direct use).
     #[command(hide = true)]
@@ -261,8 +265,13 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             max_tokens,
             seed,
             weights,
+            device,
         } => {
             let mut config = config;
+            if let Some(d) = device {
+                ferrotune::inference::InferenceDevice::parse(&d)?.check_build()?;
+                config.inference_device = d;
+            }
             if let Some(w) = weights {
                 ferrotune::inference::Requantize::parse(&w)?;
                 config.inference_weights = w;
@@ -363,6 +372,7 @@ async fn chat(
             adapter: adapter.clone(),
             messages: history.clone(),
             params: params.clone(),
+            prompt: None,
         };
         let mut generation = match engine.generate(req) {
             Ok(g) => g,
@@ -382,6 +392,8 @@ async fn chat(
                     print!("{t}");
                     out.flush()?;
                 }
+                // Not asked for here.
+                GenEvent::Token(_) | GenEvent::Prompt(_) => {}
                 GenEvent::Done {
                     finish_reason,
                     completion_tokens,

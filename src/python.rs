@@ -34,7 +34,8 @@ fn engine_error(py: Python<'_>, e: EngineError) -> PyErr {
         EngineError::NotFound(_) => "ModelNotFoundError",
         EngineError::Invalid(_) => "InvalidRequestError",
         EngineError::Unsupported(_) => "UnsupportedError",
-        EngineError::Internal(_) => "FerrotuneError",
+        // The model's queue is full: a plain error the caller may retry.
+        EngineError::Internal(_) | EngineError::Busy(_) => "FerrotuneError",
     };
     error(py, class, e.to_string())
 }
@@ -230,6 +231,7 @@ impl PyEngine {
                 stop: parse_stop(stop)?,
                 ..SamplingParams::default()
             },
+            prompt: None,
         };
         let engine = self.engine.clone();
         // Reads the tokenizer, template and adapter files on first use: not under the GIL.
@@ -326,6 +328,8 @@ impl ChatStream {
         while let Some(event) = next {
             match event {
                 GenEvent::Text(t) => state.pending.push_back(t),
+                // Not asked for here.
+                GenEvent::Token(_) | GenEvent::Prompt(_) => {}
                 GenEvent::Done {
                     finish_reason,
                     completion_tokens,

@@ -322,16 +322,6 @@ fn untar(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-fn zip_of(files: &[(String, Vec<u8>)]) -> Vec<u8> {
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    for (name, data) in files {
-        w.start_file(name.as_str(), zip::write::SimpleFileOptions::default())
-            .unwrap();
-        std::io::Write::write_all(&mut w, data).unwrap();
-    }
-    w.finish().unwrap().into_inner()
-}
-
 /// An adapter someone else trained (here: alice's, downloaded) uploaded by bob as his own
 /// model: checked against its base, chat-able (the same greedy answer as the original),
 /// deletable; and what is not a fitting PEFT LoRA adapter is a 422 that leaves nothing.
@@ -394,7 +384,7 @@ async fn bring_your_own_adapter(
         .upload_to(
             "/api/files/models/adapters",
             "arith.zip",
-            zip_of(&files),
+            common::zip_of(&files),
             &[("name", "zipped"), ("base_model", MODEL)],
         )
         .await;
@@ -427,17 +417,17 @@ async fn bring_your_own_adapter(
         ("notes.zip", b"just text".to_vec(), "invalid_archive"),
         (
             "no-config.zip",
-            zip_of(&[("a/README.md".into(), b"hi".to_vec())]),
+            common::zip_of(&[("a/README.md".into(), b"hi".to_vec())]),
             "invalid_adapter",
         ),
         (
             "escape.zip",
-            zip_of(&[("../adapter_config.json".into(), config.clone())]),
+            common::zip_of(&[("../adapter_config.json".into(), config.clone())]),
             "invalid_archive",
         ),
         (
             "other-base.zip",
-            zip_of(&[
+            common::zip_of(&[
                 (
                     "adapter_config.json".into(),
                     elsewhere.to_string().into_bytes(),
@@ -456,7 +446,7 @@ async fn bring_your_own_adapter(
         ),
         (
             "misfit.zip",
-            zip_of(&[
+            common::zip_of(&[
                 ("adapter_config.json".into(), config.clone()),
                 ("adapter_model.safetensors".into(), wrong_shape),
             ]),

@@ -16,7 +16,8 @@ use candle_core::quantized::GgmlDType;
 use ferrotune::inference::text::{ChatAssets, tokenizer_from_gguf};
 use ferrotune::inference::{
     ChatMessage, Engine, EngineError, EngineOptions, FinishReason, GenEvent, GenerateRequest,
-    Model, Requantize, SamplingParams, WeightsFormat, WeightsSource, lora,
+    InferenceDevice, Model, Placement, Requantize, SamplingParams, WeightsFormat, WeightsSource,
+    lora,
 };
 use serde_json::{Value, json};
 
@@ -168,6 +169,31 @@ fn ours(
     (all, greedy)
 }
 
+/// Where the parity tests run the model: the engine's own CPU kernels, and the
+/// device-generic path (candle's kernels, what a GPU runs) on candle's CPU device; plus
+/// `FERROTUNE_TEST_DEVICE` (e.g. `cuda:0`, in a build with `--features cuda`) when set —
+/// scripts/gpu-check.sh sets it — with float32 weights there so the tolerances hold.
+fn placements() -> Vec<(String, Placement)> {
+    let mut p = vec![
+        ("own kernels".to_string(), Placement::cpu()),
+        (
+            "device-generic on cpu".to_string(),
+            Placement::generic(candle_core::Device::Cpu),
+        ),
+    ];
+    if let Ok(d) = std::env::var("FERROTUNE_TEST_DEVICE") {
+        let device = InferenceDevice::parse(&d).unwrap().resolve().unwrap();
+        p.push((
+            format!("device-generic on {d}"),
+            Placement {
+                dense: Some(candle_core::DType::F32),
+                ..Placement::generic(device)
+            },
+        ));
+    }
+    p
+}
+
 fn argmaxes(all: &[Vec<f32>]) -> Vec<u32> {
     all.iter()
         .map(|l| ferrotune::inference::sampling::argmax(l))
@@ -210,34 +236,45 @@ fn tiny_models_of_every_family_match_transformers_with_lora() {
         }
     }
     let results = reference(json!({"op": "batch", "requests": requests}));
-    let mut results = results["results"].as_array().unwrap().iter();
-    for family in families {
-        let dir = tmp.path().join(family);
-        let model = Model::load(&WeightsSource::Hf(dir.clone()), Requantize::Keep).unwrap();
-        let adapter = lora::load(&dir.join("lora"), &model.config).unwrap();
-        assert_eq!(
-            adapter.modules,
-            ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
-        );
-        for with_lora in [false, true] {
-            let a = with_lora.then_some(&adapter);
-            let r = results.next().unwrap();
-            let (all, greedy) = ours(&model, a, &prompt, 16);
-            let want: Vec<f64> = serde_json::from_value(r["logits"].clone()).unwrap();
-            let d = max_abs_diff(all.last().unwrap(), &want);
-            eprintln!("{family} lora={with_lora}: max |Δlogit| {d:.2e}");
-            assert!(d < 1e-4, "{family} lora={with_lora}: logits differ by {d}");
-            let want_argmax: Vec<u32> = serde_json::from_value(r["argmax"].clone()).unwrap();
+    let results: Vec<Value> = results["results"].as_array().unwrap().clone();
+    for (where_, placement) in placements() {
+        let mut results = results.iter();
+        for family in families {
+            let dir = tmp.path().join(family);
+            let model = Model::load_on(
+                &WeightsSource::Hf(dir.clone()),
+                Requantize::Keep,
+                &placement,
+            )
+            .unwrap();
+            let adapter = lora::load(&dir.join("lora"), &model.config).unwrap();
             assert_eq!(
-                argmaxes(&all),
-                want_argmax,
-                "{family}: top token of every position"
+                adapter.modules,
+                ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
             );
-            let want_greedy: Vec<u32> = serde_json::from_value(r["greedy"].clone()).unwrap();
-            assert_eq!(
-                greedy, want_greedy,
-                "{family} lora={with_lora}: greedy tokens"
-            );
+            for with_lora in [false, true] {
+                let a = with_lora.then_some(&adapter);
+                let r = results.next().unwrap();
+                let (all, greedy) = ours(&model, a, &prompt, 16);
+                let want: Vec<f64> = serde_json::from_value(r["logits"].clone()).unwrap();
+                let d = max_abs_diff(all.last().unwrap(), &want);
+                eprintln!(
+                    "{family} lora={with_lora} ({where_}: {}): max |Δlogit| {d:.2e}",
+                    model.description
+                );
+                assert!(d < 1e-4, "{family} lora={with_lora}: logits differ by {d}");
+                let want_argmax: Vec<u32> = serde_json::from_value(r["argmax"].clone()).unwrap();
+                assert_eq!(
+                    argmaxes(&all),
+                    want_argmax,
+                    "{family}: top token of every position"
+                );
+                let want_greedy: Vec<u32> = serde_json::from_value(r["greedy"].clone()).unwrap();
+                assert_eq!(
+                    greedy, want_greedy,
+                    "{family} lora={with_lora}: greedy tokens"
+                );
+            }
         }
     }
 }
@@ -514,6 +551,151 @@ fn chunked_runs_agree_with_one_pass_across_cache_growth() {
     }
 }
 
+/// A second adapter: the trained one at three times its scale (`lora_alpha` ×3), so that
+/// its term differs from the first one's.
+fn second_adapter() -> PathBuf {
+    let from = trained_adapter();
+    let dir = test_models_dir().join(".ferrotune-test-lora-v1-x3");
+    if dir.join("adapter_model.safetensors").is_file() {
+        return dir;
+    }
+    let tmp = test_models_dir().join(format!(".ferrotune-test-lora-x3-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::copy(
+        from.join("adapter_model.safetensors"),
+        tmp.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(from.join("adapter_config.json")).unwrap()).unwrap();
+    let alpha = config["lora_alpha"].as_f64().unwrap();
+    config["lora_alpha"] = json!(alpha * 3.0);
+    std::fs::write(tmp.join("adapter_config.json"), config.to_string()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).unwrap();
+    dir
+}
+
+#[test]
+fn batched_steps_compute_what_each_sequence_computes_alone() {
+    // Four sequences, with no adapter, adapter A, adapter B and A again, run alone (prompt in
+    // one pass, then greedy decode steps) and then together: one batched step per token, the
+    // last one's prompt arriving in two chunks while the others already decode. Every logit
+    // the batch returns must be what the same sequence gives alone.
+    use ferrotune::inference::{BatchItem, Want};
+    let model = Model::load(&WeightsSource::Gguf(smollm2_gguf()), Requantize::Auto).unwrap();
+    assert!(model.on_own_kernels());
+    let a = lora::load(&trained_adapter(), &model.config).unwrap();
+    let b = lora::load(&second_adapter(), &model.config).unwrap();
+    let adapters = [None, Some(&a), Some(&b), Some(&a)];
+    let prompts: Vec<Vec<u32>> = (0..4u32)
+        .map(|n| {
+            (0..(20 + 9 * n))
+                .map(|i| (i * 7919 + 13 * n + 5) % 49000)
+                .collect()
+        })
+        .collect();
+    const STEPS: usize = 6;
+    // Alone: logits after the prompt, then after each greedy token.
+    let mut alone: Vec<Vec<Vec<f32>>> = Vec::new();
+    let mut chosen: Vec<Vec<u32>> = Vec::new();
+    for (p, ad) in prompts.iter().zip(adapters) {
+        let mut cache = model.new_cache();
+        let mut rows = vec![
+            model
+                .forward(p, &mut cache, ad, false)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        ];
+        let mut toks = Vec::new();
+        for _ in 0..STEPS {
+            let t = argmaxes(&rows[rows.len() - 1..])[0];
+            toks.push(t);
+            rows.push(
+                model
+                    .forward(&[t], &mut cache, ad, false)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            );
+        }
+        alone.push(rows);
+        chosen.push(toks);
+    }
+    // Together. Step 0: sequences 0–2 run their prompts, 3 the first half of its prompt.
+    let mut caches: Vec<_> = (0..4).map(|_| model.new_cache()).collect();
+    let half = prompts[3].len() / 2;
+    let mut next = [0usize; 4]; // logits rows of `alone` compared so far
+    let mut worst = 0f32;
+    for step in 0..=STEPS + 1 {
+        let mut items = Vec::new();
+        let mut who = Vec::new();
+        for (n, cache) in caches.iter_mut().enumerate() {
+            let tokens: &[u32] = match (n, step) {
+                (3, 0) => &prompts[3][..half],
+                (3, 1) => &prompts[3][half..],
+                (3, s) => &chosen[3][s - 2..s - 1],
+                (_, 0) => &prompts[n],
+                (_, s) if s <= STEPS => &chosen[n][s - 1..s],
+                _ => continue,
+            };
+            who.push(n);
+            items.push(BatchItem {
+                tokens,
+                cache,
+                adapter: adapters[n],
+                want: if (n, step) == (3, 0) {
+                    Want::Nothing
+                } else {
+                    Want::Last
+                },
+            });
+        }
+        let out = model.forward_batch(&mut items).unwrap();
+        for (n, logits) in who.into_iter().zip(out) {
+            if (n, step) == (3, 0) {
+                assert!(
+                    logits.is_empty(),
+                    "a prompt chunk that wants nothing gets nothing"
+                );
+                continue;
+            }
+            let want = &alone[n][next[n]];
+            next[n] += 1;
+            assert_eq!(logits.len(), want.len());
+            for (g, w) in logits.iter().zip(want) {
+                worst = worst.max((g - w).abs());
+            }
+        }
+    }
+    assert_eq!(next, [STEPS + 1; 4], "every row compared");
+    eprintln!("batched vs alone, 4 sequences on 3 adapters: max |Δlogit| {worst:.2e}");
+    assert!(
+        worst < 1e-3,
+        "a batch differs from its sequences alone by {worst}"
+    );
+    // The adapters matter: the same prompt with A and with B gives other logits.
+    let mut c1 = model.new_cache();
+    let mut c2 = model.new_cache();
+    let la: Vec<f32> = model
+        .forward(&prompts[0], &mut c1, Some(&a), false)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let lb: Vec<f32> = model
+        .forward(&prompts[0], &mut c2, Some(&b), false)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let d = la
+        .iter()
+        .zip(&lb)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(d > 0.1, "adapters A and B differ ({d})");
+}
+
 #[test]
 fn gguf_path_matches_its_dequantised_form_with_lora() {
     let dir = smollm2();
@@ -571,6 +753,129 @@ fn gguf_path_matches_its_dequantised_form_with_lora() {
         with < 0.5 * without,
         "the LoRA is not applied on candle's kernels"
     );
+    // The device-generic path (what a GPU runs; candle's kernels quantise the activations
+    // to 8 bits): the same weights, the LoRA applied as a tensor term.
+    for (where_, placement) in placements().into_iter().skip(1) {
+        let model = Model::load_on(&source, Requantize::Auto, &placement).unwrap();
+        let adapter = lora::load(&adapter_dir, &model.config).unwrap();
+        let (all, greedy) = ours(&model, Some(&adapter), &prompt, 32);
+        let with = max_abs_diff(all.last().unwrap(), &want);
+        let without = max_abs_diff(ours(&model, None, &prompt, 1).0.last().unwrap(), &want);
+        let same = greedy
+            .iter()
+            .zip(&want_greedy)
+            .take_while(|(a, b)| a == b)
+            .count();
+        eprintln!(
+            "GGUF {where_} ({}) + LoRA vs transformers + peft: max |Δlogit| {with:.2e} \
+             ({without:.2e} without the LoRA), greedy tokens equal: {same}/32",
+            model.description
+        );
+        assert!(with < 1.0, "{where_}: logits differ by {with}");
+        assert!(with < 0.5 * without, "{where_}: the LoRA is not applied");
+        assert_eq!(greedy[0], want_greedy[0], "{where_}: the next token");
+    }
+}
+
+/// SmolLM2's GGUF with its `ffn_down` matrices (1536 columns: whole 256-value super-blocks;
+/// the others have 576) re-quantised to the K-quants, layer by layer Q4_K, Q5_K, Q6_K — a
+/// Q4_K_M-like file.
+fn k_quant_gguf(out: &Path) {
+    use candle_core::quantized::{QTensor, gguf_file};
+    let path = smollm2_gguf();
+    let mut file = std::fs::File::open(&path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let kinds = [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        let q = content
+            .tensor(&mut file, name, &candle_core::Device::Cpu)
+            .unwrap();
+        let q = match name
+            .strip_prefix("blk.")
+            .and_then(|r| r.strip_suffix(".ffn_down.weight"))
+        {
+            Some(layer) => {
+                let kind = kinds[layer.parse::<usize>().unwrap() % 3];
+                let dense = q.dequantize(&candle_core::Device::Cpu).unwrap();
+                QTensor::quantize(&dense, kind).unwrap()
+            }
+            None => q,
+        };
+        tensors.push((name.clone(), q));
+    }
+    let metadata: Vec<(&str, &gguf_file::Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
+    let mut w = std::io::BufWriter::new(std::fs::File::create(out).unwrap());
+    gguf_file::write(&mut w, &metadata, &tensors).unwrap();
+}
+
+#[test]
+fn k_quants_run_on_the_engines_kernels_like_their_dequantised_form() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("SmolLM2-K.gguf");
+    k_quant_gguf(&file);
+    let source = WeightsSource::Gguf(file);
+    let dir = smollm2();
+    let assets = ChatAssets::load(&dir, WeightsSource::Gguf(smollm2_gguf())).unwrap();
+    let prompt = poem_prompt(&assets);
+    let adapter_dir = trained_adapter();
+    // The reference: the same file with every matrix de-quantised to float32 (exactly what
+    // the K-quant blocks hold), on the same kernels.
+    let dense = Model::load(&source, Requantize::To(GgmlDType::F32)).unwrap();
+    let adapter = lora::load(&adapter_dir, &dense.config).unwrap();
+    // Prefill (several positions: rows expanded, then blocked dots) and one decode step (one
+    // position: the K-quant dot itself) after it.
+    let step = |m: &Model| -> (Vec<f32>, Vec<f32>) {
+        let mut cache = m.new_cache();
+        let pre: Vec<f32> = m
+            .forward(&prompt, &mut cache, Some(&adapter), false)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let next = ferrotune::inference::sampling::argmax(&pre);
+        let dec: Vec<f32> = m
+            .forward(&[next], &mut cache, Some(&adapter), false)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        (pre, dec)
+    };
+    let (want_all, want_greedy) = ours(&dense, Some(&adapter), &prompt, 32);
+    let want: Vec<f64> = want_all.last().unwrap().iter().map(|v| *v as f64).collect();
+    let (_, want_step) = step(&dense);
+    let want_step: Vec<f64> = want_step.iter().map(|v| *v as f64).collect();
+    drop(dense);
+    let model = Model::load(&source, Requantize::Auto).unwrap();
+    for k in ["Q4K", "Q5K", "Q6K"] {
+        assert!(
+            model.description.contains(k),
+            "{k} kept: {}",
+            model.description
+        );
+    }
+    assert!(
+        model.on_own_kernels(),
+        "every matmul on the engine's kernels, the plain layer loop"
+    );
+    let (all, greedy) = ours(&model, Some(&adapter), &prompt, 32);
+    let d = max_abs_diff(all.last().unwrap(), &want);
+    let d_step = max_abs_diff(&step(&model).1, &want_step);
+    eprintln!(
+        "K-quant GGUF ({}) + LoRA vs its de-quantised form: max |Δlogit| {d:.2e} after the \
+         prompt, {d_step:.2e} at a decode step; weights {:.0} MB",
+        model.description,
+        model.weight_bytes() as f64 / 1e6
+    );
+    assert!(d < 1e-3, "logits differ by {d}");
+    assert!(d_step < 1e-3, "decode-step logits differ by {d_step}");
+    assert_eq!(greedy, want_greedy, "32 greedy tokens");
 }
 
 #[test]
@@ -703,6 +1008,7 @@ fn request(adapter: Option<PathBuf>, user: &str, params: SamplingParams) -> Gene
         adapter,
         messages: vec![ChatMessage::new("user", user)],
         params,
+        prompt: None,
     }
 }
 

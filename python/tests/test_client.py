@@ -128,3 +128,20 @@ def test_upload_train_wait_and_chat_with_the_adapter(server, client, models_dir,
         max_tokens=16,
     )
     assert r.choices[0].message.content == ANSWER
+
+    # Real log-probabilities through OpenAI's own client: per answer token (the greedy one is
+    # the most likely), and for a scored prompt (lm-evaluation-harness's request).
+    r = oa.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": QUESTION}], temperature=0,
+        max_tokens=8, logprobs=True, top_logprobs=2,
+    )
+    tokens = r.choices[0].logprobs.content
+    assert len(tokens) == r.usage.completion_tokens
+    assert all(t.logprob <= 0 for t in tokens)
+    assert tokens[0].top_logprobs[0].token == tokens[0].token
+    scored = oa.completions.create(
+        model=model_id, prompt="3 plus 4 is 7.", max_tokens=0, echo=True, logprobs=1,
+    )
+    lps = scored.choices[0].logprobs.token_logprobs
+    assert scored.choices[0].text == "3 plus 4 is 7."
+    assert lps[0] is None and len(lps) > 3 and all(x <= 0 for x in lps[1:])

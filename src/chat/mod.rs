@@ -8,7 +8,9 @@ pub mod sessions;
 use std::sync::Arc;
 
 use crate::error::{Error, Kind, Result};
-use crate::inference::{ChatMessage, Engine, GenerateRequest, Generation, SamplingParams};
+use crate::inference::{
+    ChatMessage, Engine, GenerateRequest, Generation, RawPrompt, SamplingParams,
+};
 use crate::models::{Registry, Resolved};
 use crate::store::ModelKind;
 pub use limits::{GenerationLimits, GenerationPermit};
@@ -60,6 +62,10 @@ impl From<crate::inference::EngineError> for Error {
             EngineError::Invalid(m) => Error::new(Kind::Invalid, "invalid_request", m),
             EngineError::Unsupported(m) => Error::new(Kind::Invalid, "unsupported", m),
             EngineError::Internal(m) => Error::internal(m),
+            EngineError::Busy(m) => Error {
+                retry_after: Some(2),
+                ..Error::new(Kind::Throttled, "server_busy", m)
+            },
         }
     }
 }
@@ -141,6 +147,30 @@ impl Chat {
             adapter: target.adapter.clone(),
             messages,
             params,
+            prompt: None,
+        };
+        let generation = tokio::task::spawn_blocking(move || engine.generate(req)).await??;
+        Ok((generation, permit))
+    }
+
+    /// [`Chat::start`] for a raw prompt (`/v1/completions`): no chat template, no system
+    /// prompt.
+    pub async fn start_raw(
+        &self,
+        owner: &str,
+        target: &Resolved,
+        prompt: RawPrompt,
+        params: SamplingParams,
+    ) -> Result<(Generation, GenerationPermit)> {
+        let permit = self.limits.acquire(owner)?;
+        let engine = self.engine.clone();
+        let req = GenerateRequest {
+            base_model: target.base.name.clone(),
+            model_dir: (target.kind == ModelKind::Full).then(|| target.base.path.clone()),
+            adapter: target.adapter.clone(),
+            messages: Vec::new(),
+            params,
+            prompt: Some(prompt),
         };
         let generation = tokio::task::spawn_blocking(move || engine.generate(req)).await??;
         Ok((generation, permit))

@@ -12,6 +12,7 @@ mod chat;
 mod datasets;
 pub mod error;
 mod extract;
+mod metrics;
 mod models;
 mod openai;
 pub mod openapi;
@@ -63,6 +64,8 @@ pub struct App {
     pub pulls: Arc<crate::models::pulls::Pulls>,
     /// Progress of the default model's pull at start, for `/api/system/status`.
     pub model_pull: std::sync::RwLock<PullStatus>,
+    /// What `/metrics` serves.
+    pub metrics: metrics::Metrics,
 }
 
 /// What the server is doing about its default model.
@@ -124,9 +127,11 @@ impl AppState {
             config.max_concurrent_generations,
             config.max_generations_per_user,
         );
+        let metrics = metrics::Metrics::new(engine.metrics());
         let chat = Chat::new(engine, models.clone(), limits, Sessions::new(store));
         let pulls = crate::models::pulls::Pulls::new(models.clone(), config.hub());
         Ok(AppState(Arc::new(App {
+            metrics,
             pulls,
             config,
             auth,
@@ -162,6 +167,7 @@ pub fn absolute_dirs(config: &mut Config) -> std::io::Result<()> {
 pub fn api(max_upload_bytes: u64) -> (Router<AppState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(openapi::base())
         .merge(system::router())
+        .merge(metrics::router())
         .merge(auth::router())
         .merge(datasets::router(max_upload_bytes))
         .merge(admin::router())
@@ -186,6 +192,10 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .layer(axum::middleware::map_response(openai::errors_on_v1))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .fallback(move |req: axum::extract::Request| ui_or_not_found(ui_source.clone(), req))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_json_bytes));
@@ -255,6 +265,9 @@ async fn ui_or_not_found(
     req: axum::extract::Request,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
+    if req.uri().path().starts_with("/v1/") {
+        return openai::unknown_v1_route(req.method(), req.uri().path());
+    }
     ui::serve(source, req, not_found().into_response()).await
 }
 

@@ -2,7 +2,9 @@
 //! the generation loop.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
@@ -10,12 +12,13 @@ use std::time::{Instant, SystemTime};
 use tokio::sync::mpsc;
 
 use super::lora::{self, LoraAdapter};
-use super::model::{KvCache, Model, WeightsSource};
+use super::metrics::EngineMetrics;
+use super::model::{BatchItem, KvCache, Model, Want, WeightsSource};
 use super::sampling::Sampler;
 use super::text::{ChatAssets, Detokenizer, StopMatcher, StopOutcome};
 use super::{
     ChatMessage, EngineError, EngineOptions, FinishReason, GenEvent, GenerateRequest, Generation,
-    WeightsFormat,
+    RawPrompt, TokenLogprob, WeightsFormat,
 };
 
 /// Serves chat for every base model in a models directory. Create one per process and share
@@ -26,17 +29,30 @@ pub struct Engine {
     opts: EngineOptions,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     adapters: Mutex<AdapterCache>,
+    metrics: EngineMetrics,
 }
 
-/// One base model in use: its assets, and the channel to its worker thread.
+/// One base model in use: its assets, the channel to its worker thread, and how many of its
+/// requests wait for a place in the batch.
 struct Slot {
     name: String,
     assets: Arc<ChatAssets>,
     jobs: Mutex<std_mpsc::Sender<Job>>,
+    load: Arc<SlotLoad>,
+}
+
+/// A worker's queue and batch, as the requests see them.
+#[derive(Default)]
+struct SlotLoad {
+    /// Requests handed to the worker and not yet in its batch.
+    waiting: AtomicUsize,
+    /// Sequences in the batch.
+    active: AtomicUsize,
 }
 
 /// A request handed to a worker.
 struct Job {
+    submitted: Instant,
     prompt: Vec<u32>,
     adapter: Option<Arc<LoraAdapter>>,
     params: super::SamplingParams,
@@ -62,7 +78,14 @@ impl Engine {
             opts,
             slots: Mutex::new(HashMap::new()),
             adapters: Mutex::new(AdapterCache::new(cap)),
+            metrics: EngineMetrics::default(),
         })
+    }
+
+    /// The engine's serving metrics (queue, batch, tokens, time to first token, adapter
+    /// cache), to register with a Prometheus registry.
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.metrics
     }
 
     pub fn models_dir(&self) -> &Path {
@@ -84,17 +107,49 @@ impl Engine {
     /// request's events start once they are in memory.
     pub fn generate(&self, req: GenerateRequest) -> Result<Generation, EngineError> {
         req.params.validate()?;
-        if req.messages.is_empty() {
+        if req.messages.is_empty() && req.prompt.is_none() {
             return Err(EngineError::Invalid("no messages".into()));
         }
         let slot = self.slot(&req.base_model, req.model_dir.as_deref())?;
         let assets = &slot.assets;
-        let text = assets.template.render(&req.messages, true).map_err(|e| {
-            EngineError::Invalid(format!("the chat template refused the messages: {e}"))
-        })?;
-        let prompt = assets
-            .encode(&text)
-            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let vocab = assets
+            .tokenizer
+            .get_vocab_size(true)
+            .max(assets.config.vocab_size);
+        if let Some((t, _)) = req
+            .params
+            .logit_bias
+            .iter()
+            .find(|(t, _)| *t as usize >= vocab)
+        {
+            return Err(EngineError::Invalid(format!(
+                "logit_bias: token {t} is not in the model's vocabulary of {vocab}"
+            )));
+        }
+        let prompt = match &req.prompt {
+            Some(RawPrompt::Ids(ids)) => {
+                if let Some(t) = ids.iter().find(|t| **t as usize >= vocab) {
+                    return Err(EngineError::Invalid(format!(
+                        "prompt: token {t} is not in the model's vocabulary of {vocab}"
+                    )));
+                }
+                ids.clone()
+            }
+            Some(RawPrompt::Text(text)) => assets
+                .tokenizer
+                .encode(text.as_str(), true)
+                .map_err(|e| EngineError::Invalid(format!("cannot tokenize the prompt: {e}")))?
+                .get_ids()
+                .to_vec(),
+            None => {
+                let text = assets.template.render(&req.messages, true).map_err(|e| {
+                    EngineError::Invalid(format!("the chat template refused the messages: {e}"))
+                })?;
+                assets
+                    .encode(&text)
+                    .map_err(|e| EngineError::Invalid(e.to_string()))?
+            }
+        };
         let context = assets.config.max_positions;
         if prompt.is_empty() {
             return Err(EngineError::Invalid("the prompt is empty".into()));
@@ -114,27 +169,51 @@ impl Engine {
             .max_tokens
             .min(self.opts.max_tokens.max(1))
             .min(context - prompt.len());
-        // Room for every event, so the worker never waits on a slow reader.
-        let (tx, rx) = mpsc::channel(params.max_tokens + 4);
+        let waiting = slot.load.waiting.load(Ordering::Relaxed);
+        let active = slot.load.active.load(Ordering::Relaxed);
+        if waiting >= self.opts.max_queue {
+            return Err(EngineError::Busy(format!(
+                "{waiting} requests are waiting for the model {} (the queue's limit); try again \
+                 shortly",
+                slot.name
+            )));
+        }
+        // Where it will wait: behind everything waiting, once the batch is full.
+        let queue_position = if active + waiting >= self.opts.max_batch.max(1) {
+            waiting + 1
+        } else {
+            0
+        };
+        // Room for every event, so the worker never waits on a slow reader (and never drops
+        // one): a text piece per token at most, a log-probability per token when asked for,
+        // the prompt's scores, the end.
+        let per_token = if params.logprobs.is_some() { 2 } else { 1 };
+        let (tx, rx) = mpsc::channel(per_token * params.max_tokens + 4);
         let prompt_tokens = prompt.len();
         let job = Job {
+            submitted: Instant::now(),
             prompt,
             adapter,
             params,
             events: tx,
         };
+        slot.load.waiting.fetch_add(1, Ordering::Relaxed);
         let sent = lock(&slot.jobs).send(job);
         if let Err(std_mpsc::SendError(job)) = sent {
+            slot.load.waiting.fetch_sub(1, Ordering::Relaxed);
             // The worker is gone (its model failed to load): forget the slot, try once more.
             lock(&self.slots).remove(&slot.name);
             let slot = self.slot(&req.base_model, req.model_dir.as_deref())?;
+            slot.load.waiting.fetch_add(1, Ordering::Relaxed);
             lock(&slot.jobs).send(job).map_err(|_| {
+                slot.load.waiting.fetch_sub(1, Ordering::Relaxed);
                 EngineError::Internal(format!("the model {} cannot be loaded", slot.name))
             })?;
         }
         Ok(Generation {
             events: rx,
             prompt_tokens,
+            queue_position,
         })
     }
 
@@ -183,8 +262,10 @@ impl Engine {
             stamp,
         };
         if let Some(a) = lock(&self.adapters).get(&key) {
+            self.metrics.adapter_hits.inc();
             return Ok(a);
         }
+        self.metrics.adapter_misses.inc();
         let started = Instant::now();
         let adapter = Arc::new(lora::load(dir, &slot.assets.config)?);
         tracing::info!(
@@ -196,7 +277,8 @@ impl Engine {
             ms = started.elapsed().as_millis() as u64,
             "adapter loaded"
         );
-        lock(&self.adapters).insert(key, adapter.clone());
+        let evicted = lock(&self.adapters).insert(key, adapter.clone());
+        self.metrics.adapter_evictions.inc_by(evicted as u64);
         Ok(adapter)
     }
 
@@ -257,6 +339,7 @@ impl Engine {
             return Ok(s.clone());
         }
         let (tx, rx) = std_mpsc::channel();
+        let load = Arc::new(SlotLoad::default());
         let worker = Worker {
             name: found.name.clone(),
             source,
@@ -267,7 +350,12 @@ impl Engine {
                 .copied()
                 .unwrap_or(self.opts.requantize),
             prefill_chunk: self.opts.prefill_chunk.max(1),
+            max_batch: self.opts.max_batch.max(1),
+            kv_cache_bytes: self.opts.kv_cache_bytes,
+            device: self.opts.device,
             assets: assets.clone(),
+            load: load.clone(),
+            metrics: self.metrics.clone(),
         };
         std::thread::Builder::new()
             .name(format!("infer-{}", found.name))
@@ -277,6 +365,7 @@ impl Engine {
             name: found.name.clone(),
             assets,
             jobs: Mutex::new(tx),
+            load,
         });
         slots.insert(found.name.clone(), slot.clone());
         if found.name != name {
@@ -286,13 +375,26 @@ impl Engine {
     }
 }
 
-/// The worker thread of one base model.
+/// The worker thread of one base model: a continuous-batching scheduler.
+///
+/// Between steps it takes new requests into a FIFO queue and admits them into the batch while
+/// the batch has room (`max_batch` sequences) and the KV-cache budget allows (each sequence
+/// reserves `prompt + max_tokens` positions). Each step is one [`Model::forward_batch`]: a
+/// token for every decoding sequence and, within a time budget, chunks of the prompts still
+/// being read (oldest first), each row with its own adapter. Every decoding sequence
+/// advances every step, so none starves; a sequence whose client went away leaves the batch
+/// (and frees its cache) before the next step.
 struct Worker {
     name: String,
     source: WeightsSource,
     requantize: super::Requantize,
     prefill_chunk: usize,
+    max_batch: usize,
+    kv_cache_bytes: usize,
+    device: super::InferenceDevice,
     assets: Arc<ChatAssets>,
+    load: Arc<SlotLoad>,
+    metrics: EngineMetrics,
 }
 
 /// A sequence being generated.
@@ -307,6 +409,12 @@ struct Seq {
     sampler: Sampler,
     detok: Detokenizer,
     stops: StopMatcher,
+    /// KV-cache bytes reserved for it.
+    reserved: usize,
+    /// Whether its first token was sent.
+    first_sent: bool,
+    /// The prompt's log-probabilities so far (when asked for).
+    prompt_logprobs: Vec<TokenLogprob>,
 }
 
 enum Step {
@@ -314,12 +422,40 @@ enum Step {
     Finished,
 }
 
-/// How long one prefill step may take while other sequences wait for theirs: a long prompt
-/// then advances in chunks of about this much work, so the others' tokens keep coming (a
-/// 4-token answer took 5.4 s instead of 0.17 s beside a 2k-token prompt in 256-token chunks).
+/// How long the prompt chunks of one step may take while other sequences decode: a long
+/// prompt then advances in chunks of about this much work, so the others' tokens keep coming
+/// (a 4-token answer took 5.4 s instead of 0.17 s beside a 2k-token prompt in 256-token
+/// chunks).
 const SHARED_PREFILL_BUDGET: std::time::Duration = std::time::Duration::from_millis(60);
 /// The smallest prefill chunk (below it the fixed cost of a step dominates).
 const MIN_PREFILL_CHUNK: usize = 8;
+
+/// How many prompt tokens each sequence (by its prompt tokens `lefts` still to prefill)
+/// prefills in a step of `budget` prompt tokens: the shortest first, so a short question
+/// beside a long prompt gets its first token at once instead of after the long prefill;
+/// the oldest sequence still prefilling (the first in `lefts`) always gets
+/// [`MIN_PREFILL_CHUNK`] or half the budget, whichever is less, so a stream of short prompts
+/// cannot starve it.
+fn prefill_takes(lefts: &[usize], budget: usize) -> Vec<usize> {
+    let mut takes = vec![0; lefts.len()];
+    let mut budget = budget;
+    if let Some(oldest) = lefts.iter().position(|&l| l > 0) {
+        let take = lefts[oldest].min(MIN_PREFILL_CHUNK).min(budget / 2);
+        takes[oldest] = take;
+        budget -= take;
+    }
+    let mut order: Vec<usize> = (0..lefts.len()).filter(|&i| lefts[i] > 0).collect();
+    order.sort_by_key(|&i| lefts[i]);
+    for i in order {
+        if budget == 0 {
+            break;
+        }
+        let more = (lefts[i] - takes[i]).min(budget);
+        takes[i] += more;
+        budget -= more;
+    }
+    takes
+}
 
 /// The measured cost of prompt tokens, to size prefill chunks by time.
 struct PrefillPace {
@@ -339,9 +475,9 @@ impl PrefillPace {
         });
     }
 
-    /// Prompt tokens for the next step, at most `max`: all of them for a sequence alone
+    /// Prompt tokens for the next step, at most `max`: all of them when no sequence decodes
     /// (smaller chunks cost a long prompt a third more time: 15.4 → 20.4 s for 2k tokens
-    /// with 250 ms chunks), what fits the shared budget when others wait.
+    /// with 250 ms chunks), what fits the shared budget when others decode.
     fn chunk(&self, max: usize, shared: bool) -> usize {
         match (shared, self.secs_per_token) {
             (false, _) => max,
@@ -357,7 +493,20 @@ impl PrefillPace {
 impl Worker {
     fn run(self, rx: std_mpsc::Receiver<Job>) {
         let started = Instant::now();
-        let model = match Model::load(&self.source, self.requantize) {
+        let loaded = self.device.resolve().and_then(|device| {
+            Model::load_on(
+                &self.source,
+                self.requantize,
+                &super::Placement {
+                    // `f32` asked for: float32 on a GPU too (else bf16 there).
+                    dense: (self.requantize
+                        == super::Requantize::To(candle_core::quantized::GgmlDType::F32))
+                    .then_some(candle_core::DType::F32),
+                    ..super::Placement::on(device)
+                },
+            )
+        });
+        let model = match loaded {
             Ok(m) => m,
             Err(e) => {
                 let msg = format!("cannot load the model {}: {e:#}", self.name);
@@ -365,6 +514,7 @@ impl Worker {
                 // Fail what is queued; dropping `rx` makes later sends fail, and the engine
                 // then forgets this slot and tries again.
                 while let Ok(job) = rx.try_recv() {
+                    self.load.waiting.fetch_sub(1, Ordering::Relaxed);
                     let _ = job.events.try_send(GenEvent::Error(msg.clone()));
                 }
                 return;
@@ -377,50 +527,79 @@ impl Worker {
             secs = format!("{:.1}", started.elapsed().as_secs_f64()),
             "model loaded"
         );
+        let per_token = model.kv_bytes_per_token();
+        let context = model.config.max_positions;
+        let mut waiting: VecDeque<Job> = VecDeque::new();
         let mut active: Vec<Seq> = Vec::new();
+        let mut reserved = 0usize;
         let mut pace = PrefillPace {
             secs_per_token: None,
         };
         loop {
-            if active.is_empty() {
+            if active.is_empty() && waiting.is_empty() {
                 match rx.recv() {
-                    Ok(job) => active.push(self.start(&model, job)),
+                    Ok(job) => waiting.push_back(job),
                     Err(_) => return,
                 }
             }
             while let Ok(job) = rx.try_recv() {
-                active.push(self.start(&model, job));
+                waiting.push_back(job);
             }
-            // One step for each sequence, in turn.
-            let shared = active.len() > 1;
-            let mut i = 0;
-            while i < active.len() {
-                let done = if active[i].job.events.is_closed() {
-                    true // the client went away
-                } else {
-                    match self.step(&model, &mut active[i], shared, &mut pace) {
-                        Ok(Step::Continue) => false,
-                        Ok(Step::Finished) => true,
-                        Err(e) => {
-                            tracing::error!(model = %self.name, "generation failed: {e:#}");
-                            let _ = active[i]
-                                .job
-                                .events
-                                .try_send(GenEvent::Error(format!("{e:#}")));
-                            true
-                        }
-                    }
+            // Requests whose client went away while they waited.
+            let before = waiting.len();
+            waiting.retain(|j| !j.events.is_closed());
+            self.load
+                .waiting
+                .fetch_sub(before - waiting.len(), Ordering::Relaxed);
+            // Sequences whose client went away: out of the batch, their cache freed.
+            active.retain(|s| {
+                let gone = s.job.events.is_closed();
+                if gone {
+                    reserved -= s.reserved;
+                }
+                !gone
+            });
+            // Admit in arrival order while there is room (one at least, whatever its size).
+            while let Some(job) = waiting.front() {
+                let need = (job.prompt.len() + job.params.max_tokens).min(context) * per_token;
+                if !active.is_empty()
+                    && (active.len() >= self.max_batch || reserved + need > self.kv_cache_bytes)
+                {
+                    break;
+                }
+                let Some(job) = waiting.pop_front() else {
+                    break;
                 };
-                if done {
-                    active.swap_remove(i);
+                self.load.waiting.fetch_sub(1, Ordering::Relaxed);
+                reserved += need;
+                active.push(self.start(&model, job, need));
+            }
+            self.load.active.store(active.len(), Ordering::Relaxed);
+            self.metrics
+                .set_load(&self.name, waiting.len(), active.len());
+            if active.is_empty() {
+                continue;
+            }
+            let done = self.step(&model, &mut active, &mut pace);
+            // Finished (or failed) sequences leave, in any order.
+            let mut i = 0;
+            let mut removed = 0;
+            while i < active.len() {
+                if done.contains(&(i + removed)) {
+                    reserved -= active[i].reserved;
+                    active.remove(i);
+                    removed += 1;
                 } else {
                     i += 1;
                 }
             }
+            self.load.active.store(active.len(), Ordering::Relaxed);
+            self.metrics
+                .set_load(&self.name, waiting.len(), active.len());
         }
     }
 
-    fn start(&self, model: &Model, job: Job) -> Seq {
+    fn start(&self, model: &Model, job: Job, reserved: usize) -> Seq {
         let sampler = Sampler::new(&job.params);
         let stops = StopMatcher::new(job.params.stop.clone());
         Seq {
@@ -431,44 +610,202 @@ impl Worker {
             sampler,
             detok: Detokenizer::new(),
             stops,
+            reserved,
+            first_sent: false,
+            prompt_logprobs: Vec::new(),
             job,
         }
     }
 
-    fn step(
-        &self,
-        model: &Model,
-        seq: &mut Seq,
-        shared: bool,
-        pace: &mut PrefillPace,
-    ) -> anyhow::Result<Step> {
-        let adapter = seq.job.adapter.as_deref();
-        let logits = if seq.prefilled < seq.job.prompt.len() {
-            let chunk = pace.chunk(self.prefill_chunk, shared);
-            let end = (seq.prefilled + chunk).min(seq.job.prompt.len());
-            let started = Instant::now();
-            let logits = model.forward(
-                &seq.job.prompt[seq.prefilled..end],
-                &mut seq.cache,
-                adapter,
-                false,
-            )?;
-            pace.record(end - seq.prefilled, started.elapsed());
-            seq.prefilled = end;
-            if end < seq.job.prompt.len() {
-                return Ok(Step::Continue);
+    /// One batched step over `active`; returns the indices of the sequences that ended.
+    fn step(&self, model: &Model, active: &mut [Seq], pace: &mut PrefillPace) -> Vec<usize> {
+        // Any other sequence in the batch (decoding, or waiting for its own first token)
+        // shares the step's time with the prompts.
+        let budget = pace.chunk(self.prefill_chunk, active.len() > 1);
+        let lefts: Vec<usize> = active
+            .iter()
+            .map(|s| s.job.prompt.len() - s.prefilled)
+            .collect();
+        let takes = prefill_takes(&lefts, budget);
+        let prompt_rows: usize = takes.iter().sum();
+        // Which sequences take part, with how many prompt tokens (0: a decode token).
+        let plan: Vec<(usize, usize)> = lefts
+            .iter()
+            .zip(&takes)
+            .enumerate()
+            .filter(|(_, (left, take))| **left == 0 || **take > 0)
+            .map(|(i, (_, take))| (i, *take))
+            .collect();
+        let mut items: Vec<BatchItem<'_>> = Vec::with_capacity(plan.len());
+        let mut in_plan = plan.iter().peekable();
+        for (i, s) in active.iter_mut().enumerate() {
+            let Some(&(_, take)) = in_plan.next_if(|(j, _)| *j == i) else {
+                continue;
+            };
+            let Seq {
+                job,
+                cache,
+                prefilled,
+                history,
+                ..
+            } = s;
+            let (tokens, want) = if take == 0 {
+                (&history[history.len() - 1..], Want::Last)
+            } else {
+                let end = *prefilled + take;
+                let want = if job.params.prompt_logprobs.is_some() {
+                    Want::All
+                } else if end == job.prompt.len() {
+                    Want::Last
+                } else {
+                    Want::Nothing
+                };
+                (&job.prompt[*prefilled..end], want)
+            };
+            items.push(BatchItem {
+                tokens,
+                cache,
+                adapter: job.adapter.as_deref(),
+                want,
+            });
+        }
+        let rows = items.iter().map(|it| it.tokens.len()).sum::<usize>();
+        let started = Instant::now();
+        let result = model.forward_batch(&mut items);
+        drop(items);
+        let took = started.elapsed();
+        if prompt_rows > 0 {
+            pace.record(rows, took);
+        }
+        self.metrics.record_step(plan.len(), rows, took);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(model = %self.name, "generation failed: {e:#}");
+                for &(i, _) in &plan {
+                    let _ = active[i]
+                        .job
+                        .events
+                        .try_send(GenEvent::Error(format!("{e:#}")));
+                }
+                return plan.iter().map(|&(i, _)| i).collect();
             }
-            logits
-        } else {
-            let last = *seq.history.last().unwrap_or(&0);
-            model.forward(&[last], &mut seq.cache, adapter, false)?
         };
-        let mut logits: Vec<f32> = logits.to_vec1()?;
+        let mut done = Vec::new();
+        for (&(i, take), mut logits) in plan.iter().zip(logits) {
+            let seq = &mut active[i];
+            if let (Some(n), true) = (seq.job.params.prompt_logprobs, take > 0) {
+                logits = self.score_prompt(seq, take, n, logits);
+            }
+            seq.prefilled += take;
+            if logits.is_empty() {
+                continue; // a prompt chunk: no token yet
+            }
+            if take > 0 && seq.job.params.prompt_logprobs.is_some() {
+                let scored = std::mem::take(&mut seq.prompt_logprobs);
+                let _ = seq.job.events.try_send(GenEvent::Prompt(scored));
+                if seq.job.params.max_tokens == 0 {
+                    // Scoring only.
+                    let _ = self.done(seq, FinishReason::Length);
+                    done.push(i);
+                    continue;
+                }
+            }
+            match self.advance(seq, logits) {
+                Ok(Step::Continue) => {}
+                Ok(Step::Finished) => done.push(i),
+                Err(e) => {
+                    tracing::error!(model = %self.name, "generation failed: {e:#}");
+                    let _ = seq.job.events.try_send(GenEvent::Error(format!("{e:#}")));
+                    done.push(i);
+                }
+            }
+        }
+        done
+    }
+
+    /// Records the log-probabilities of the prompt tokens a chunk of `take` positions
+    /// predicts (`logits`: every position's), the first token's as unknown; returns the last
+    /// position's logits when the chunk ends the prompt (the first token comes from them),
+    /// else nothing.
+    fn score_prompt(&self, seq: &mut Seq, take: usize, top: usize, logits: Vec<f32>) -> Vec<f32> {
+        let prompt = &seq.job.prompt;
+        let vocab = logits.len() / take.max(1);
+        if seq.prefilled == 0 {
+            seq.prompt_logprobs
+                .push(self.token_logprob(prompt[0], None, &[], 0));
+        }
+        for r in 0..take {
+            let p = seq.prefilled + r;
+            if p + 1 < prompt.len() {
+                let row = &logits[r * vocab..(r + 1) * vocab];
+                seq.prompt_logprobs
+                    .push(self.token_logprob(prompt[p + 1], Some(row), row, top));
+            }
+        }
+        if seq.prefilled + take == prompt.len() {
+            logits[(take - 1) * vocab..].to_vec()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// `token`'s log-probability under `logits` (when given) and the `top` most likely
+    /// tokens there.
+    fn token_logprob(
+        &self,
+        token: u32,
+        logits: Option<&[f32]>,
+        all: &[f32],
+        top: usize,
+    ) -> TokenLogprob {
+        let tok = &self.assets.tokenizer;
+        let text = |id: u32| tok.decode(&[id], false).unwrap_or_default();
+        let bytes = |id: u32| token_bytes(tok, id);
+        let lse = logits.map(log_sum_exp);
+        let mut alts = Vec::new();
+        if let Some(lse) = lse
+            && top > 0
+        {
+            let mut ids: Vec<u32> = (0..all.len() as u32).collect();
+            let k = top.min(ids.len());
+            ids.select_nth_unstable_by(k - 1, |a, b| all[*b as usize].total_cmp(&all[*a as usize]));
+            ids.truncate(k);
+            ids.sort_by(|a, b| all[*b as usize].total_cmp(&all[*a as usize]));
+            alts = ids
+                .into_iter()
+                .map(|id| (id, text(id), bytes(id), all[id as usize] - lse))
+                .collect();
+        }
+        TokenLogprob {
+            id: token,
+            text: text(token),
+            bytes: bytes(token),
+            logprob: lse.and_then(|lse| logits.map(|l| l[token as usize] - lse)),
+            top: alts,
+        }
+    }
+
+    /// Samples the next token of `seq` from `logits` and sends what it adds to the text.
+    fn advance(&self, seq: &mut Seq, mut logits: Vec<f32>) -> anyhow::Result<Step> {
+        // The model's own distribution, before the sampler shapes it.
+        let raw = seq.job.params.logprobs.map(|n| (n, logits.clone()));
         let token = seq.sampler.sample(&mut logits, &seq.history);
+        if let Some((n, raw)) = raw {
+            let lp = self.token_logprob(token, Some(&raw), &raw, n);
+            let _ = seq.job.events.try_send(GenEvent::Token(lp));
+        }
         seq.history.push(token);
         seq.completion += 1;
+        if !seq.first_sent {
+            seq.first_sent = true;
+            self.metrics
+                .time_to_first_token
+                .observe(seq.job.submitted.elapsed().as_secs_f64());
+        }
+        self.metrics.tokens_generated.inc();
         let tok = &self.assets.tokenizer;
-        if self.assets.eos_ids.contains(&token) {
+        if self.assets.eos_ids.contains(&token) && !seq.job.params.ignore_eos {
             return self.finish(seq, FinishReason::Stop);
         }
         if let Some(piece) = seq.detok.push(tok, token)? {
@@ -510,6 +847,57 @@ impl Worker {
         });
         Ok(Step::Finished)
     }
+}
+
+fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    max + sum.ln() as f32
+}
+
+/// The bytes a token stands for: its text, or for a byte-fallback token (`<0xE2>`) or a
+/// byte-level BPE piece of an incomplete character, the raw byte(s).
+fn token_bytes(tok: &tokenizers::Tokenizer, id: u32) -> Vec<u8> {
+    let text = tok.decode(&[id], false).unwrap_or_default();
+    if !text.contains('\u{FFFD}') {
+        return text.into_bytes();
+    }
+    let Some(piece) = tok.id_to_token(id) else {
+        return text.into_bytes();
+    };
+    if let Some(hex) = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'))
+        && let Ok(b) = u8::from_str_radix(hex, 16)
+    {
+        return vec![b];
+    }
+    // Byte-level BPE: each char of the piece stands for one byte (GPT-2's table).
+    let table = byte_level_decoder();
+    let out: Option<Vec<u8>> = piece.chars().map(|c| table.get(&c).copied()).collect();
+    out.unwrap_or_else(|| text.into_bytes())
+}
+
+/// GPT-2's byte-level alphabet, char → byte.
+fn byte_level_decoder() -> &'static HashMap<char, u8> {
+    static TABLE: std::sync::OnceLock<HashMap<char, u8>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).collect();
+        printable.extend(0xA1..=0xAC);
+        printable.extend(0xAE..=0xFF);
+        let mut map = HashMap::new();
+        let mut n = 0;
+        for b in 0..=255u32 {
+            let c = if printable.contains(&b) {
+                b
+            } else {
+                n += 1;
+                255 + n
+            };
+            if let Some(c) = char::from_u32(c) {
+                map.insert(c, b as u8);
+            }
+        }
+        map
+    })
 }
 
 fn send_text(seq: &Seq, text: String) {
@@ -556,8 +944,10 @@ impl AdapterCache {
         })
     }
 
-    fn insert(&mut self, key: AdapterKey, adapter: Arc<LoraAdapter>) {
+    /// Keeps `adapter`; returns how many others were evicted for it.
+    fn insert(&mut self, key: AdapterKey, adapter: Arc<LoraAdapter>) -> usize {
         let bytes = adapter.bytes;
+        let mut evicted = 0;
         // An older version of the same adapter (same folder, other stamp) goes.
         let stale: Vec<AdapterKey> = self
             .entries
@@ -569,7 +959,7 @@ impl AdapterCache {
             self.remove(&k);
         }
         if bytes > self.cap {
-            return; // too large to keep: used once
+            return evicted; // too large to keep: used once
         }
         while self.used + bytes > self.cap && !self.entries.is_empty() {
             let oldest = self
@@ -578,7 +968,10 @@ impl AdapterCache {
                 .min_by_key(|(_, (_, t))| *t)
                 .map(|(k, _)| k.clone());
             match oldest {
-                Some(k) => self.remove(&k),
+                Some(k) => {
+                    self.remove(&k);
+                    evicted += 1;
+                }
                 None => break,
             }
         }
@@ -587,6 +980,7 @@ impl AdapterCache {
             self.used -= old.bytes;
         }
         self.used += bytes;
+        evicted
     }
 
     fn remove(&mut self, key: &AdapterKey) {
@@ -633,6 +1027,21 @@ mod tests {
         pace.record(100, std::time::Duration::from_millis(1));
         assert!(pace.chunk(256, true) > 9, "faster steps, larger chunks");
         assert_eq!(pace.chunk(4, true), 8, "never below the minimum");
+    }
+
+    #[test]
+    fn short_prompts_prefill_first_and_the_oldest_keeps_moving() {
+        // A long prompt prefilling, a short one just admitted, one decoding.
+        assert_eq!(prefill_takes(&[2000, 30, 0], 64), vec![34, 30, 0]);
+        // Alone: the whole budget.
+        assert_eq!(prefill_takes(&[2000], 256), vec![256]);
+        // Short ones take precedence, but the oldest gets its minimum chunk.
+        assert_eq!(prefill_takes(&[500, 20, 10], 24), vec![8, 6, 10]);
+        assert_eq!(prefill_takes(&[0, 0], 64), vec![0, 0], "decode only");
+        assert_eq!(prefill_takes(&[3, 100], 64), vec![3, 61]);
+        // A small budget (a slow machine) is shared half and half at worst.
+        assert_eq!(prefill_takes(&[2000, 30], 8), vec![4, 4]);
+        assert_eq!(prefill_takes(&[2000, 30], 1), vec![0, 1]);
     }
 
     #[test]

@@ -27,11 +27,44 @@ pub struct LoraPair {
     a: Vec<f32>,
     /// Per rank, the scaled row of Bᵀ: (first output column, values over the module's outputs).
     b: Vec<(usize, Vec<f32>)>,
+    /// `a` and a dense `ΣR × out` form of `b` as tensors on a model's device, made at first
+    /// use there (the device-generic forward path: candle's kernels, the GPU).
+    on_device: std::sync::OnceLock<(Tensor, Tensor)>,
 }
 
 impl LoraPair {
+    /// `x·Aᵀ·B` for `x` (`tokens × in`) on `x`'s device, `out` outputs wide.
+    pub(crate) fn term(&self, x: &Tensor, out: usize) -> candle_core::Result<Tensor> {
+        let made;
+        let (a, b) = match self.on_device.get() {
+            Some((a, b)) if a.device().same_device(x.device()) && b.dim(1)? == out => (a, b),
+            _ => {
+                made = self.tensors(x.device(), out)?;
+                let _ = self.on_device.set(made.clone());
+                (&made.0, &made.1)
+            }
+        };
+        x.matmul(&a.t()?)?.matmul(b)
+    }
+
+    fn tensors(&self, device: &Device, out: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let r = self.b.len();
+        let cols = self.a.len().checked_div(r).unwrap_or(0);
+        let mut dense = vec![0f32; r * out];
+        for (i, (first, values)) in self.b.iter().enumerate() {
+            if first + values.len() > out {
+                candle_core::bail!("the adapter's outputs do not fit the layer's {out}");
+            }
+            dense[i * out + first..][..values.len()].copy_from_slice(values);
+        }
+        Ok((
+            Tensor::from_slice(&self.a, (r, cols), device)?,
+            Tensor::from_vec(dense, (r, out), device)?,
+        ))
+    }
+
     /// A and B for the kernels (`QuantMatrix::matmul` adds the term inside its pass;
-    /// `LowRank::add_to` for other weights).
+    /// [`LoraPair::term`] for weights on candle's kernels).
     pub(crate) fn rows(&self) -> LowRank<'_> {
         LowRank {
             a: &self.a,
@@ -379,7 +412,11 @@ fn fuse_pair(
             b.push((*offset, row));
         }
     }
-    Ok(LoraPair { a, b })
+    Ok(LoraPair {
+        a,
+        b,
+        on_device: std::sync::OnceLock::new(),
+    })
 }
 
 /// `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` →
@@ -551,6 +588,11 @@ mod tests {
         let mut out = vec![0f32; 3 * 11];
         pair.rows().add_to(&xs, &mut out);
         let fused: Vec<Vec<f32>> = out.chunks(11).map(|r| r.to_vec()).collect();
+        // The device-generic form (candle's kernels, the GPU) computes the same.
+        let term: Vec<Vec<f32>> = pair.term(&x, 11).unwrap().to_vec2().unwrap();
+        for (a, b) in term.iter().flatten().zip(fused.iter().flatten()) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
         let d1: Vec<Vec<f32>> = x
             .matmul(&a1.t().unwrap())
             .unwrap()

@@ -4,30 +4,39 @@
 //! pieces through a channel.
 //!
 //! ```text
-//! Engine::generate(req) ──▶ checks (model, params, template, adapter) ──▶ Job
-//!        │                                                                 │ std channel
-//!        ▼                                                                 ▼
+//! Engine::generate(req) ──▶ checks (model, params, template, adapter, queue) ──▶ Job
+//!        │                                                                       │ std channel
+//!        ▼                                                                       ▼
 //!  Generation { events }  ◀── GenEvent::Text… Done ──  worker thread of that base model
-//!  (tokio Receiver; drop = cancel)                      (loads the weights once, then
-//!                                                        round-robin steps over its sequences)
+//!  (tokio Receiver; drop = cancel)                      (loads the weights once, then runs
+//!                                                        batched steps over its sequences)
 //! ```
 //!
 //! - [`Engine`]: one per server. One worker thread per base model in use; the first request
 //!   for a model waits for its weights to load, later ones reuse them.
-//! - Fairness: a worker advances every active sequence by one step in turn (a decode token,
-//!   or a chunk of prompt tokens: at most [`EngineOptions::prefill_chunk`] for a sequence
-//!   alone, about 60 ms of work while others wait), so a long prompt does not stall the
-//!   others. Each step is one `Model::forward` of one sequence; batching the decode steps of
-//!   a round into one forward is the next step and needs no API change.
-//! - Bounds: `max_tokens` is capped by [`EngineOptions::max_tokens`] and the context; the
-//!   number of generations at once is bounded above the engine (`chat::limits`).
+//! - Continuous batching: a worker admits waiting requests between steps (FIFO, while its
+//!   batch has fewer than [`EngineOptions::max_batch`] sequences and their KV-cache
+//!   reservations fit [`EngineOptions::kv_cache_bytes`]), and each step is one
+//!   [`Model::forward_batch`]: a token for every decoding sequence plus chunks of the prompts
+//!   being read (about 60 ms of them while others decode; up to
+//!   [`EngineOptions::prefill_chunk`] otherwise). The rows of one step may use different
+//!   adapters: the base matmul is shared and each row adds its own adapter's low-rank term.
+//!   Every decoding sequence advances every step (none starves); a sequence whose client went
+//!   away leaves the batch before the next step and frees its cache.
+//! - Bounds: `max_tokens` is capped by [`EngineOptions::max_tokens`] and the context; at most
+//!   [`EngineOptions::max_queue`] requests wait per model ([`EngineError::Busy`] beyond); the
+//!   number of generations per user and server is bounded above the engine (`chat::limits`).
+//! - KV caches grow in blocks of [`model::KV_BLOCK`] positions: memory in proportion to each
+//!   sequence's length, freed when it ends.
 //! - Adapters are loaded (and checked against the model's shape) when a request names them
 //!   and kept in an LRU cache bounded by bytes ([`EngineOptions::adapter_cache_bytes`]).
+//! - Metrics ([`EngineMetrics`]): queue, batch, tokens, time to first token, adapter cache.
 
 pub mod config;
 mod engine;
 mod kernels;
 pub mod lora;
+pub mod metrics;
 pub mod model;
 mod ops;
 pub mod sampling;
@@ -37,7 +46,10 @@ pub mod text;
 use std::path::PathBuf;
 
 pub use engine::Engine;
-pub use model::{KvCache, Model, Requantize, WeightsSource};
+pub use metrics::EngineMetrics;
+pub use model::{
+    BatchItem, KvCache, Model, Placement, Requantize, Want, WeightsSource, describe_device,
+};
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -75,6 +87,19 @@ pub struct SamplingParams {
     pub max_tokens: usize,
     /// Generation stops before any of these strings (which are not emitted).
     pub stop: Vec<String>,
+    /// Report each generated token's log-probability, with this many most likely
+    /// alternatives (0–20), as [`GenEvent::Token`] events.
+    pub logprobs: Option<usize>,
+    /// Report each prompt token's log-probability given the tokens before it, with this many
+    /// alternatives (0–20), as one [`GenEvent::Prompt`] event once the prompt is read. With it
+    /// `max_tokens` may be 0: score the prompt, generate nothing.
+    pub prompt_logprobs: Option<usize>,
+    /// Added to these tokens' logits before sampling (OpenAI's `logit_bias`: −100 bans a
+    /// token, 100 all but forces it).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Generate `max_tokens` whatever the model says: its end-of-sequence tokens do not end
+    /// the answer (benchmarks; vLLM's and llama.cpp's `ignore_eos`).
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -89,6 +114,10 @@ impl Default for SamplingParams {
             seed: None,
             max_tokens: 256,
             stop: Vec::new(),
+            logprobs: None,
+            prompt_logprobs: None,
+            logit_bias: Vec::new(),
+            ignore_eos: false,
         }
     }
 }
@@ -131,8 +160,26 @@ impl SamplingParams {
                 return bad(format!("{name} must be between -2 and 2, not {v}"));
             }
         }
-        if self.max_tokens == 0 {
+        if self.max_tokens == 0 && self.prompt_logprobs.is_none() {
             return bad("max_tokens must be at least 1".into());
+        }
+        if self.logit_bias.len() > 300
+            || self
+                .logit_bias
+                .iter()
+                .any(|(_, b)| !b.is_finite() || !(-100.0..=100.0).contains(b))
+        {
+            return bad("logit_bias: at most 300 tokens, each biased by -100 to 100".into());
+        }
+        for (name, v) in [
+            ("logprobs", self.logprobs),
+            ("prompt_logprobs", self.prompt_logprobs),
+        ] {
+            if v.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+                return bad(format!(
+                    "{name}: at most {MAX_TOP_LOGPROBS} alternatives per token"
+                ));
+            }
         }
         if self.stop.len() > 16 || self.stop.iter().any(|s| s.len() > 256) {
             return bad("at most 16 stop strings of at most 256 bytes".into());
@@ -161,9 +208,37 @@ pub struct GenerateRequest {
     pub adapter: Option<PathBuf>,
     pub messages: Vec<ChatMessage>,
     pub params: SamplingParams,
+    /// A raw prompt (`/v1/completions`): run as is, without the chat template; `messages`
+    /// are then ignored.
+    pub prompt: Option<RawPrompt>,
 }
 
 /// Why generation ended.
+/// Most alternatives reported per token (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A token with its log-probability under the model (the raw distribution: before
+/// temperature, penalties and top-k/top-p), and the most likely alternatives at its place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    /// The token alone, decoded (an incomplete character shows as U+FFFD; `bytes` has it).
+    pub text: String,
+    pub bytes: Vec<u8>,
+    /// `None` for a prompt's first token (nothing before it to predict it from).
+    pub logprob: Option<f32>,
+    /// Most likely first: (id, text, bytes, log-probability).
+    pub top: Vec<(u32, String, Vec<u8>, f32)>,
+}
+
+/// A prompt given as text (tokenized with the tokenizer's special tokens, e.g. a BOS) or as
+/// token ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawPrompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     /// End-of-sequence token or a stop string.
@@ -187,6 +262,10 @@ impl FinishReason {
 pub enum GenEvent {
     /// The next piece of the answer: whole UTF-8 characters, never part of a stop string.
     Text(String),
+    /// A generated token's log-probability (when asked for), sent before the text it adds.
+    Token(TokenLogprob),
+    /// The prompt's tokens with their log-probabilities (when asked for).
+    Prompt(Vec<TokenLogprob>),
     /// The last event of a successful generation.
     Done {
         finish_reason: FinishReason,
@@ -204,56 +283,68 @@ pub struct Generation {
     pub events: tokio::sync::mpsc::Receiver<GenEvent>,
     /// Tokens of the rendered prompt.
     pub prompt_tokens: usize,
+    /// 0 when the request went straight into its model's batch; else its place in the
+    /// queue (1 = next) when it was made.
+    pub queue_position: usize,
 }
 
 impl Generation {
-    /// Waits for the whole answer: (text, finish reason, prompt tokens, completion tokens).
     pub async fn collect(mut self) -> Result<Completion, EngineError> {
-        let mut text = String::new();
+        let mut done = Collector::default();
         while let Some(ev) = self.events.recv().await {
-            match ev {
-                GenEvent::Text(t) => text.push_str(&t),
-                GenEvent::Done {
-                    finish_reason,
-                    prompt_tokens,
-                    completion_tokens,
-                } => {
-                    return Ok(Completion {
-                        text,
-                        finish_reason,
-                        prompt_tokens,
-                        completion_tokens,
-                    });
-                }
-                GenEvent::Error(e) => return Err(EngineError::Internal(e)),
+            if let Some(result) = done.take(ev) {
+                return result;
             }
         }
-        Err(EngineError::Internal(
-            "the generation ended without a result".into(),
-        ))
+        done.ended()
     }
 
-    /// [`Generation::collect`] for code outside an async runtime (tests, the CLI).
     pub fn collect_blocking(mut self) -> Result<Completion, EngineError> {
-        let mut text = String::new();
+        let mut done = Collector::default();
         while let Some(ev) = self.events.blocking_recv() {
-            match ev {
-                GenEvent::Text(t) => text.push_str(&t),
-                GenEvent::Done {
+            if let Some(result) = done.take(ev) {
+                return result;
+            }
+        }
+        done.ended()
+    }
+}
+
+/// A whole completion gathered from its events.
+#[derive(Default)]
+struct Collector {
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    prompt_logprobs: Vec<TokenLogprob>,
+}
+
+impl Collector {
+    /// Takes one event; the result once the generation ended.
+    fn take(&mut self, ev: GenEvent) -> Option<Result<Completion, EngineError>> {
+        match ev {
+            GenEvent::Text(t) => self.text.push_str(&t),
+            GenEvent::Token(t) => self.logprobs.push(t),
+            GenEvent::Prompt(p) => self.prompt_logprobs = p,
+            GenEvent::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                return Some(Ok(Completion {
+                    text: std::mem::take(&mut self.text),
                     finish_reason,
                     prompt_tokens,
                     completion_tokens,
-                } => {
-                    return Ok(Completion {
-                        text,
-                        finish_reason,
-                        prompt_tokens,
-                        completion_tokens,
-                    });
-                }
-                GenEvent::Error(e) => return Err(EngineError::Internal(e)),
+                    logprobs: std::mem::take(&mut self.logprobs),
+                    prompt_logprobs: std::mem::take(&mut self.prompt_logprobs),
+                }));
             }
+            GenEvent::Error(e) => return Some(Err(EngineError::Internal(e))),
         }
+        None
+    }
+
+    fn ended(self) -> Result<Completion, EngineError> {
         Err(EngineError::Internal(
             "the generation ended without a result".into(),
         ))
@@ -267,6 +358,10 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Per generated token, when `logprobs` was asked for.
+    pub logprobs: Vec<TokenLogprob>,
+    /// Per prompt token, when `prompt_logprobs` was asked for.
+    pub prompt_logprobs: Vec<TokenLogprob>,
 }
 
 /// Why a request cannot be served. HTTP: NotFound → 404, Invalid/Unsupported → 422,
@@ -284,6 +379,9 @@ pub enum EngineError {
     Unsupported(String),
     #[error("{0}")]
     Internal(String),
+    /// The model's queue is full: try again shortly.
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// Which weights of a model folder with both forms are used.
@@ -295,6 +393,70 @@ pub enum WeightsFormat {
     Auto,
     Gguf,
     Safetensors,
+}
+
+/// Where chat runs (`inference_device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InferenceDevice {
+    /// The first GPU when this build has CUDA (the `cuda` feature) and a GPU answers; the CPU
+    /// otherwise.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl InferenceDevice {
+    /// `auto`, `cpu`, `cuda` (the first GPU) or `cuda:N`.
+    pub fn parse(s: &str) -> anyhow::Result<InferenceDevice> {
+        let s = s.trim().to_ascii_lowercase();
+        Ok(match s.as_str() {
+            "auto" | "" => InferenceDevice::Auto,
+            "cpu" => InferenceDevice::Cpu,
+            "cuda" | "gpu" => InferenceDevice::Cuda(0),
+            other => match other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+            {
+                Some(n) => InferenceDevice::Cuda(n),
+                None => anyhow::bail!("`{other}` is not auto, cpu or cuda:N"),
+            },
+        })
+    }
+
+    /// Refuses `cuda:N` in a build without CUDA (a setting that could never work).
+    pub fn check_build(self) -> anyhow::Result<InferenceDevice> {
+        if matches!(self, InferenceDevice::Cuda(_)) && !candle_core::utils::cuda_is_available() {
+            anyhow::bail!(
+                "this binary is built without CUDA: build it with `cargo build --release \
+                 --features cuda` (see the README), or set `cpu` or `auto`"
+            );
+        }
+        Ok(self)
+    }
+
+    /// The device models load onto. `Auto` falls back to the CPU (with a warning) when the
+    /// GPU does not answer; an explicit `cuda:N` that does not answer is an error.
+    pub fn resolve(self) -> anyhow::Result<candle_core::Device> {
+        use candle_core::Device;
+        match self {
+            InferenceDevice::Cpu => Ok(Device::Cpu),
+            InferenceDevice::Cuda(n) => {
+                self.check_build()?;
+                Device::new_cuda(n).map_err(|e| anyhow::anyhow!("cuda:{n} cannot be used: {e}"))
+            }
+            InferenceDevice::Auto if candle_core::utils::cuda_is_available() => {
+                match Device::new_cuda(0) {
+                    Ok(d) => Ok(d),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no usable GPU: chat runs on the CPU");
+                        Ok(Device::Cpu)
+                    }
+                }
+            }
+            InferenceDevice::Auto => Ok(Device::Cpu),
+        }
+    }
 }
 
 /// Engine settings.
@@ -309,10 +471,20 @@ pub struct EngineOptions {
     pub requantize: Requantize,
     /// The same, per base model (by folder name), overriding `requantize`.
     pub model_requantize: std::collections::HashMap<String, Requantize>,
+    /// Where models run.
+    pub device: InferenceDevice,
     /// Most prompt tokens run in one step (before the other sequences get their turn).
     pub prefill_chunk: usize,
     /// Most tokens one generation may produce, whatever it asks (the context bounds it too).
     pub max_tokens: usize,
+    /// Most sequences one model advances together in a batched step.
+    pub max_batch: usize,
+    /// KV-cache bytes the sequences of one model's batch may reserve together (each reserves
+    /// its prompt plus `max_tokens` positions); beyond it requests wait.
+    pub kv_cache_bytes: usize,
+    /// Most requests that may wait for a place in one model's batch; beyond it they are
+    /// refused with [`EngineError::Busy`].
+    pub max_queue: usize,
 }
 
 impl Default for EngineOptions {
@@ -322,8 +494,12 @@ impl Default for EngineOptions {
             format: WeightsFormat::Auto,
             requantize: Requantize::Auto,
             model_requantize: std::collections::HashMap::new(),
+            device: InferenceDevice::Auto,
             prefill_chunk: 256,
             max_tokens: 4096,
+            max_batch: 16,
+            kv_cache_bytes: 4 << 30,
+            max_queue: 64,
         }
     }
 }

@@ -54,42 +54,56 @@ pub(crate) fn silu_mul(gu: &[f32], inter: usize, out: &mut [f32]) {
 
 /// One layer's attention shapes.
 #[derive(Clone, Copy)]
-pub(crate) struct Heads {
+pub(crate) struct HeadShape {
     pub nh: usize,
     pub nkv: usize,
     pub hd: usize,
-    /// Positions a key/value buffer holds (its row stride per key/value head).
-    pub cap: usize,
     pub window: Option<usize>,
 }
 
-/// Causal attention of `s` query positions (`q`: s × nh·hd, starting at position `pos`) over
-/// the keys and values of positions `0..pos+s` (`k`, `v`: nkv × cap × hd), into `out`
-/// (s × nh·hd). Query heads `h` read key/value head `h / (nh/nkv)`. Runs on the worker pool
-/// when there is enough of it.
-pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], pos: usize, h: Heads, out: &mut [f32]) {
-    let Heads {
+/// One sequence's part of [`attention_batch`]: its query rows `row..row+rows` (positions
+/// `pos..pos+rows` of the sequence) and its keys and values (`nkv × cap × hd` each, positions
+/// `0..pos+rows` filled).
+pub(crate) struct AttnSeq<'a> {
+    pub row: usize,
+    pub rows: usize,
+    pub pos: usize,
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub cap: usize,
+}
+
+/// Causal attention of the query rows of several sequences, each over its own keys and
+/// values (`q`, `out`: rows × nh·hd). Query heads `h` read key/value head `h / (nh/nkv)`.
+/// Every (row, head) pair is one work item of one parallel pass, so a batch of short decode
+/// steps fills the worker pool as a long prompt does.
+pub(crate) fn attention_batch(q: &[f32], seqs: &[AttnSeq<'_>], h: HeadShape, out: &mut [f32]) {
+    let HeadShape {
         nh,
         nkv,
         hd,
-        cap,
         window,
     } = h;
-    let s = q.len() / (nh * hd);
     let n_rep = nh / nkv;
     let scale = 1.0 / (hd as f32).sqrt();
     let simd = simd_level();
+    // Row → its sequence.
+    let mut row_seq = Vec::new();
+    for (n, sq) in seqs.iter().enumerate() {
+        row_seq.resize(sq.row + sq.rows, n);
+    }
     let out_ptr = out.as_mut_ptr() as usize;
     let work = |items: std::ops::Range<usize>| {
         let mut scores = Vec::new();
         for item in items {
-            let (i, head) = (item / nh, item % nh);
-            let qpos = pos + i;
+            let (row, head) = (item / nh, item % nh);
+            let sq = &seqs[row_seq[row]];
+            let qpos = sq.pos + (row - sq.row);
             let first = window.map_or(0, |w| (qpos + 1).saturating_sub(w));
             let g = head / n_rep;
-            let qv = &q[(i * nh + head) * hd..][..hd];
-            let keys = &k[g * cap * hd..][..cap * hd];
-            let values = &v[g * cap * hd..][..cap * hd];
+            let qv = &q[(row * nh + head) * hd..][..hd];
+            let keys = &sq.k[g * sq.cap * hd..][..sq.cap * hd];
+            let values = &sq.v[g * sq.cap * hd..][..sq.cap * hd];
             scores.clear();
             let mut max = f32::NEG_INFINITY;
             for j in first..=qpos {
@@ -102,9 +116,12 @@ pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], pos: usize, h: Heads, o
                 *sc = (*sc - max).exp();
                 sum += *sc;
             }
-            // SAFETY: item (i, head) alone writes these `hd` values, inside `out`.
+            // SAFETY: item (row, head) alone writes these `hd` values, inside `out`.
             let o = unsafe {
-                std::slice::from_raw_parts_mut((out_ptr as *mut f32).add((i * nh + head) * hd), hd)
+                std::slice::from_raw_parts_mut(
+                    (out_ptr as *mut f32).add((row * nh + head) * hd),
+                    hd,
+                )
             };
             o.fill(0.0);
             for (j, p) in (first..=qpos).zip(&scores) {
@@ -112,8 +129,10 @@ pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], pos: usize, h: Heads, o
             }
         }
     };
-    let items = s * nh;
-    if items < 2 || items * (pos + s) * hd < 1 << 15 {
+    let rows = row_seq.len();
+    let items = rows * nh;
+    let keys: usize = seqs.iter().map(|sq| sq.rows * (sq.pos + sq.rows)).sum();
+    if items < 2 || keys * nh * hd < 1 << 15 {
         work(0..items);
     } else {
         candle_core::utils::barrier_pool().execute_chunked(items, work);
@@ -178,14 +197,22 @@ mod tests {
             let k = Tensor::randn(0f32, 1.0, (nkv, cap, hd), d).unwrap();
             let v = Tensor::randn(0f32, 1.0, (nkv, cap, hd), d).unwrap();
             let mut got = vec![0f32; s * nh * hd];
-            let heads = Heads {
+            let shape = HeadShape {
                 nh,
                 nkv,
                 hd,
-                cap,
                 window,
             };
-            attention(&vec(&q), &vec(&k), &vec(&v), pos, heads, &mut got);
+            let (kv, vv) = (vec(&k), vec(&v));
+            let seq = AttnSeq {
+                row: 0,
+                rows: s,
+                pos,
+                k: &kv,
+                v: &vv,
+                cap,
+            };
+            attention_batch(&vec(&q), &[seq], shape, &mut got);
             // The same with candle: scores, mask, softmax, weighted sum.
             let t = pos + s;
             let qh = q.reshape((s, nh, hd)).unwrap().transpose(0, 1).unwrap(); // nh, s, hd

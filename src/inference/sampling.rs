@@ -22,6 +22,7 @@ pub struct Sampler {
     seen: Vec<bool>,
     /// Scratch for the token weights of a draw over the whole vocabulary.
     weights: Vec<f32>,
+    logit_bias: Vec<(u32, f32)>,
 }
 
 impl Sampler {
@@ -41,6 +42,7 @@ impl Sampler {
             rng,
             seen: Vec::new(),
             weights: Vec::new(),
+            logit_bias: p.logit_bias.clone(),
         }
     }
 
@@ -50,6 +52,11 @@ impl Sampler {
 
     /// The next token; `history` is every token of the sequence so far (prompt included).
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        for &(t, b) in &self.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
         if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 {
             // OpenAI's rule: logit −= presence·[count > 0] + frequency·count, over the
             // tokens this sampler has chosen (the completion, not the prompt).
@@ -218,6 +225,23 @@ mod tests {
         let mut l = [-1.0f32, 0.5];
         s.sample(&mut l, &[0]);
         assert_eq!(l[0], -2.0, "negative logits are multiplied");
+    }
+
+    #[test]
+    fn logit_bias_bans_and_forces_tokens() {
+        let mut p = params(0.0, 1.0, None, 1);
+        p.logit_bias = vec![(1, -100.0)];
+        assert_eq!(
+            Sampler::new(&p).sample(&mut [0.1, 3.0, 2.9], &[]),
+            2,
+            "1 banned"
+        );
+        p.logit_bias = vec![(0, 100.0), (7, 5.0)]; // an id past the vocabulary is ignored
+        assert_eq!(
+            Sampler::new(&p).sample(&mut [0.1, 3.0, 2.9], &[]),
+            0,
+            "0 forced"
+        );
     }
 
     #[test]

@@ -260,6 +260,9 @@ impl Detokenizer {
         self.prefix = self.ids.len();
         self.read = self.ids.len();
         let piece: String = now.chars().skip(before.chars().count()).collect();
+        // What was held back ends in an unfinished character (the answer was cut inside it):
+        // its partial bytes are dropped, not shown as U+FFFD.
+        let piece = piece.trim_end_matches('\u{FFFD}').to_string();
         Ok((!piece.is_empty()).then_some(piece))
     }
 }

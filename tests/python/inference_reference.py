@@ -25,6 +25,7 @@ REQUEST is one of
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -118,15 +119,21 @@ def quantize_base(model, fmt):
             p.copy_(ggml_round_trip(p.float(), fmt))
 
 
+# Where the reference runs: the CPU, or the GPU the engine is checked on
+# (scripts/gpu-check.sh sets `cuda`).
+DEVICE = os.environ.get("FERROTUNE_REFERENCE_DEVICE", "cpu")
+
+
 @torch.no_grad()
 def op_reference(req):
     torch.manual_seed(0)
     model = load(req["model_dir"], req.get("adapter"))
     if req.get("quantize"):
         quantize_base(model, req["quantize"])
-    ids = torch.tensor([req["prompt_ids"]])
+    model.to(DEVICE)
+    ids = torch.tensor([req["prompt_ids"]], device=DEVICE)
     out = model(input_ids=ids, use_cache=True)
-    logits = out.logits[0]
+    logits = out.logits[0].float().cpu()
     result = {
         "logits": logits[-1].tolist(),
         "argmax": logits.argmax(-1).tolist(),
@@ -135,7 +142,9 @@ def op_reference(req):
     tok = int(logits[-1].argmax())
     greedy = [tok]
     for _ in range(req["n"] - 1):
-        out = model(input_ids=torch.tensor([[tok]]), past_key_values=pkv, use_cache=True)
+        out = model(
+            input_ids=torch.tensor([[tok]], device=DEVICE), past_key_values=pkv, use_cache=True
+        )
         pkv = out.past_key_values
         tok = int(out.logits[0, -1].argmax())
         greedy.append(tok)

@@ -29,7 +29,7 @@ use super::*;
 use crate::inference::kernels::{Buf, Format, Pod};
 
 /// The cache layout's version: a change of layout makes every older cache stale.
-const VERSION: &str = "2";
+const VERSION: &str = "3";
 
 #[derive(Serialize, Deserialize)]
 struct Shape {

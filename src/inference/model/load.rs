@@ -229,12 +229,7 @@ impl Store {
         }
         // No `lm_head.weight`: the output projection is the embedding (tied).
         let lm_head_raw = self.take_opt("lm_head.weight");
-        let own_format = |q: &QTensor| match q.dtype() {
-            GgmlDType::Q4_0 => Some(Format::Q4_0),
-            GgmlDType::Q4_1 => Some(Format::Q4_1),
-            GgmlDType::Q8_0 => Some(Format::Q8_0),
-            _ => None,
-        };
+        let own_format = |q: &QTensor| Format::from_ggml(q.dtype());
         let (embed, lm_head) = match embed_raw {
             // On the engine's kernels: one matrix for the lookup and, tied, the head.
             Raw::Q(q)

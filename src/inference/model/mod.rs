@@ -40,9 +40,10 @@ use tensor::{Linear, Weight};
 /// What happens to GGUF weights at load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Requantize {
-    /// Q4_0, Q4_1 and Q8_0 are kept and run on the engine's own kernels (float activations,
-    /// see `kernels`); Q5_0, Q5_1 and Q8_1 become Q8_0 (near-lossless from 5-bit data); the
-    /// K-quants are kept and run on candle's kernels (8-bit activations).
+    /// Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K are kept and run on the engine's own kernels
+    /// (float activations, see `kernels`); Q5_0, Q5_1 and Q8_1 become Q8_0 (near-lossless
+    /// from 5-bit data); Q2_K and Q3_K are kept and run on candle's kernels (8-bit
+    /// activations).
     #[default]
     Auto,
     /// Keep every tensor as stored.
@@ -93,6 +94,49 @@ impl Requantize {
             "q6k" => Requantize::To(G::Q6K),
             other => bail!("unknown weight format `{other}`"),
         })
+    }
+}
+
+/// Where a model runs, and on whose kernels.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub device: Device,
+    /// The engine's own CPU kernels and plain layer loop where the weights allow (Q4_0, Q4_1,
+    /// Q8_0, float32); otherwise every matmul runs through candle on `device` — the
+    /// device-generic path, which is what a GPU runs and what the parity tests check on the
+    /// CPU.
+    pub own_kernels: bool,
+    /// What float weights become off the engine's kernels: `None` keeps float32 on the CPU
+    /// and makes bf16 on a GPU.
+    pub dense: Option<DType>,
+}
+
+impl Placement {
+    /// The CPU, on the engine's kernels (unless FERROTUNE_TENSOR_PATH=1 asks for candle's).
+    pub fn cpu() -> Placement {
+        Placement {
+            device: Device::Cpu,
+            own_kernels: std::env::var_os("FERROTUNE_TENSOR_PATH").is_none_or(|v| v == "0"),
+            dense: None,
+        }
+    }
+
+    /// The device-generic path on `device` (candle's kernels, a GPU's).
+    pub fn generic(device: Device) -> Placement {
+        Placement {
+            device,
+            own_kernels: false,
+            dense: None,
+        }
+    }
+
+    /// `device`, on the engine's kernels when it is the CPU.
+    pub fn on(device: Device) -> Placement {
+        if device.is_cpu() {
+            Placement::cpu()
+        } else {
+            Placement::generic(device)
+        }
     }
 }
 
@@ -156,6 +200,38 @@ pub struct Model {
     plain: Option<Plain>,
 }
 
+/// `cpu`, `cuda:0`, ….
+pub fn describe_device(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// Positions a KV cache grows by.
+pub const KV_BLOCK: usize = 256;
+
+/// Which logits a [`BatchItem`] wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// None (a prompt chunk that does not finish the prompt).
+    Nothing,
+    /// Its last position's.
+    Last,
+    /// Every position's.
+    All,
+}
+
+/// One sequence's part of a [`Model::forward_batch`] step.
+pub struct BatchItem<'a> {
+    /// The sequence's next tokens.
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub adapter: Option<&'a LoraAdapter>,
+    pub want: Want,
+}
+
 /// The attention state of one sequence: per layer, keys and values of every position so far.
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
@@ -201,15 +277,117 @@ impl Model {
     /// `To(format)`; `Keep`: float32) and the result is cached beside the model, memory-mapped
     /// on later loads (see `cache`).
     pub fn load(source: &WeightsSource, requantize: Requantize) -> anyhow::Result<Model> {
-        match source {
-            WeightsSource::Gguf(path) => load_gguf(path, requantize),
-            WeightsSource::Hf(dir) => load_hf(dir, requantize),
-        }
+        Model::load_on(source, requantize, &Placement::cpu())
     }
 
-    /// A model from its loaded parts: the rope tables, the description (`source`, then the
-    /// formats the layers and head run in) and, unless FERROTUNE_TENSOR_PATH=1 keeps the
-    /// candle-tensor layer loop (to compare the two), the plain layer loop.
+    /// [`Model::load`] onto `placement`: the weights are read (and quantised, and cached) on
+    /// the CPU as always, then moved where they run. On a GPU, quantised weights stay in
+    /// their format (candle's CUDA kernels run them) and float weights become bf16.
+    pub fn load_on(
+        source: &WeightsSource,
+        requantize: Requantize,
+        placement: &Placement,
+    ) -> anyhow::Result<Model> {
+        let model = match source {
+            WeightsSource::Gguf(path) => load_gguf(path, requantize),
+            WeightsSource::Hf(dir) => load_hf(dir, requantize),
+        }?;
+        model.place(placement)
+    }
+
+    /// Moves a model loaded for the CPU onto `placement` (nothing to do for the CPU on the
+    /// engine's kernels).
+    fn place(mut self, placement: &Placement) -> anyhow::Result<Model> {
+        let device = &placement.device;
+        if device.is_cpu() && placement.own_kernels {
+            return Ok(self);
+        }
+        let dense = placement.dense.unwrap_or(if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        });
+        self.plain = None;
+        // A tied output head reads the embedding's matrix: it stays one matrix.
+        let tied = match (&self.embed, &self.lm_head.w) {
+            (Embedding::Own(m), Weight::Own(h)) => std::sync::Arc::ptr_eq(m, h),
+            (Embedding::Quantized(q), Weight::Candle(QMatMul::QTensor(h))) => {
+                std::sync::Arc::ptr_eq(q, h)
+            }
+            (Embedding::Dense(t), Weight::Candle(QMatMul::Tensor(h))) => t.id() == h.id(),
+            _ => false,
+        };
+        self.embed = match self.embed {
+            Embedding::Own(m) => match tensor::own_to_candle(&m, device, dense)? {
+                QMatMul::QTensor(q) => Embedding::Quantized(q),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Embedding::Dense(t),
+            },
+            Embedding::Quantized(q) => {
+                Embedding::Quantized(std::sync::Arc::new(tensor::qtensor_to(&q, device)?))
+            }
+            Embedding::Dense(t) => Embedding::Dense(t.to_dtype(dense)?.to_device(device)?),
+        };
+        self.lm_head = if tied {
+            Linear {
+                w: Weight::Candle(match &self.embed {
+                    Embedding::Quantized(q) => QMatMul::from_arc(q.clone())?,
+                    Embedding::Dense(t) => QMatMul::Tensor(t.clone()),
+                    Embedding::Own(_) => bail!("the embedding was just moved"),
+                }),
+                b: None,
+            }
+        } else {
+            self.lm_head.place(device, dense)?
+        };
+        let layers = std::mem::take(&mut self.layers);
+        let on = |t: Tensor| t.to_device(device);
+        let on_opt = |t: Option<Tensor>| t.map(|t| t.to_device(device)).transpose();
+        for l in layers {
+            self.layers.push(Layer {
+                input_norm: on(l.input_norm)?,
+                post_norm: on(l.post_norm)?,
+                qkv: l.qkv.place(device, dense)?,
+                o: l.o.place(device, dense)?,
+                gate_up: l.gate_up.place(device, dense)?,
+                down: l.down.place(device, dense)?,
+                q_norm: on_opt(l.q_norm)?,
+                k_norm: on_opt(l.k_norm)?,
+            });
+        }
+        self.norm = on(self.norm)?;
+        (self.cos, self.sin) = load::rope_tables(&self.config, device)?;
+        let source = self
+            .description
+            .split("; layers")
+            .next()
+            .unwrap_or_default();
+        self.description = format!(
+            "{source}; layers {}, head {}; on {} through candle's kernels",
+            self.layers
+                .first()
+                .map(|l| l.qkv.describe())
+                .unwrap_or_default(),
+            self.lm_head.describe(),
+            describe_device(device)
+        );
+        self.device = device.clone();
+        Ok(self)
+    }
+
+    /// Whether every matmul runs on the engine's own kernels (and the layers on the plain
+    /// loop).
+    pub fn on_own_kernels(&self) -> bool {
+        self.plain.is_some()
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A model from its loaded parts, for the CPU: the rope tables, the description
+    /// (`source`, then the formats the layers and head run in) and the plain layer loop
+    /// when every matmul is on the engine's kernels ([`Model::load_on`] moves it elsewhere).
     fn assemble(
         config: ModelConfig,
         embed: Embedding,
@@ -236,9 +414,7 @@ impl Model {
             device,
             plain: None,
         };
-        if std::env::var_os("FERROTUNE_TENSOR_PATH").is_none_or(|v| v == "0") {
-            model.plain = Plain::new(&model)?;
-        }
+        model.plain = Plain::new(&model)?;
         Ok(model)
     }
 
@@ -250,6 +426,12 @@ impl Model {
             len: 0,
             cap: 0,
         }
+    }
+
+    /// Bytes of KV cache one position of one sequence takes (keys and values, every layer).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let c = &self.config;
+        2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
     }
 
     /// Bytes of the weights in memory.
@@ -279,6 +461,58 @@ impl Model {
         adapter: Option<&LoraAdapter>,
         all: bool,
     ) -> anyhow::Result<Tensor> {
+        if let Some(plain) = &self.plain {
+            let s = tokens.len();
+            self.check(tokens, cache, adapter)?;
+            let mut items = [BatchItem {
+                tokens,
+                cache,
+                adapter,
+                want: if all { Want::All } else { Want::Last },
+            }];
+            let mut logits = self.forward_plain(plain, &mut items)?;
+            let logits = std::mem::take(&mut logits[0]);
+            let vocab = logits.len() / if all { s } else { 1 };
+            let t = Tensor::from_vec(logits, (if all { s } else { 1 }, vocab), &self.device)?;
+            return Ok(if all { t } else { t.squeeze(0)? });
+        }
+        self.check(tokens, cache, adapter)?;
+        self.forward_tensor(tokens, cache, adapter, all)
+    }
+
+    /// One step of several sequences at once: each item's tokens (a decode token, or a chunk
+    /// of its prompt) run at that item's next positions over its own cache, with its own
+    /// adapter (or none). Returns, per item, the logits it wants: nothing, its last position's
+    /// (`vocab`), or all of its positions' (`tokens × vocab`), flat.
+    ///
+    /// On the engine's kernels the whole batch shares each pass over the weights; elsewhere
+    /// (candle's kernels, a GPU) the items run one after the other.
+    pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> anyhow::Result<Vec<Vec<f32>>> {
+        for it in items.iter_mut() {
+            self.check(it.tokens, it.cache, it.adapter)?;
+        }
+        if let Some(plain) = &self.plain {
+            return self.forward_plain(plain, items);
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for it in items.iter_mut() {
+            let t = self.forward_tensor(it.tokens, it.cache, it.adapter, it.want == Want::All)?;
+            out.push(match it.want {
+                Want::Nothing => Vec::new(),
+                _ => t.flatten_all()?.to_vec1()?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Checks that `tokens` fit after `cache` and that the adapter fits the model, and makes
+    /// room in the cache.
+    fn check(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        adapter: Option<&LoraAdapter>,
+    ) -> anyhow::Result<()> {
         let s = tokens.len();
         if s == 0 {
             bail!("no tokens to run");
@@ -300,16 +534,19 @@ impl Model {
                 self.layers.len()
             );
         }
-        self.ensure_capacity(cache, pos + s)?;
-        if let Some(plain) = &self.plain {
-            return self.forward_plain(plain, tokens, cache, adapter, all);
-        }
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = match &self.embed {
-            Embedding::Own(_) => self.embed.lookup(tokens, &self.device)?,
-            Embedding::Quantized(q) => q.embedding(&ids)?,
-            Embedding::Dense(t) => t.index_select(&ids, 0)?,
-        };
+        self.ensure_capacity(cache, pos + s)
+    }
+
+    /// [`Model::forward`] on candle tensors (any device).
+    fn forward_tensor(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        adapter: Option<&LoraAdapter>,
+        all: bool,
+    ) -> anyhow::Result<Tensor> {
+        let (s, pos) = (tokens.len(), cache.len);
+        let mut x = self.embed.lookup(tokens, &self.device)?;
         let cos = self.cos.narrow(0, pos, s)?;
         let sin = self.sin.narrow(0, pos, s)?;
         let mask = self.mask(s, pos)?;
@@ -339,9 +576,10 @@ impl Model {
         if need <= cache.cap {
             return Ok(());
         }
+        // Grown in blocks of KV_BLOCK positions: a sequence holds memory in proportion to its
+        // length (at most one block more), and gives it all back when it ends.
         let cap = need
-            .max(cache.cap * 2)
-            .max(256)
+            .next_multiple_of(KV_BLOCK)
             .min(self.config.max_positions);
         let c = &self.config;
         if self.plain.is_some() {

@@ -28,10 +28,6 @@ pub(super) fn own(l: &Linear) -> anyhow::Result<&QuantMatrix> {
     }
 }
 
-pub(super) fn low(p: Option<&Option<LoraPair>>) -> Option<LowRank<'_>> {
-    p.and_then(|p| p.as_ref()).map(LoraPair::rows)
-}
-
 pub(super) fn plain_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
 }
@@ -77,34 +73,50 @@ impl Plain {
 }
 
 impl Model {
-    /// [`Model::forward`] on plain slices: the engine's kernels for every matmul (with the
-    /// LoRA term inside) and the `ops` functions for the rest, with no candle tensor between
-    /// them. Computes what the tensor path computes (the same operations in the same order,
-    /// up to float summation order).
+    /// [`Model::forward_batch`] on plain slices: the engine's kernels for every matmul (with
+    /// each row's LoRA term inside) and the `ops` functions for the rest, with no candle
+    /// tensor between them. Computes what the tensor path computes (the same operations in the
+    /// same order, up to float summation order).
+    ///
+    /// The rows of every item are stacked into one activation matrix: each matmul reads its
+    /// weights once for the whole batch (decoding is bound by reading the weights, so a step
+    /// of 8 sequences costs little more than a step of one); rope, the cache writes and
+    /// attention run per item, at its own positions, over its own cache.
     pub(super) fn forward_plain(
         &self,
         plain: &Plain,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        adapter: Option<&LoraAdapter>,
-        all: bool,
-    ) -> anyhow::Result<Tensor> {
+        items: &mut [BatchItem<'_>],
+    ) -> anyhow::Result<Vec<Vec<f32>>> {
         use crate::inference::ops;
         let c = &self.config;
         let eps = c.rms_norm_eps as f32;
-        let (s, pos) = (tokens.len(), cache.len);
+        let s: usize = items.iter().map(|it| it.tokens.len()).sum();
         let (hidden, nh, nkv, hd) = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
         let [qs, ks, _] = c.qkv_sizes();
         let n_qkv = qs + 2 * ks;
         let inter = c.intermediate_size;
         let half = hd / 2;
+        let tokens: Vec<u32> = items
+            .iter()
+            .flat_map(|it| it.tokens.iter().copied())
+            .collect();
         let mut x = match &self.embed {
-            Embedding::Own(m) => m.rows_f32(tokens)?,
+            Embedding::Own(m) => m.rows_f32(&tokens)?,
             other => other
-                .lookup(tokens, &self.device)?
+                .lookup(&tokens, &self.device)?
                 .flatten_all()?
                 .to_vec1::<f32>()?,
         };
+        // Per row: its item, and its position in that item's sequence.
+        let mut row_item = Vec::with_capacity(s);
+        let mut row_pos = Vec::with_capacity(s);
+        for (n, it) in items.iter().enumerate() {
+            for i in 0..it.tokens.len() {
+                row_item.push(n);
+                row_pos.push(it.cache.len + i);
+            }
+        }
+        let adapters: Vec<Option<&LoraAdapter>> = items.iter().map(|it| it.adapter).collect();
         let mut h = vec![0f32; s * hidden];
         let mut qkv = vec![0f32; s * n_qkv];
         let mut q = vec![0f32; s * qs];
@@ -112,17 +124,18 @@ impl Model {
         let mut o = vec![0f32; s * hidden];
         let mut gu = vec![0f32; s * 2 * inter];
         let mut act = vec![0f32; s * inter];
-        let heads = ops::Heads {
+        let shape = ops::HeadShape {
             nh,
             nkv,
             hd,
-            cap: cache.cap,
             window: c.sliding_window,
         };
         for (li, (layer, pl)) in self.layers.iter().zip(&plain.layers).enumerate() {
-            let lora = adapter.map(|a| &a.layers[li]);
+            let lows = |pick: fn(&LayerLora) -> &Option<LoraPair>| {
+                row_lows(&adapters, &row_item, li, pick)
+            };
             ops::rms_norm_rows(&x, &pl.input_norm, eps, &mut h);
-            own(&layer.qkv)?.matmul(&h, &mut qkv, low(lora.map(|l| &l.qkv)));
+            own(&layer.qkv)?.matmul_rows(&h, &mut qkv, &lows(|l| &l.qkv));
             if let Some(b) = &pl.qkv_bias {
                 for row in qkv.chunks_exact_mut(n_qkv) {
                     for (v, b) in row.iter_mut().zip(b) {
@@ -130,9 +143,11 @@ impl Model {
                     }
                 }
             }
-            let (kc, vc) = &mut cache.raw[li];
             for (i, row) in qkv.chunks_exact_mut(n_qkv).enumerate() {
-                let p = pos + i;
+                let p = row_pos[i];
+                let cache = &mut *items[row_item[i]].cache;
+                let cap = cache.cap;
+                let (kc, vc) = &mut cache.raw[li];
                 let (cos, sin) = (
                     &plain.cos[p * half..][..half],
                     &plain.sin[p * half..][..half],
@@ -151,39 +166,110 @@ impl Model {
                         ops::rms_norm_in_place(kh, n, eps);
                     }
                     ops::rope(kh, cos, sin);
-                    let at = (g * cache.cap + p) * hd;
+                    let at = (g * cap + p) * hd;
                     kc[at..at + hd].copy_from_slice(kh);
                     vc[at..at + hd].copy_from_slice(vh);
                 }
             }
-            ops::attention(&q, kc, vc, pos, heads, &mut att);
-            own(&layer.o)?.matmul(&att, &mut o, low(lora.map(|l| &l.o)));
+            {
+                let mut row = 0;
+                let seqs: Vec<ops::AttnSeq<'_>> = items
+                    .iter()
+                    .map(|it| {
+                        let (k, v) = &it.cache.raw[li];
+                        let a = ops::AttnSeq {
+                            row,
+                            rows: it.tokens.len(),
+                            pos: it.cache.len,
+                            k,
+                            v,
+                            cap: it.cache.cap,
+                        };
+                        row += it.tokens.len();
+                        a
+                    })
+                    .collect();
+                ops::attention_batch(&q, &seqs, shape, &mut att);
+            }
+            own(&layer.o)?.matmul_rows(&att, &mut o, &lows(|l| &l.o));
             for (xv, ov) in x.iter_mut().zip(&o) {
                 *xv += ov;
             }
             ops::rms_norm_rows(&x, &pl.post_norm, eps, &mut h);
-            own(&layer.gate_up)?.matmul(&h, &mut gu, low(lora.map(|l| &l.gate_up)));
+            own(&layer.gate_up)?.matmul_rows(&h, &mut gu, &lows(|l| &l.gate_up));
             ops::silu_mul(&gu, inter, &mut act);
-            own(&layer.down)?.matmul(&act, &mut o, low(lora.map(|l| &l.down)));
+            own(&layer.down)?.matmul_rows(&act, &mut o, &lows(|l| &l.down));
             for (xv, ov) in x.iter_mut().zip(&o) {
                 *xv += ov;
             }
         }
-        cache.len = pos + s;
-        let rows = if all { s } else { 1 };
-        let x = &x[(s - rows) * hidden..];
-        ops::rms_norm_rows(x, &plain.norm, eps, &mut h[..rows * hidden]);
-        let logits = match &self.lm_head.w {
-            Weight::Own(head) if self.lm_head.b.is_none() => {
-                let mut logits = vec![0f32; rows * head.rows()];
-                head.matmul(&h[..rows * hidden], &mut logits, None);
-                Tensor::from_vec(logits, (rows, head.rows()), &self.device)?
+        // The rows whose logits are wanted, normed into `h`.
+        let mut picked = 0;
+        let mut row = 0;
+        for it in items.iter_mut() {
+            let n = it.tokens.len();
+            it.cache.len += n;
+            let take = match it.want {
+                Want::Nothing => 0..0,
+                Want::Last => n - 1..n,
+                Want::All => 0..n,
+            };
+            for r in take {
+                let src = &x[(row + r) * hidden..][..hidden];
+                ops::rms_norm_rows(src, &plain.norm, eps, &mut h[picked * hidden..][..hidden]);
+                picked += 1;
             }
-            _ => {
-                let h = Tensor::from_slice(&h[..rows * hidden], (rows, hidden), &self.device)?;
-                self.lm_head.forward(&h, None)?
+            row += n;
+        }
+        let logits = if picked == 0 {
+            Vec::new()
+        } else {
+            match &self.lm_head.w {
+                Weight::Own(head) if self.lm_head.b.is_none() => {
+                    let mut logits = vec![0f32; picked * head.rows()];
+                    head.matmul(&h[..picked * hidden], &mut logits, None);
+                    logits
+                }
+                _ => {
+                    let h =
+                        Tensor::from_slice(&h[..picked * hidden], (picked, hidden), &self.device)?;
+                    self.lm_head.forward(&h, None)?.flatten_all()?.to_vec1()?
+                }
             }
         };
-        Ok(if all { logits } else { logits.squeeze(0)? })
+        let vocab = logits.len().checked_div(picked).unwrap_or(0);
+        let mut out = Vec::with_capacity(items.len());
+        let mut at = 0;
+        for it in items.iter() {
+            let n = match it.want {
+                Want::Nothing => 0,
+                Want::Last => 1,
+                Want::All => it.tokens.len(),
+            };
+            out.push(logits[at * vocab..(at + n) * vocab].to_vec());
+            at += n;
+        }
+        Ok(out)
     }
+}
+
+/// Each row's LoRA pair of layer `li` for one projection (`pick`): rows of one item share
+/// their item's adapter. Empty when no item has an adapter.
+fn row_lows<'a>(
+    adapters: &[Option<&'a LoraAdapter>],
+    row_item: &[usize],
+    li: usize,
+    pick: fn(&LayerLora) -> &Option<LoraPair>,
+) -> Vec<Option<LowRank<'a>>> {
+    if adapters.iter().all(Option::is_none) {
+        return Vec::new();
+    }
+    row_item
+        .iter()
+        .map(|&n| {
+            adapters[n]
+                .and_then(|a| pick(&a.layers[li]).as_ref())
+                .map(LoraPair::rows)
+        })
+        .collect()
 }

@@ -3,7 +3,7 @@
 
 use super::*;
 
-/// A matmul weight: Q4_0 / Q4_1 / Q8_0 / F32 on the engine's own kernels (float
+/// A matmul weight: Q4_0 / Q4_1 / Q8_0 / the K-quants Q4_K, Q5_K, Q6_K / F32 on the engine's own kernels (float
 /// activations; shared, so a tied output head reads the embedding's matrix), anything else
 /// on candle's (dense, or quantised with 8-bit activations).
 pub(super) enum Weight {
@@ -13,22 +13,16 @@ pub(super) enum Weight {
 
 impl Weight {
     pub(super) fn new(w: QMatMul) -> anyhow::Result<Weight> {
-        if let QMatMul::QTensor(q) = &w {
-            let format = match q.dtype() {
-                GgmlDType::Q4_0 => Some(Format::Q4_0),
-                GgmlDType::Q4_1 => Some(Format::Q4_1),
-                GgmlDType::Q8_0 => Some(Format::Q8_0),
-                _ => None,
-            };
-            if let Some(format) = format {
-                let (rows, cols) = q.shape().dims2()?;
-                return Ok(Weight::Own(std::sync::Arc::new(QuantMatrix::from_bytes(
-                    format,
-                    &q.data()?,
-                    rows,
-                    cols,
-                )?)));
-            }
+        if let QMatMul::QTensor(q) = &w
+            && let Some(format) = Format::from_ggml(q.dtype())
+        {
+            let (rows, cols) = q.shape().dims2()?;
+            return Ok(Weight::Own(std::sync::Arc::new(QuantMatrix::from_bytes(
+                format,
+                &q.data()?,
+                rows,
+                cols,
+            )?)));
         }
         if let QMatMul::Tensor(t) = &w
             && t.dtype() == DType::F32
@@ -51,6 +45,11 @@ impl Weight {
         lora: Option<&LoraPair>,
     ) -> candle_core::Result<Tensor> {
         match self {
+            // Dense weights kept in bf16 on a GPU: the product in their type, the result
+            // back in float32 (the activations' type everywhere else).
+            Weight::Candle(QMatMul::Tensor(w)) if w.dtype() != x.dtype() => {
+                x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(x.dtype())
+            }
             Weight::Candle(w) => w.forward(x),
             Weight::Own(w) => {
                 let (s, _) = x.dims2()?;
@@ -69,6 +68,43 @@ impl Weight {
             }
         }
     }
+}
+
+/// One of the engine's own matrices as a candle weight on `device`.
+pub(super) fn own_to_candle(
+    m: &QuantMatrix,
+    device: &Device,
+    dense: DType,
+) -> anyhow::Result<QMatMul> {
+    let dims = vec![m.rows(), m.cols()];
+    Ok(match (m.format().ggml(), m.ggml_bytes()) {
+        (Some(t), Some(b)) => QMatMul::from_qtensor(qtensor_from_ggml(t, &b, dims, device)?)?,
+        _ => QMatMul::Tensor(
+            Tensor::from_slice(m.parts().f, (m.rows(), m.cols()), &Device::Cpu)?
+                .to_dtype(dense)?
+                .to_device(device)?,
+        ),
+    })
+}
+
+/// A candle weight moved to `device` (quantised blocks as they are, dense as `dense`).
+pub(super) fn candle_to(w: QMatMul, device: &Device, dense: DType) -> anyhow::Result<QMatMul> {
+    Ok(match w {
+        QMatMul::QTensor(q) => QMatMul::from_qtensor(qtensor_to(&q, device)?)?,
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+            QMatMul::Tensor(t.to_dtype(dense)?.to_device(device)?)
+        }
+    })
+}
+
+/// A quantised tensor's blocks on `device` (itself when it is already there).
+pub(super) fn qtensor_to(q: &QTensor, device: &Device) -> anyhow::Result<QTensor> {
+    Ok(qtensor_from_ggml(
+        q.dtype(),
+        &q.data()?,
+        q.shape().dims().to_vec(),
+        device,
+    )?)
 }
 
 /// One linear layer: `y = x·Wᵀ (+ b)`, W quantised or dense.
@@ -96,13 +132,22 @@ impl Linear {
             y = y.broadcast_add(b)?;
         }
         if let Some(l) = lora.filter(|_| !own) {
-            let (m, n) = y.dims2()?;
-            let mut out = y.flatten_all()?.to_vec1::<f32>()?;
-            l.rows()
-                .add_to(&x.flatten_all()?.to_vec1::<f32>()?, &mut out);
-            y = Tensor::from_vec(out, (m, n), y.device())?;
+            let (_, n) = y.dims2()?;
+            y = (y + l.term(x, n)?)?;
         }
         Ok(y)
+    }
+
+    /// The same layer on candle's kernels on `device`: the engine's own matrices go back to
+    /// their GGUF blocks (or float values), dense weights become `dense` (bf16 on a GPU).
+    pub(super) fn place(self, device: &Device, dense: DType) -> anyhow::Result<Linear> {
+        Ok(Linear {
+            w: Weight::Candle(match self.w {
+                Weight::Own(m) => own_to_candle(&m, device, dense)?,
+                Weight::Candle(w) => candle_to(w, device, dense)?,
+            }),
+            b: self.b.map(|b| b.to_device(device)).transpose()?,
+        })
     }
 
     pub(super) fn bytes(&self) -> usize {

@@ -1,0 +1,413 @@
+//! Serving many at once through the server: streams on different adapters batched together
+//! (each answers what it answers alone), the metrics that show it, and the OpenAI surface
+//! beyond chat — logprobs, `/v1/completions` with `echo`, `n`, and parameters refused by name.
+
+mod common;
+
+use common::{Client, MODEL, training_server, wait_for_environment_and_model};
+use serde_json::{Value, json};
+
+/// A PEFT LoRA folder for SmolLM2's shape (q_proj and v_proj of every layer, rank 4) with
+/// seeded random weights, zipped: a real adapter file, different per seed.
+fn random_adapter(seed: u64) -> Vec<u8> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (hidden, kv, rank) = (576usize, 192usize, 4usize);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for layer in 0..30 {
+        for (module, out) in [("q_proj", hidden), ("v_proj", kv)] {
+            let base = format!("base_model.model.model.layers.{layer}.self_attn.{module}");
+            for (name, shape) in [("lora_A", vec![rank, hidden]), ("lora_B", vec![out, rank])] {
+                let n: usize = shape.iter().product();
+                let data: Vec<u8> = (0..n)
+                    .flat_map(|_| rng.gen_range(-0.08f32..0.08).to_le_bytes())
+                    .collect();
+                tensors.push((format!("{base}.{name}.weight"), shape, data));
+            }
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            let v =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                    .unwrap();
+            (name.clone(), v)
+        })
+        .collect();
+    let weights = safetensors::tensor::serialize(views, None).unwrap();
+    let config = json!({"peft_type": "LORA", "r": rank, "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": MODEL,
+        "task_type": "CAUSAL_LM"});
+    common::zip_of(&[
+        (
+            "adapter_config.json".into(),
+            config.to_string().into_bytes(),
+        ),
+        ("adapter_model.safetensors".into(), weights),
+    ])
+}
+
+fn chat(model: &str, question: &str, extra: Value) -> Value {
+    let mut body = json!({"model": model, "temperature": 0, "max_tokens": 24,
+        "messages": [{"role": "user", "content": question}]});
+    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+        body[k] = v;
+    }
+    body
+}
+
+/// A streamed chat answer's text.
+async fn stream_text(c: &Client, body: Value) -> String {
+    let mut body = body;
+    body["stream"] = json!(true);
+    let resp = c
+        .http
+        .post(format!("{}/v1/chat/completions", c.base))
+        .bearer_auth(c.token.as_deref().unwrap())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn streams_on_four_adapters_are_batched_and_answer_as_alone() {
+    let server = training_server(&[("FERROTUNE_MAX_GENERATIONS_PER_USER", "16")]);
+    let c = server.client();
+    let (admin, _) = c.signup("admin").await;
+    wait_for_environment_and_model(&admin).await;
+    let mut ids = Vec::new();
+    for seed in 0..4 {
+        let up = admin
+            .upload_to(
+                "/api/files/models/adapters",
+                &format!("random-{seed}.zip"),
+                random_adapter(seed),
+                &[("base_model", MODEL)],
+            )
+            .await;
+        assert_eq!(up.status, 201, "{:?}", up.body);
+        ids.push(up.body["model_id"].as_str().unwrap().to_string());
+    }
+    let questions = [
+        "Name a colour.",
+        "Count to five.",
+        "Say hello.",
+        "Name a fruit.",
+    ];
+    let bodies: Vec<Value> = (0..8)
+        .map(|i| chat(&ids[i % 4], questions[i % 4], json!({})))
+        .collect();
+    // Alone, one after the other.
+    let mut alone = Vec::new();
+    for b in &bodies {
+        alone.push(stream_text(&admin, b.clone()).await);
+    }
+    assert_eq!(
+        alone[0], alone[4],
+        "the same request, the same greedy answer"
+    );
+    let distinct: std::collections::HashSet<&String> = alone[..4].iter().collect();
+    assert!(
+        distinct.len() > 1,
+        "the adapters answer differently: {alone:?}"
+    );
+    // Together: 8 streams at once on 4 adapters.
+    let together =
+        futures_util::future::join_all(bodies.iter().map(|b| stream_text(&admin, b.clone()))).await;
+    assert_eq!(
+        together, alone,
+        "each stream answers in the batch what it answers alone"
+    );
+
+    // The metrics saw batched steps of several sequences, and the adapters cached.
+    let (status, m, _) = admin.get_bytes("/metrics").await;
+    assert_eq!(status, 200);
+    let m = String::from_utf8(m).unwrap();
+    let count = |name: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let steps = count("ferrotune_batch_sequences_count");
+    let single = count("ferrotune_batch_sequences_bucket{le=\"1.0\"}");
+    assert!(
+        steps > single,
+        "some steps advanced several sequences:\n{m}"
+    );
+    assert!(count("ferrotune_adapter_cache_hits_total") >= 8.0, "{m}");
+    assert!(count("ferrotune_tokens_generated_total") > 0.0);
+    assert!(
+        m.contains(
+            "ferrotune_http_request_duration_seconds_count{method=\"POST\",route=\"/v1/chat/completions\",status=\"200\"} 16"
+        ),
+        "{m}"
+    );
+    assert!(
+        m.contains("ferrotune_active_sequences{model=\"SmolLM2-135M-Instruct\"} 0"),
+        "{m}"
+    );
+    let (user, _) = c.signup("user").await;
+    assert_eq!(user.get("/metrics").await.status, 403);
+}
+
+#[tokio::test]
+async fn the_openai_surface_logprobs_completions_n_and_refusals() {
+    let server = training_server(&[]);
+    let c = server.client();
+    let (u, _) = c.signup("alice").await;
+    wait_for_environment_and_model(&u).await;
+
+    // Chat logprobs: the greedy token is the most likely one; the texts make the answer.
+    let r = u
+        .post(
+            "/v1/chat/completions",
+            chat(
+                MODEL,
+                "Name a colour.",
+                json!({"logprobs": true, "top_logprobs": 3, "max_tokens": 8}),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let choice = &r.body["choices"][0];
+    let content = choice["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        content.len() as u64,
+        r.body["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    let mut bytes = Vec::new();
+    for t in content {
+        let lp = t["logprob"].as_f64().unwrap();
+        assert!(lp <= 0.0);
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        assert_eq!(
+            top[0]["token"], t["token"],
+            "greedy picks the most likely token"
+        );
+        assert!((top[0]["logprob"].as_f64().unwrap() - lp).abs() < 1e-6);
+        assert!(top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64());
+        bytes.extend(
+            t["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8),
+        );
+    }
+    let text = choice["message"]["content"].as_str().unwrap();
+    assert!(
+        String::from_utf8_lossy(&bytes).starts_with(text.trim_end()),
+        "{text:?}"
+    );
+
+    // Completions: the raw prompt continued; the same tokens scored by prefill (`echo`,
+    // `max_tokens: 0`) have the log-probabilities decoding gave them.
+    let prompt = "1, 2, 3, 4,";
+    let generated = u
+        .post(
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 2}),
+        )
+        .await;
+    assert_eq!(generated.status, 200, "{:?}", generated.body);
+    assert_eq!(generated.body["object"], "text_completion");
+    let g = &generated.body["choices"][0];
+    let continuation = g["text"].as_str().unwrap().to_string();
+    let gen_lps: Vec<f64> = g["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(gen_lps.len(), 4);
+    let scored = u
+        .post(
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": format!("{prompt}{continuation}"), "max_tokens": 0,
+                   "echo": true, "logprobs": 1}),
+        )
+        .await;
+    assert_eq!(scored.status, 200, "{:?}", scored.body);
+    let s = &scored.body["choices"][0];
+    assert_eq!(s["text"], format!("{prompt}{continuation}").as_str());
+    let lps = s["logprobs"]["token_logprobs"].as_array().unwrap();
+    assert!(lps[0].is_null(), "the first token has nothing before it");
+    let tokens = s["logprobs"]["tokens"].as_array().unwrap();
+    assert_eq!(
+        tokens[tokens.len() - 4..],
+        g["logprobs"]["tokens"].as_array().unwrap()[..]
+    );
+    for (a, b) in lps[lps.len() - 4..].iter().zip(&gen_lps) {
+        assert!((a.as_f64().unwrap() - b).abs() < 2e-3, "{a} vs {b}");
+    }
+    assert_eq!(scored.body["usage"]["completion_tokens"], 0);
+
+    // n answers, seeded apart; streamed completions make the same text as whole ones.
+    let r = u
+        .post(
+            "/v1/chat/completions",
+            chat(
+                MODEL,
+                "Write a word.",
+                json!({"n": 3, "temperature": 1.0, "seed": 5, "max_tokens": 6}),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let choices = r.body["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    assert_eq!(choices[2]["index"], 2);
+    let resp = u
+        .http
+        .post(format!("{}/v1/completions", u.base))
+        .bearer_auth(u.token.as_deref().unwrap())
+        .json(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let streamed: String = resp
+        .text()
+        .await
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| v["choices"][0]["text"].as_str().map(String::from))
+        .collect();
+    assert_eq!(streamed, continuation);
+
+    // One model by id; OpenAI's 404 for no route.
+    let m = u.get(&format!("/v1/models/{MODEL}")).await;
+    assert_eq!((m.status, m.body["id"].as_str()), (200, Some(MODEL)));
+    assert_eq!(u.get("/v1/models/nope").await.status, 404);
+    let r = u.post("/v1/nope", json!({})).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.body["error"]["code"], "unknown_url", "{:?}", r.body);
+
+    // What is not supported is refused by name, never ignored.
+    for (extra, param) in [
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "tools",
+        ),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (
+            json!({"response_format": {"type": "xml"}}),
+            "response_format",
+        ),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (json!({"temperature": 3}), "temperature"),
+        (json!({"n": 20}), "n"),
+        (json!({"top_logprobs": 2}), "top_logprobs"),
+        (json!({"parallel_tool_calls": true}), "parallel_tool_calls"),
+    ] {
+        let r = u
+            .post("/v1/chat/completions", chat(MODEL, "hi", extra.clone()))
+            .await;
+        assert_eq!(r.status, 422, "{extra}: {:?}", r.body);
+        assert_eq!(r.body["error"]["param"], param, "{extra}: {:?}", r.body);
+    }
+    let img = json!({"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]});
+    let r = u.post("/v1/chat/completions", img).await;
+    assert_eq!(r.status, 422);
+    assert_eq!(r.body["error"]["param"], "messages[0].content[1]");
+    // A logit_bias token outside the vocabulary.
+    let r = u
+        .post(
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0,
+                   "logit_bias": {"99999999": 5}}),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+}
+
+#[tokio::test]
+async fn beyond_the_batch_requests_queue_and_beyond_the_limit_get_429() {
+    let server = training_server(&[
+        ("FERROTUNE_MAX_BATCH_SEQUENCES", "1"),
+        ("FERROTUNE_MAX_CONCURRENT_GENERATIONS", "3"),
+        ("FERROTUNE_MAX_GENERATIONS_PER_USER", "16"),
+    ]);
+    let c = server.client();
+    let (u, _) = c.signup("alice").await;
+    wait_for_environment_and_model(&u).await;
+    // Loads the model first, so that the burst below overlaps.
+    let warm = u
+        .post(
+            "/v1/chat/completions",
+            chat(MODEL, "hi", json!({"max_tokens": 2})),
+        )
+        .await;
+    assert_eq!(warm.status, 200, "{:?}", warm.body);
+    let send = |i: usize| {
+        let u = &u;
+        async move {
+            u.http
+                .post(format!("{}/v1/chat/completions", u.base))
+                .bearer_auth(u.token.as_deref().unwrap())
+                .json(&chat(
+                    MODEL,
+                    &format!("Count to {}.", i + 3),
+                    json!({"max_tokens": 16}),
+                ))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let replies = futures_util::future::join_all((0..5).map(send)).await;
+    let statuses: Vec<u16> = replies.iter().map(|r| r.status().as_u16()).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        2,
+        "{statuses:?}"
+    );
+    let queued: Vec<u64> = replies
+        .iter()
+        .filter_map(|r| r.headers().get("x-queue-position"))
+        .filter_map(|v| v.to_str().ok()?.parse().ok())
+        .collect();
+    assert!(
+        !queued.is_empty() && queued.iter().all(|p| *p >= 1),
+        "{queued:?}"
+    );
+    for r in replies {
+        if r.status() == 429 {
+            assert!(r.headers().contains_key("retry-after"));
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+        } else {
+            let body: Value = r.json().await.unwrap();
+            assert!(body["choices"][0]["message"]["content"].as_str().is_some());
+        }
+    }
+}
