@@ -314,8 +314,9 @@ async fn the_openai_surface_logprobs_completions_n_and_refusals() {
             "response_format",
         ),
         (
-            json!({"response_format": {"type": "json_object"}}),
-            "response_format",
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                   "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}}),
+            "response_format.json_schema.schema",
         ),
         (json!({"temperature": 3}), "temperature"),
         (json!({"n": 20}), "n"),
@@ -343,6 +344,91 @@ async fn the_openai_surface_logprobs_completions_n_and_refusals() {
         )
         .await;
     assert_eq!(r.status, 422, "{:?}", r.body);
+
+    // Structured output: the answer follows the schema (constrained decoding), even from a
+    // 135M model that would not on its own.
+    let schema = json!({"type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 20},
+                       "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                       "pets": {"type": "array", "items": {"enum": ["cat", "dog", "fish"]},
+                                "maxItems": 3}},
+        "required": ["name", "age", "pets"], "additionalProperties": false});
+    let question = "Describe a person.";
+    let plain = u
+        .post(
+            "/v1/chat/completions",
+            chat(MODEL, question, json!({"max_tokens": 60})),
+        )
+        .await;
+    let plain_text = plain.body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        serde_json::from_str::<Value>(plain_text).is_err(),
+        "unconstrained, the model answers in prose: {plain_text}"
+    );
+    let format = json!({"type": "json_schema",
+        "json_schema": {"name": "person", "schema": schema, "strict": true}});
+    let r = u
+        .post(
+            "/v1/chat/completions",
+            chat(
+                MODEL,
+                question,
+                json!({"max_tokens": 120, "response_format": format}),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let text = r.body["choices"][0]["message"]["content"].as_str().unwrap();
+    eprintln!("json_schema answer: {text}");
+    assert_eq!(r.body["choices"][0]["finish_reason"], "stop", "{text}");
+    let person: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let keys: Vec<&String> = person.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["name", "age", "pets"], "{text}");
+    assert!(
+        person["name"].as_str().unwrap().chars().count() <= 20,
+        "{text}"
+    );
+    assert!(
+        (0..=150).contains(&person["age"].as_i64().unwrap()),
+        "{text}"
+    );
+    for pet in person["pets"].as_array().unwrap() {
+        assert!(
+            ["cat", "dog", "fish"].contains(&pet.as_str().unwrap()),
+            "{text}"
+        );
+    }
+    // JSON mode, on several sampled answers at once: each one a JSON object (or, cut by
+    // max_tokens, the start of one); streamed too.
+    let body = chat(
+        MODEL,
+        "Give a JSON object with the keys city and country for Paris.",
+        json!({"max_tokens": 80, "n": 2, "temperature": 0.8, "seed": 3,
+               "response_format": {"type": "json_object"}}),
+    );
+    let r = u.post("/v1/chat/completions", body.clone()).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let choices = r.body["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    for choice in choices {
+        let text = choice["message"]["content"].as_str().unwrap();
+        eprintln!("json_object answer ({}): {text}", choice["finish_reason"]);
+        if choice["finish_reason"] == "stop" {
+            let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+            assert!(v.is_object(), "{text}");
+        } else {
+            assert!(
+                text.trim_start().starts_with('{'),
+                "cut by max_tokens: {text}"
+            );
+        }
+    }
+    let mut one = body;
+    one["n"] = json!(1);
+    let streamed = stream_text(&u, one).await;
+    assert!(streamed.trim_start().starts_with('{'), "{streamed}");
 }
 
 #[tokio::test]

@@ -145,3 +145,22 @@ def test_upload_train_wait_and_chat_with_the_adapter(server, client, models_dir,
     lps = scored.choices[0].logprobs.token_logprobs
     assert scored.choices[0].text == "3 plus 4 is 7."
     assert lps[0] is None and len(lps) > 3 and all(x <= 0 for x in lps[1:])
+
+    # Structured output through OpenAI's own client: the schema is enforced while decoding.
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "integer", "minimum": -1000, "maximum": 1000},
+                       "unit": {"enum": ["apples", "none"]}},
+        "required": ["answer", "unit"],
+        "additionalProperties": False,
+    }
+    r = oa.chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": QUESTION}], temperature=0,
+        max_tokens=40,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "sum", "schema": schema, "strict": True}},
+    )
+    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+    parsed = json.loads(r.choices[0].message.content)
+    assert set(parsed) == {"answer", "unit"} and isinstance(parsed["answer"], int)
+    assert parsed["unit"] in ("apples", "none")

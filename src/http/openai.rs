@@ -22,8 +22,8 @@ use super::error::{ErrorBody, Json};
 use super::extract::CurrentUser;
 use crate::error::{Error, Kind, Result};
 use crate::inference::{
-    ChatMessage, Completion, GenEvent, Generation, MAX_TOP_LOGPROBS, RawPrompt, SamplingParams,
-    TokenLogprob,
+    ChatMessage, Completion, GenEvent, Generation, Grammar, MAX_TOP_LOGPROBS, RawPrompt,
+    SamplingParams, TokenLogprob,
 };
 use crate::store::{ModelKind, new_id};
 
@@ -118,9 +118,6 @@ pub struct V1Request {
     logprobs: bool,
     /// With `logprobs`: this many most likely alternatives per token (0–20).
     top_logprobs: Option<usize>,
-    /// Only `{"type": "text"}` for now.
-    #[schema(value_type = Option<Object>)]
-    response_format: Option<Value>,
     #[serde(flatten)]
     sampling: V1Sampling,
 }
@@ -210,6 +207,11 @@ pub struct V1Sampling {
     /// benchmarks).
     #[serde(default)]
     ignore_eos: bool,
+    /// `{"type": "text"}` (the default), `{"type": "json_object"}` (any JSON object) or
+    /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`: the answer is
+    /// generated under that grammar (constrained decoding), so it parses and fits the schema.
+    #[schema(value_type = Option<Object>)]
+    response_format: Option<Value>,
     /// Accepted and ignored (OpenAI's end-user id).
     #[allow(dead_code)]
     user: Option<String>,
@@ -274,8 +276,54 @@ impl V1Sampling {
             stop,
             logit_bias,
             ignore_eos: self.ignore_eos,
+            grammar: self.grammar()?,
             ..SamplingParams::default()
         })
+    }
+
+    /// The grammar `response_format` asks for.
+    fn grammar(&self) -> Result<Option<Grammar>> {
+        let Some(format) = &self.response_format else {
+            return Ok(None);
+        };
+        match format.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(Grammar::JsonObject)),
+            Some("json_schema") => {
+                let spec = format.get("json_schema").ok_or_else(|| {
+                    param_error(
+                        "response_format.json_schema",
+                        "is required with `json_schema`",
+                    )
+                })?;
+                match spec.get("schema") {
+                    Some(schema @ (Value::Object(_) | Value::Bool(_))) => {
+                        let grammar = Grammar::JsonSchema(schema.clone());
+                        grammar
+                            .check()
+                            .map_err(|e| param_error("response_format.json_schema.schema", e))?;
+                        Ok(Some(grammar))
+                    }
+                    Some(_) => Err(param_error(
+                        "response_format.json_schema.schema",
+                        "must be a JSON Schema (an object)",
+                    )),
+                    // OpenAI's own default: no schema, any JSON.
+                    None => Ok(Some(Grammar::JsonObject)),
+                }
+            }
+            _ => Err(param_error(
+                "response_format",
+                "type must be `text`, `json_object` or `json_schema`",
+            )),
+        }
+    }
+
+    /// `stream_options.include_usage`.
+    fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
     }
 
     fn n(&self) -> Result<u32> {
@@ -549,6 +597,22 @@ where
     rx
 }
 
+/// A non-streamed answer: `head` (id, object, created, model) with every generation's
+/// choice (`choice(index, completion)`) and the usage of them all.
+async fn whole_answer(
+    generations: Vec<(Generation, crate::chat::GenerationPermit)>,
+    mut head: Value,
+    position: usize,
+    choice: impl Fn(usize, &Completion) -> Value,
+) -> Result<Response> {
+    let done = collect_all(generations).await?;
+    let prompt_tokens = done.first().map_or(0, |c| c.prompt_tokens);
+    let completion_tokens: usize = done.iter().map(|c| c.completion_tokens).sum();
+    head["choices"] = done.iter().enumerate().map(|(i, c)| choice(i, c)).collect();
+    head["usage"] = usage(prompt_tokens, completion_tokens);
+    Ok(with_position(Json(head).into_response(), position))
+}
+
 /// Server-Sent Events from `rx`, ending `data: [DONE]`; keeps the connection alive.
 fn sse(rx: tokio::sync::mpsc::Receiver<Value>) -> Response {
     use futures_util::StreamExt;
@@ -566,8 +630,9 @@ fn sse(rx: tokio::sync::mpsc::Receiver<Value>) -> Response {
 /// refused), `temperature` (0–2), `top_p`, `top_k`, `max_tokens`/`max_completion_tokens`,
 /// `stop` (up to 4), `seed`, penalties, `logit_bias`, `logprobs` + `top_logprobs` (0–20, the
 /// model's own distribution), `n` (1–8), and `stream` (Server-Sent Events of
-/// `chat.completion.chunk`, ending `data: [DONE]`; `stream_options.include_usage`). Any other
-/// parameter (`tools`, `response_format` other than `text`, …) is refused by name.
+/// `chat.completion.chunk`, ending `data: [DONE]`; `stream_options.include_usage`),
+/// `response_format` (`json_object`, `json_schema`: constrained decoding). Any other parameter
+/// (`tools`, …) is refused by name.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai",
     request_body = V1Request,
     responses((status = 200, description = "A `chat.completion`, or with `stream` a text/event-stream of chunks", body = Object),
@@ -588,24 +653,6 @@ async fn chat_completions(
     }
     let mut params = req.sampling.params(max_tokens)?;
     let n = req.sampling.n()?;
-    if let Some(format) = &req.response_format {
-        match format["type"].as_str() {
-            Some("text") => {}
-            Some(t @ ("json_object" | "json_schema")) => {
-                return Err(Error::new(
-                    Kind::Invalid,
-                    "unsupported_parameter",
-                    format!("response_format: `{t}` is not supported yet by this server"),
-                ));
-            }
-            _ => {
-                return Err(param_error(
-                    "response_format",
-                    "type must be `text`, `json_object` or `json_schema`",
-                ));
-            }
-        }
-    }
     match (req.logprobs, req.top_logprobs) {
         (true, top) => {
             let top = top.unwrap_or(0);
@@ -639,37 +686,21 @@ async fn chat_completions(
     let created = OffsetDateTime::now_utc().unix_timestamp();
     let model = target.id;
     if !req.sampling.stream {
-        let done = collect_all(generations).await?;
-        let prompt_tokens = done.first().map_or(0, |c| c.prompt_tokens);
-        let completion_tokens: usize = done.iter().map(|c| c.completion_tokens).sum();
-        let choices: Vec<Value> = done
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let logprobs = if want_logprobs {
-                    json!({"content": c.logprobs.iter().map(chat_logprob).collect::<Vec<_>>(),
-                           "refusal": null})
-                } else {
-                    Value::Null
-                };
-                json!({"index": i, "message": {"role": "assistant", "content": c.text, "refusal": null},
-                       "finish_reason": c.finish_reason.as_str(), "logprobs": logprobs})
-            })
-            .collect();
-        return Ok(with_position(
-            Json(json!({
-                "id": id, "object": "chat.completion", "created": created, "model": model,
-                "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
-            }))
-            .into_response(),
-            position,
-        ));
+        let head =
+            json!({"id": id, "object": "chat.completion", "created": created, "model": model});
+        return whole_answer(generations, head, position, |i, c| {
+            let logprobs = if want_logprobs {
+                json!({"content": c.logprobs.iter().map(chat_logprob).collect::<Vec<_>>(),
+                       "refusal": null})
+            } else {
+                Value::Null
+            };
+            json!({"index": i, "message": {"role": "assistant", "content": c.text, "refusal": null},
+                   "finish_reason": c.finish_reason.as_str(), "logprobs": logprobs})
+        })
+        .await;
     }
-    let include_usage = req
-        .sampling
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
+    let include_usage = req.sampling.include_usage();
     let chunks = Chunks {
         id,
         object: "chat.completion.chunk",
@@ -832,43 +863,27 @@ async fn completions(
         }
     };
     if !req.sampling.stream {
-        let done = collect_all(generations).await?;
-        let prompt_tokens = done.first().map_or(0, |c| c.prompt_tokens);
-        let completion_tokens: usize = done.iter().map(|c| c.completion_tokens).sum();
-        let choices: Vec<Value> = done
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let head = if echo { prompt_text(c) } else { String::new() };
-                let logprobs = if want_logprobs {
-                    let mut tokens = if echo {
-                        c.prompt_logprobs.clone()
-                    } else {
-                        Vec::new()
-                    };
-                    tokens.extend(c.logprobs.iter().cloned());
-                    completion_logprobs(&tokens, 0)
+        let head =
+            json!({"id": id, "object": "text_completion", "created": created, "model": model});
+        return whole_answer(generations, head, position, |i, c| {
+            let echoed = if echo { prompt_text(c) } else { String::new() };
+            let logprobs = if want_logprobs {
+                let mut tokens = if echo {
+                    c.prompt_logprobs.clone()
                 } else {
-                    Value::Null
+                    Vec::new()
                 };
-                json!({"index": i, "text": head + &c.text, "logprobs": logprobs,
-                       "finish_reason": c.finish_reason.as_str()})
-            })
-            .collect();
-        return Ok(with_position(
-            Json(json!({
-                "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
-            }))
-            .into_response(),
-            position,
-        ));
+                tokens.extend(c.logprobs.iter().cloned());
+                completion_logprobs(&tokens, 0)
+            } else {
+                Value::Null
+            };
+            json!({"index": i, "text": echoed + &c.text, "logprobs": logprobs,
+                   "finish_reason": c.finish_reason.as_str()})
+        })
+        .await;
     }
-    let include_usage = req
-        .sampling
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
+    let include_usage = req.sampling.include_usage();
     let chunks = Chunks {
         id,
         object: "text_completion",

@@ -11,6 +11,7 @@ use std::time::{Instant, SystemTime};
 
 use tokio::sync::mpsc;
 
+use super::grammar::{Constrained, GrammarVocab};
 use super::lora::{self, LoraAdapter};
 use super::metrics::EngineMetrics;
 use super::model::{BatchItem, KvCache, Model, Want, WeightsSource};
@@ -125,6 +126,10 @@ impl Engine {
             return Err(EngineError::Invalid(format!(
                 "logit_bias: token {t} is not in the model's vocabulary of {vocab}"
             )));
+        }
+        if let Some(g) = &req.params.grammar {
+            g.check()
+                .map_err(|e| EngineError::Invalid(format!("response_format: {e}")))?;
         }
         let prompt = match &req.prompt {
             Some(RawPrompt::Ids(ids)) => {
@@ -356,6 +361,7 @@ impl Engine {
             assets: assets.clone(),
             load: load.clone(),
             metrics: self.metrics.clone(),
+            grammar: std::cell::OnceCell::new(),
         };
         std::thread::Builder::new()
             .name(format!("infer-{}", found.name))
@@ -395,6 +401,8 @@ struct Worker {
     assets: Arc<ChatAssets>,
     load: Arc<SlotLoad>,
     metrics: EngineMetrics,
+    /// The vocabulary as the grammar library sees it, built when an answer first needs it.
+    grammar: std::cell::OnceCell<Result<GrammarVocab, String>>,
 }
 
 /// A sequence being generated.
@@ -415,6 +423,8 @@ struct Seq {
     first_sent: bool,
     /// The prompt's log-probabilities so far (when asked for).
     prompt_logprobs: Vec<TokenLogprob>,
+    /// Where the answer stands in its grammar (`response_format`), if it has one.
+    constraint: Option<Constrained>,
 }
 
 enum Step {
@@ -572,7 +582,10 @@ impl Worker {
                 };
                 self.load.waiting.fetch_sub(1, Ordering::Relaxed);
                 reserved += need;
-                active.push(self.start(&model, job, need));
+                match self.start(&model, job, need) {
+                    Some(seq) => active.push(seq),
+                    None => reserved -= need,
+                }
             }
             self.load.active.store(active.len(), Ordering::Relaxed);
             self.metrics
@@ -599,10 +612,23 @@ impl Worker {
         }
     }
 
-    fn start(&self, model: &Model, job: Job, reserved: usize) -> Seq {
+    /// The sequence of `job`, or none when it cannot start (its client is told why).
+    fn start(&self, model: &Model, job: Job, reserved: usize) -> Option<Seq> {
+        let constraint = match &job.params.grammar {
+            None => None,
+            Some(g) => match self.grammar_vocab().and_then(|v| v.matcher(g)) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    let msg = format!("response_format: {e:#}");
+                    tracing::error!(model = %self.name, "{msg}");
+                    let _ = job.events.try_send(GenEvent::Error(msg));
+                    return None;
+                }
+            },
+        };
         let sampler = Sampler::new(&job.params);
         let stops = StopMatcher::new(job.params.stop.clone());
-        Seq {
+        Some(Seq {
             cache: model.new_cache(),
             prefilled: 0,
             history: job.prompt.clone(),
@@ -613,8 +639,26 @@ impl Worker {
             reserved,
             first_sent: false,
             prompt_logprobs: Vec::new(),
+            constraint,
             job,
-        }
+        })
+    }
+
+    fn grammar_vocab(&self) -> anyhow::Result<&GrammarVocab> {
+        self.grammar
+            .get_or_init(|| {
+                let tok = &self.assets.tokenizer;
+                let vocab = tok.get_vocab_size(true).max(self.assets.config.vocab_size);
+                let eos = self.assets.eos_ids.first().copied().unwrap_or(0);
+                let started = Instant::now();
+                let built = GrammarVocab::new(tok, vocab, eos, |id| token_bytes(tok, id))
+                    .map_err(|e| format!("{e:#}"));
+                tracing::info!(model = %self.name, ms = started.elapsed().as_millis() as u64,
+                    "grammar vocabulary built");
+                built
+            })
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     /// One batched step over `active`; returns the indices of the sequences that ended.
@@ -790,7 +834,13 @@ impl Worker {
     fn advance(&self, seq: &mut Seq, mut logits: Vec<f32>) -> anyhow::Result<Step> {
         // The model's own distribution, before the sampler shapes it.
         let raw = seq.job.params.logprobs.map(|n| (n, logits.clone()));
+        if let Some(c) = &mut seq.constraint {
+            c.mask(&mut logits)?;
+        }
         let token = seq.sampler.sample(&mut logits, &seq.history);
+        if let Some(c) = &mut seq.constraint {
+            c.consume(token)?;
+        }
         if let Some((n, raw)) = raw {
             let lp = self.token_logprob(token, Some(&raw), &raw, n);
             let _ = seq.job.events.try_send(GenEvent::Token(lp));
@@ -816,6 +866,9 @@ impl Worker {
                     return self.done(seq, FinishReason::Stop);
                 }
             }
+        }
+        if seq.constraint.as_ref().is_some_and(|c| c.is_stopped()) {
+            return self.finish(seq, FinishReason::Stop);
         }
         if seq.completion >= seq.job.params.max_tokens {
             return self.finish(seq, FinishReason::Length);

@@ -34,6 +34,7 @@
 
 pub mod config;
 mod engine;
+mod grammar;
 mod kernels;
 pub mod lora;
 pub mod metrics;
@@ -46,6 +47,7 @@ pub mod text;
 use std::path::PathBuf;
 
 pub use engine::Engine;
+pub use grammar::Grammar;
 pub use metrics::EngineMetrics;
 pub use model::{
     BatchItem, KvCache, Model, Placement, Requantize, Want, WeightsSource, describe_device,
@@ -100,6 +102,9 @@ pub struct SamplingParams {
     /// Generate `max_tokens` whatever the model says: its end-of-sequence tokens do not end
     /// the answer (benchmarks; vLLM's and llama.cpp's `ignore_eos`).
     pub ignore_eos: bool,
+    /// The answer must follow this grammar (constrained decoding; OpenAI's
+    /// `response_format`).
+    pub grammar: Option<Grammar>,
 }
 
 impl Default for SamplingParams {
@@ -118,6 +123,7 @@ impl Default for SamplingParams {
             prompt_logprobs: None,
             logit_bias: Vec::new(),
             ignore_eos: false,
+            grammar: None,
         }
     }
 }
