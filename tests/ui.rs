@@ -81,11 +81,19 @@ async fn the_ui_is_served_without_shadowing_the_api() {
     // A missing file is a 404, not the page (a stale script must not get HTML).
     assert_eq!(c.get_bytes("/assets/gone-1234.js").await.0, 404);
 
-    // The API keeps its JSON errors.
+    // The API keeps its JSON errors (OpenAI's shape under /v1).
     for path in ["/api/nope", "/api", "/v1/nope"] {
         let r = c.get(path).await;
         assert_eq!(r.status, 404, "{path}");
-        assert!(!r.error().is_empty(), "{path}: {:?}", r.body);
+        let message = if path.starts_with("/v1") {
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        } else {
+            r.error().to_string()
+        };
+        assert!(!message.is_empty(), "{path}: {:?}", r.body);
     }
     let r = c.post("/", serde_json::json!({})).await;
     assert_eq!(r.status, 404);
