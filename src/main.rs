@@ -371,6 +371,7 @@ async fn chat(
             model_dir: ferrotune::inference::model_dir_of(&model),
             adapter: adapter.clone(),
             messages: history.clone(),
+            tools: Vec::new(),
             params: params.clone(),
             prompt: None,
         };

@@ -221,6 +221,7 @@ impl PyEngine {
             base_model: model,
             adapter,
             messages,
+            tools: Vec::new(),
             params: SamplingParams {
                 temperature,
                 top_p,

@@ -1007,6 +1007,7 @@ fn request(adapter: Option<PathBuf>, user: &str, params: SamplingParams) -> Gene
         model_dir: None,
         adapter,
         messages: vec![ChatMessage::new("user", user)],
+        tools: Vec::new(),
         params,
         prompt: None,
     }

@@ -118,7 +118,15 @@ proptest! {
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         let mut expected: String = messages
             .iter()
-            .map(|m| format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content))
+            .map(|m| match m.role.as_str() {
+                // A template without tools sees a tool's result as the user's, in the
+                // Hermes tags (what models without a tool role were tuned on).
+                "tool" => format!(
+                    "<|im_start|>user\n<tool_response>\n{}\n</tool_response><|im_end|>\n",
+                    m.content
+                ),
+                role => format!("<|im_start|>{role}\n{}<|im_end|>\n", m.content),
+            })
             .collect();
         if add_generation_prompt {
             expected.push_str("<|im_start|>assistant\n");

@@ -1,6 +1,7 @@
 //! Serving many at once through the server: streams on different adapters batched together
 //! (each answers what it answers alone), the metrics that show it, and the OpenAI surface
-//! beyond chat — logprobs, `/v1/completions` with `echo`, `n`, and parameters refused by name.
+//! beyond chat — logprobs, `/v1/completions` with `echo`, `n`, structured output, tool calls,
+//! reasoning, and parameters refused by name.
 
 mod common;
 
@@ -57,24 +58,25 @@ fn chat(model: &str, question: &str, extra: Value) -> Value {
     body
 }
 
+/// A server with the default model, and a user on it.
+async fn alice_with_the_model() -> (common::Server, Client) {
+    let server = training_server(&[]);
+    let (u, _) = server.client().signup("alice").await;
+    wait_for_environment_and_model(&u).await;
+    (server, u)
+}
+
+/// A chat answer of the default model to `question` (greedy, 24 tokens unless `extra` says).
+async fn ask(u: &Client, question: &str, extra: Value) -> common::Reply {
+    u.post("/v1/chat/completions", chat(MODEL, question, extra))
+        .await
+}
+
 /// A streamed chat answer's text.
 async fn stream_text(c: &Client, body: Value) -> String {
-    let mut body = body;
-    body["stream"] = json!(true);
-    let resp = c
-        .http
-        .post(format!("{}/v1/chat/completions", c.base))
-        .bearer_auth(c.token.as_deref().unwrap())
-        .json(&body)
-        .send()
+    stream_chunks(c, body)
         .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let text = resp.text().await.unwrap();
-    text.lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .iter()
         .filter_map(|v| {
             v["choices"][0]["delta"]["content"]
                 .as_str()
@@ -180,22 +182,15 @@ async fn streams_on_four_adapters_are_batched_and_answer_as_alone() {
 
 #[tokio::test]
 async fn the_openai_surface_logprobs_completions_n_and_refusals() {
-    let server = training_server(&[]);
-    let c = server.client();
-    let (u, _) = c.signup("alice").await;
-    wait_for_environment_and_model(&u).await;
+    let (_server, u) = alice_with_the_model().await;
 
     // Chat logprobs: the greedy token is the most likely one; the texts make the answer.
-    let r = u
-        .post(
-            "/v1/chat/completions",
-            chat(
-                MODEL,
-                "Name a colour.",
-                json!({"logprobs": true, "top_logprobs": 3, "max_tokens": 8}),
-            ),
-        )
-        .await;
+    let r = ask(
+        &u,
+        "Name a colour.",
+        json!({"logprobs": true, "top_logprobs": 3, "max_tokens": 8}),
+    )
+    .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     let choice = &r.body["choices"][0];
     let content = choice["logprobs"]["content"].as_array().unwrap();
@@ -272,38 +267,25 @@ async fn the_openai_surface_logprobs_completions_n_and_refusals() {
     assert_eq!(scored.body["usage"]["completion_tokens"], 0);
 
     // n answers, seeded apart; streamed completions make the same text as whole ones.
-    let r = u
-        .post(
-            "/v1/chat/completions",
-            chat(
-                MODEL,
-                "Write a word.",
-                json!({"n": 3, "temperature": 1.0, "seed": 5, "max_tokens": 6}),
-            ),
-        )
-        .await;
+    let r = ask(
+        &u,
+        "Write a word.",
+        json!({"n": 3, "temperature": 1.0, "seed": 5, "max_tokens": 6}),
+    )
+    .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     let choices = r.body["choices"].as_array().unwrap();
     assert_eq!(choices.len(), 3);
     assert_eq!(choices[2]["index"], 2);
-    let resp = u
-        .http
-        .post(format!("{}/v1/completions", u.base))
-        .bearer_auth(u.token.as_deref().unwrap())
-        .json(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": true}))
-        .send()
-        .await
-        .unwrap();
-    let streamed: String = resp
-        .text()
-        .await
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|v| v["choices"][0]["text"].as_str().map(String::from))
-        .collect();
+    let streamed: String = stream_from(
+        &u,
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0}),
+    )
+    .await
+    .iter()
+    .filter_map(|v| v["choices"][0]["text"].as_str().map(String::from))
+    .collect();
     assert_eq!(streamed, continuation);
 
     // One model by id; OpenAI's 404 for no route.
@@ -317,10 +299,16 @@ async fn the_openai_surface_logprobs_completions_n_and_refusals() {
     // What is not supported is refused by name, never ignored.
     for (extra, param) in [
         (
-            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
-            "tools",
+            json!({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}),
+            "tools[0]",
         ),
         (json!({"tool_choice": "required"}), "tool_choice"),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}],
+                   "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            "tool_choice",
+        ),
+        (json!({"functions": [{"name": "f"}]}), "functions"),
         (
             json!({"response_format": {"type": "xml"}}),
             "response_format",
@@ -333,7 +321,6 @@ async fn the_openai_surface_logprobs_completions_n_and_refusals() {
         (json!({"temperature": 3}), "temperature"),
         (json!({"n": 20}), "n"),
         (json!({"top_logprobs": 2}), "top_logprobs"),
-        (json!({"parallel_tool_calls": true}), "parallel_tool_calls"),
     ] {
         let r = u
             .post("/v1/chat/completions", chat(MODEL, "hi", extra.clone()))
@@ -381,16 +368,12 @@ async fn the_openai_surface_logprobs_completions_n_and_refusals() {
     );
     let format = json!({"type": "json_schema",
         "json_schema": {"name": "person", "schema": schema, "strict": true}});
-    let r = u
-        .post(
-            "/v1/chat/completions",
-            chat(
-                MODEL,
-                question,
-                json!({"max_tokens": 120, "response_format": format}),
-            ),
-        )
-        .await;
+    let r = ask(
+        &u,
+        question,
+        json!({"max_tokens": 120, "response_format": format}),
+    )
+    .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     let text = r.body["choices"][0]["message"]["content"].as_str().unwrap();
     eprintln!("json_schema answer: {text}");
@@ -441,6 +424,199 @@ async fn the_openai_surface_logprobs_completions_n_and_refusals() {
     one["n"] = json!(1);
     let streamed = stream_text(&u, one).await;
     assert!(streamed.trim_start().starts_with('{'), "{streamed}");
+}
+
+/// The `data:` objects of a streamed chat answer.
+async fn stream_chunks(c: &Client, body: Value) -> Vec<Value> {
+    stream_from(c, "/v1/chat/completions", body).await
+}
+
+/// The `data:` objects of a stream from `path`.
+async fn stream_from(c: &Client, path: &str, body: Value) -> Vec<Value> {
+    let mut body = body;
+    body["stream"] = json!(true);
+    let resp = c
+        .http
+        .post(format!("{}{path}", c.base))
+        .bearer_auth(c.token.as_deref().unwrap())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.text()
+        .await
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn tools_are_called_and_reasoning_is_kept_apart() {
+    let (_server, u) = alice_with_the_model().await;
+
+    let weather = json!({"type": "function", "function": {"name": "get_weather",
+        "description": "The weather in a city now.",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 30},
+            "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": false}}});
+    let time = json!({"type": "function", "function": {"name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": {"type": "string",
+            "maxLength": 30}}, "required": ["zone"], "additionalProperties": false}}});
+    let question = "What is the weather in Paris?";
+    // `required`: SmolLM2's template knows nothing of tools; they are described in its
+    // system message and the call is enforced, so even a 135M model calls one.
+    let r = ask(
+        &u,
+        question,
+        json!({"max_tokens": 80, "tools": [weather, time], "tool_choice": "required",
+                       "parallel_tool_calls": false}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let choice = &r.body["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{choice}");
+    assert_eq!(choice["message"]["content"], Value::Null, "{choice}");
+    let calls = choice["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1, "{choice}");
+    let call = &calls[0];
+    assert_eq!(call["type"], "function");
+    assert!(call["id"].as_str().unwrap().starts_with("call_"));
+    let name = call["function"]["name"].as_str().unwrap();
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap())
+        .unwrap_or_else(|e| panic!("{e}: {call}"));
+    eprintln!("required call: {name} {args}");
+    match name {
+        "get_weather" => {
+            assert!(args["city"].is_string(), "{args}");
+            assert!(["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()));
+        }
+        "get_time" => assert!(args["zone"].is_string(), "{args}"),
+        other => panic!("called {other}"),
+    }
+
+    // A named function, streamed: the call comes in a delta, the answer ends `tool_calls`.
+    let chunks = stream_chunks(
+        &u,
+        chat(
+            MODEL,
+            question,
+            json!({"max_tokens": 80, "tools": [weather, time],
+                   "tool_choice": {"type": "function", "function": {"name": "get_time"}}}),
+        ),
+    )
+    .await;
+    let deltas: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]).collect();
+    let streamed: Vec<&Value> = deltas
+        .iter()
+        .filter_map(|d| d["delta"]["tool_calls"].as_array())
+        .flatten()
+        .collect();
+    assert_eq!(streamed.len(), 1, "{chunks:?}");
+    assert_eq!(streamed[0]["index"], 0);
+    assert_eq!(streamed[0]["function"]["name"], "get_time");
+    let args: Value =
+        serde_json::from_str(streamed[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["zone"].is_string(), "{args}");
+    assert_eq!(
+        deltas.last().unwrap()["finish_reason"],
+        "tool_calls",
+        "{chunks:?}"
+    );
+    assert!(
+        deltas
+            .iter()
+            .all(|d| d["delta"].get("content").is_none() || d["delta"]["content"] == ""),
+        "no text beside a forced call: {chunks:?}"
+    );
+
+    // The conversation goes on with the call and its result (`tool` role); `tool_choice:
+    // "none"` answers in text.
+    let follow = json!({"model": MODEL, "temperature": 0, "max_tokens": 24,
+        "tools": [weather], "tool_choice": "none",
+        "messages": [{"role": "user", "content": question},
+                     {"role": "assistant", "content": null, "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": call["id"], "content": "18 C, sunny"}]});
+    let r = u.post("/v1/chat/completions", follow.clone()).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let text = r.body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!text.is_empty());
+    assert!(r.body["choices"][0]["message"].get("tool_calls").is_none());
+    // `auto`: the model decides; whatever it says comes back as text or as parsed calls.
+    let mut auto = follow;
+    auto["tool_choice"] = json!("auto");
+    let r = u.post("/v1/chat/completions", auto).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let m = &r.body["choices"][0]["message"];
+    assert!(
+        m["content"].is_string() || m["tool_calls"].is_array(),
+        "{m}"
+    );
+    // A call in a message that is not the assistant's is refused by name.
+    let r = u
+        .post(
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x",
+                   "tool_calls": [call]}]}),
+        )
+        .await;
+    assert_eq!(r.status, 422);
+    assert_eq!(r.body["error"]["param"], "messages[0].tool_calls");
+    // Without a `<think>` an answer has no reasoning.
+    assert!(m.get("reasoning_content").is_none(), "{m}");
+
+    // A reasoning model whose template opens `<think>` for the answer: SmolLM2 under such a
+    // template (its own files, the template changed), on a server of its own.
+    let models = tempfile::tempdir().unwrap();
+    let real = common::test_models_dir().join(MODEL);
+    std::os::unix::fs::symlink(&real, models.path().join(MODEL)).unwrap();
+    let thinker = models.path().join("SmolLM2-thinking");
+    std::fs::create_dir(&thinker).unwrap();
+    for entry in std::fs::read_dir(&real).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "tokenizer_config.json" {
+            std::os::unix::fs::symlink(entry.path(), thinker.join(entry.file_name())).unwrap();
+        }
+    }
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(real.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    config["chat_template"] = json!(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+         {% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+    );
+    std::fs::write(
+        thinker.join("tokenizer_config.json"),
+        serde_json::to_vec(&config).unwrap(),
+    )
+    .unwrap();
+    let server = common::Server::start_with(Some(models.path()), &[]);
+    let c = server.client();
+    let (u, _) = c.signup("bob").await;
+    let body = json!({"model": "SmolLM2-thinking", "temperature": 0, "max_tokens": 16,
+        "messages": [{"role": "user", "content": "Is 7 a prime?"}]});
+    let r = u.post("/v1/chat/completions", body.clone()).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let m = &r.body["choices"][0]["message"];
+    let reasoning = m["reasoning_content"].as_str().unwrap_or_default();
+    eprintln!("reasoning: {m}");
+    assert!(!reasoning.trim().is_empty(), "{m}");
+    // Streamed alike: reasoning deltas, then (if the model closed the block) content.
+    let chunks = stream_chunks(&u, body).await;
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["reasoning_content"].as_str())
+        .collect();
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, reasoning);
+    assert_eq!(content, m["content"].as_str().unwrap());
 }
 
 #[tokio::test]

@@ -164,3 +164,28 @@ def test_upload_train_wait_and_chat_with_the_adapter(server, client, models_dir,
     parsed = json.loads(r.choices[0].message.content)
     assert set(parsed) == {"answer", "unit"} and isinstance(parsed["answer"], int)
     assert parsed["unit"] in ("apples", "none")
+
+    # Tools through OpenAI's own client: a call comes back (forced with `required`), and the
+    # conversation goes on with the tool's result.
+    tools = [{"type": "function", "function": {
+        "name": "add", "description": "Adds two integers.",
+        "parameters": {"type": "object",
+                       "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                       "required": ["a", "b"], "additionalProperties": False}}}]
+    messages = [{"role": "user", "content": QUESTION}]
+    r = oa.chat.completions.create(
+        model=model_id, messages=messages, temperature=0, max_tokens=60, tools=tools,
+        tool_choice="required",
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "add" and call.id
+    args = json.loads(call.function.arguments)
+    assert set(args) == {"a", "b"} and all(isinstance(v, int) for v in args.values())
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": str(args["a"] + args["b"])}]
+    r = oa.chat.completions.create(
+        model=model_id, messages=messages, temperature=0, max_tokens=16, tools=tools,
+    )
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")

@@ -130,6 +130,19 @@ impl Chat {
         messages: Vec<ChatMessage>,
         params: SamplingParams,
     ) -> Result<(Generation, GenerationPermit)> {
+        self.start_with_tools(owner, target, messages, Vec::new(), params)
+            .await
+    }
+
+    /// [`Chat::start`] with tools the model may call (OpenAI tool objects).
+    pub async fn start_with_tools(
+        &self,
+        owner: &str,
+        target: &Resolved,
+        messages: Vec<ChatMessage>,
+        tools: Vec<serde_json::Value>,
+        params: SamplingParams,
+    ) -> Result<(Generation, GenerationPermit)> {
         let permit = self.limits.acquire(owner)?;
         let engine = self.engine.clone();
         // A trained model answers with the system prompt it was trained with unless the
@@ -146,6 +159,7 @@ impl Chat {
             model_dir: (target.kind == ModelKind::Full).then(|| target.base.path.clone()),
             adapter: target.adapter.clone(),
             messages,
+            tools,
             params,
             prompt: None,
         };
@@ -169,6 +183,7 @@ impl Chat {
             model_dir: (target.kind == ModelKind::Full).then(|| target.base.path.clone()),
             adapter: target.adapter.clone(),
             messages: Vec::new(),
+            tools: Vec::new(),
             params,
             prompt: Some(prompt),
         };

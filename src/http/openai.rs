@@ -24,6 +24,7 @@ use crate::error::{Error, Kind, Result};
 use crate::inference::{
     ChatMessage, Completion, GenEvent, Generation, Grammar, MAX_TOP_LOGPROBS, RawPrompt,
     SamplingParams, TokenLogprob,
+    tools::{AnswerSplitter, Part, ToolCall, ToolFormat},
 };
 use crate::store::{ModelKind, new_id};
 
@@ -54,12 +55,40 @@ pub struct V1Message {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    /// An assistant message's calls: `[{"id", "type": "function", "function": {"name",
+    /// "arguments"}}]`.
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>)]
+    tool_calls: Option<Vec<Value>>,
+    /// A `tool` message: the call it answers.
+    #[serde(default)]
+    tool_call_id: Option<String>,
+    /// A participant's name (accepted; templates do not print it).
+    #[serde(default)]
+    #[allow(dead_code)]
+    name: Option<String>,
 }
 
 /// OpenAI messages as the engine's: text parts joined, roles checked (`chat::messages`).
 pub fn to_messages(messages: Vec<V1Message>) -> Result<Vec<ChatMessage>> {
     let mut out = Vec::with_capacity(messages.len());
+    let mut extras = Vec::with_capacity(messages.len());
     for (i, m) in messages.into_iter().enumerate() {
+        let calls = match m.tool_calls {
+            None => Vec::new(),
+            Some(calls) => calls
+                .iter()
+                .enumerate()
+                .map(|(j, c)| tool_call_of(c, &format!("messages[{i}].tool_calls[{j}]")))
+                .collect::<Result<Vec<_>>>()?,
+        };
+        if !calls.is_empty() && m.role != "assistant" {
+            return Err(param_error(
+                &format!("messages[{i}].tool_calls"),
+                "only assistant messages carry tool calls",
+            ));
+        }
+        extras.push((calls, m.tool_call_id));
         let content = match m.content {
             None => String::new(),
             Some(Content::Text(t)) => t,
@@ -89,7 +118,189 @@ pub fn to_messages(messages: Vec<V1Message>) -> Result<Vec<ChatMessage>> {
         };
         out.push((m.role, content));
     }
-    crate::chat::messages(out)
+    let mut messages = crate::chat::messages(out)?;
+    for (m, (calls, id)) in messages.iter_mut().zip(extras) {
+        m.tool_calls = calls;
+        m.tool_call_id = id;
+    }
+    Ok(messages)
+}
+
+/// A tool call as OpenAI clients send it back in an assistant message.
+fn tool_call_of(c: &Value, param: &str) -> Result<ToolCall> {
+    let name = c["function"]["name"].as_str();
+    let arguments = match &c["function"]["arguments"] {
+        Value::String(s) => Some(s.clone()),
+        Value::Null => Some("{}".to_string()),
+        v @ Value::Object(_) => Some(v.to_string()),
+        _ => None,
+    };
+    match (name, arguments) {
+        (Some(name), Some(arguments)) => Ok(ToolCall {
+            id: c["id"].as_str().unwrap_or_default().to_string(),
+            name: name.to_string(),
+            arguments,
+        }),
+        _ => Err(param_error(
+            param,
+            "a tool call is `{\"id\", \"type\": \"function\", \"function\": {\"name\", \"arguments\"}}`",
+        )),
+    }
+}
+
+/// What a request's `tools`, `tool_choice` and `parallel_tool_calls` ask for.
+struct ToolUse {
+    /// Rendered through the template (none with `tool_choice: "none"`).
+    tools: Vec<Value>,
+    /// Calls are parsed out of the answer.
+    parse: bool,
+    parallel: bool,
+    /// `required` or a named function: the answer must be calls (constrained decoding).
+    grammar: Option<Grammar>,
+}
+
+/// Checks the tools (OpenAI function tools) and the choice among them.
+fn tool_use(
+    tools: Option<Vec<Value>>,
+    choice: Option<Value>,
+    parallel: Option<bool>,
+) -> Result<ToolUse> {
+    let tools = tools.unwrap_or_default();
+    let parallel = parallel.unwrap_or(true);
+    let mut functions = Vec::with_capacity(tools.len());
+    for (i, t) in tools.iter().enumerate() {
+        let f = &t["function"];
+        let name_ok = f["name"].as_str().is_some_and(|n| {
+            !n.is_empty()
+                && n.len() <= 64
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        });
+        if t["type"] != "function" || !name_ok {
+            return Err(param_error(
+                &format!("tools[{i}]"),
+                "a tool is `{\"type\": \"function\", \"function\": {\"name\", \"description\", \"parameters\"}}` \
+                 with a name of at most 64 letters, digits, `_` or `-`",
+            ));
+        }
+        if !matches!(f.get("parameters"), None | Some(Value::Object(_))) {
+            return Err(param_error(
+                &format!("tools[{i}].function.parameters"),
+                "must be a JSON Schema (an object)",
+            ));
+        }
+        functions.push(f.clone());
+    }
+    if tools.is_empty() {
+        return match choice {
+            None | Some(Value::String(_)) if choice.as_ref().is_none_or(|c| c == "none") => {
+                Ok(ToolUse {
+                    tools,
+                    parse: false,
+                    parallel,
+                    grammar: None,
+                })
+            }
+            _ => Err(param_error("tool_choice", "needs `tools`")),
+        };
+    }
+    let required = |functions: Vec<Value>| -> Result<Option<Grammar>> {
+        for f in &functions {
+            if let Some(p) = f.get("parameters") {
+                Grammar::JsonSchema(p.clone()).check().map_err(|e| {
+                    param_error(
+                        &format!("tools.{}.parameters", f["name"].as_str().unwrap_or("")),
+                        e,
+                    )
+                })?;
+            }
+        }
+        Ok(Some(Grammar::ToolCalls {
+            functions,
+            parallel,
+        }))
+    };
+    let (tools, parse, grammar) = match choice.as_ref().map(|c| (c, c.as_str())) {
+        None | Some((_, Some("auto"))) => (tools, true, None),
+        Some((_, Some("none"))) => (Vec::new(), false, None),
+        Some((_, Some("required"))) => (tools, true, required(functions)?),
+        Some((c, None)) if c["type"] == "function" => {
+            let name = c["function"]["name"].as_str().unwrap_or_default();
+            let Some(f) = functions.iter().find(|f| f["name"] == name) else {
+                return Err(param_error(
+                    "tool_choice",
+                    format!("no tool is named `{name}`"),
+                ));
+            };
+            // One call of that function, as OpenAI answers a named choice.
+            let chosen = vec![f.clone()];
+            let grammar = Some(Grammar::ToolCalls {
+                functions: chosen.clone(),
+                parallel: false,
+            });
+            required(chosen)?;
+            return Ok(ToolUse {
+                tools,
+                parse: true,
+                parallel: false,
+                grammar,
+            });
+        }
+        _ => {
+            return Err(param_error(
+                "tool_choice",
+                "must be `none`, `auto`, `required` or `{\"type\": \"function\", \"function\": {\"name\"}}`",
+            ));
+        }
+    };
+    Ok(ToolUse {
+        tools,
+        parse,
+        parallel,
+        grammar,
+    })
+}
+
+/// An assistant message (or a stream's delta) from an answer's parts and calls.
+fn assistant_message(parts: Vec<Part>, calls: &[ToolCall], whole: bool) -> Value {
+    let (mut reasoning, mut content) = (None::<String>, None::<String>);
+    for p in parts {
+        match p {
+            Part::Reasoning(r) => reasoning.get_or_insert_with(String::new).push_str(&r),
+            Part::Content(c) => content.get_or_insert_with(String::new).push_str(&c),
+        }
+    }
+    let mut m = serde_json::Map::new();
+    if whole {
+        m.insert("role".into(), json!("assistant"));
+        // `null` beside tool calls, as OpenAI answers.
+        let content = match content {
+            None if calls.is_empty() => Some(String::new()),
+            c => c,
+        };
+        m.insert("content".into(), json!(content));
+        m.insert("refusal".into(), Value::Null);
+    } else if let Some(c) = content {
+        m.insert("content".into(), json!(c));
+    }
+    if let Some(r) = reasoning {
+        m.insert("reasoning_content".into(), json!(r));
+    }
+    if !calls.is_empty() {
+        let calls: Vec<Value> = calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut v = c.to_openai();
+                if !whole {
+                    v["index"] = json!(i);
+                }
+                v
+            })
+            .collect();
+        m.insert("tool_calls".into(), Value::Array(calls));
+    }
+    Value::Object(m)
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -118,6 +329,17 @@ pub struct V1Request {
     logprobs: bool,
     /// With `logprobs`: this many most likely alternatives per token (0–20).
     top_logprobs: Option<usize>,
+    /// Functions the model may call (`{"type": "function", "function": {"name",
+    /// "description", "parameters"}}`), rendered through the model's chat template; calls
+    /// come back as `tool_calls`.
+    #[schema(value_type = Option<Vec<Object>>)]
+    tools: Option<Vec<Value>>,
+    /// `auto` (default with tools), `none`, `required`, or `{"type": "function", "function":
+    /// {"name"}}`; the last two are enforced by constrained decoding.
+    #[schema(value_type = Option<Object>)]
+    tool_choice: Option<Value>,
+    /// Several calls in one answer (default true).
+    parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     sampling: V1Sampling,
 }
@@ -388,7 +610,12 @@ async fn start_n(
         let mut p = params.clone();
         p.seed = p.seed.map(|s| s.wrapping_add(i as u64));
         let started = match &input {
-            Input::Messages(m) => state.chat.start(owner, target, m.clone(), p).await?,
+            Input::Messages(m, tools) => {
+                state
+                    .chat
+                    .start_with_tools(owner, target, m.clone(), tools.clone(), p)
+                    .await?
+            }
             Input::Raw(r) => state.chat.start_raw(owner, target, r.clone(), p).await?,
         };
         out.push(started);
@@ -397,7 +624,8 @@ async fn start_n(
 }
 
 enum Input {
-    Messages(Vec<ChatMessage>),
+    /// Messages and the tools rendered with them.
+    Messages(Vec<ChatMessage>, Vec<Value>),
     Raw(RawPrompt),
 }
 
@@ -631,8 +859,10 @@ fn sse(rx: tokio::sync::mpsc::Receiver<Value>) -> Response {
 /// `stop` (up to 4), `seed`, penalties, `logit_bias`, `logprobs` + `top_logprobs` (0–20, the
 /// model's own distribution), `n` (1–8), and `stream` (Server-Sent Events of
 /// `chat.completion.chunk`, ending `data: [DONE]`; `stream_options.include_usage`),
-/// `response_format` (`json_object`, `json_schema`: constrained decoding). Any other parameter
-/// (`tools`, …) is refused by name.
+/// `response_format` (`json_object`, `json_schema`: constrained decoding), `tools` +
+/// `tool_choice` + `parallel_tool_calls` (calls parsed back into `tool_calls`; `required` and a
+/// named function are enforced by constrained decoding), reasoning as `reasoning_content`. Any
+/// other parameter (`functions`, …) is refused by name.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai",
     request_body = V1Request,
     responses((status = 200, description = "A `chat.completion`, or with `stream` a text/event-stream of chunks", body = Object),
@@ -670,18 +900,36 @@ async fn chat_completions(
         (false, None) => {}
     }
     let want_logprobs = req.logprobs;
+    let tool_use = tool_use(req.tools, req.tool_choice, req.parallel_tool_calls)?;
+    if let Some(g) = tool_use.grammar {
+        if params.grammar.is_some() {
+            return Err(param_error(
+                "tool_choice",
+                "cannot be combined with a `response_format` grammar",
+            ));
+        }
+        params.grammar = Some(g);
+    }
     let target = state.chat.resolve(&p.user.user_id, &req.model).await?;
     let messages = to_messages(req.messages)?;
     let generations = start_n(
         &state,
         &p.user.user_id,
         &target,
-        Input::Messages(messages),
+        Input::Messages(messages, tool_use.tools),
         params,
         n,
     )
     .await?;
     let position = queue_position(&generations);
+    // How to split answers: reasoning, content, and (when tools were given) calls.
+    let (format, opens_think) = generations
+        .first()
+        .map_or((ToolFormat::Hermes, false), |(g, _)| {
+            (g.tool_format, g.opens_think)
+        });
+    let (parse, parallel) = (tool_use.parse, tool_use.parallel);
+    let splitter = move || AnswerSplitter::new(parse.then_some(format), parallel, opens_think);
     let id = format!("chatcmpl-{}", new_id());
     let created = OffsetDateTime::now_utc().unix_timestamp();
     let model = target.id;
@@ -695,8 +943,18 @@ async fn chat_completions(
             } else {
                 Value::Null
             };
-            json!({"index": i, "message": {"role": "assistant", "content": c.text, "refusal": null},
-                   "finish_reason": c.finish_reason.as_str(), "logprobs": logprobs})
+            let (reasoning, content, calls) = splitter().split(&c.text);
+            let mut parts: Vec<Part> = reasoning.into_iter().map(Part::Reasoning).collect();
+            if !content.is_empty() {
+                parts.push(Part::Content(content));
+            }
+            let finish = if calls.is_empty() {
+                c.finish_reason.as_str()
+            } else {
+                "tool_calls"
+            };
+            json!({"index": i, "message": assistant_message(parts, &calls, true),
+                   "finish_reason": finish, "logprobs": logprobs})
         })
         .await;
     }
@@ -723,21 +981,48 @@ async fn chat_completions(
         })
         .collect();
     let usage_chunk = include_usage.then(|| chunk(0, json!({}), None, Value::Null));
+    // Per choice: its splitter, and the tokens of text it holds back (they go out with the
+    // text when it is let through).
+    let mut splitters: Vec<Option<AnswerSplitter>> = (0..n).map(|_| Some(splitter())).collect();
+    let mut held: Vec<Vec<TokenLogprob>> = (0..n).map(|_| Vec::new()).collect();
     let rx = stream_choices(
         merge(generations),
         opening,
         usage_chunk,
         move |i, piece, tokens| {
-            let lp = if want_logprobs {
-                json!({"content": tokens.iter().map(chat_logprob).collect::<Vec<_>>()})
-            } else {
-                Value::Null
+            held[i].extend(tokens);
+            let lp = |tokens: Vec<TokenLogprob>| {
+                if want_logprobs {
+                    json!({"content": tokens.iter().map(chat_logprob).collect::<Vec<_>>()})
+                } else {
+                    Value::Null
+                }
             };
             match piece {
                 Piece::Prompt(_) => None,
-                Piece::Text(t) => Some(chunk(i, json!({"content": t}), None, lp)),
+                Piece::Text(t) => {
+                    let parts = splitters[i]
+                        .as_mut()
+                        .map(|s| s.push(&t))
+                        .unwrap_or_default();
+                    if parts.is_empty() {
+                        return None;
+                    }
+                    let delta = assistant_message(parts, &[], false);
+                    Some(chunk(i, delta, None, lp(std::mem::take(&mut held[i]))))
+                }
                 Piece::Finish(c) => {
-                    let mut last = chunk(i, json!({}), Some(c.finish_reason.as_str()), lp);
+                    let (parts, calls) = splitters[i]
+                        .take()
+                        .map(AnswerSplitter::finish)
+                        .unwrap_or_default();
+                    let finish = if calls.is_empty() {
+                        c.finish_reason.as_str()
+                    } else {
+                        "tool_calls"
+                    };
+                    let delta = assistant_message(parts, &calls, false);
+                    let mut last = chunk(i, delta, Some(finish), lp(std::mem::take(&mut held[i])));
                     if n == 1 {
                         last["usage"] = usage(c.prompt_tokens, c.completion_tokens);
                     }

@@ -19,7 +19,7 @@ use super::sampling::Sampler;
 use super::text::{ChatAssets, Detokenizer, StopMatcher, StopOutcome};
 use super::{
     ChatMessage, EngineError, EngineOptions, FinishReason, GenEvent, GenerateRequest, Generation,
-    RawPrompt, TokenLogprob, WeightsFormat,
+    Grammar, RawPrompt, TokenLogprob, WeightsFormat,
 };
 
 /// Serves chat for every base model in a models directory. Create one per process and share
@@ -127,10 +127,23 @@ impl Engine {
                 "logit_bias: token {t} is not in the model's vocabulary of {vocab}"
             )));
         }
-        if let Some(g) = &req.params.grammar {
+        let tool_format = assets.template.tool_format();
+        let mut req = req;
+        if let Some(Grammar::ToolCalls {
+            functions,
+            parallel,
+        }) = &req.params.grammar
+        {
+            let lark = tool_format.grammar(functions, *parallel);
+            Grammar::Lark(lark.clone())
+                .check()
+                .map_err(|e| EngineError::Invalid(format!("tool_choice: {e}")))?;
+            req.params.grammar = Some(Grammar::Lark(lark));
+        } else if let Some(g) = &req.params.grammar {
             g.check()
                 .map_err(|e| EngineError::Invalid(format!("response_format: {e}")))?;
         }
+        let mut opens_think = false;
         let prompt = match &req.prompt {
             Some(RawPrompt::Ids(ids)) => {
                 if let Some(t) = ids.iter().find(|t| **t as usize >= vocab) {
@@ -147,9 +160,13 @@ impl Engine {
                 .get_ids()
                 .to_vec(),
             None => {
-                let text = assets.template.render(&req.messages, true).map_err(|e| {
-                    EngineError::Invalid(format!("the chat template refused the messages: {e}"))
-                })?;
+                let text = assets
+                    .template
+                    .render_with_tools(&req.messages, &req.tools, true)
+                    .map_err(|e| {
+                        EngineError::Invalid(format!("the chat template refused the messages: {e}"))
+                    })?;
+                opens_think = super::tools::prompt_opens_think(&text);
                 assets
                     .encode(&text)
                     .map_err(|e| EngineError::Invalid(e.to_string()))?
@@ -219,6 +236,8 @@ impl Engine {
             events: rx,
             prompt_tokens,
             queue_position,
+            tool_format,
+            opens_think,
         })
     }
 

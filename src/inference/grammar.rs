@@ -23,6 +23,15 @@ pub enum Grammar {
     JsonObject,
     /// JSON valid under this JSON Schema.
     JsonSchema(Value),
+    /// A grammar in llguidance's Lark syntax (tool calls: [`super::tools::ToolFormat::grammar`]).
+    Lark(String),
+    /// Calls of these functions (OpenAI function objects) in the model's own tool-call
+    /// format, one or (`parallel`) more: the engine makes it [`Grammar::Lark`] once it knows
+    /// the model's template.
+    ToolCalls {
+        functions: Vec<Value>,
+        parallel: bool,
+    },
 }
 
 impl Grammar {
@@ -30,6 +39,16 @@ impl Grammar {
         let mut schema = match self {
             Grammar::JsonObject => serde_json::json!({"type": "object"}),
             Grammar::JsonSchema(schema) => schema.clone(),
+            Grammar::Lark(text) => return TopLevelGrammar::from_lark(text.clone()),
+            // Made Lark by the engine before any use; here, the Hermes form.
+            Grammar::ToolCalls {
+                functions,
+                parallel,
+            } => {
+                return TopLevelGrammar::from_lark(
+                    super::tools::ToolFormat::Hermes.grammar(functions, *parallel),
+                );
+            }
         };
         // JSON as models write it (`{"a": 1, "b": 2}`), one way: with flexible whitespace a
         // small model may emit runs of blanks or newlines until `max_tokens` runs out. A

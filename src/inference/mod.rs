@@ -43,6 +43,7 @@ mod ops;
 pub mod sampling;
 pub mod template;
 pub mod text;
+pub mod tools;
 
 use std::path::PathBuf;
 
@@ -58,6 +59,12 @@ pub use model::{
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant message's tool calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<tools::ToolCall>,
+    /// A `tool` message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -65,6 +72,8 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
     }
 }
@@ -213,6 +222,9 @@ pub struct GenerateRequest {
     /// A PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`).
     pub adapter: Option<PathBuf>,
     pub messages: Vec<ChatMessage>,
+    /// Tools the model may call (OpenAI's `{"type": "function", "function": {…}}`), rendered
+    /// through the chat template.
+    pub tools: Vec<serde_json::Value>,
     pub params: SamplingParams,
     /// A raw prompt (`/v1/completions`): run as is, without the chat template; `messages`
     /// are then ignored.
@@ -292,6 +304,10 @@ pub struct Generation {
     /// 0 when the request went straight into its model's batch; else its place in the
     /// queue (1 = next) when it was made.
     pub queue_position: usize,
+    /// How the model writes tool calls (its template's format).
+    pub tool_format: tools::ToolFormat,
+    /// The prompt ends inside a `<think>` block: the answer starts as reasoning.
+    pub opens_think: bool,
 }
 
 impl Generation {

@@ -10,6 +10,7 @@ use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind};
 
 use super::ChatMessage;
+use super::tools::ToolFormat;
 
 /// Used when a model ships no template (base models): ChatML, as LlamaFactory's `chatml`.
 pub const FALLBACK_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -17,6 +18,8 @@ pub const FALLBACK_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start
 /// A compiled chat template with the special tokens it may print.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// How the template writes tool calls.
+    tool_format: ToolFormat,
     /// Extra variables: `bos_token`, `eos_token`, `unk_token`, `pad_token` when known.
     specials: Vec<(String, String)>,
 }
@@ -45,7 +48,16 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())?;
-        Ok(ChatTemplate { env, specials })
+        Ok(ChatTemplate {
+            env,
+            tool_format: ToolFormat::of_template(source),
+            specials,
+        })
+    }
+
+    /// How this template's model writes tool calls.
+    pub fn tool_format(&self) -> ToolFormat {
+        self.tool_format
     }
 
     /// Renders the conversation; `add_generation_prompt` opens the assistant's turn.
@@ -54,7 +66,26 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, Error> {
+        self.render_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`] with `tools` (OpenAI tool objects) the model may call. A
+    /// template without a tools section gets them described in the system message, and past
+    /// calls and results written into the messages' text ([`ToolFormat::Described`]).
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+    ) -> Result<String, Error> {
         let tmpl = self.env.get_template("chat")?;
+        let described;
+        let messages = if self.tool_format == ToolFormat::Described {
+            described = describe_tools(messages, tools);
+            &described[..]
+        } else {
+            messages
+        };
         let msgs: Vec<Value> = messages
             .iter()
             .map(|m| {
@@ -62,10 +93,24 @@ impl ChatTemplate {
                 let mut d: IndexMap<Value, Value> = IndexMap::new();
                 d.insert(Value::from("role"), Value::from(m.role.as_str()));
                 d.insert(Value::from("content"), Value::from(m.content.as_str()));
+                if !m.tool_calls.is_empty() {
+                    let calls: Vec<Value> = m
+                        .tool_calls
+                        .iter()
+                        .map(|c| Value::from(minijinja::value::Serde(c.to_template())))
+                        .collect();
+                    d.insert(Value::from("tool_calls"), Value::from(calls));
+                }
+                if let Some(id) = &m.tool_call_id {
+                    d.insert(Value::from("tool_call_id"), Value::from(id.as_str()));
+                }
                 Value::from(d)
             })
             .collect();
         let mut ctx: BTreeMap<String, Value> = BTreeMap::new();
+        if !tools.is_empty() && self.tool_format != ToolFormat::Described {
+            ctx.insert("tools".into(), Value::from(minijinja::value::Serde(tools)));
+        }
         ctx.insert("messages".into(), Value::from(msgs));
         ctx.insert(
             "add_generation_prompt".into(),
@@ -76,6 +121,41 @@ impl ChatTemplate {
         }
         tmpl.render(Value::from(ctx))
     }
+}
+
+/// The conversation as a model whose template knows nothing of tools sees it: the tools
+/// described in the system message (one is added when there is none), calls written out in
+/// the Hermes format, tool results as user messages in `<tool_response>` tags.
+fn describe_tools(messages: &[ChatMessage], tools: &[serde_json::Value]) -> Vec<ChatMessage> {
+    let mut out: Vec<ChatMessage> = messages
+        .iter()
+        .map(|m| match m.role.as_str() {
+            "assistant" if !m.tool_calls.is_empty() => {
+                let calls = ToolFormat::write_calls(&m.tool_calls);
+                let content = if m.content.is_empty() {
+                    calls
+                } else {
+                    format!("{}\n{calls}", m.content)
+                };
+                ChatMessage::new("assistant", content)
+            }
+            "tool" => ChatMessage::new(
+                "user",
+                format!("<tool_response>\n{}\n</tool_response>", m.content),
+            ),
+            _ => m.clone(),
+        })
+        .collect();
+    if !tools.is_empty() {
+        let described = ToolFormat::describe(tools);
+        match out.first_mut() {
+            Some(first) if first.role == "system" => {
+                first.content = format!("{}\n\n{described}", first.content);
+            }
+            _ => out.insert(0, ChatMessage::new("system", described)),
+        }
+    }
+    out
 }
 
 fn raise_exception(msg: String) -> Result<Value, Error> {
@@ -276,10 +356,7 @@ mod tests {
     use super::*;
 
     fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage::new(role, content)
     }
 
     #[test]
@@ -303,8 +380,8 @@ mod tests {
             s,
             "HÉLLO|{\"role\": \"user\", \"content\": \"  héllo \"}\n<s>{\"a\": [1, 2.5, null, true], \"b\": \"x\\\"<y>\"}"
         );
-        let e = t.render(&[msg("tool", "x")], false).unwrap_err();
-        assert!(e.to_string().contains("bad role tool"), "{e}");
+        let e = t.render(&[msg("system", "x")], false).unwrap_err();
+        assert!(e.to_string().contains("bad role system"), "{e}");
     }
 
     #[test]
@@ -316,6 +393,81 @@ mod tests {
                 .unwrap(),
             "[a]\n"
         );
+    }
+
+    #[test]
+    fn tools_reach_templates_that_take_them() {
+        use crate::inference::tools::ToolCall;
+        // The tools part of Qwen2.5's template.
+        let src = r#"{%- if tools %}<|im_start|>system
+# Tools
+<tools>{% for tool in tools %}
+{{ tool | tojson }}{% endfor %}
+</tools><|im_end|>
+{% endif %}{%- for message in messages %}{%- if message.role == "assistant" and message.tool_calls %}<|im_start|>assistant
+{% for tool_call in message.tool_calls %}{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}<tool_call>
+{"name": "{{ tool_call.name }}", "arguments": {{ tool_call.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% elif message.role == "tool" %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"#;
+        let t = ChatTemplate::new(src, vec![]).unwrap();
+        assert_eq!(t.tool_format(), ToolFormat::Hermes);
+        let tools = vec![
+            serde_json::json!({"type": "function", "function": {"name": "w",
+            "parameters": {"type": "object"}}}),
+        ];
+        let mut call = msg("assistant", "");
+        call.tool_calls = vec![ToolCall {
+            id: "call_1".into(),
+            name: "w".into(),
+            arguments: "{\"city\": \"Oslo\"}".into(),
+        }];
+        let mut result = msg("tool", "{\"c\": 3}");
+        result.tool_call_id = Some("call_1".into());
+        let s = t
+            .render_with_tools(&[msg("user", "weather?"), call, result], &tools, true)
+            .unwrap();
+        assert_eq!(
+            s,
+            "<|im_start|>system\n# Tools\n<tools>{\"type\": \"function\", \"function\": {\"name\": \"w\", \"parameters\": {\"type\": \"object\"}}}</tools><|im_end|>\n<|im_start|>user\nweather?<|im_end|>\n<|im_start|>assistant\n<tool_call>\n{\"name\": \"w\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n{\"c\": 3}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+        );
+        // A template without tools: described in the system message, calls and results in
+        // the messages' text.
+        let t = ChatTemplate::new(FALLBACK_TEMPLATE, vec![]).unwrap();
+        assert_eq!(t.tool_format(), ToolFormat::Described);
+        let mut call = msg("assistant", "");
+        call.tool_calls = vec![ToolCall {
+            id: "call_1".into(),
+            name: "w".into(),
+            arguments: "{\"city\": \"Oslo\"}".into(),
+        }];
+        let s = t
+            .render_with_tools(
+                &[
+                    msg("system", "Be brief."),
+                    msg("user", "weather?"),
+                    call,
+                    msg("tool", "3C"),
+                ],
+                &tools,
+                true,
+            )
+            .unwrap();
+        assert!(
+            s.starts_with("<|im_start|>system\nBe brief.\n\n# Tools\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("\n<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"w\""),
+            "{s}"
+        );
+        assert!(s.contains("<|im_start|>assistant\n<tool_call>\n{\"name\": \"w\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n3C\n</tool_response><|im_end|>\n<|im_start|>assistant\n"), "{s}");
     }
 
     #[test]

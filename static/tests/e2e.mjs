@@ -427,6 +427,33 @@ async function main() {
     await page.click('[data-test=compare]')
     log('chatted; compare mode shows two columns')
 
+    // a reasoning model's thinking shows folded above its answer (a saved conversation)
+    where = 'chat (reasoning)'
+    const saved = await fetch(base + '/api/chat/sessions', {
+      method: 'POST',
+      headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+      body: JSON.stringify({
+        title: 'Thinking',
+        model: MODEL,
+        messages: [
+          { role: 'user', content: 'Is 7 a prime?' },
+          { role: 'assistant', content: '<think>\nOnly 1 and 7 divide it.\n</think>\n\nYes, 7 is prime.' },
+        ],
+      }),
+    })
+    check(saved.status === 201, `saving a conversation: ${saved.status}`)
+    await visit('/chat', 'chat (reasoning)')
+    await page.locator('[data-test=sessions] [data-session="Thinking"]').click()
+    const fold = page.locator('[data-test=reasoning]')
+    await fold.waitFor()
+    check(!(await fold.evaluate((d) => d.open)), 'the reasoning starts folded')
+    await fold.locator('summary').click()
+    check((await fold.innerText()).includes('Only 1 and 7 divide it.'), 'the reasoning shows when unfolded')
+    const shown = (await page.locator('[data-test=answer]').last().innerText()).trim()
+    check(shown === 'Yes, 7 is prime.', `the answer is shown without its reasoning: ${JSON.stringify(shown)}`)
+    await snap('chat-reasoning')
+    log('reasoning folds above the answer')
+
     // -- API keys
     await visit('/keys', 'keys')
     await page.fill('[data-test=key-name]', 'notebook')
