@@ -544,8 +544,10 @@ impl QuantMatrix {
                 }
             } else {
                 // Several positions: expand up to 4 rows at a time, then float dots of those
-                // rows with 2 positions at a time (each weight and activation load serves
-                // several products).
+                // rows with 4 (AVX-512: 16 of its 32 registers accumulate) or 3 (AVX2: 12 of
+                // its 16) positions at a time, so each weight and activation load serves several
+                // products.
+                let group = if simd == Simd::Avx512 { 4 } else { 3 };
                 let mut dense = vec![0f32; 4 * k];
                 let mut r0 = range.start;
                 while r0 < range.end {
@@ -555,8 +557,8 @@ impl QuantMatrix {
                     }
                     let mut i = 0;
                     while i < m {
-                        let np = (m - i).min(2);
-                        let mut res = [[0f32; 4]; 2];
+                        let np = (m - i).min(group);
+                        let mut res = [[0f32; 4]; 4];
                         let w = &dense[..n_rows * k];
                         dots_block(w, &x[i * k..(i + np) * k], k, &mut res, simd);
                         for (p, row) in res.iter().enumerate().take(np) {
@@ -752,6 +754,17 @@ impl Row<'_> {
             assert!(self.format != Format::Q4_1 || self.m.len() >= nb);
             // SAFETY: AVX-512F was detected at run time; the slices hold `nb` blocks.
             unsafe { dequant_blocks_avx512(self.format, self.qs, self.d, self.m, out) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if simd_level() == Simd::Avx2
+            && matches!(self.format, Format::Q8_0 | Format::Q4_0 | Format::Q4_1)
+        {
+            let nb = out.len() / 32;
+            assert!(self.d.len() >= nb && self.qs.len() >= nb * self.format.quant_bytes());
+            assert!(self.format != Format::Q4_1 || self.m.len() >= nb);
+            // SAFETY: AVX2 and FMA were detected at run time; the slices hold `nb` blocks.
+            unsafe { dequant_blocks_avx2(self.format, self.qs, self.d, self.m, out) };
             return;
         }
         let qb = self.format.quant_bytes();
@@ -1338,20 +1351,35 @@ unsafe fn dot_q4_avx2(qs: &[u8], d: &[f32], x: &[f32]) -> f32 {
     unsafe { hsum(_mm256_add_ps(acc0, acc1)) }
 }
 
-/// `out[p][j] = w_j · x_p` for up to 4 dense rows `w` (`n_w × k`) and up to 2 positions `x`
+/// `out[p][j] = w_j · x_p` for up to 4 dense rows `w` (`n_w × k`) and up to 3 positions `x`
 /// (`n_x × k`).
-fn dots_block(w: &[f32], x: &[f32], k: usize, out: &mut [[f32; 4]; 2], simd: Simd) {
+fn dots_block(w: &[f32], x: &[f32], k: usize, out: &mut [[f32; 4]; 4], simd: Simd) {
     let (nw, nx) = (w.len() / k, x.len() / k);
     #[cfg(target_arch = "x86_64")]
-    if simd == Simd::Avx512 && nw == 4 && nx == 2 && k.is_multiple_of(16) {
-        // SAFETY: AVX-512F was detected at run time; 4 rows and 2 positions of `k` values.
-        unsafe { dots_4x2_avx512(w, x, k, out) };
+    if simd == Simd::Avx512 && nw == 4 && (1..=4).contains(&nx) && k.is_multiple_of(16) {
+        // SAFETY: AVX-512F was detected at run time; 4 rows and `nx` positions of `k` values.
+        match nx {
+            4 => unsafe { dots_4xp_avx512::<4>(w, x, k, out) },
+            3 => unsafe { dots_4xp_avx512::<3>(w, x, k, out) },
+            2 => unsafe { dots_4xp_avx512::<2>(w, x, k, out) },
+            _ => unsafe { dots_4xp_avx512::<1>(w, x, k, out) },
+        }
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if simd == Simd::Avx2 && nw == 4 && nx == 2 && k.is_multiple_of(8) {
-        // SAFETY: AVX2 and FMA were detected at run time; 4 rows and 2 positions of `k`.
-        unsafe { dots_4x2_avx2(w, x, k, out) };
+    if simd == Simd::Avx2 && nw == 4 && k.is_multiple_of(8) {
+        // SAFETY: AVX2 and FMA were detected at run time; 4 rows and `nx` positions of `k`.
+        match nx {
+            4 => {
+                let mut rest = [[0f32; 4]; 4];
+                unsafe { dots_4xp_avx2::<3>(w, &x[..3 * k], k, out) };
+                unsafe { dots_4xp_avx2::<1>(w, &x[3 * k..], k, &mut rest) };
+                out[3] = rest[0];
+            }
+            3 => unsafe { dots_4xp_avx2::<3>(w, x, k, out) },
+            2 => unsafe { dots_4xp_avx2::<2>(w, x, k, out) },
+            _ => unsafe { dots_4xp_avx2::<1>(w, x, k, out) },
+        }
         return;
     }
     for (p, xr) in x.chunks_exact(k).enumerate() {
@@ -1404,25 +1432,28 @@ unsafe fn dequant_blocks_avx512(format: Format, qs: &[u8], d: &[f32], m: &[f32],
     }
 }
 
-/// [`dots_block`] for 4 rows × 2 positions: 8 accumulators, 6 loads per 8 FMAs.
+/// [`dots_block`] for 4 rows × `P` positions (`P` ≤ 4): 4·P accumulators, 4 + P loads per
+/// 4·P FMAs (at P = 4 the FMAs, not the loads, set the pace).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dots_4x2_avx512(w: &[f32], x: &[f32], k: usize, out: &mut [[f32; 4]; 2]) {
+unsafe fn dots_4xp_avx512<const P: usize>(w: &[f32], x: &[f32], k: usize, out: &mut [[f32; 4]; 4]) {
     use std::arch::x86_64::*;
-    debug_assert!(w.len() == 4 * k && x.len() == 2 * k);
-    let mut acc = [[_mm512_setzero_ps(); 4]; 2];
+    debug_assert!(P <= 4 && w.len() == 4 * k && x.len() == P * k);
+    let mut acc = [[_mm512_setzero_ps(); 4]; P];
     // SAFETY: every load reads 16 floats at `c < k` of a row inside `w` or `x`.
     unsafe {
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
         let mut c = 0;
         while c < k {
-            let x0 = _mm512_loadu_ps(xp.add(c));
-            let x1 = _mm512_loadu_ps(xp.add(k + c));
-            let [a0, a1] = &mut acc;
-            for (j, (s0, s1)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
+            let mut xs = [_mm512_setzero_ps(); P];
+            for (p, v) in xs.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(xp.add(p * k + c));
+            }
+            for j in 0..4 {
                 let wv = _mm512_loadu_ps(wp.add(j * k + c));
-                *s0 = _mm512_fmadd_ps(wv, x0, *s0);
-                *s1 = _mm512_fmadd_ps(wv, x1, *s1);
+                for (a, xv) in acc.iter_mut().zip(&xs) {
+                    a[j] = _mm512_fmadd_ps(wv, *xv, a[j]);
+                }
             }
             c += 16;
         }
@@ -1434,31 +1465,78 @@ unsafe fn dots_4x2_avx512(w: &[f32], x: &[f32], k: usize, out: &mut [[f32; 4]; 2
     }
 }
 
-/// [`dots_4x2_avx512`] with 8 floats per instruction.
+/// [`dots_4xp_avx512`] for `P` ≤ 3 with 8 floats per instruction: 4·P
+/// accumulators, 4 + P loads per 4·P FMAs.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dots_4x2_avx2(w: &[f32], x: &[f32], k: usize, out: &mut [[f32; 4]; 2]) {
+unsafe fn dots_4xp_avx2<const P: usize>(w: &[f32], x: &[f32], k: usize, out: &mut [[f32; 4]; 4]) {
     use std::arch::x86_64::*;
-    debug_assert!(w.len() == 4 * k && x.len() == 2 * k);
-    let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+    debug_assert!(P <= 3 && w.len() == 4 * k && x.len() == P * k);
+    let mut acc = [[_mm256_setzero_ps(); 4]; P];
     // SAFETY: every load reads 8 floats at `c < k` of a row inside `w` or `x`.
     unsafe {
         let (wp, xp) = (w.as_ptr(), x.as_ptr());
         let mut c = 0;
         while c < k {
-            let x0 = _mm256_loadu_ps(xp.add(c));
-            let x1 = _mm256_loadu_ps(xp.add(k + c));
-            let [a0, a1] = &mut acc;
-            for (j, (s0, s1)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
+            let mut xs = [_mm256_setzero_ps(); P];
+            for (p, v) in xs.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(xp.add(p * k + c));
+            }
+            for j in 0..4 {
                 let wv = _mm256_loadu_ps(wp.add(j * k + c));
-                *s0 = _mm256_fmadd_ps(wv, x0, *s0);
-                *s1 = _mm256_fmadd_ps(wv, x1, *s1);
+                for (a, xv) in acc.iter_mut().zip(&xs) {
+                    a[j] = _mm256_fmadd_ps(wv, *xv, a[j]);
+                }
             }
             c += 8;
         }
         for (o, a) in out.iter_mut().zip(&acc) {
             for (o, a) in o.iter_mut().zip(a) {
                 *o = hsum(*a);
+            }
+        }
+    }
+}
+
+/// [`dequant_blocks_avx512`] with 8 values per instruction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dequant_blocks_avx2(format: Format, qs: &[u8], d: &[f32], m: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let nb = out.len() / 32;
+    let f8 = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+    let u8f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+    // SAFETY: the caller checked that `qs`, `d` (and `m` for Q4_1) hold `nb` blocks; every
+    // load and store stays inside block `b` of them and of `out`.
+    unsafe {
+        let mask = _mm_set1_epi8(0x0F);
+        for b in 0..nb {
+            let dv = _mm256_set1_ps(d[b]);
+            let o = out.as_mut_ptr().add(b * 32);
+            if format == Format::Q8_0 {
+                let q = qs.as_ptr().add(b * 32);
+                let lo = _mm_loadu_si128(q as *const __m128i);
+                let hi = _mm_loadu_si128(q.add(16) as *const __m128i);
+                let parts = [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
+                for (i, v) in parts.into_iter().enumerate() {
+                    _mm256_storeu_ps(o.add(8 * i), _mm256_mul_ps(dv, f8(v)));
+                }
+            } else {
+                let off = if format == Format::Q4_0 {
+                    -8.0 * d[b]
+                } else {
+                    m[b]
+                };
+                let mv = _mm256_set1_ps(off);
+                let q = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
+                let lo = _mm_and_si128(q, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+                let parts = [lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)];
+                for (i, v) in parts.into_iter().enumerate() {
+                    // Multiply, then add (not fused): the scalar loop's two roundings.
+                    let y = _mm256_add_ps(_mm256_mul_ps(dv, u8f(v)), mv);
+                    _mm256_storeu_ps(o.add(8 * i), y);
+                }
             }
         }
     }
@@ -1839,12 +1917,12 @@ mod tests {
         let w: Vec<f32> = (0..4 * k)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
             .collect();
-        let x: Vec<f32> = (0..2 * k)
+        let x: Vec<f32> = (0..4 * k)
             .map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0)
             .collect();
         for level in levels() {
-            for (nw, nx) in [(4, 2), (3, 2), (4, 1), (1, 1)] {
-                let mut out = [[0f32; 4]; 2];
+            for (nw, nx) in [(4, 4), (4, 3), (4, 2), (3, 4), (3, 2), (4, 1), (1, 1)] {
+                let mut out = [[0f32; 4]; 4];
                 dots_block(&w[..nw * k], &x[..nx * k], k, &mut out, level);
                 for p in 0..nx {
                     for j in 0..nw {

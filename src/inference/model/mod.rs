@@ -477,7 +477,18 @@ impl Model {
             return Ok(if all { t } else { t.squeeze(0)? });
         }
         self.check(tokens, cache, adapter)?;
-        self.forward_tensor(tokens, cache, adapter, all)
+        let mut items = [BatchItem {
+            tokens,
+            cache,
+            adapter,
+            want: if all { Want::All } else { Want::Last },
+        }];
+        let t = self
+            .forward_tensor(&mut items)?
+            .pop()
+            .flatten()
+            .ok_or_else(|| anyhow::anyhow!("no logits"))?;
+        Ok(if all { t } else { t.squeeze(0)? })
     }
 
     /// One step of several sequences at once: each item's tokens (a decode token, or a chunk
@@ -494,15 +505,13 @@ impl Model {
         if let Some(plain) = &self.plain {
             return self.forward_plain(plain, items);
         }
-        let mut out = Vec::with_capacity(items.len());
-        for it in items.iter_mut() {
-            let t = self.forward_tensor(it.tokens, it.cache, it.adapter, it.want == Want::All)?;
-            out.push(match it.want {
-                Want::Nothing => Vec::new(),
-                _ => t.flatten_all()?.to_vec1()?,
-            });
-        }
-        Ok(out)
+        self.forward_tensor(items)?
+            .into_iter()
+            .map(|t| match t {
+                None => Ok(Vec::new()),
+                Some(t) => Ok(t.flatten_all()?.to_vec1()?),
+            })
+            .collect()
     }
 
     /// Checks that `tokens` fit after `cache` and that the adapter fits the model, and makes
@@ -537,39 +546,78 @@ impl Model {
         self.ensure_capacity(cache, pos + s)
     }
 
-    /// [`Model::forward`] on candle tensors (any device).
-    fn forward_tensor(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        adapter: Option<&LoraAdapter>,
-        all: bool,
-    ) -> anyhow::Result<Tensor> {
-        let (s, pos) = (tokens.len(), cache.len);
-        let mut x = self.embed.lookup(tokens, &self.device)?;
-        let cos = self.cos.narrow(0, pos, s)?;
-        let sin = self.sin.narrow(0, pos, s)?;
-        let mask = self.mask(s, pos)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let lora = adapter.map(|a| &a.layers[i]);
-            let (k_cache, v_cache) = &cache.layers[i];
-            x = self.layer_forward(
-                layer,
-                &x,
-                pos,
-                &cos,
-                &sin,
-                mask.as_ref(),
-                k_cache,
-                v_cache,
-                lora,
-            )?;
+    /// [`Model::forward_batch`] on candle tensors (any device, what a GPU runs): the rows of
+    /// every sequence go through each matmul together (one pass over the weights per step,
+    /// each sequence's rows with its own adapter's term), attention runs per sequence over its
+    /// own cache, and the output head runs on the rows whose logits are wanted. Per item, its
+    /// logits (`rows × vocab`), or none.
+    fn forward_tensor(&self, items: &mut [BatchItem<'_>]) -> anyhow::Result<Vec<Option<Tensor>>> {
+        let mut tokens = Vec::new();
+        let mut spans = Vec::with_capacity(items.len());
+        for it in items.iter() {
+            spans.push((tokens.len()..tokens.len() + it.tokens.len(), it.cache.len));
+            tokens.extend_from_slice(it.tokens);
         }
-        cache.len = pos + s;
-        let x = if all { x } else { x.narrow(0, s - 1, 1)? };
+        let mut x = self.embed.lookup(&tokens, &self.device)?;
+        let ropes = spans
+            .iter()
+            .map(|(rows, pos)| {
+                Ok((
+                    self.cos.narrow(0, *pos, rows.len())?,
+                    self.sin.narrow(0, *pos, rows.len())?,
+                    self.mask(rows.len(), *pos)?,
+                ))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        {
+            let seqs: Vec<tensor::Seq<'_>> = items
+                .iter()
+                .zip(&spans)
+                .zip(&ropes)
+                .map(|((it, (rows, pos)), (cos, sin, mask))| tensor::Seq {
+                    rows: rows.clone(),
+                    pos: *pos,
+                    cos,
+                    sin,
+                    mask: mask.as_ref(),
+                    cache: &*it.cache,
+                    adapter: it.adapter,
+                })
+                .collect();
+            for (i, layer) in self.layers.iter().enumerate() {
+                x = self.layer_forward(layer, i, &x, &seqs)?;
+            }
+        }
+        let mut wanted: Vec<u32> = Vec::new();
+        let mut counts = Vec::with_capacity(items.len());
+        for (it, (rows, pos)) in items.iter_mut().zip(&spans) {
+            it.cache.len = pos + rows.len();
+            let before = wanted.len();
+            match it.want {
+                Want::Nothing => {}
+                Want::Last => wanted.push((rows.end - 1) as u32),
+                Want::All => wanted.extend(rows.clone().map(|r| r as u32)),
+            }
+            counts.push(wanted.len() - before);
+        }
+        if wanted.is_empty() {
+            return Ok(counts.iter().map(|_| None).collect());
+        }
+        let n = wanted.len();
+        let x = if n == tokens.len() {
+            x
+        } else {
+            x.index_select(&Tensor::from_vec(wanted, n, &self.device)?, 0)?
+        };
         let x = candle_nn::ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps as f32)?;
         let logits = self.lm_head.forward(&x, None)?;
-        Ok(if all { logits } else { logits.squeeze(0)? })
+        let mut at = 0;
+        let mut out = Vec::with_capacity(counts.len());
+        for c in counts {
+            out.push((c > 0).then(|| logits.narrow(0, at, c)).transpose()?);
+            at += c;
+        }
+        Ok(out)
     }
 
     fn ensure_capacity(&self, cache: &mut KvCache, need: usize) -> anyhow::Result<()> {

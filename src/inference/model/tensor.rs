@@ -37,12 +37,12 @@ impl Weight {
         Ok(Weight::Candle(w))
     }
 
-    /// `x·Wᵀ`, plus the LoRA term when `lora` is given and the weight runs on the engine's own
-    /// kernels (the caller adds it otherwise).
+    /// `x·Wᵀ`, plus each row's LoRA term (`lows[r]`; empty: none) when the weight runs on the
+    /// engine's own kernels (the caller adds them otherwise).
     pub(super) fn forward(
         &self,
         x: &Tensor,
-        lora: Option<&LoraPair>,
+        lows: &[Option<LowRank<'_>>],
     ) -> candle_core::Result<Tensor> {
         match self {
             // Dense weights kept in bf16 on a GPU: the product in their type, the result
@@ -62,7 +62,7 @@ impl Weight {
                     };
                     let data = cpu.as_slice::<f32>()?;
                     let xs = &data[layout.start_offset()..layout.start_offset() + x.elem_count()];
-                    w.matmul(xs, &mut out, lora.map(LoraPair::rows));
+                    w.matmul_rows(xs, &mut out, lows);
                 }
                 Tensor::from_vec(out, (s, w.rows()), x.device())
             }
@@ -126,14 +126,53 @@ impl Linear {
         x: &Tensor,
         lora: Option<&LoraPair>,
     ) -> candle_core::Result<Tensor> {
+        let (s, _) = x.dims2()?;
+        self.forward_rows(x, &[(0..s, lora)])
+    }
+
+    /// [`Linear::forward`] for the rows of several sequences at once (`groups`: each one's
+    /// rows and adapter term): one pass over the weights for them all, each group's rows
+    /// plus its own low-rank term.
+    pub(super) fn forward_rows(
+        &self,
+        x: &Tensor,
+        groups: &[(std::ops::Range<usize>, Option<&LoraPair>)],
+    ) -> candle_core::Result<Tensor> {
         let own = matches!(self.w, Weight::Own(_));
-        let mut y = self.w.forward(x, lora.filter(|_| own))?;
+        let any_lora = groups.iter().any(|(_, l)| l.is_some());
+        let lows: Vec<Option<LowRank<'_>>> = if own && any_lora {
+            groups
+                .iter()
+                .flat_map(|(rows, l)| rows.clone().map(move |_| l.map(LoraPair::rows)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut y = self.w.forward(x, &lows)?;
         if let Some(b) = &self.b {
             y = y.broadcast_add(b)?;
         }
-        if let Some(l) = lora.filter(|_| !own) {
+        if !own && any_lora {
             let (_, n) = y.dims2()?;
-            y = (y + l.term(x, n)?)?;
+            let term = |rows: &std::ops::Range<usize>, l: &LoraPair| {
+                l.term(&x.narrow(0, rows.start, rows.len())?, n)
+            };
+            y = match groups {
+                [(rows, Some(l))] if rows.len() == y.dim(0)? => (&y + term(rows, l)?)?,
+                _ => {
+                    let parts = groups
+                        .iter()
+                        .map(|(rows, l)| {
+                            let part = y.narrow(0, rows.start, rows.len())?;
+                            match l {
+                                Some(l) => part + term(rows, l)?,
+                                None => Ok(part),
+                            }
+                        })
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    Tensor::cat(&parts, 0)?
+                }
+            };
         }
         Ok(y)
     }
@@ -194,27 +233,66 @@ impl Model {
         Ok(Some(Tensor::from_vec(m, (s, t), &self.device)?))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// One layer over the rows of every sequence of a step: the matmuls (and their adapters'
+    /// terms, per sequence) run once for all rows; attention runs per sequence, over its own
+    /// cache.
     pub(super) fn layer_forward(
         &self,
         l: &Layer,
+        layer: usize,
         x: &Tensor,
-        pos: usize,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        k_cache: &Tensor,
-        v_cache: &Tensor,
-        lora: Option<&LayerLora>,
+        seqs: &[Seq<'_>],
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let eps = c.rms_norm_eps as f32;
-        let (s, _) = x.dims2()?;
+        let groups = |pick: fn(&LayerLora) -> Option<&LoraPair>| {
+            seqs.iter()
+                .map(|s| {
+                    (
+                        s.rows.clone(),
+                        s.adapter.and_then(|a| pick(&a.layers[layer])),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let h = candle_nn::ops::rms_norm(x, &l.input_norm, eps)?;
+        let qkv = l.qkv.forward_rows(&h, &groups(|l| l.qkv.as_ref()))?;
+        let mut outs = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            let qkv = qkv.narrow(0, s.rows.start, s.rows.len())?;
+            outs.push(self.attend(l, layer, &qkv, s)?);
+        }
+        let out = match outs.len() {
+            1 => outs.remove(0),
+            _ => Tensor::cat(&outs, 0)?,
+        };
+        let o = l.o.forward_rows(&out, &groups(|l| l.o.as_ref()))?;
+        let x = (x + o)?;
+
+        let h = candle_nn::ops::rms_norm(&x, &l.post_norm, eps)?;
+        let gu = l
+            .gate_up
+            .forward_rows(&h, &groups(|l| l.gate_up.as_ref()))?;
+        let i = c.intermediate_size;
+        let act = (gu.narrow(1, 0, i)?.silu()? * gu.narrow(1, i, i)?)?;
+        let d = l.down.forward_rows(&act, &groups(|l| l.down.as_ref()))?;
+        x + d
+    }
+
+    /// Attention of one sequence's rows (`qkv`: their projections) over its cache, which
+    /// takes their keys and values.
+    fn attend(
+        &self,
+        l: &Layer,
+        layer: usize,
+        qkv: &Tensor,
+        seq: &Seq<'_>,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let eps = c.rms_norm_eps as f32;
+        let (s, pos) = (seq.rows.len(), seq.pos);
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let n_rep = nh / nkv;
-
-        let h = candle_nn::ops::rms_norm(x, &l.input_norm, eps)?;
-        let qkv = l.qkv.forward(&h, lora.and_then(|l| l.qkv.as_ref()))?;
         let [qs, ks, _] = c.qkv_sizes();
         let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
             t.reshape((s, n, hd))?.transpose(0, 1)?.contiguous()
@@ -228,8 +306,9 @@ impl Model {
         if let Some(n) = &l.k_norm {
             k = candle_nn::ops::rms_norm(&k, n, eps)?;
         }
-        let q = candle_nn::rotary_emb::rope(&q.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
-        let k = candle_nn::rotary_emb::rope(&k.unsqueeze(0)?, cos, sin)?.squeeze(0)?;
+        let q = candle_nn::rotary_emb::rope(&q.unsqueeze(0)?, seq.cos, seq.sin)?.squeeze(0)?;
+        let k = candle_nn::rotary_emb::rope(&k.unsqueeze(0)?, seq.cos, seq.sin)?.squeeze(0)?;
+        let (k_cache, v_cache) = &seq.cache.layers[layer];
         k_cache.slice_set(&k, 1, pos)?;
         v_cache.slice_set(&v, 1, pos)?;
         let t = pos + s;
@@ -240,28 +319,29 @@ impl Model {
         let q = q.reshape((nkv, n_rep * s, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut att = (q.matmul(&k_all.t()?)? * scale)?;
-        if let Some(m) = mask {
+        if let Some(m) = seq.mask {
             att = att
                 .reshape((nkv, n_rep, s, t))?
                 .broadcast_add(m)?
                 .reshape((nkv, n_rep * s, t))?;
         }
         let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let out = att
-            .matmul(&v_all)?
+        att.matmul(&v_all)?
             .reshape((nh, s, hd))?
             .transpose(0, 1)?
-            .reshape((s, nh * hd))?;
-        let o = l.o.forward(&out, lora.and_then(|l| l.o.as_ref()))?;
-        let x = (x + o)?;
-
-        let h = candle_nn::ops::rms_norm(&x, &l.post_norm, eps)?;
-        let gu = l
-            .gate_up
-            .forward(&h, lora.and_then(|l| l.gate_up.as_ref()))?;
-        let i = c.intermediate_size;
-        let act = (gu.narrow(1, 0, i)?.silu()? * gu.narrow(1, i, i)?)?;
-        let d = l.down.forward(&act, lora.and_then(|l| l.down.as_ref()))?;
-        x + d
+            .reshape((s, nh * hd))
     }
+}
+
+/// One sequence's part of a step on the tensor path.
+pub(super) struct Seq<'a> {
+    /// Its rows among the step's.
+    pub(super) rows: std::ops::Range<usize>,
+    /// Positions already in its cache.
+    pub(super) pos: usize,
+    pub(super) cos: &'a Tensor,
+    pub(super) sin: &'a Tensor,
+    pub(super) mask: Option<&'a Tensor>,
+    pub(super) cache: &'a KvCache,
+    pub(super) adapter: Option<&'a LoraAdapter>,
 }
