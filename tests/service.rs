@@ -138,6 +138,77 @@ async fn the_queue_follows_priority_and_per_user_limits() {
         started(&a2t).as_str() >= a1t["finished_at"].as_str().unwrap(),
         "alice's second waited for her first"
     );
+
+    // Alice's two runs compared: both curves, what each reported at its end, and only the
+    // parameters that differ (the name is shown apart).
+    let cmp = alice
+        .get(&format!("/api/tasks/compare?ids={a1},{a2}"))
+        .await;
+    assert_eq!(cmp.status, 200, "{:?}", cmp.body);
+    let runs = cmp.body["tasks"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for (run, (id, steps)) in runs.iter().zip([(&a1, 5), (&a2, 2)]) {
+        assert_eq!(run["task_id"], id.as_str());
+        assert_eq!(run["steps"], steps, "{run}");
+        let points = run["points"].as_array().unwrap();
+        assert_eq!(points.last().unwrap()["step"], steps, "{run}");
+        assert!(run["final_loss"].as_f64().unwrap() > 0.0, "{run}");
+        assert!(
+            run["results"]["train_loss"].as_f64().unwrap() > 0.0,
+            "{run}"
+        );
+    }
+    let differences = cmp.body["differences"].as_array().unwrap();
+    let max_steps = differences
+        .iter()
+        .find(|d| d["parameter"] == "max_steps")
+        .unwrap_or_else(|| panic!("{differences:?}"));
+    assert_eq!(max_steps["values"], json!([5, 2]));
+    assert!(
+        differences
+            .iter()
+            .all(|d| d["parameter"] != "name" && d["parameter"] != "learning_rate"),
+        "{differences:?}"
+    );
+    // The same as CSV, one row per run.
+    let (status, bytes, headers) = alice
+        .get_bytes(&format!("/api/tasks/compare?ids={a1},{a2}&format=csv"))
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/csv")
+    );
+    let csv = String::from_utf8(bytes).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert!(
+        lines[0].starts_with("task_id,name,status,steps,final_loss,"),
+        "{csv}"
+    );
+    assert!(lines[0].contains(",max_steps"), "{csv}");
+    assert!(
+        lines[1].starts_with(&format!("{a1},a1,completed,5,")),
+        "{csv}"
+    );
+    // Someone else's run is not there to compare; an administrator sees everyone's.
+    let r = bob.get(&format!("/api/tasks/compare?ids={b1},{a1}")).await;
+    assert_eq!(r.status, 404, "{:?}", r.body);
+    let r = alice
+        .get(&format!("/api/tasks/compare?ids={b1},{c1},{a2}"))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    for bad in [
+        format!("ids={a1}"),
+        format!("ids={a1},{a1}"),
+        format!("ids={a1},{a2}&format=xml"),
+        format!("ids={a1},{a2},{b1},{b2},{c1},{extra},{a1}"),
+    ] {
+        let r = alice.get(&format!("/api/tasks/compare?{bad}")).await;
+        assert_eq!(r.status, 422, "{bad}: {:?}", r.body);
+    }
 }
 
 fn latency_summary(mut lat: Vec<f64>) -> (f64, f64) {

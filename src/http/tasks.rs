@@ -30,6 +30,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list, create))
         .routes(routes!(form))
+        .routes(routes!(compare))
         .routes(routes!(detail, delete_task))
         .routes(routes!(cancel))
         .routes(routes!(resume))
@@ -581,6 +582,158 @@ async fn metrics(
         task_id: task.task_id,
         points,
     }))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CompareQuery {
+    /// 2 to 6 task ids, comma-separated.
+    ids: String,
+    /// `json` (the default) or `csv` (one row per run, as a download).
+    #[serde(default)]
+    format: Option<String>,
+}
+
+/// One run of a comparison.
+#[derive(Serialize, ToSchema)]
+pub struct ComparedTask {
+    task_id: String,
+    name: String,
+    status: TaskStatus,
+    /// The model it produced, when it completed.
+    model_id: Option<String>,
+    /// Its loss curve (one point per logging step), to overlay on the others'.
+    points: Vec<MetricPoint>,
+    /// Steps done.
+    steps: u64,
+    /// The last logged training loss.
+    final_loss: Option<f64>,
+    /// What LlamaFactory reported at the end of the run (`all_results.json`): `train_loss`,
+    /// `eval_loss` when a validation split was held out (`val_size`), runtimes and rates.
+    results: std::collections::BTreeMap<String, f64>,
+}
+
+/// A parameter whose value is not the same in every run.
+#[derive(Serialize, ToSchema)]
+pub struct Difference {
+    /// Its dotted name in the task's parameters (`lora.rank`).
+    parameter: String,
+    /// Its value in each run, in the order of `tasks` (null where a run lacks it).
+    #[schema(value_type = Vec<Object>)]
+    values: Vec<Value>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Comparison {
+    tasks: Vec<ComparedTask>,
+    differences: Vec<Difference>,
+}
+
+/// Compares 2 to 6 runs: their loss curves, final metrics and the parameters that differ
+/// (`format=csv`: the same table as CSV).
+#[utoipa::path(get, path = "/api/tasks/compare", tag = "tasks", params(CompareQuery),
+    responses((status = 200, description = "The comparison (JSON, or CSV with `format=csv`)", body = Comparison),
+              (status = 404, description = "One of the tasks is not yours, or does not exist", body = ErrorBody),
+              (status = 422, description = "Fewer than 2 or more than 6 ids, one twice, or an unknown format", body = ErrorBody)))]
+async fn compare(
+    state: AppState,
+    CurrentUser(p): CurrentUser,
+    Query(q): Query<CompareQuery>,
+) -> Result<Response> {
+    use crate::training::compare;
+    let csv = match q.format.as_deref() {
+        None | Some("json") => false,
+        Some("csv") => true,
+        Some(other) => {
+            return Err(Error::invalid(format!(
+                "format: `{other}` is not one of json, csv"
+            )));
+        }
+    };
+    let ids: Vec<&str> = q
+        .ids
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if !(2..=6).contains(&ids.len()) {
+        return Err(Error::invalid(format!(
+            "ids: compare 2 to 6 tasks ({} given)",
+            ids.len()
+        )));
+    }
+    if let Some(dup) = ids
+        .iter()
+        .enumerate()
+        .find(|(i, id)| ids[..*i].contains(id))
+    {
+        return Err(Error::invalid(format!("ids: `{}` is given twice", dup.1)));
+    }
+    let mut tasks = Vec::with_capacity(ids.len());
+    for id in &ids {
+        tasks.push(visible_task(&state, &p, id).await?);
+    }
+    let mut compared = Vec::with_capacity(tasks.len());
+    let mut specs = Vec::with_capacity(tasks.len());
+    for task in &tasks {
+        let points = state.training.metrics(task).await?;
+        let out = task.output_dir().to_path_buf();
+        let results = tokio::task::spawn_blocking(move || compare::final_results(&out))
+            .await
+            .map_err(Error::internal)?;
+        let mut spec =
+            compare::flatten(&serde_json::to_value(&task.spec).map_err(Error::internal)?);
+        spec.insert("dataset_id".into(), json_opt(&task.dataset_id));
+        specs.push(spec);
+        compared.push(ComparedTask {
+            task_id: task.task_id.clone(),
+            name: task.spec.name.clone(),
+            status: task.status,
+            model_id: task.model_id.clone(),
+            final_loss: points.iter().rev().find_map(|p| p.loss),
+            steps: task.progress.current_step,
+            points,
+            results,
+        });
+    }
+    let differences = compare::differences(&specs, &["name"]);
+    if csv {
+        let rows: Vec<compare::Row<'_>> = compared
+            .iter()
+            .map(|t| compare::Row {
+                task_id: &t.task_id,
+                name: &t.name,
+                status: t.status.as_str(),
+                steps: t.steps,
+                final_loss: t.final_loss,
+                results: &t.results,
+            })
+            .collect();
+        let body = compare::to_csv(&rows, &differences).map_err(Error::internal)?;
+        let mut response = body.into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/csv; charset=utf-8"),
+        );
+        headers.insert(
+            header::CONTENT_DISPOSITION,
+            HeaderValue::from_static("attachment; filename=\"comparison.csv\""),
+        );
+        return Ok(response);
+    }
+    Ok(Json(Comparison {
+        tasks: compared,
+        differences: differences
+            .into_iter()
+            .map(|(parameter, values)| Difference { parameter, values })
+            .collect(),
+    })
+    .into_response())
+}
+
+fn json_opt(v: &Option<String>) -> Value {
+    v.as_ref().map_or(Value::Null, |s| Value::String(s.clone()))
 }
 
 /// The exact LlamaFactory configuration of the run, as YAML.

@@ -10,6 +10,7 @@
 //! - [`task`]: the task itself; [`spec`]: what a request may ask and what LlamaFactory gets.
 
 pub mod artifacts;
+pub mod compare;
 pub mod diagnose;
 pub mod events;
 pub mod queue;

@@ -7,6 +7,7 @@ const routes = [
   { path: '/datasets', name: 'datasets', component: () => import('./pages/DatasetsPage.vue'), meta: { title: 'Datasets' } },
   { path: '/tasks', name: 'tasks', component: () => import('./pages/TasksPage.vue'), meta: { title: 'Tasks' } },
   { path: '/tasks/new', name: 'new-task', component: () => import('./pages/NewTaskPage.vue'), meta: { title: 'New task' } },
+  { path: '/tasks/compare', name: 'compare', component: () => import('./pages/ComparePage.vue'), meta: { title: 'Compare runs', wide: true } },
   { path: '/tasks/:id', name: 'task', component: () => import('./pages/TaskPage.vue'), meta: { title: 'Task' } },
   { path: '/models', name: 'models', component: () => import('./pages/ModelsPage.vue'), meta: { title: 'Models' } },
   { path: '/chat', name: 'chat', component: () => import('./pages/ChatPage.vue'), meta: { title: 'Chat', wide: true } },

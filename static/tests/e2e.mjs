@@ -365,6 +365,22 @@ async function main() {
       await page.locator('tr[data-task="ui-arith"]').getByText('researcher').waitFor()
       await page.locator('[data-test=all-users] input').uncheck()
 
+      // -- the run beside its cancelled clone: tick both, compare: one chart with a curve
+      // each, a row each, and the table as CSV
+      const picks = page.locator('[data-test=pick]')
+      await picks.nth(0).check()
+      await picks.nth(1).check()
+      await page.click('[data-test=compare-picked]')
+      where = 'compare'
+      await page.waitForURL(/\/tasks\/compare\?ids=/)
+      await page.locator('[data-test=compare-chart][data-series="2"] canvas').waitFor()
+      await page.locator('[data-test=compare-table] tr[data-run="ui-arith"]').waitFor()
+      check((await page.locator('[data-test=compare-table] tbody tr').count()) === 2, 'a row per compared run')
+      const [csvFile] = await Promise.all([page.waitForEvent('download'), page.click('[data-test=compare-csv]')])
+      const csvLines = fs.readFileSync(await csvFile.path(), 'utf8').trim().split('\n')
+      check(csvLines.length === 3 && csvLines[0].startsWith('task_id,name,status,steps,final_loss'), `the comparison as CSV: ${csvLines.join(' / ')}`)
+      await snap('compare')
+
       // -- models: the adapter, and "chat with this"
       await visit('/models', 'models')
       await page.locator('[data-test=trained-models] tbody tr').first().waitFor()
