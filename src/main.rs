@@ -100,6 +100,34 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
+    /// Merge a LoRA adapter into its base model (or take a full fine-tune) and write it as a
+    /// Hugging Face safetensors folder or a GGUF file with an Ollama Modelfile. Works on
+    /// folders, without a server (a running server exports from the API: `POST
+    /// /api/models/{id}/export`).
+    Export {
+        /// The base model: its folder in the models dir, or a path to a model folder.
+        #[arg(long)]
+        model: String,
+        /// A PEFT LoRA adapter folder to merge into the base.
+        #[arg(long, conflicts_with = "full")]
+        adapter: Option<PathBuf>,
+        /// A full fine-tune's folder (its weights and tokenizer are exported; the base model
+        /// gives a GGUF its metadata).
+        #[arg(long)]
+        full: Option<PathBuf>,
+        /// `gguf` or `safetensors`.
+        #[arg(long, default_value = "gguf")]
+        format: String,
+        /// GGUF: `f16`, `q8_0`, `q4_0`, `q4_k_m`, `f32`; safetensors: `f16`, `bf16`, `f32`.
+        #[arg(long, default_value = "q8_0")]
+        quantization: String,
+        /// The output folder (created; must not exist or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// The model's name in the GGUF and its file name [default: the output folder's name]
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Run one training job (started by the server; not for direct use).
     #[command(hide = true)]
     Worker {
@@ -285,6 +313,75 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 ..Default::default()
             };
             chat(&config, model, adapter, system, params).await
+        }
+        Command::Export {
+            model,
+            adapter,
+            full,
+            format,
+            quantization,
+            out,
+            name,
+        } => {
+            fn parse<T: serde::de::DeserializeOwned>(what: &str, v: &str) -> anyhow::Result<T> {
+                serde_json::from_value(serde_json::Value::String(v.to_ascii_lowercase()))
+                    .map_err(|_| anyhow::anyhow!("--{what}: `{v}` is not one of the choices"))
+            }
+            let format: ferrotune::models::export::ExportFormat = parse("format", &format)?;
+            let quant: ferrotune::models::export::Quantization =
+                parse("quantization", &quantization)?;
+            quant.check(format).map_err(anyhow::Error::msg)?;
+            let base = if std::path::Path::new(&model).is_dir() {
+                let dir = PathBuf::from(&model);
+                let name = dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                ferrotune::models::inspect_folder(&dir, name)?
+            } else {
+                ferrotune::models::find_base_model(&config.models_dir, &model)?
+            }
+            .ok_or_else(|| anyhow::anyhow!("no base model `{model}`"))?;
+            if out.exists() && std::fs::read_dir(&out)?.next().is_some() {
+                anyhow::bail!("{} exists and is not empty", out.display());
+            }
+            std::fs::create_dir_all(&out)?;
+            let name = name.unwrap_or_else(|| {
+                out.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "model".into())
+            });
+            let src = ferrotune::models::export::ExportSource {
+                base,
+                adapter,
+                full,
+                name,
+                system: None,
+            };
+            let last = std::sync::Mutex::new(-1i64);
+            let progress = |f: f64, what: &str| {
+                let pct = (f * 100.0) as i64;
+                let mut l = last.lock().unwrap_or_else(|p| p.into_inner());
+                if pct / 10 != *l / 10 {
+                    eprintln!("export: {pct:>3}% {what}");
+                    *l = pct;
+                }
+                true
+            };
+            let report = tokio::task::block_in_place(|| {
+                ferrotune::models::export::export(&src, format, quant, &out, &progress)
+            })?;
+            for f in &report.files {
+                println!("{:>12}  {}", f.size, out.join(&f.name).display());
+            }
+            if let Some(r) = report.retention {
+                println!("retention of the adapter's weight change: {:.1}%", r * 100.0);
+            }
+            if let Some(w) = &report.warning {
+                eprintln!("warning: {w}");
+            }
+            eprintln!("export: done in {:.1} s", report.seconds);
+            Ok(())
         }
         Command::Worker { .. } => anyhow::bail!("the worker role starts before the runtime"),
     }

@@ -1268,3 +1268,117 @@ fn engine_refuses_bad_requests_with_the_right_error() {
         Err(EngineError::Unsupported(_))
     ));
 }
+
+/// Export (issue 15): the trained adapter merged into SmolLM2 and written as a safetensors
+/// folder and as GGUF files. peft's `merge_and_unload` is the reference for the weights; the
+/// GGUFs are read back by the `gguf` package (llama.cpp's reader and de-quantisers, an
+/// implementation independent of candle's), which also re-measures the retention of ΔW the
+/// export reports; and the exports, loaded as models by the engine, still answer the training.
+#[test]
+fn exports_merge_like_peft_and_still_answer_the_training() {
+    use ferrotune::models::export::{ExportFormat, ExportSource, Quantization, export};
+    let model_dir = smollm2();
+    let adapter = trained_adapter();
+    let base = ferrotune::models::find_base_model(&test_models_dir(), MODEL)
+        .unwrap()
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = ExportSource {
+        base,
+        adapter: Some(adapter.clone()),
+        full: None,
+        name: "smollm2-arithmetic".into(),
+        system: Some("You add numbers.".into()),
+    };
+    let mut reports = Vec::new();
+    let cases = [
+        (ExportFormat::Safetensors, Quantization::F16),
+        (ExportFormat::Gguf, Quantization::F16),
+        (ExportFormat::Gguf, Quantization::Q8_0),
+        (ExportFormat::Gguf, Quantization::Q4KM),
+    ];
+    for (format, quant) in cases {
+        let out = tmp.path().join(format!("{format:?}-{}", quant.name()));
+        std::fs::create_dir(&out).unwrap();
+        let steps = Mutex::new(Vec::<f64>::new());
+        let r = export(&src, format, quant, &out, &|f, _| {
+            steps.lock().unwrap().push(f);
+            true
+        })
+        .unwrap();
+        let steps = steps.into_inner().unwrap();
+        assert!(steps.windows(2).all(|w| w[0] <= w[1]) && steps.last() == Some(&1.0));
+        eprintln!(
+            "export {format:?} {}: {:.1} s, {:?}, retention {:?}",
+            quant.name(),
+            r.seconds,
+            r.files
+                .iter()
+                .map(|f| format!("{} {:.1} MB", f.name, f.size as f64 / 1e6))
+                .collect::<Vec<_>>(),
+            r.retention
+        );
+        reports.push((out, r));
+    }
+    // Nothing half-written: only the finished files.
+    let names: Vec<&str> = reports[2].1.files.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["Modelfile", "smollm2-arithmetic.Q8_0.gguf"]);
+    let modelfile = std::fs::read_to_string(reports[2].0.join("Modelfile")).unwrap();
+    assert!(modelfile.contains("FROM ./smollm2-arithmetic.Q8_0.gguf"), "{modelfile}");
+    assert!(modelfile.contains("PARAMETER stop \"<|im_end|>\""), "{modelfile}");
+    assert!(modelfile.contains("SYSTEM \"\"\"You add numbers.\"\"\""), "{modelfile}");
+    let st_names: Vec<&str> = reports[0].1.files.iter().map(|f| f.name.as_str()).collect();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(st_names.contains(&f), "{f} in {st_names:?}");
+    }
+
+    // A cancelled export stops and says so.
+    let out = tmp.path().join("cancelled");
+    std::fs::create_dir(&out).unwrap();
+    let e = export(&src, ExportFormat::Gguf, Quantization::Q8_0, &out, &|f, _| f < 0.3)
+        .unwrap_err();
+    assert_eq!(e.to_string(), "cancelled");
+
+    let gguf_path = |i: usize| {
+        let r: &ferrotune::models::export::ExportReport = &reports[i].1;
+        let f = r.files.iter().find(|f| f.name.ends_with(".gguf")).unwrap();
+        reports[i].0.join(&f.name)
+    };
+    let check = reference(json!({
+        "op": "export_check",
+        "model_dir": model_dir,
+        "adapter": adapter,
+        "safetensors": reports[0].0,
+        "ggufs": [gguf_path(1), gguf_path(2), gguf_path(3)],
+    }));
+    eprintln!("reference: {check}");
+    let rel = |v: &Value| v["max_rel"].as_f64().unwrap();
+    // f16 rounds to 2⁻¹¹ of a value; Q8_0 to half a step of its block (max/254); Q4_K_M's
+    // 4–6 bit blocks much more.
+    assert!(rel(&check["safetensors"]) < 1e-3, "{check}");
+    let g = &check["ggufs"];
+    assert!(rel(&g[0]) < 1e-3, "{check}");
+    assert!(rel(&g[1]) < 5e-3, "{check}");
+    assert!(rel(&g[2]) < 0.15, "{check}");
+    assert_eq!(g[0]["types"]["F16"].as_u64(), Some(30 * 7 + 1), "{check}");
+    assert_eq!(g[1]["types"]["Q8_0"].as_u64(), Some(30 * 7 + 1), "{check}");
+    assert!(g[2]["types"]["Q6_K"].as_u64() > Some(0), "{check}");
+    assert!(g[2]["types"]["Q4_K"].as_u64() > Some(0), "{check}");
+    assert_eq!(g[1]["name"], "smollm2-arithmetic");
+    for (i, j) in [(1, 0), (2, 1), (3, 2)] {
+        let ours = reports[i].1.retention.unwrap();
+        let theirs = g[j]["retention"].as_f64().unwrap();
+        assert!((ours - theirs).abs() < 2e-3, "retention {ours} vs {theirs}");
+    }
+    assert!(reports[2].1.retention.unwrap() > 0.98);
+
+    // Loaded as models, the merged exports answer what the adapter was trained on.
+    let engine = Engine::new(test_models_dir(), EngineOptions::default());
+    for i in [0, 2] {
+        let mut req = request(None, "What is 3 plus 4?", SamplingParams::greedy(32));
+        req.base_model = format!("export-{i}");
+        req.model_dir = Some(reports[i].0.clone());
+        let c = engine.generate(req).unwrap().collect_blocking().unwrap();
+        assert_eq!(c.text, "3 plus 4 is 7.", "export {i}");
+    }
+}

@@ -227,7 +227,7 @@ fn pattern_value<'a, T>(patterns: &'a BTreeMap<String, T>, module: &str) -> Opti
 
 impl AdapterConfig {
     /// (rank, scale) of one module, e.g. `model.layers.3.self_attn.q_proj`.
-    fn rank_and_scale(&self, module: &str) -> (usize, f64) {
+    pub(crate) fn rank_and_scale(&self, module: &str) -> (usize, f64) {
         let r = *pattern_value(&self.rank_pattern, module).unwrap_or(&self.r);
         let alpha = *pattern_value(&self.alpha_pattern, module).unwrap_or(&self.lora_alpha);
         let scale = if self.use_rslora {
@@ -421,7 +421,7 @@ fn fuse_pair(
 
 /// `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` →
 /// (`model.layers.0.self_attn.q_proj`, 'A'). Also accepts an adapter name before `weight`.
-fn split_name(name: &str) -> Result<(String, char), EngineError> {
+pub(crate) fn split_name(name: &str) -> Result<(String, char), EngineError> {
     let unsupported = |what: &str| {
         EngineError::Unsupported(format!(
             "adapter tensor `{name}` is {what}, which chat does not support"

@@ -120,8 +120,8 @@ pub(crate) fn map_tensor_name(arch: Arch, gguf: &str) -> anyhow::Result<Mapped> 
 }
 
 /// llama.cpp's `permute(w, n_head, n_head_kv)` as applied to rows (dimension 0):
-/// `reshape(n, 2, rows/n/2, rest).swapaxes(1, 2)`. Used by the tests; the converter undoes it.
-#[cfg(test)]
+/// `reshape(n, 2, rows/n/2, rest).swapaxes(1, 2)`. The converter undoes it; the GGUF export
+/// ([`super::export`]) applies it.
 pub(crate) fn permute_rows(t: &Tensor, n: usize) -> candle_core::Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
@@ -359,7 +359,7 @@ pub fn convert_gguf_to_hf(
 }
 
 /// Sort key: global tensors first, then by layer number, then by name.
-fn tensor_order(name: &str) -> (u64, String) {
+pub(crate) fn tensor_order(name: &str) -> (u64, String) {
     let layer = name
         .strip_prefix("blk.")
         .and_then(|r| r.split_once('.'))

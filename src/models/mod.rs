@@ -19,6 +19,7 @@
 //! failed pull leaves nothing half-written.
 
 pub mod adapters;
+pub mod export;
 pub(crate) mod convert;
 pub(crate) mod gguf;
 pub mod hub;
@@ -128,6 +129,11 @@ pub fn find_base_model(models_dir: &Path, name: &str) -> std::io::Result<Option<
     Ok(models
         .into_iter()
         .find(|m| m.name.eq_ignore_ascii_case(folder)))
+}
+
+/// Describes a model folder anywhere (a base model's form), or `None` when it holds no model.
+pub fn inspect_folder(dir: &Path, name: String) -> std::io::Result<Option<BaseModel>> {
+    inspect(dir, name)
 }
 
 /// Describes one folder, or `None` when it holds neither form.

@@ -20,6 +20,12 @@ REQUEST is one of
       -> {}                           random tiny model (+ random LoRA in O/lora) for shape tests
   {"op": "to_bf16", "model_dir": D, "out": O, "max_shard_size": "100MB"}
       -> {"files": [str, ...]}        the model in bfloat16, sharded with an index, + tokenizer
+  {"op": "export_check", "model_dir": D, "adapter": A, "safetensors": S, "ggufs": [G, ...]}
+      -> {"safetensors": {"max_rel": float}, "ggufs": [{"types": {...}, "max_rel": float,
+          "retention": float, "n_tensors": int}, ...]}
+                                      peft's merge_and_unload against ferrotune's exports: the
+                                      safetensors folder, and each GGUF read and de-quantised by
+                                      the `gguf` package (llama.cpp's own Python reader)
   {"op": "batch", "requests": [REQUEST, ...]}
       -> {"results": [RESULT, ...]}   several in one process
 """
@@ -261,6 +267,77 @@ def op_to_bf16(req):
         if name.startswith(("tokenizer", "special_tokens", "generation_config")):
             shutil.copy(os.path.join(req["model_dir"], name), req["out"])
     return {"files": sorted(os.listdir(req["out"]))}
+
+
+def op_export_check(req):
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors.torch import load_file
+
+    base = load(req["model_dir"], None)
+    base_sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    merged = load(req["model_dir"], req["adapter"]).merge_and_unload()
+    sd = {k: v.detach() for k, v in merged.state_dict().items()}
+    cfg = merged.config
+    out = {}
+
+    # The safetensors export: every weight, within its number type's rounding.
+    st = {}
+    for name in os.listdir(req["safetensors"]):
+        if name.endswith(".safetensors"):
+            st.update(load_file(os.path.join(req["safetensors"], name)))
+    max_rel = 0.0
+    for k, v in sd.items():
+        if k == "lm_head.weight" and k not in st:
+            continue  # tied to the embedding
+        got = st[k].float()
+        max_rel = max(max_rel, float((got - v).abs().max() / v.abs().max().clamp_min(1e-12)))
+    out["safetensors"] = {"max_rel": max_rel, "n_tensors": len(st)}
+
+    # llama.cpp's q/k row permutation, undone.
+    def unpermute(w, n):
+        rows = w.shape[0]
+        return w.reshape(n, rows // n // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+             "output": "lm_head"}
+    blk = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+           "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+           "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+           "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    results = []
+    for path in req["ggufs"]:
+        reader = GGUFReader(path)
+        types, max_rel, kept, change = {}, 0.0, 0.0, 0.0
+        for t in reader.tensors:
+            parts = t.name.split(".")
+            if parts[0] == "blk":
+                module = blk[parts[2]]
+                hf = f"model.layers.{parts[1]}.{module}.{parts[3]}"
+            else:
+                hf = names[parts[0]] + "." + parts[1]
+            shape = [int(d) for d in reversed(t.shape.tolist())]
+            w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type),
+                                          dtype=np.float32).reshape(shape))
+            if parts[0] == "blk" and parts[2] == "attn_q":
+                w = unpermute(w, cfg.num_attention_heads)
+            elif parts[0] == "blk" and parts[2] == "attn_k":
+                w = unpermute(w, cfg.num_key_value_heads)
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+            ref = sd[hf]
+            max_rel = max(max_rel,
+                          float((w - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
+            delta = ref - base_sd[hf]
+            if delta.abs().max() > 0:
+                kept += float(((w - base_sd[hf]) * delta).sum())
+                change += float((delta * delta).sum())
+        results.append({"types": types, "max_rel": max_rel,
+                        "retention": kept / change if change else None,
+                        "n_tensors": len(reader.tensors),
+                        "name": str(reader.fields["general.name"].contents())})
+    out["ggufs"] = results
+    return out
 
 
 def op_batch(req):
