@@ -375,7 +375,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 println!("{:>12}  {}", f.size, out.join(&f.name).display());
             }
             if let Some(r) = report.retention {
-                println!("retention of the adapter's weight change: {:.1}%", r * 100.0);
+                println!(
+                    "retention of the adapter's weight change: {:.1}%",
+                    r * 100.0
+                );
             }
             if let Some(w) = &report.warning {
                 eprintln!("warning: {w}");

@@ -304,6 +304,139 @@ async fn a_trained_adapter_answers_through_every_chat_api() {
     );
 
     bring_your_own_adapter(&server, &alice, &bob, &model_id).await;
+    export_the_adapter(&alice, &bob, &model_id, &answer).await;
+}
+
+/// Export (issue 15): the trained adapter merged into its base as a Q8_0 GGUF, a job that
+/// registers a model of alice's which answers what the adapter learnt; its GGUF downloads as
+/// it is. A second export queues behind the first and is cancelled; bad requests are refused.
+async fn export_the_adapter(alice: &Client, bob: &Client, model_id: &str, answer: &str) {
+    let path = format!("/api/files/models/{model_id}/export");
+    for (body, status) in [
+        (
+            json!({"format": "safetensors", "quantization": "q8_0"}),
+            422,
+        ),
+        (json!({"format": "gguf", "quantization": "bf16"}), 422),
+        (json!({"format": "zip"}), 422),
+        (json!({"name": ""}), 422),
+    ] {
+        let r = alice.post(&path, body.clone()).await;
+        assert_eq!(r.status, status, "{body} → {:?}", r.body);
+    }
+    assert_eq!(bob.post(&path, json!({})).await.status, 404);
+    assert_eq!(
+        alice
+            .post("/api/files/models/nope/export", json!({}))
+            .await
+            .status,
+        404
+    );
+
+    // Two at once: the first runs, the second waits its turn and is cancelled.
+    let (first, second) = tokio::join!(
+        alice.post(
+            &path,
+            json!({"format": "gguf", "quantization": "q8_0", "name": "arith-gguf"})
+        ),
+        alice.post(
+            &path,
+            json!({"format": "safetensors", "quantization": "f16"})
+        ),
+    );
+    assert_eq!(first.status, 202, "{:?}", first.body);
+    assert_eq!(second.status, 202, "{:?}", second.body);
+    let (id, other) = (
+        first.body["export_id"].as_str().unwrap().to_string(),
+        second.body["export_id"].as_str().unwrap().to_string(),
+    );
+    let c = alice
+        .post(&format!("/api/exports/{other}/cancel"), json!({}))
+        .await;
+    assert_eq!(c.status, 202, "{:?}", c.body);
+    assert_eq!(
+        bob.get(&format!("/api/exports/{id}")).await.status,
+        404,
+        "another user's export is not found"
+    );
+    let done = common::wait_until("the export", Duration::from_secs(300), async || {
+        let r = alice.get(&format!("/api/exports/{id}")).await;
+        let s = r.body["status"].as_str().unwrap_or("").to_string();
+        (s == "succeeded" || s == "failed").then_some(r.body)
+    })
+    .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let cancelled = common::wait_until("the cancel", Duration::from_secs(120), async || {
+        let r = alice.get(&format!("/api/exports/{other}")).await;
+        r.body["finished_at"].is_string().then_some(r.body)
+    })
+    .await;
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    assert!(cancelled["model_id"].is_null());
+    assert_eq!(
+        alice
+            .post(&format!("/api/exports/{other}/cancel"), json!({}))
+            .await
+            .status,
+        409
+    );
+    let list = alice.get("/api/exports").await;
+    assert_eq!(list.body.as_array().unwrap().len(), 2, "{:?}", list.body);
+
+    let report = &done["report"];
+    assert!(report["retention"].as_f64().unwrap() > 0.95, "{done}");
+    let gguf = report["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"].as_str().unwrap().ends_with(".Q8_0.gguf"))
+        .expect("a GGUF file")
+        .clone();
+    let name = gguf["name"].as_str().unwrap();
+    assert_eq!(name, "arith-gguf.Q8_0.gguf");
+    let (status, bytes, headers) = alice
+        .get_bytes(&format!("/api/exports/{id}/files/{name}"))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(bytes.len() as u64, gguf["size"].as_u64().unwrap());
+    assert_eq!(&bytes[..4], b"GGUF");
+    assert!(
+        headers["content-disposition"]
+            .to_str()
+            .unwrap()
+            .contains(name)
+    );
+    let (status, _, _) = alice
+        .get_bytes(&format!("/api/exports/{id}/files/..%2Fsecret"))
+        .await;
+    assert_eq!(status, 404);
+
+    // The export is a model of alice's, served from its GGUF, answering as the adapter did.
+    let exported = done["model_id"].as_str().unwrap();
+    let m = alice.get(&format!("/api/files/models/{exported}")).await;
+    assert_eq!(m.status, 200, "{:?}", m.body);
+    assert_eq!(m.body["name"], "arith-gguf");
+    assert_eq!(m.body["kind"], "full");
+    let r = alice
+        .post(
+            "/v1/chat/completions",
+            ask(exported, "What is 3 plus 4?", json!({})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        r.body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .trim(),
+        answer.trim()
+    );
+    // A GGUF export holds no Hugging Face weights to export again.
+    let again = alice
+        .post(&format!("/api/files/models/{exported}/export"), json!({}))
+        .await;
+    assert_eq!(again.status, 422, "{:?}", again.body);
+    assert_eq!(again.body["code"], "not_exportable");
 }
 
 /// The files of a `.tar.gz` (plain files only), by path.

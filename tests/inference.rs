@@ -1324,19 +1324,39 @@ fn exports_merge_like_peft_and_still_answer_the_training() {
     let names: Vec<&str> = reports[2].1.files.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(names, ["Modelfile", "smollm2-arithmetic.Q8_0.gguf"]);
     let modelfile = std::fs::read_to_string(reports[2].0.join("Modelfile")).unwrap();
-    assert!(modelfile.contains("FROM ./smollm2-arithmetic.Q8_0.gguf"), "{modelfile}");
-    assert!(modelfile.contains("PARAMETER stop \"<|im_end|>\""), "{modelfile}");
-    assert!(modelfile.contains("SYSTEM \"\"\"You add numbers.\"\"\""), "{modelfile}");
+    assert!(
+        modelfile.contains("FROM ./smollm2-arithmetic.Q8_0.gguf"),
+        "{modelfile}"
+    );
+    assert!(
+        modelfile.contains("PARAMETER stop \"<|im_end|>\""),
+        "{modelfile}"
+    );
+    assert!(
+        modelfile.contains("SYSTEM \"\"\"You add numbers.\"\"\""),
+        "{modelfile}"
+    );
     let st_names: Vec<&str> = reports[0].1.files.iter().map(|f| f.name.as_str()).collect();
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         assert!(st_names.contains(&f), "{f} in {st_names:?}");
     }
 
     // A cancelled export stops and says so.
     let out = tmp.path().join("cancelled");
     std::fs::create_dir(&out).unwrap();
-    let e = export(&src, ExportFormat::Gguf, Quantization::Q8_0, &out, &|f, _| f < 0.3)
-        .unwrap_err();
+    let e = export(
+        &src,
+        ExportFormat::Gguf,
+        Quantization::Q8_0,
+        &out,
+        &|f, _| f < 0.3,
+    )
+    .unwrap_err();
     assert_eq!(e.to_string(), "cancelled");
 
     let gguf_path = |i: usize| {
@@ -1372,9 +1392,29 @@ fn exports_merge_like_peft_and_still_answer_the_training() {
     }
     assert!(reports[2].1.retention.unwrap() > 0.98);
 
+    // A full fine-tune (here: the merged safetensors folder, whole weights of its own) to
+    // GGUF: its weights, the base's metadata.
+    let full = tmp.path().join("full-gguf");
+    std::fs::create_dir(&full).unwrap();
+    let full_src = ExportSource {
+        adapter: None,
+        full: Some(reports[0].0.clone()),
+        ..src.clone()
+    };
+    let r = export(
+        &full_src,
+        ExportFormat::Gguf,
+        Quantization::Q8_0,
+        &full,
+        &|_, _| true,
+    )
+    .unwrap();
+    assert_eq!(r.retention, None);
+    reports.push((full, r));
+
     // Loaded as models, the merged exports answer what the adapter was trained on.
     let engine = Engine::new(test_models_dir(), EngineOptions::default());
-    for i in [0, 2] {
+    for i in [0, 2, 4] {
         let mut req = request(None, "What is 3 plus 4?", SamplingParams::greedy(32));
         req.base_model = format!("export-{i}");
         req.model_dir = Some(reports[i].0.clone());

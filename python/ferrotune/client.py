@@ -535,6 +535,90 @@ class Client:
                         out.write(src.read())
         return dest
 
+    def export(
+        self,
+        model_id: str,
+        format: str = "gguf",
+        quantization: Optional[str] = None,
+        *,
+        name: Optional[str] = None,
+        wait: bool = True,
+        timeout: float = 3600.0,
+        poll: float = 1.0,
+    ) -> dict:
+        """Exports one of your trained models: an adapter merged into its base (or a full
+        fine-tune) as ``format="gguf"`` (``quantization`` ``q8_0`` by default, or ``f16``,
+        ``q4_0``, ``q4_k_m``, ``f32``; with an Ollama ``Modelfile``) or
+        ``format="safetensors"`` (``f16`` by default, ``bf16``, ``f32``). The server runs it
+        as a job and registers the result as a new model of yours (``model_id`` in the
+        answer: chat with it like any model). With ``wait`` (the default) this returns the
+        finished export and raises :class:`APIError` if it failed or was cancelled;
+        ``report`` then lists the files, sizes, seconds, and for a GGUF of an adapter the
+        ``retention`` of the fine-tune's weight change (with a ``warning`` when a 4-bit export
+        loses much of it)."""
+        body: Dict[str, Any] = {"format": format}
+        if quantization is not None:
+            body["quantization"] = quantization
+        if name is not None:
+            body["name"] = name
+        export = self._json("POST", f"/api/files/models/{_q(model_id)}/export", body)
+        if not wait:
+            return export
+        deadline = time.monotonic() + timeout
+        while export["status"] in ("queued", "running"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"export {export['export_id']} still {export['status']}")
+            time.sleep(poll)
+            export = self.export_status(export["export_id"])
+        if export["status"] != "succeeded":
+            raise APIError(
+                409,
+                f"export {export['export_id']} {export['status']}: "
+                f"{export.get('error') or export.get('message')}",
+                code="export_" + export["status"],
+                body=export,
+            )
+        return export
+
+    def export_status(self, export_id: str) -> dict:
+        """One export: ``status`` (queued, running, succeeded, failed, cancelled),
+        ``progress`` (0–1), ``message``, and once it succeeded ``model_id`` and ``report``."""
+        return self._json("GET", f"/api/exports/{_q(export_id)}")
+
+    def exports(self) -> List[dict]:
+        """Your exports, newest first."""
+        return self._json("GET", "/api/exports")
+
+    def cancel_export(self, export_id: str) -> dict:
+        return self._json("POST", f"/api/exports/{_q(export_id)}/cancel", {})
+
+    def download_export(
+        self,
+        export_id: str,
+        dest: Union[str, "os.PathLike[str]"],
+        *,
+        timeout: float = 600.0,
+    ) -> List[str]:
+        """Downloads a succeeded export's files as they are (the ``.gguf`` and ``Modelfile``,
+        or the safetensors folder's files) into the folder ``dest``; returns their paths."""
+        export = self.export_status(export_id)
+        dest = os.fspath(dest)
+        os.makedirs(dest, exist_ok=True)
+        paths = []
+        for f in (export.get("report") or {}).get("files", []):
+            name = os.path.basename(f["name"])
+            path = os.path.join(dest, name)
+            with self._open(
+                "GET", f"/api/exports/{_q(export_id)}/files/{_q(name)}", timeout=timeout
+            ) as resp, open(path, "wb") as out:
+                while True:
+                    chunk = resp.read(1 << 20)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+            paths.append(path)
+        return paths
+
     def upload_adapter(
         self,
         path: Union[str, "os.PathLike[str]"],

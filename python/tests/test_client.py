@@ -111,6 +111,19 @@ def test_upload_train_wait_and_chat_with_the_adapter(server, client, models_dir,
     engine = ferrotune.Engine(models_dir)
     assert engine.chat(MODEL, QUESTION, adapter=adapter, temperature=0) == ANSWER
 
+    # Export: the adapter merged into a Q8_0 GGUF, a model of its own that answers the same
+    # through the server, and downloaded, locally.
+    exp = client.export(model_id, "gguf", "q8_0", name="arith-q8")
+    assert exp["status"] == "succeeded" and exp["report"]["retention"] > 0.95, exp
+    assert exp["export_id"] in [e["export_id"] for e in client.exports()]
+    assert client.chat(exp["model_id"], QUESTION, temperature=0, max_tokens=16) == ANSWER
+    files = client.download_export(exp["export_id"], tmp_path / "gguf")
+    assert sorted(os.path.basename(f) for f in files) == ["Modelfile", "arith-q8.Q8_0.gguf"]
+    assert engine.chat(str(tmp_path / "gguf"), QUESTION, temperature=0) == ANSWER
+    with pytest.raises(ferrotune.APIError) as refused:
+        client.export(model_id, "safetensors", "q4_0")
+    assert refused.value.status == 422
+
     # Bring your own adapter: the folder uploaded again is another model that answers the same.
     mine = client.upload_adapter(adapter, name="uploaded")
     assert mine["kind"] == "adapter" and mine["base_model"] == MODEL and mine["name"] == "uploaded"

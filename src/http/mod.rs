@@ -11,6 +11,7 @@ mod auth;
 mod chat;
 mod datasets;
 pub mod error;
+mod exports;
 mod extract;
 mod metrics;
 mod models;
@@ -62,6 +63,8 @@ pub struct App {
     pub chat: Arc<Chat>,
     /// Hub pulls started from the API ("Add model").
     pub pulls: Arc<crate::models::pulls::Pulls>,
+    /// Exports of users' models (merged safetensors, GGUF).
+    pub exports: Arc<crate::models::exports::Exports>,
     /// Progress of the default model's pull at start, for `/api/system/status`.
     pub model_pull: std::sync::RwLock<PullStatus>,
     /// What `/metrics` serves.
@@ -104,6 +107,7 @@ impl AppState {
             config.max_upload_bytes,
         )?;
         let models = Registry::new(config.models_dir.clone(), &config.data_dir, store.clone());
+        let exports = crate::models::exports::Exports::new(store.clone(), models.clone());
         let env = EnvTracker::new(PyEnv::locate(Some(&config.python_env_dir)));
         let owners = Arc::new(OwnerLocks::new());
         let training = Training::new(
@@ -131,6 +135,7 @@ impl AppState {
         let chat = Chat::new(engine, models.clone(), limits, Sessions::new(store));
         let pulls = crate::models::pulls::Pulls::new(models.clone(), config.hub());
         Ok(AppState(Arc::new(App {
+            exports,
             metrics,
             pulls,
             config,
@@ -173,6 +178,7 @@ pub fn api(max_upload_bytes: u64) -> (Router<AppState>, utoipa::openapi::OpenApi
         .merge(admin::router())
         .merge(tasks::router())
         .merge(models::router(max_upload_bytes))
+        .merge(exports::router())
         .merge(chat::router())
         .merge(openai::router())
         .split_for_parts()
@@ -307,6 +313,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
 
     state.training.recover().await?;
+    state.exports.recover().await?;
     let background = state.training.spawn_background();
     if state.config.auto_setup && !state.training.env().is_ready() {
         let env = state.training.env().clone();

@@ -443,7 +443,7 @@ fn tensor_type(
     }
     let cols = *shape.last().unwrap_or(&0);
     let fallback = |t: GgmlDType| -> GgmlDType {
-        if cols % 256 == 0 {
+        if cols.is_multiple_of(256) {
             return t;
         }
         match t {
@@ -476,7 +476,7 @@ fn tensor_type(
     };
     let t = fallback(t);
     // Whatever the type, its blocks must tile the rows.
-    if cols % t.block_size() != 0 {
+    if !cols.is_multiple_of(t.block_size()) {
         return GgmlDType::F16;
     }
     t
@@ -642,9 +642,8 @@ pub fn gguf_file_name(name: &str, quant: Quantization) -> String {
 /// model's template (ChatML, Llama 3) the same format as a Go template with its stop token;
 /// otherwise Ollama reads the template stored in the GGUF itself.
 pub fn modelfile(gguf: &str, chat_template: Option<&str>, system: Option<&str>) -> String {
-    let mut out = format!(
-        "# Ollama: ollama create <name> -f Modelfile (in this folder)\nFROM ./{gguf}\n"
-    );
+    let mut out =
+        format!("# Ollama: ollama create <name> -f Modelfile (in this folder)\nFROM ./{gguf}\n");
     let t = chat_template.unwrap_or("");
     if t.contains("<|im_start|>") {
         out.push_str(
@@ -663,7 +662,10 @@ pub fn modelfile(gguf: &str, chat_template: Option<&str>, system: Option<&str>) 
         out.push_str("# TEMPLATE: Ollama uses the chat template stored in the GGUF file.\n");
     }
     if let Some(s) = system.filter(|s| !s.trim().is_empty()) {
-        out.push_str(&format!("SYSTEM \"\"\"{}\"\"\"\n", s.replace("\"\"\"", "\"")));
+        out.push_str(&format!(
+            "SYSTEM \"\"\"{}\"\"\"\n",
+            s.replace("\"\"\"", "\"")
+        ));
     }
     out
 }
@@ -676,18 +678,78 @@ mod tests {
     fn tensor_types_follow_llama_cpp() {
         // SmolLM2's rows of 576 are not a multiple of 256: K-quants fall back.
         let t = |q, name, shape: &[usize], out| tensor_type(q, name, shape, out, 30);
-        assert_eq!(t(Quantization::Q4KM, "blk.0.attn_norm.weight", &[576], false), GgmlDType::F32);
-        assert_eq!(t(Quantization::Q4KM, "blk.5.attn_q.weight", &[576, 576], false), GgmlDType::Q5_0);
-        assert_eq!(t(Quantization::Q4KM, "blk.5.ffn_down.weight", &[576, 1536], false), GgmlDType::Q4K);
-        assert_eq!(t(Quantization::Q4KM, "blk.0.ffn_down.weight", &[576, 1536], false), GgmlDType::Q6K);
-        assert_eq!(t(Quantization::Q4KM, "token_embd.weight", &[49152, 576], true), GgmlDType::Q8_0);
-        assert_eq!(t(Quantization::Q4_0, "token_embd.weight", &[49152, 4096], true), GgmlDType::Q6K);
-        assert_eq!(t(Quantization::Q4_0, "blk.1.attn_k.weight", &[192, 576], false), GgmlDType::Q4_0);
-        assert_eq!(t(Quantization::Q8_0, "blk.1.attn_k.weight", &[192, 576], false), GgmlDType::Q8_0);
-        assert_eq!(t(Quantization::F16, "blk.1.attn_k.weight", &[192, 576], false), GgmlDType::F16);
+        assert_eq!(
+            t(Quantization::Q4KM, "blk.0.attn_norm.weight", &[576], false),
+            GgmlDType::F32
+        );
+        assert_eq!(
+            t(
+                Quantization::Q4KM,
+                "blk.5.attn_q.weight",
+                &[576, 576],
+                false
+            ),
+            GgmlDType::Q5_0
+        );
+        assert_eq!(
+            t(
+                Quantization::Q4KM,
+                "blk.4.ffn_down.weight",
+                &[576, 1536],
+                false
+            ),
+            GgmlDType::Q4K
+        );
+        assert_eq!(
+            t(
+                Quantization::Q4KM,
+                "blk.0.ffn_down.weight",
+                &[576, 1536],
+                false
+            ),
+            GgmlDType::Q6K
+        );
+        assert_eq!(
+            t(Quantization::Q4KM, "token_embd.weight", &[49152, 576], true),
+            GgmlDType::Q8_0
+        );
+        assert_eq!(
+            t(
+                Quantization::Q4_0,
+                "token_embd.weight",
+                &[49152, 4096],
+                true
+            ),
+            GgmlDType::Q6K
+        );
+        assert_eq!(
+            t(
+                Quantization::Q4_0,
+                "blk.1.attn_k.weight",
+                &[192, 576],
+                false
+            ),
+            GgmlDType::Q4_0
+        );
+        assert_eq!(
+            t(
+                Quantization::Q8_0,
+                "blk.1.attn_k.weight",
+                &[192, 576],
+                false
+            ),
+            GgmlDType::Q8_0
+        );
+        assert_eq!(
+            t(Quantization::F16, "blk.1.attn_k.weight", &[192, 576], false),
+            GgmlDType::F16
+        );
         // llama.cpp's pattern for 32 layers: 0–3, 28–31 and every third from 6.
         let more: Vec<usize> = (0..32).filter(|&i| use_more_bits(i, 32)).collect();
-        assert_eq!(more, [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]);
+        assert_eq!(
+            more,
+            [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+        );
     }
 
     #[test]
@@ -704,13 +766,20 @@ mod tests {
 
     #[test]
     fn modelfiles_carry_the_chat_format() {
-        let m = modelfile("m.Q8_0.gguf", Some("{{'<|im_start|>' + role}}"), Some("Be brief."));
+        let m = modelfile(
+            "m.Q8_0.gguf",
+            Some("{{'<|im_start|>' + role}}"),
+            Some("Be brief."),
+        );
         assert!(m.contains("FROM ./m.Q8_0.gguf"));
         assert!(m.contains("PARAMETER stop \"<|im_end|>\""));
         assert!(m.contains("SYSTEM \"\"\"Be brief.\"\"\""));
         let m = modelfile("m.gguf", Some("<|start_header_id|>"), None);
         assert!(m.contains("<|eot_id|>"));
         assert!(modelfile("m.gguf", None, None).contains("stored in the GGUF"));
-        assert_eq!(gguf_file_name("my model/v2", Quantization::Q4KM), "my-model-v2.Q4_K_M.gguf");
+        assert_eq!(
+            gguf_file_name("my model/v2", Quantization::Q4KM),
+            "my-model-v2.Q4_K_M.gguf"
+        );
     }
 }

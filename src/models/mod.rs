@@ -19,8 +19,9 @@
 //! failed pull leaves nothing half-written.
 
 pub mod adapters;
-pub mod export;
 pub(crate) mod convert;
+pub mod export;
+pub mod exports;
 pub(crate) mod gguf;
 pub mod hub;
 pub mod pulls;

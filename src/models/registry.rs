@@ -510,6 +510,9 @@ impl Registry {
         for m in self.trained(owner).await? {
             self.store()?.models().remove(owner, &m.model_id).await?;
         }
+        for e in self.store()?.exports().list(owner).await? {
+            self.store()?.exports().remove(owner, &e.export_id).await?;
+        }
         if let Some(dir) = &self.trained_dir {
             self.remove_files(&dir.join(owner)).await;
         }

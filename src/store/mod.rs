@@ -366,6 +366,7 @@ struct Inner {
     tasks: Owned<TaskRecord>,
     models: Owned<ModelRecord>,
     chat_sessions: Owned<ChatSession>,
+    exports: Owned<ExportRecord>,
     task_metrics: sled::Tree,
     flusher: Arc<Flusher>,
 }
@@ -413,6 +414,7 @@ impl Store {
             tasks: Owned::open(&db, "tasks", flusher.clone())?,
             models: Owned::open(&db, "models", flusher.clone())?,
             chat_sessions: Owned::open(&db, "chat_sessions", flusher.clone())?,
+            exports: Owned::open(&db, "exports", flusher.clone())?,
             task_metrics: db.open_tree("task_metrics")?,
             flusher,
         };
@@ -440,6 +442,10 @@ impl Store {
 
     pub fn chat_sessions(&self) -> &Owned<ChatSession> {
         &self.inner.chat_sessions
+    }
+
+    pub fn exports(&self) -> &Owned<ExportRecord> {
+        &self.inner.exports
     }
 
     pub fn api_keys_of(&self) -> &Owned<ApiKey> {

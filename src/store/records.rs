@@ -313,6 +313,63 @@ impl OwnedRecord for ModelRecord {
     }
 }
 
+/// An export of a user's model (merged into its base, written as safetensors or GGUF): a
+/// background job whose result is registered as a new model of the owner's.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ExportRecord {
+    pub export_id: String,
+    pub owner: String,
+    /// The model exported (an adapter or a full fine-tune of the owner's).
+    pub source_model_id: String,
+    pub source_name: String,
+    pub format: crate::models::export::ExportFormat,
+    pub quantization: crate::models::export::Quantization,
+    /// The new model's name.
+    pub name: String,
+    pub status: ExportStatus,
+    /// 0 to 1.
+    pub progress: f64,
+    /// What it is doing.
+    pub message: String,
+    pub error: Option<String>,
+    /// The model the export registered, once it succeeded.
+    pub model_id: Option<String>,
+    /// Files, sizes, time, retention of the fine-tune, warning.
+    pub report: Option<crate::models::export::ExportReport>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl ExportStatus {
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            ExportStatus::Succeeded | ExportStatus::Failed | ExportStatus::Cancelled
+        )
+    }
+}
+
+impl OwnedRecord for ExportRecord {
+    fn id(&self) -> &str {
+        &self.export_id
+    }
+    fn owner(&self) -> &str {
+        &self.owner
+    }
+}
+
 /// One point of a task's loss curve.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct MetricPoint {

@@ -395,6 +395,23 @@ async function main() {
       await page.getByText('Added uploaded-arith').waitFor()
       await page.locator('[data-test=trained-models]').getByText('uploaded-arith').waitFor()
       await snap('models-uploaded-adapter')
+      // export: the adapter merged into a Q4_K_M GGUF, a job with progress; the result's
+      // retention of the fine-tune is shown and its GGUF downloads as it is
+      await page.locator('[data-test=export-model]').first().click()
+      await page.selectOption('[data-test=export-format]', 'gguf')
+      await page.selectOption('[data-test=export-quant]', 'q4_k_m')
+      await page.fill('[data-test=export-name]', 'arith-q4km')
+      await page.click('[data-test=export-submit]')
+      await page.locator('[data-test=exports] tr[data-status=succeeded]').waitFor({ timeout: 180000 })
+      const retention = await page.locator('[data-test=retention]').first().innerText()
+      check(/keeps [0-9.]+ %/.test(retention), `the export shows its retention (${retention})`)
+      await page.locator('[data-test=trained-models]').getByText('arith-q4km').waitFor()
+      await snap('models-exported')
+      const gguf = page.locator('[data-test=export-file]', { hasText: '.gguf' }).first()
+      const [ggufDownload] = await Promise.all([page.waitForEvent('download'), gguf.click()])
+      const ggufBytes = fs.readFileSync(await ggufDownload.path())
+      check(ggufDownload.suggestedFilename() === 'arith-q4km.Q4_K_M.gguf' && ggufBytes.subarray(0, 4).toString() === 'GGUF' && ggufBytes.length > 50e6,
+        `the GGUF downloads as it is (${ggufDownload.suggestedFilename()}, ${ggufBytes.length} bytes)`)
       await page.locator('[data-test=chat-model]').first().click()
       await page.waitForURL(/\/chat\?model=/)
     } else {
