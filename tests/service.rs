@@ -193,6 +193,28 @@ async fn the_queue_follows_priority_and_per_user_limits() {
         lines[1].starts_with(&format!("{a1},a1,completed,5,")),
         "{csv}"
     );
+    // A burst of comparisons at once (JSON and CSV mixed) all answer, and alike.
+    let burst: Vec<_> = (0..12)
+        .map(|i| {
+            let alice = alice.clone();
+            let path = if i % 2 == 0 {
+                format!("/api/tasks/compare?ids={a1},{a2}")
+            } else {
+                format!("/api/tasks/compare?ids={a1},{a2}&format=csv")
+            };
+            tokio::spawn(async move { alice.get_bytes(&path).await })
+        })
+        .collect();
+    for (i, h) in burst.into_iter().enumerate() {
+        let (status, bytes, _) = h.await.unwrap();
+        assert_eq!(status, 200, "request {i} of the burst");
+        if i % 2 == 1 {
+            assert_eq!(String::from_utf8(bytes).unwrap(), csv);
+        } else {
+            let v: Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(v["differences"], cmp.body["differences"]);
+        }
+    }
     // Someone else's run is not there to compare; an administrator sees everyone's.
     let r = bob.get(&format!("/api/tasks/compare?ids={b1},{a1}")).await;
     assert_eq!(r.status, 404, "{:?}", r.body);

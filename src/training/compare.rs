@@ -55,11 +55,26 @@ pub fn differences(specs: &[BTreeMap<String, Value>], skip: &[&str]) -> Vec<(Str
 /// folder: `train_loss`, `eval_loss` when a validation split was held out, runtimes and
 /// rates); empty when the run wrote none. Blocking: reads a file.
 pub fn final_results(output_dir: &Path) -> BTreeMap<String, f64> {
-    let Ok(bytes) = std::fs::read(output_dir.join("all_results.json")) else {
-        return BTreeMap::new();
+    let path = output_dir.join("all_results.json");
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        // A run that did not finish has none: nothing to say.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read a run's final results");
+            return BTreeMap::new();
+        }
     };
-    let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(&bytes) else {
-        return BTreeMap::new();
+    let m = match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => {
+            tracing::warn!(path = %path.display(), "a run's final results are not a JSON object");
+            return BTreeMap::new();
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "a run's final results are not JSON");
+            return BTreeMap::new();
+        }
     };
     m.into_iter()
         .filter_map(|(k, v)| Some((k, v.as_f64()?)))

@@ -175,6 +175,7 @@ impl Drop for Server {
     }
 }
 
+#[derive(Clone)]
 pub struct Client {
     pub http: reqwest::Client,
     pub base: String,
