@@ -52,7 +52,28 @@ def ferrotune_answer(binary, folder):
     return text[0].lstrip("> ").strip() if text else ""
 
 
+def compare(ours, theirs):
+    """Runs in the training environment (numpy, the `gguf` package)."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    a = {t.name: t for t in GGUFReader(ours).tensors}
+    b = {t.name: t for t in GGUFReader(theirs).tensors}
+    worst, same_types = 0.0, 0
+    for name, t in b.items():
+        x = np.asarray(dequantize(a[name].data, a[name].tensor_type), dtype=np.float32)
+        y = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        worst = max(worst, float(np.abs(x.reshape(-1) - y.reshape(-1)).max()))
+        same_types += a[name].tensor_type == t.tensor_type
+    print(f"llama.cpp's convert_hf_to_gguf.py vs ferrotune's f16 GGUF: {len(b)} tensors "
+          f"(ferrotune {len(a)}), names {'equal' if set(a) == set(b) else 'DIFFER'}, "
+          f"{same_types} with the same type, max |difference| {worst:.3g}")
+
+
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--compare":
+        return compare(sys.argv[2], sys.argv[3])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=CACHE / "test-models" / "SmolLM2-135M-Instruct")
     p.add_argument("--adapter", type=Path,
@@ -92,23 +113,8 @@ def main():
         env = dict(os.environ, PYTHONPATH=f"{LC / 'gguf-py'}:{LC}")
         run([train_py, LC / "convert_hf_to_gguf.py", "--outtype", "f16", "--outfile", theirs,
              outs[("safetensors", "f16")]], env=env)
-        sys.path.insert(0, str(LC / "gguf-py"))
-        import numpy as np
-        from gguf import GGUFReader
-        from gguf.quants import dequantize
-
-        ours = next(outs[("gguf", "f16")].glob("*.gguf"))
-        a = {t.name: t for t in GGUFReader(ours).tensors}
-        b = {t.name: t for t in GGUFReader(theirs).tensors}
-        worst, same_types = 0.0, 0
-        for name, t in b.items():
-            x = np.asarray(dequantize(a[name].data, a[name].tensor_type), dtype=np.float32)
-            y = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-            worst = max(worst, float(np.abs(x.reshape(-1) - y.reshape(-1)).max()))
-            same_types += a[name].tensor_type == t.tensor_type
-        print(f"llama.cpp's convert_hf_to_gguf.py vs ferrotune's f16 GGUF: {len(b)} tensors "
-              f"(ferrotune {len(a)}), names {'equal' if set(a) == set(b) else 'DIFFER'}, "
-              f"{same_types} with the same type, max |difference| {worst:.3g}")
+        print(run([train_py, __file__, "--compare", next(outs[("gguf", "f16")].glob("*.gguf")),
+                   theirs]).stdout.strip())
 
     print(f"\nQuestion: {QUESTION!r}; the adapter answers '3 plus 4 is 7.'\n")
     print("| export | size (MB) | time (s) | ΔW kept | llama.cpp answers | ferrotune answers |")
