@@ -408,3 +408,72 @@ fn status_word(s: ExportStatus) -> &'static str {
         ExportStatus::Queued | ExportStatus::Running => "not finished",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, status: ExportStatus) -> ExportRecord {
+        ExportRecord {
+            export_id: id.into(),
+            owner: "u1".into(),
+            source_model_id: "m1".into(),
+            source_name: "arith".into(),
+            format: ExportFormat::Gguf,
+            quantization: Quantization::Q8_0,
+            name: "arith-q8_0".into(),
+            status,
+            progress: 0.4,
+            message: "quantising".into(),
+            error: None,
+            model_id: None,
+            report: None,
+            created_at: OffsetDateTime::now_utc(),
+            finished_at: None,
+        }
+    }
+
+    /// A server that stopped during an export finds it failed (with the reason) at its next
+    /// start, its partial folder gone; finished exports are left as they were; a finished
+    /// export cannot be cancelled; another user's is not found.
+    #[tokio::test]
+    async fn unfinished_exports_fail_at_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let registry = Registry::new(dir.path().join("models"), dir.path(), store.clone());
+        let exports = Exports::new(store.clone(), registry);
+        for (id, status) in [
+            ("e1", ExportStatus::Running),
+            ("e2", ExportStatus::Queued),
+            ("e3", ExportStatus::Succeeded),
+        ] {
+            store.exports().put(&record(id, status)).await.unwrap();
+        }
+        let partial = exports.partial_dir("u1", "e1").unwrap();
+        std::fs::create_dir_all(&partial).unwrap();
+        std::fs::write(partial.join("x.gguf.partial"), b"half").unwrap();
+
+        exports.recover().await.unwrap();
+        for id in ["e1", "e2"] {
+            let r = exports.get("u1", id).await.unwrap();
+            assert_eq!(r.status, ExportStatus::Failed);
+            assert!(r.error.unwrap().contains("server stopped"));
+            assert!(r.finished_at.is_some());
+        }
+        assert!(!partial.exists(), "the partial files are removed");
+        let done = exports.get("u1", "e3").await.unwrap();
+        assert_eq!(done.status, ExportStatus::Succeeded);
+        assert!(
+            done.finished_at.is_none(),
+            "a finished export is not touched"
+        );
+
+        let e = exports.cancel("u1", "e1").await.unwrap_err();
+        assert_eq!(e.code, "export_finished");
+        assert_eq!(
+            exports.get("u2", "e1").await.unwrap_err().kind,
+            Kind::NotFound
+        );
+        assert_eq!(exports.list("u1").await.unwrap().len(), 3);
+    }
+}
