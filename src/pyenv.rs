@@ -173,7 +173,7 @@ impl PyEnv {
             &self.python(),
             &[
                 "-c",
-                "import torch, transformers, peft, trl, llamafactory, bitsandbytes, deepspeed; \
+                "import torch, transformers, peft, trl, llamafactory, bitsandbytes, deepspeed, nltk, jieba, rouge_chinese; \
                  from llamafactory.train.tuner import run_exp; \
                  print('torch', torch.__version__, '| transformers', transformers.__version__, \
                  '| llamafactory', llamafactory.__version__, '| cuda', torch.cuda.is_available())",

@@ -424,3 +424,220 @@ async fn a_full_fine_tune_is_a_model_that_chats() {
     );
     assert!(!names.iter().any(|n| n.contains(".ferrotune")), "{names:?}");
 }
+
+/// English and Chinese sums: a format and a skill the LoRA learns, so held-out rows show it.
+fn bilingual_sums() -> Vec<u8> {
+    let rows: Vec<Value> = (0..40)
+        .map(|i| {
+            let (a, b) = (i % 9 + 1, (i * 7) % 8 + 1);
+            if i % 2 == 0 {
+                json!({"instruction": format!("What is {a} plus {b}?"), "output": format!("{a} plus {b} is {}.", a + b)})
+            } else {
+                json!({"instruction": format!("{a}加{b}等于多少？"), "output": format!("{a}加{b}等于{}。", a + b)})
+            }
+        })
+        .collect();
+    serde_json::to_vec(&rows).unwrap()
+}
+
+#[tokio::test]
+async fn an_evaluation_shows_the_fine_tune_beating_its_base_on_held_out_rows() {
+    let server = training_server(&[]);
+    let c = server.client();
+    let (alice, _) = c.signup("alice").await;
+    let (bob, _) = c.signup("bob").await;
+    let up = alice.upload("sums.json", bilingual_sums()).await;
+    assert_eq!(up.status, 201, "{:?}", up.body);
+    let dataset_id = up.body["file_id"].as_str().unwrap().to_string();
+    wait_for_environment_and_model(&alice).await;
+
+    // Bad requests are 422s naming the field, before anything is queued.
+    for (body, field) in [
+        (json!({"dataset_id": dataset_id}), "model"),
+        (json!({"model": MODEL}), "dataset_id"),
+        (
+            json!({"model": "no-such-model", "dataset_id": dataset_id}),
+            "model",
+        ),
+        (
+            json!({"model": MODEL, "dataset_id": dataset_id, "max_new_tokens": 0}),
+            "max_new_tokens",
+        ),
+        (
+            json!({"model": MODEL, "dataset_id": dataset_id, "baseline": true}),
+            "baseline",
+        ),
+    ] {
+        let r = alice.post("/api/evaluations", body.clone()).await;
+        assert_eq!(r.status, 422, "{body}: {:?}", r.body);
+        assert!(r.error().contains(field), "{body}: {:?}", r.body);
+    }
+    let r = alice
+        .post(
+            "/api/evaluations",
+            json!({"model": MODEL, "dataset_id": dataset_id, "temperature": 1}),
+        )
+        .await;
+    assert_eq!(r.status, 422, "{:?}", r.body);
+
+    // A training task that asks to be judged on the fifth of its rows it holds out.
+    let r = alice
+        .post(
+            "/api/tasks",
+            json!({"name": "sums", "model_name": MODEL, "dataset_id": dataset_id, "epochs": 3,
+                   "learning_rate": 0.001, "batch_size": 4, "cutoff_len": 128, "lora_rank": 8,
+                   "logging_steps": 1, "save_steps": 100, "eval_split": 0.2}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let task_id = r.body["task_id"].as_str().unwrap().to_string();
+    let t = common::wait_status(
+        &alice,
+        &task_id,
+        &["completed", "failed"],
+        Duration::from_secs(900),
+    )
+    .await;
+    assert_eq!(t["status"], "completed", "{t}");
+    assert_eq!(t["val_size"], 0.2);
+
+    // Its evaluations were queued when it completed: the base (before) and the adapter (after).
+    let evals = wait_until(
+        "the two evaluations to finish",
+        Duration::from_secs(900),
+        async || {
+            let list = alice.get("/api/evaluations").await.body;
+            let mine: Vec<Value> = list
+                .as_array()?
+                .iter()
+                .filter(|e| e["source_task_id"] == task_id.as_str())
+                .cloned()
+                .collect();
+            for e in &mine {
+                assert!(
+                    !["failed", "cancelled"].contains(&e["status"].as_str().unwrap_or("")),
+                    "{e}"
+                );
+            }
+            (mine.len() == 2 && mine.iter().all(|e| e["status"] == "completed"))
+                .then(|| json!(mine))
+        },
+    )
+    .await;
+    let candidate = evals
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["role"] == "candidate")
+        .unwrap()
+        .clone();
+    assert_eq!(candidate["model"], t["model_id"]);
+    assert_eq!(candidate["model_kind"], "adapter");
+    let id = candidate["evaluation_id"].as_str().unwrap();
+    // The evaluation is a task of the queue too: its log and events are the task routes'.
+    let detail = alice.get(&format!("/api/tasks/{id}")).await;
+    assert_eq!(detail.body["kind"], "evaluation", "{:?}", detail.body);
+    let log = alice.get(&format!("/api/tasks/{id}/logs")).await;
+    assert_eq!(log.status, 200);
+
+    let cmp = alice
+        .get(&format!("/api/evaluations/{id}/comparison"))
+        .await;
+    assert_eq!(cmp.status, 200, "{:?}", cmp.body);
+    let (before, after) = (
+        &cmp.body["baseline"]["metrics"],
+        &cmp.body["candidate"]["metrics"],
+    );
+    println!(
+        "before: {before}\nafter: {after}\ndelta: {}",
+        cmp.body["delta"]
+    );
+    assert_eq!(after["samples"], 8, "a fifth of 40 rows held out: {after}");
+    for m in ["bleu_4", "rouge_1", "rouge_l"] {
+        assert!(
+            after[m].as_f64().unwrap() > before[m].as_f64().unwrap() + 5.0,
+            "{m}: the fine-tune should beat its base: {before} vs {after}"
+        );
+    }
+    assert!(after["perplexity"].as_f64().unwrap() < before["perplexity"].as_f64().unwrap());
+    assert!(after["exact_match"].as_f64().unwrap() >= before["exact_match"].as_f64().unwrap());
+    assert!(
+        after["tokens_per_second"].as_f64().unwrap() > 0.0,
+        "{after}"
+    );
+    let rows = cmp.body["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 8);
+    assert!(
+        rows.iter()
+            .any(|r| r["reference"].as_str().unwrap().contains("等于")),
+        "Chinese rows are among the held-out ones: {rows:?}"
+    );
+    for r in rows {
+        assert_ne!(r["baseline"], r["candidate"], "{r}");
+    }
+
+    // The answers download as JSON lines.
+    let (status, bytes, headers) = alice
+        .get_bytes(&format!("/api/evaluations/{id}/predictions"))
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        headers["content-disposition"]
+            .to_str()
+            .unwrap()
+            .contains(".jsonl")
+    );
+    let text = String::from_utf8(bytes).unwrap();
+    assert_eq!(text.lines().count(), 8);
+    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert!(
+        first["predict"].is_string() && first["label"].is_string(),
+        "{first}"
+    );
+
+    // Another user sees none of it; a finished evaluation cannot be cancelled.
+    assert_eq!(bob.get(&format!("/api/evaluations/{id}")).await.status, 404);
+    assert_eq!(
+        bob.get(&format!("/api/evaluations/{id}/comparison"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        alice
+            .post(&format!("/api/evaluations/{id}/cancel"), json!({}))
+            .await
+            .status,
+        409
+    );
+    // A training task is not an evaluation.
+    assert_eq!(
+        alice
+            .get(&format!("/api/evaluations/{task_id}"))
+            .await
+            .status,
+        404
+    );
+
+    // A test set evaluated by hand, base model alone (no baseline), cancelled while queued
+    // or running: it ends cancelled and leaves nothing running.
+    let r = alice
+        .post(
+            "/api/evaluations",
+            json!({"model": MODEL, "dataset_id": dataset_id, "max_samples": 4}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    assert!(r.body["baseline_id"].is_null());
+    let eid = r.body["evaluation_id"].as_str().unwrap();
+    let r = alice
+        .post(&format!("/api/evaluations/{eid}/cancel"), json!({}))
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    common::wait_status(&alice, eid, &["cancelled"], Duration::from_secs(120)).await;
+    let e = alice
+        .get(&format!("/api/evaluations/{eid}/predictions"))
+        .await;
+    assert_eq!(e.status, 409, "{:?}", e.body);
+    drop(server);
+}

@@ -619,6 +619,93 @@ class Client:
             paths.append(path)
         return paths
 
+    def evaluate(
+        self,
+        model: Optional[str] = None,
+        *,
+        dataset_id: Optional[str] = None,
+        task_id: Optional[str] = None,
+        baseline: Optional[bool] = None,
+        max_samples: Optional[int] = None,
+        max_new_tokens: Optional[int] = None,
+        batch_size: Optional[int] = None,
+        name: Optional[str] = None,
+        wait: bool = True,
+        timeout: float = 7200.0,
+        poll: float = 1.0,
+    ) -> dict:
+        """Evaluates ``model`` (a base model's name or one of your trained models' ids) on an
+        uploaded test set (``dataset_id``) or on the rows a training task held out
+        (``task_id``: its ``val_size`` and seed; the model defaults to that task's). The
+        server scores BLEU-4, ROUGE-1/2/L (Chinese by jieba's words), exact match, the
+        references' loss and perplexity and the generation speed, as a queued job. For a
+        fine-tune its base is evaluated on the same rows too (``baseline``, default true).
+
+        Returns ``{"evaluation_id", "baseline_id", "evaluations"}``; with ``wait`` (the
+        default) once every evaluation finished, each with its ``metrics``, and with
+        ``comparison`` (see :meth:`evaluation_comparison`) when a baseline ran. Raises
+        :class:`APIError` if one failed or was cancelled."""
+        body: Dict[str, Any] = {
+            k: v
+            for k, v in (
+                ("model", model),
+                ("dataset_id", dataset_id),
+                ("task_id", task_id),
+                ("baseline", baseline),
+                ("max_samples", max_samples),
+                ("max_new_tokens", max_new_tokens),
+                ("batch_size", batch_size),
+                ("name", name),
+            )
+            if v is not None
+        }
+        queued = self._json("POST", "/api/evaluations", body)
+        if not wait:
+            return queued
+        deadline = time.monotonic() + timeout
+        done = []
+        for e in queued["evaluations"]:
+            while e["status"] in ("queued", "running"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"evaluation {e['evaluation_id']} still {e['status']}")
+                time.sleep(poll)
+                e = self.evaluation(e["evaluation_id"])
+            if e["status"] != "completed":
+                raise APIError(
+                    409,
+                    f"evaluation {e['evaluation_id']} {e['status']}: {e.get('error')}",
+                    code="evaluation_" + e["status"],
+                    body=e,
+                )
+            done.append(e)
+        result = dict(queued, evaluations=done)
+        if queued.get("baseline_id"):
+            result["comparison"] = self.evaluation_comparison(queued["evaluation_id"])
+        return result
+
+    def evaluation(self, evaluation_id: str) -> dict:
+        """One evaluation: ``status``, ``progress`` and, once it completed, ``metrics``."""
+        return self._json("GET", f"/api/evaluations/{_q(evaluation_id)}")
+
+    def evaluations(self) -> List[dict]:
+        """Your evaluations, newest first."""
+        return self._json("GET", "/api/evaluations")
+
+    def evaluation_predictions(self, evaluation_id: str) -> List[dict]:
+        """A completed evaluation's answers: ``{"prompt", "predict", "label"}`` per row."""
+        return self._json(
+            "GET", f"/api/evaluations/{_q(evaluation_id)}/predictions?format=json"
+        )
+
+    def evaluation_comparison(self, evaluation_id: str) -> dict:
+        """A fine-tune's evaluation and its base's side by side: ``baseline`` and
+        ``candidate`` (each with ``metrics``), ``delta`` (after minus before) and ``rows``
+        (``prompt``, ``reference``, ``baseline`` and ``candidate`` answers)."""
+        return self._json("GET", f"/api/evaluations/{_q(evaluation_id)}/comparison")
+
+    def cancel_evaluation(self, evaluation_id: str) -> dict:
+        return self._json("POST", f"/api/evaluations/{_q(evaluation_id)}/cancel", {})
+
     def upload_adapter(
         self,
         path: Union[str, "os.PathLike[str]"],

@@ -124,6 +124,17 @@ def test_upload_train_wait_and_chat_with_the_adapter(server, client, models_dir,
         client.export(model_id, "safetensors", "q4_0")
     assert refused.value.status == 422
 
+    # Judged: the adapter and its base on four of the rows, side by side.
+    ev = client.evaluate(model_id, dataset_id=ds["file_id"], max_samples=4, max_new_tokens=24)
+    cmp = ev["comparison"]
+    before, after = cmp["baseline"]["metrics"], cmp["candidate"]["metrics"]
+    assert after["samples"] == 4 and after["bleu_4"] > before["bleu_4"], cmp
+    assert after["exact_match"] >= 50 and cmp["delta"]["bleu_4"] > 0, cmp
+    assert [r["reference"] for r in cmp["rows"]] == [
+        p["label"] for p in client.evaluation_predictions(ev["evaluation_id"])
+    ]
+    assert ev["evaluation_id"] in [e["evaluation_id"] for e in client.evaluations()]
+
     # Bring your own adapter: the folder uploaded again is another model that answers the same.
     mine = client.upload_adapter(adapter, name="uploaded")
     assert mine["kind"] == "adapter" and mine["base_model"] == MODEL and mine["name"] == "uploaded"

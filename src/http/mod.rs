@@ -11,6 +11,7 @@ mod auth;
 mod chat;
 mod datasets;
 pub mod error;
+mod evaluations;
 mod exports;
 mod extract;
 mod metrics;
@@ -179,6 +180,7 @@ pub fn api(max_upload_bytes: u64) -> (Router<AppState>, utoipa::openapi::OpenApi
         .merge(tasks::router())
         .merge(models::router(max_upload_bytes))
         .merge(exports::router())
+        .merge(evaluations::router())
         .merge(chat::router())
         .merge(openai::router())
         .split_for_parts()

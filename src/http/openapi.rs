@@ -53,6 +53,7 @@ impl Modify for BearerAuth {
         (name = "admin", description = "Administrators: every account, counts"),
         (name = "datasets", description = "Uploads, previews, downloads"),
         (name = "tasks", description = "Training tasks, their events, logs and artifacts"),
+        (name = "evaluations", description = "Models scored on held-out rows or test sets, before and after"),
         (name = "models", description = "Base and trained models"),
         (name = "chat", description = "Chat and saved conversations"),
         (name = "openai", description = "OpenAI-compatible endpoints"),

@@ -189,6 +189,8 @@ impl ModelView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TaskSummary {
     pub task_id: String,
+    /// `training` or `evaluation` (see `/api/evaluations/{id}`).
+    pub kind: &'static str,
     pub name: String,
     pub model_name: String,
     pub status: TaskStatus,
@@ -214,6 +216,7 @@ impl TaskSummary {
     pub fn new(t: &Task, positions: &HashMap<String, usize>) -> TaskSummary {
         TaskSummary {
             task_id: t.task_id.clone(),
+            kind: task_kind(t),
             name: t.spec.name.clone(),
             model_name: t.spec.model_name.clone(),
             status: t.status,
@@ -230,8 +233,12 @@ impl TaskSummary {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TaskDetail {
     pub task_id: String,
+    /// `training` or `evaluation` (see `/api/evaluations/{id}`).
+    pub kind: &'static str,
     #[serde(flatten)]
     pub spec: TaskSpec,
+    /// An evaluation's scores, once it completed.
+    pub eval_metrics: Option<crate::store::EvalMetrics>,
     pub status: TaskStatus,
     pub queue_position: Option<usize>,
     pub progress: Progress,
@@ -260,11 +267,30 @@ pub struct TaskDetail {
     pub finished_at: Option<OffsetDateTime>,
 }
 
+/// `training` or `evaluation`.
+pub fn task_kind(t: &Task) -> &'static str {
+    if t.spec.evaluation.is_some() {
+        "evaluation"
+    } else {
+        "training"
+    }
+}
+
 impl TaskDetail {
     pub fn new(state: &AppState, t: &Task, queue_position: Option<usize>) -> TaskDetail {
+        let mut spec = t.spec.clone();
+        if let Some(e) = spec.evaluation.as_mut() {
+            // Server paths are shown relative to the data dir.
+            e.adapter_dir = e
+                .adapter_dir
+                .as_deref()
+                .map(|p| relative_path(&state.config.data_dir, p));
+        }
         TaskDetail {
             task_id: t.task_id.clone(),
-            spec: t.spec.clone(),
+            kind: task_kind(t),
+            eval_metrics: t.eval_metrics.clone(),
+            spec,
             status: t.status,
             queue_position,
             progress: t.progress.clone(),

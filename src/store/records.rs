@@ -254,6 +254,9 @@ pub struct TaskRecord {
     /// The retention sweep removed the outputs.
     #[serde(default)]
     pub outputs_removed: bool,
+    /// An evaluation's scores, once it completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_metrics: Option<EvalMetrics>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -271,6 +274,32 @@ impl OwnedRecord for TaskRecord {
     fn owner(&self) -> &str {
         &self.owner
     }
+}
+
+/// What an evaluation measured. BLEU-4 and ROUGE are LlamaFactory's (`ComputeSimilarity`:
+/// nltk's sentence BLEU-4 over characters, smoothing method 3; rouge-chinese's F1 over
+/// jieba's words, so Chinese is scored by word), in percent, averaged over the rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EvalMetrics {
+    /// Rows evaluated.
+    pub samples: u64,
+    pub bleu_4: Option<f64>,
+    pub rouge_1: Option<f64>,
+    pub rouge_2: Option<f64>,
+    pub rouge_l: Option<f64>,
+    /// Percent of answers equal to their reference (trimmed, case and spacing ignored, a
+    /// final full stop ignored).
+    pub exact_match: Option<f64>,
+    /// Mean token loss of the references given their prompts (teacher forcing).
+    pub eval_loss: Option<f64>,
+    /// `exp(eval_loss)`.
+    pub perplexity: Option<f64>,
+    /// Tokens generated (with the model's tokenizer), and how fast, over the generation
+    /// pass's wall time (batched greedy decoding in transformers).
+    pub generated_tokens: Option<u64>,
+    pub tokens_per_second: Option<f64>,
+    pub samples_per_second: Option<f64>,
+    pub generation_runtime_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -12,6 +12,7 @@
 pub mod artifacts;
 pub mod compare;
 pub mod diagnose;
+pub mod evaluation;
 pub mod events;
 pub mod queue;
 pub mod spec;
@@ -57,6 +58,8 @@ pub struct Training {
     /// Submissions, dataset deletions and account deletions of one user do not interleave.
     owners: Arc<OwnerLocks>,
     retention: Option<Duration>,
+    /// Completed tasks that asked for an evaluation (from the supervisor).
+    completed: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
 }
 
 impl Training {
@@ -95,6 +98,7 @@ impl Training {
             },
         ));
         let events = Arc::new(EventLog::new());
+        let (completed_tx, completed_rx) = tokio::sync::mpsc::unbounded_channel();
         let supervisor = Supervisor::new(
             store.clone(),
             events.clone(),
@@ -108,6 +112,7 @@ impl Training {
                 max_concurrent,
                 has_gpus,
             },
+            completed_tx,
         );
         Arc::new(Training {
             store,
@@ -121,6 +126,7 @@ impl Training {
             owners,
             retention: (config.retention_days > 0)
                 .then(|| Duration::from_secs(config.retention_days * 86_400)),
+            completed: std::sync::Mutex::new(Some(completed_rx)),
         })
     }
 
@@ -177,6 +183,13 @@ impl Training {
         let dataset = self
             .resolve_dataset(owner, dataset_id.as_deref(), dataset_path.as_deref())
             .await?;
+        if let Some(eval_id) = &spec.eval_dataset_id {
+            self.resolve_dataset(owner, Some(eval_id), None)
+                .await
+                .map_err(|e| {
+                    Error::new(e.kind, e.code, format!("eval_dataset_id: {}", e.message))
+                })?;
+        }
         let gpus = self.gpu_ids().len();
         if let Some(missing) = spec.gpu_ids.iter().find(|i| !self.gpu_ids().contains(i)) {
             let known: Vec<String> = self.gpu_ids().iter().map(u32::to_string).collect();
@@ -264,6 +277,13 @@ impl Training {
             output_dir: task_dir.join(output_rel).to_string_lossy().into_owned(),
         };
         let task = Task::queued(task_id, owner, spec, Some(dataset.file_id.clone()), paths);
+        self.enqueue(task).await
+    }
+
+    /// Writes a new task's folder and record and wakes the scheduler. Nothing half-written
+    /// stays behind on failure.
+    async fn enqueue(&self, task: Task) -> Result<Task> {
+        let task_dir = task.task_dir().to_path_buf();
         let written = async {
             tokio::fs::create_dir_all(&task_dir).await?;
             let info = serde_json::to_vec_pretty(&spec::dataset_info(&task.paths))
@@ -286,7 +306,7 @@ impl Training {
         self.supervisor
             .record(&task, WorkerEvent::status(StatusChange::Queued), None)
             .await;
-        tracing::info!(task_id = %task.task_id, owner, model = %task.spec.model_name, "task queued");
+        tracing::info!(task_id = %task.task_id, owner = %task.owner, evaluation = task.spec.evaluation.is_some(), model = %task.spec.model_name, "task queued");
         self.queue.wake();
         Ok(task)
     }
@@ -523,6 +543,13 @@ impl Training {
     /// A new queued task with the same specification, with `overrides` (any task field)
     /// applied.
     pub async fn clone_task(&self, task: &Task, overrides: Value) -> Result<Task> {
+        if task.spec.evaluation.is_some() {
+            return Err(Error::new(
+                Kind::Invalid,
+                "not_a_training_task",
+                "this is an evaluation: run another with POST /api/evaluations",
+            ));
+        }
         let mut body = serde_json::to_value(&task.spec).map_err(Error::internal)?;
         body["dataset_id"] = json!(task.dataset_id);
         body["name"] = json!(format!("{} (copy)", task.spec.name));
@@ -626,7 +653,21 @@ impl Training {
                 }
             }
         });
-        vec![scheduler, sweeper]
+        let mut handles = vec![scheduler, sweeper];
+        let completed = self
+            .completed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut completed) = completed {
+            let this = self.clone();
+            handles.push(tokio::spawn(async move {
+                while let Some(task_id) = completed.recv().await {
+                    this.evaluate_after(&task_id).await;
+                }
+            }));
+        }
+        handles
     }
 
     async fn start_queued(&self) -> Result<()> {

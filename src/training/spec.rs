@@ -72,6 +72,12 @@ pub struct TaskRequest {
     /// DeepSpeed ZeRO stage (2 or 3) for a task on two or more GPUs.
     pub deepspeed: Option<u8>,
     pub priority: Option<i32>,
+    /// When the task completes, evaluate its model (and its base, side by side) on this
+    /// uploaded test set.
+    pub eval_dataset_id: Option<String>,
+    /// When the task completes, evaluate its model (and its base) on this fraction of the
+    /// training data, held out from training (it sets `val_size`).
+    pub eval_split: Option<f64>,
 }
 
 /// The validated specification with every default filled in: what a task runs with.
@@ -110,6 +116,47 @@ pub struct TaskSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deepspeed: Option<u8>,
     pub priority: i32,
+    /// Evaluate the result on this test set when the task completes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_dataset_id: Option<String>,
+    /// Evaluate the result on the held-out `val_size` rows when the task completes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_split: Option<f64>,
+    /// Set on an evaluation: the task evaluates a model instead of training one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<EvalSpec>,
+}
+
+/// What an evaluation task evaluates, and how. The data are the task's dataset (`RunPaths`);
+/// the model is `RunPaths::model_dir` (a base or a full model) with `adapter_dir` over it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct EvalSpec {
+    /// The model as chat names it: a base model's name or a trained model's id.
+    pub model: String,
+    /// `base`, `adapter` or `full`.
+    pub model_kind: crate::store::ModelKind,
+    /// The LoRA adapter's folder, for an adapter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_dir: Option<String>,
+    /// Evaluate on the rows a training run with this `val_size` (and the task's seed) holds
+    /// out of the dataset; none: on every row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<f64>,
+    /// At most this many rows (of a test set; a held-out split is taken whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_samples: Option<u32>,
+    /// Longest generated answer, in tokens.
+    pub max_new_tokens: u32,
+    /// The training task whose result (or held-out rows) this evaluates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_task_id: Option<String>,
+    /// Evaluations made to be compared (a base and its fine-tune on the same rows) share a
+    /// group: the id of the first of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// In a group: `baseline` (before) or `candidate` (after).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 /// A numeric field of a task: its default and the values accepted. The one source of these
@@ -403,8 +450,33 @@ impl TaskRequest {
             quantization_bit: None,
             deepspeed: None,
             priority: int("priority", self.priority)?,
+            eval_dataset_id: self.eval_dataset_id.filter(|d| !d.trim().is_empty()),
+            eval_split: None,
+            evaluation: None,
         };
         let mut spec = spec;
+        if let Some(split) = self.eval_split {
+            if !(split > 0.0 && split <= 0.5) {
+                return Err(invalid(
+                    "eval_split",
+                    "must be above 0 and at most 0.5 (the fraction of the rows held out)",
+                ));
+            }
+            if self.val_size.is_some_and(|v| (v - split).abs() > 1e-9) && spec.val_size > 0.0 {
+                return Err(invalid(
+                    "eval_split",
+                    "holds out the rows `val_size` holds out: give one of them, or the same value",
+                ));
+            }
+            if spec.eval_dataset_id.is_some() {
+                return Err(invalid(
+                    "eval_split",
+                    "give either eval_split (held-out rows) or eval_dataset_id (a test set)",
+                ));
+            }
+            spec.val_size = split;
+            spec.eval_split = Some(split);
+        }
         if let Some(bits) = self.quantization_bit {
             if !matches!(bits, 4 | 8) {
                 return Err(invalid("quantization_bit", "must be 4 or 8 (QLoRA)"));
@@ -630,6 +702,78 @@ pub fn llamafactory_args(spec: &TaskSpec, paths: &RunPaths, device: Device) -> M
         set("eval_steps", json!(spec.save_steps));
     }
     a
+}
+
+/// The `run_exp` calls a task's worker makes, in order: one for a training task; two for an
+/// evaluation (the references' loss, then generated answers scored with BLEU and ROUGE:
+/// LlamaFactory cannot measure both in one call, `predict_with_generate` drops the labels).
+pub fn llamafactory_passes(
+    spec: &TaskSpec,
+    paths: &RunPaths,
+    device: Device,
+) -> Vec<Map<String, Value>> {
+    let Some(eval) = &spec.evaluation else {
+        return vec![llamafactory_args(spec, paths, device)];
+    };
+    let mut a = Map::new();
+    let mut set = |k: &str, v: Value| {
+        a.insert(k.to_string(), v);
+    };
+    set("model_name_or_path", json!(paths.model_dir));
+    set("trust_remote_code", json!(false));
+    set("stage", json!("sft"));
+    set("do_train", json!(false));
+    set("finetuning_type", json!("lora"));
+    if let Some(adapter) = &eval.adapter_dir {
+        set("adapter_name_or_path", json!(adapter));
+    }
+    set("dataset_dir", json!(paths.task_dir));
+    match eval.split {
+        // The same rows a training run with this val_size and seed held out: LlamaFactory
+        // splits the raw rows with `train_test_split(test_size, seed)` before anything else.
+        Some(split) => {
+            set("dataset", json!(DATASET_NAME));
+            set("val_size", json!(split));
+        }
+        None => {
+            set("eval_dataset", json!(DATASET_NAME));
+            if let Some(n) = eval.max_samples {
+                set("max_samples", json!(n));
+            }
+        }
+    }
+    set("seed", json!(spec.seed));
+    set("template", json!(spec.template));
+    if let Some(system) = &spec.system {
+        set("default_system", json!(system));
+    }
+    set("cutoff_len", json!(spec.cutoff_len));
+    set("overwrite_cache", json!(true));
+    set("preprocessing_num_workers", json!(1));
+    set("dataloader_num_workers", json!(0));
+    set("output_dir", json!(paths.output_dir));
+    set("overwrite_output_dir", json!(true));
+    set("report_to", json!("none"));
+    set("per_device_eval_batch_size", json!(spec.batch_size));
+    match (spec.precision, device) {
+        (Precision::Bf16, _) | (Precision::Auto, Device::Gpu { bf16: true }) => {
+            set("bf16", json!(true))
+        }
+        (Precision::Fp16, _) | (Precision::Auto, Device::Gpu { bf16: false }) => {
+            set("fp16", json!(true))
+        }
+        (Precision::Fp32, _) | (Precision::Auto, Device::Cpu) => {}
+    }
+    let mut loss = a.clone();
+    loss.insert("do_eval".into(), json!(true));
+    loss.insert("predict_with_generate".into(), json!(false));
+    let mut predict = a;
+    predict.insert("do_predict".into(), json!(true));
+    predict.insert("predict_with_generate".into(), json!(true));
+    // Greedy answers: the scores must not depend on the sampler's luck.
+    predict.insert("do_sample".into(), json!(false));
+    predict.insert("max_new_tokens".into(), json!(eval.max_new_tokens));
+    vec![loss, predict]
 }
 
 /// The DeepSpeed config's file name in the task's folder.

@@ -62,6 +62,8 @@ pub struct Supervisor {
     queue: Arc<Queue>,
     settings: Settings,
     running: Mutex<HashMap<String, Running>>,
+    /// Completed tasks that asked for an evaluation of their result.
+    completed: tokio::sync::mpsc::UnboundedSender<String>,
 }
 
 #[derive(Default)]
@@ -79,8 +81,10 @@ impl Supervisor {
         env: EnvTracker,
         queue: Arc<Queue>,
         settings: Settings,
+        completed: tokio::sync::mpsc::UnboundedSender<String>,
     ) -> Arc<Supervisor> {
         Arc::new(Supervisor {
+            completed,
             store,
             events,
             models,
@@ -110,6 +114,7 @@ impl Supervisor {
     pub fn running_workers(&self) -> Vec<(String, u32, Vec<u32>)> {
         self.lock_running()
             .iter()
+            .filter(|(_, r)| r.pid != 0)
             .map(|(id, r)| (id.clone(), r.pid, r.gpus.clone()))
             .collect()
     }
@@ -152,24 +157,49 @@ impl Supervisor {
             Some((record, true)) => Task::from_record(record)?,
             _ => return Ok(()),
         };
-        let (pid, child) = self.spawn(&task, &gpus).await?;
+        // Supervised from here on, before its process exists (pid 0): a cancel arriving
+        // while it starts is remembered and carried out once it runs.
+        self.lock_running().insert(
+            task.task_id.clone(),
+            Running {
+                owner: task.owner.clone(),
+                pid: 0,
+                gpus: gpus.clone(),
+                cancel_requested: false,
+            },
+        );
+        let spawned = self.spawn(&task, &gpus).await;
+        let (pid, child) = match spawned {
+            Ok(p) => p,
+            Err(e) => {
+                self.lock_running().remove(&task.task_id);
+                return Err(e);
+            }
+        };
         task.pid = Some(pid);
-        self.store
+        let stored = self
+            .store
             .tasks()
             .update(&task.owner, &task.task_id, move |t| {
                 t.pid = Some(pid);
                 true
             })
-            .await?;
-        self.lock_running().insert(
-            task.task_id.clone(),
-            Running {
-                owner: task.owner.clone(),
-                pid,
-                gpus: gpus.clone(),
-                cancel_requested: false,
-            },
-        );
+            .await;
+        if let Err(e) = stored {
+            tracing::warn!(task_id = %task.task_id, error = %e, "could not record the worker's pid");
+        }
+        let cancel_now = {
+            let mut running = self.lock_running();
+            running.get_mut(&task.task_id).is_some_and(|r| {
+                r.pid = pid;
+                r.cancel_requested
+            })
+        };
+        if cancel_now {
+            signal(pid, Signal::SIGUSR1);
+            let grace = self.settings.cancel_grace;
+            tokio::spawn(async move { terminate_after(pid, grace).await });
+        }
         tracing::info!(task_id = %task.task_id, pid, ?gpus, "worker started");
         // The log reads the new worker's file from its start.
         let mut running = WorkerEvent::status(StatusChange::Running);
@@ -193,9 +223,16 @@ impl Supervisor {
         let exit_file = task_dir.join("exit.json");
         let _ = tokio::fs::remove_file(&exit_file).await;
         let env = self.env.env();
+        let mut passes = run_passes(task);
+        let first = if passes.is_empty() {
+            Default::default()
+        } else {
+            passes.remove(0)
+        };
         let job = Job {
             task_id: task.task_id.clone(),
-            args: run_args(task),
+            args: first,
+            then: passes,
             env_dir: env.dir.clone(),
             site_packages: env.site_packages(),
             events_file: worker_path(&task_dir),
@@ -338,7 +375,22 @@ impl Supervisor {
             .lock_running()
             .get(&task_id)
             .is_some_and(|r| r.cancel_requested);
-        let (status, error, model_id) = if state.done && exit_code == Some(0) {
+        let (status, error, model_id) = if state.done
+            && exit_code == Some(0)
+            && task.spec.evaluation.is_some()
+        {
+            match self.record_evaluation(&task).await {
+                Ok(()) => (TaskStatus::Completed, None, None),
+                Err(e) => (
+                    TaskStatus::Failed,
+                    Some(format!(
+                        "the evaluation finished but its results do not read: {}",
+                        e.message
+                    )),
+                    None,
+                ),
+            }
+        } else if state.done && exit_code == Some(0) {
             match self.register_model(&task).await {
                 Ok(model_id) => (TaskStatus::Completed, None, Some(model_id)),
                 Err(e) => (
@@ -370,7 +422,31 @@ impl Supervisor {
         };
         self.lock_running().remove(&task_id);
         self.finish(&task_id, status, error, model_id).await;
+        if status == TaskStatus::Completed
+            && (task.spec.eval_dataset_id.is_some() || task.spec.eval_split.is_some())
+        {
+            // The training service queues the evaluation the task asked for.
+            let _ = self.completed.send(task_id.clone());
+        }
         self.queue.wake();
+    }
+
+    /// Reads a finished evaluation's scores into its record.
+    async fn record_evaluation(&self, task: &Task) -> Result<()> {
+        let output = task.output_dir().to_path_buf();
+        let tokenizer_dir = std::path::PathBuf::from(&task.paths.model_dir);
+        let metrics = tokio::task::spawn_blocking(move || {
+            super::evaluation::read_results(&output, &tokenizer_dir)
+        })
+        .await??;
+        self.store
+            .tasks()
+            .update(&task.owner, &task.task_id, move |t| {
+                t.eval_metrics = Some(metrics.clone());
+                true
+            })
+            .await?;
+        Ok(())
     }
 
     /// Relays one line of the worker's file (ending at `offset`) into the task's log and
@@ -487,6 +563,11 @@ impl Supervisor {
         };
         self.record(task, WorkerEvent::status(StatusChange::Cancelling), None)
             .await;
+        if pid == 0 {
+            // Starting: `start` stops it as soon as its process exists.
+            tracing::info!(task_id = %task.task_id, "cancel requested while the worker starts");
+            return Ok(());
+        }
         signal(pid, Signal::SIGUSR1);
         let grace = self.settings.cancel_grace;
         tokio::spawn(async move { terminate_after(pid, grace).await });
@@ -623,8 +704,13 @@ impl Supervisor {
     }
 }
 
-/// The LlamaFactory arguments of a task's run.
+/// The LlamaFactory arguments of a task's run (an evaluation's: of its last pass).
 pub fn run_args(task: &Task) -> serde_json::Map<String, serde_json::Value> {
+    run_passes(task).pop().unwrap_or_default()
+}
+
+/// The `run_exp` calls of a task's run, in order.
+pub fn run_passes(task: &Task) -> Vec<serde_json::Map<String, serde_json::Value>> {
     let device = if task.gpu_ids.is_empty() && task.spec.gpus == 0 {
         spec::Device::Cpu
     } else {
@@ -632,11 +718,14 @@ pub fn run_args(task: &Task) -> serde_json::Map<String, serde_json::Value> {
             bf16: crate::system::bf16_supported(&task.gpu_ids),
         }
     };
-    let mut args = spec::llamafactory_args(&task.spec, &task.paths, device);
-    if let Some(ckpt) = &task.resume_from {
+    let mut passes = spec::llamafactory_passes(&task.spec, &task.paths, device);
+    if let Some(ckpt) = &task.resume_from
+        && task.spec.evaluation.is_none()
+        && let Some(args) = passes.first_mut()
+    {
         args.insert("resume_from_checkpoint".into(), serde_json::json!(ckpt));
     }
-    args
+    passes
 }
 
 async fn read_exit_file(task: &Task) -> Option<i32> {

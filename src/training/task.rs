@@ -31,6 +31,8 @@ pub struct Task {
     pub resume_from: Option<String>,
     /// The retention sweep removed the outputs.
     pub outputs_removed: bool,
+    /// An evaluation's scores, once it completed.
+    pub eval_metrics: Option<crate::store::EvalMetrics>,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
     pub started_at: Option<OffsetDateTime>,
@@ -62,6 +64,7 @@ impl Task {
             gpu_ids: Vec::new(),
             resume_from: None,
             outputs_removed: false,
+            eval_metrics: None,
             created_at: now,
             updated_at: now,
             started_at: None,
@@ -92,6 +95,7 @@ impl Task {
             gpu_ids: r.gpu_ids,
             resume_from: r.resume_from,
             outputs_removed: r.outputs_removed,
+            eval_metrics: r.eval_metrics,
             created_at: r.created_at,
             updated_at: r.updated_at,
             started_at: r.started_at,
@@ -115,6 +119,7 @@ impl Task {
             gpu_ids: self.gpu_ids.clone(),
             resume_from: self.resume_from.clone(),
             outputs_removed: self.outputs_removed,
+            eval_metrics: self.eval_metrics.clone(),
             created_at: self.created_at,
             updated_at: self.updated_at,
             started_at: self.started_at,

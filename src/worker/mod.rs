@@ -25,6 +25,9 @@ pub struct Job {
     pub task_id: String,
     /// LlamaFactory `run_exp` arguments.
     pub args: serde_json::Map<String, serde_json::Value>,
+    /// Further `run_exp` calls after the first, in the same process (an evaluation's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub then: Vec<serde_json::Map<String, serde_json::Value>>,
     /// The managed environment's root and site-packages.
     pub env_dir: PathBuf,
     pub site_packages: PathBuf,
@@ -96,7 +99,9 @@ fn run_python(job: &Job) -> Result<i32, String> {
         base_python: PathBuf::new(),
     }
     .recorded_version();
-    let args_json = serde_json::to_string(&job.args).map_err(|e| e.to_string())?;
+    let passes: Vec<&serde_json::Map<String, serde_json::Value>> =
+        std::iter::once(&job.args).chain(job.then.iter()).collect();
+    let args_json = serde_json::to_string(&passes).map_err(|e| e.to_string())?;
     Python::attach(|py| -> Result<i32, String> {
         let sys = py.import("sys").map_err(|e| e.to_string())?;
         let version: String = sys

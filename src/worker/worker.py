@@ -52,7 +52,9 @@ def main(args_json, events_path, heartbeat_secs=10.0):
     global _out
     if _rank == 0:
         _out = open(events_path, "a", buffering=1, encoding="utf-8")
-    args = json.loads(args_json)
+    passes = json.loads(args_json)
+    if isinstance(passes, dict):  # one run_exp call (the torchrun entry point's job.json)
+        passes = [passes]
     emit("starting", pid=os.getpid(), python=sys.version.split()[0])
     stop_requested = threading.Event()
     signal.signal(signal.SIGUSR1, lambda *_: stop_requested.set())
@@ -65,7 +67,25 @@ def main(args_json, events_path, heartbeat_secs=10.0):
              traceback=traceback.format_exc())
         return EXIT_IMPORT
 
+    # An evaluation's passes (loss, then generation) report one progress: batches done over
+    # the batches of every pass (each pass reads the same rows).
+    predicted = {"batches": 0, "per_pass": 0}
+
     class Reporter(TrainerCallback):
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            if state.max_steps:  # evaluation during training: the training steps tell it
+                return
+            if not predicted["per_pass"] and eval_dataloader is not None:
+                predicted["per_pass"] = len(eval_dataloader)
+            predicted["batches"] += 1
+            emit("step", step=predicted["batches"],
+                 total_steps=predicted["per_pass"] * len(passes))
+            if stop_requested.is_set():
+                raise KeyboardInterrupt("stopped on request")
+
+        def on_predict(self, args, state, control, metrics=None, **kwargs):
+            emit("eval", metrics=dict(metrics or {}), step=predicted["batches"])
+
         def on_train_begin(self, args, state, control, **kwargs):
             emit("train_begin", total_steps=state.max_steps, start_step=state.global_step,
                  num_epochs=float(args.num_train_epochs))
@@ -81,8 +101,9 @@ def main(args_json, events_path, heartbeat_secs=10.0):
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
+            # (An evaluation alone has no training steps: its batches tell the progress.)
             base = {"step": state.global_step, "total_steps": state.max_steps,
-                    "epoch": state.epoch}
+                    "epoch": state.epoch} if state.max_steps else {}
             if "loss" in logs:
                 emit("log", loss=logs.get("loss"), learning_rate=logs.get("learning_rate"),
                      grad_norm=logs.get("grad_norm"), **base)
@@ -101,12 +122,16 @@ def main(args_json, events_path, heartbeat_secs=10.0):
                  path=os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
     try:
-        run_exp(args=args, callbacks=[Reporter()])
+        for args in passes:
+            if stop_requested.is_set():
+                break
+            run_exp(args=args, callbacks=[Reporter()])
     except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt/SystemExit included
-        emit("error", stage="train", message=f"{type(e).__name__}: {e}",
-             traceback=traceback.format_exc())
-        traceback.print_exc()
-        return EXIT_FAILED
+        if not (isinstance(e, KeyboardInterrupt) and stop_requested.is_set()):
+            emit("error", stage="train", message=f"{type(e).__name__}: {e}",
+                 traceback=traceback.format_exc())
+            traceback.print_exc()
+            return EXIT_FAILED
     finally:
         _stop.set()
     if stop_requested.is_set():

@@ -9,6 +9,7 @@ const routes = [
   { path: '/tasks/new', name: 'new-task', component: () => import('./pages/NewTaskPage.vue'), meta: { title: 'New task' } },
   { path: '/tasks/compare', name: 'compare', component: () => import('./pages/ComparePage.vue'), meta: { title: 'Compare runs', wide: true } },
   { path: '/tasks/:id', name: 'task', component: () => import('./pages/TaskPage.vue'), meta: { title: 'Task' } },
+  { path: '/evaluations', name: 'evaluations', component: () => import('./pages/EvaluationsPage.vue'), meta: { title: 'Evaluations', wide: true } },
   { path: '/models', name: 'models', component: () => import('./pages/ModelsPage.vue'), meta: { title: 'Models' } },
   { path: '/chat', name: 'chat', component: () => import('./pages/ChatPage.vue'), meta: { title: 'Chat', wide: true } },
   { path: '/keys', name: 'keys', component: () => import('./pages/KeysPage.vue'), meta: { title: 'Account and API keys' } },

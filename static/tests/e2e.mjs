@@ -412,6 +412,21 @@ async function main() {
       const ggufBytes = fs.readFileSync(await ggufDownload.path())
       check(ggufDownload.suggestedFilename() === 'arith-q4km.Q4_K_M.gguf' && ggufBytes.subarray(0, 4).toString() === 'GGUF' && ggufBytes.length > 50e6,
         `the GGUF downloads as it is (${ggufDownload.suggestedFilename()}, ${ggufBytes.length} bytes)`)
+      // -- evaluations: the adapter and its base on two rows of the dataset, before and after
+      await visit('/evaluations', 'evaluations')
+      const adapterOption = page.locator('[data-test=eval-model] option', { hasText: 'ui-arith (adapter)' }).first()
+      await page.selectOption('[data-test=eval-model]', await adapterOption.getAttribute('value'))
+      await page.selectOption('[data-test=eval-dataset]', { index: 0 })
+      await page.fill('[data-test=eval-max-samples]', '2')
+      await page.click('[data-test=eval-submit]')
+      await page.locator('[data-test=evaluations] tr[data-evaluation=candidate]').waitFor()
+      await page.locator('[data-test=eval-compare]').first().waitFor({ timeout: 300000 })
+      await page.locator('[data-test=eval-compare]').first().click()
+      await page.locator('[data-test=eval-rows] tbody tr').nth(1).waitFor()
+      const bleu = await page.locator('[data-test=eval-metrics] tr[data-metric=bleu_4] td').allInnerTexts()
+      check(bleu.length === 4 && Number(bleu[2]) > Number(bleu[1]), `the fine-tune's BLEU-4 beats its base's (${bleu.join(' | ')})`)
+      await snap('evaluation-before-after')
+      await visit('/models', 'models')
       await page.locator('[data-test=chat-model]').first().click()
       await page.waitForURL(/\/chat\?model=/)
     } else {
