@@ -111,3 +111,12 @@ test('QLoRA and DeepSpeed: only with a LoRA / with two or more GPUs, sent as num
   assert.equal(back.deepspeed, '2')
   assert.match(toYaml(f, '/m', 'x'), /quantization_bit: 4\n/)
 })
+
+test('evaluate when done: the held-out split goes as eval_split, and needs some rows held out', () => {
+  const f = { ...defaults(), name: 't', model_name: 'm', dataset_id: 'd', val_size: 0.2, evaluate_after: true }
+  assert.deepEqual(validate(f), {})
+  assert.equal(toRequest(f, rules).eval_split, 0.2)
+  assert.ok(!('eval_split' in toRequest({ ...f, evaluate_after: false }, rules)))
+  assert.ok(validate({ ...f, val_size: 0 }).val_size)
+  assert.equal(fromTask({ name: 'n', val_size: 0.2, eval_split: 0.2 }, rules).evaluate_after, true)
+})

@@ -18,6 +18,7 @@ export function defaults(rules) {
     gpu_ids: '',
     quantization_bit: '',
     deepspeed: '',
+    evaluate_after: false,
   }
   for (const field of rules.fields) f[field.name] = field.default ?? ''
   return f
@@ -52,6 +53,8 @@ export function validate(f, rules) {
   if (f.template && !rules.templates.includes(f.template)) e.template = 'Unknown template.'
   if (String(f.gpu_ids || '').trim() && !/^\d+(\s*,\s*\d+)*$/.test(String(f.gpu_ids).trim()))
     e.gpu_ids = 'GPU indices separated by commas (0,2), or empty for any.'
+  if (f.evaluate_after && !(Number(f.val_size) > 0))
+    e.val_size = 'Hold out some rows (above 0) to evaluate the result on.'
   if (f.quantization_bit && f.finetuning_type !== 'lora')
     e.quantization_bit = 'QLoRA quantises the base under a LoRA: choose the LoRA method.'
   if (f.deepspeed) {
@@ -80,6 +83,8 @@ export function toRequest(f, rules) {
   if (String(f.system).trim()) body.system = f.system
   if (f.quantization_bit) body.quantization_bit = Number(f.quantization_bit)
   if (f.deepspeed) body.deepspeed = Number(f.deepspeed)
+  // Evaluate the result and its base on the held-out rows when the task completes.
+  if (f.evaluate_after && Number(f.val_size) > 0) body.eval_split = Number(f.val_size)
   const ids = String(f.gpu_ids || '').trim()
   if (ids) {
     body.gpu_ids = ids.split(',').map((s) => Number(s.trim()))
@@ -100,6 +105,7 @@ export function fromTask(t, rules) {
   f.gpu_ids = Array.isArray(t.gpu_ids) ? t.gpu_ids.join(',') : ''
   f.quantization_bit = t.quantization_bit ? String(t.quantization_bit) : ''
   f.deepspeed = t.deepspeed ? String(t.deepspeed) : ''
+  f.evaluate_after = Boolean(t.eval_split)
   return f
 }
 
