@@ -61,6 +61,8 @@ pub struct EvaluationView {
     pub status: TaskStatus,
     /// The model evaluated (a base model's name or a trained model's id).
     pub model: String,
+    /// Its name.
+    pub model_name: String,
     pub model_kind: ModelKind,
     /// The base model whose weights it uses.
     pub base_model: String,
@@ -99,6 +101,11 @@ impl EvaluationView {
             name: t.spec.name.clone(),
             status: t.status,
             model: e.model.clone(),
+            model_name: if e.model_name.is_empty() {
+                e.model.clone()
+            } else {
+                e.model_name.clone()
+            },
             model_kind: e.model_kind,
             base_model: t.spec.model_name.clone(),
             dataset_id: t.dataset_id.clone(),
@@ -266,6 +273,7 @@ fn invalid(field: &str, why: impl std::fmt::Display) -> Error {
 /// The model an evaluation runs: where its weights are and how it is prompted.
 struct Target {
     model: String,
+    name: String,
     kind: ModelKind,
     base_name: String,
     model_dir: std::path::PathBuf,
@@ -304,6 +312,9 @@ impl Training {
         })?;
         Ok(Target {
             model: model.to_string(),
+            name: record
+                .as_ref()
+                .map_or_else(|| resolved.base.name.clone(), |r| r.name.clone()),
             kind: resolved.kind,
             base_name: record
                 .as_ref()
@@ -472,7 +483,7 @@ impl Training {
                 .as_deref()
                 .map(crate::text::clean_name)
                 .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| format!("Evaluate {} on {}", target.model, dataset.filename));
+                .unwrap_or_else(|| format!("Evaluate {} on {}", target.name, dataset.filename));
             let name = match role {
                 Some(r) => format!("{label} ({r})"),
                 None => label,
@@ -513,6 +524,7 @@ impl Training {
                 eval_split: None,
                 evaluation: Some(EvalSpec {
                     model: target.model.clone(),
+                    model_name: target.name.clone(),
                     model_kind: target.kind,
                     adapter_dir: target.adapter_dir.clone(),
                     split,

@@ -133,6 +133,9 @@ pub struct TaskSpec {
 pub struct EvalSpec {
     /// The model as chat names it: a base model's name or a trained model's id.
     pub model: String,
+    /// Its name as its owner knows it.
+    #[serde(default)]
+    pub model_name: String,
     /// `base`, `adapter` or `full`.
     pub model_kind: crate::store::ModelKind,
     /// The LoRA adapter's folder, for an adapter.
