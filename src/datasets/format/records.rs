@@ -26,6 +26,7 @@ impl Checker {
         let Value::Object(record) = value else {
             return Err(format!("expected a JSON object, found {}", kind(value)));
         };
+        refuse_dropped_fields(record)?;
         let shape = shape_of(record)?;
         let format = match (self.format, shape) {
             (None, None) => return Err(UNKNOWN_SHAPE.to_string()),
@@ -47,6 +48,38 @@ impl Checker {
             DatasetFormat::Openai => check_dialogue(record, &OPENAI),
         }
     }
+}
+
+/// Fields that change what a record means but that the supervised stages ferrotune trains
+/// would drop: accepting them would train something else than the data says (KTO rows whose
+/// `label` marks a bad answer would be imitated; `<image>` placeholders learnt as text
+/// without their images). Refused until those kinds are supported.
+pub(super) fn refuse_dropped_fields(record: &Map<String, Value>) -> Result<(), String> {
+    for key in ["label", "kto_tag"] {
+        if record.get(key).is_some_and(Value::is_boolean) {
+            return Err(format!(
+                "`{key}` marks this as KTO data (answers labelled good or bad), which ferrotune                  does not train yet: as supervised data every answer would be imitated, the bad                  ones too. Keep the rows labelled true and drop `{key}` to train them as SFT"
+            ));
+        }
+    }
+    for key in ["images", "videos", "audios"] {
+        if record
+            .get(key)
+            .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+        {
+            return Err(format!(
+                "`{key}`: multimodal records are not supported yet (the {key} would be dropped                  and their placeholders learnt as text); remove `{key}` and the placeholders to                  train on the text"
+            ));
+        }
+    }
+    for key in ["chosen", "rejected"] {
+        if record.contains_key(key) {
+            return Err(format!(
+                "`{key}` marks this as preference data (chosen/rejected answers for DPO or a                  reward model), which ferrotune does not train yet"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The format a record's keys point to; `None` when they point to none.

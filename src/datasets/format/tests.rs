@@ -730,3 +730,27 @@ fn preview_csv_shape() {
     );
     assert_eq!(preview(f.path(), Container::Csv, 10).unwrap().len(), 3);
 }
+
+#[test]
+fn fields_that_would_be_dropped_are_refused() {
+    // LlamaFactory's kto_en_demo: messages with a boolean label.
+    let kto = r#"[{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "label": false}]"#;
+    let e = error(kto, None);
+    assert!(e.contains("`label` marks this as KTO data"), "{e}");
+    // Its multimodal demos: an image placeholder with its images.
+    let image = r#"[{"messages": [{"role": "user", "content": "<image>Who are they?"}, {"role": "assistant", "content": "b"}], "images": ["mllm_demo_data/1.jpg"]}]"#;
+    let e = error(image, None);
+    assert!(
+        e.contains("`images`: multimodal records are not supported"),
+        "{e}"
+    );
+    // Its DPO demos: a conversation with chosen and rejected answers.
+    let dpo = r#"[{"conversations": [{"from": "human", "value": "a"}], "chosen": {"from": "gpt", "value": "b"}, "rejected": {"from": "gpt", "value": "c"}}]"#;
+    let e = error(dpo, None);
+    assert!(e.contains("`chosen` marks this as preference data"), "{e}");
+    // Empty lists and non-boolean labels change nothing.
+    inspect_bytes(
+        r#"[{"instruction": "a", "output": "b", "images": [], "label": "math"}]"#,
+        None,
+    );
+}
