@@ -229,10 +229,12 @@ async fn broken_files_are_422_naming_the_record_and_leave_nothing() {
         ("turns.jsonl", format!("{}\n", json!({"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]})), "line 1"),
         ("roles.json", json!([{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}, {"messages": [{"role": "assistant", "content": "a"}]}]).to_string(), "record 2"),
         ("notobj.json", "[\"just a string\"]".into(), "record 1"),
-        ("unknown.jsonl", "{\"text\": \"raw\"}\n".into(), "line 1"),
+        ("unknown.jsonl", "{\"question\": \"raw\"}\n".into(), "line 1"),
         ("ragged.csv", "instruction,output\na,b\nc,d,e\n".into(), "row 2"),
         ("cols.csv", "question,answer\na,b\n".into(), "output"),
-        ("prose.txt", "hello there".into(), "expected"),
+        ("prose.md", "hello there".into(), "expected"),
+        ("half.jsonl", format!("{}\n", json!({"conversations": [{"from": "human", "value": "a"}], "chosen": {"from": "gpt", "value": "b"}})), "missing field `rejected`"),
+        ("picture.jsonl", format!("{}\n", json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, {"role": "assistant", "content": "a"}]})), "multimodal"),
     ];
     for (name, content, needle) in cases {
         let r = alice.upload(name, content.into_bytes()).await;

@@ -641,3 +641,175 @@ async fn an_evaluation_shows_the_fine_tune_beating_its_base_on_held_out_rows() {
     assert_eq!(e.status, 409, "{:?}", e.body);
     drop(server);
 }
+
+/// OpenAI's DPO JSONL: the right sum preferred over a wrong one.
+fn dpo_rows() -> Vec<u8> {
+    let mut out = String::new();
+    for i in 0..12u32 {
+        let (a, b) = (i % 5 + 1, i % 4 + 2);
+        let row = json!({
+            "input": {"messages": [{"role": "user", "content": format!("What is {a} plus {b}?")}]},
+            "preferred_output": [{"role": "assistant", "content": format!("{a} plus {b} is {}.", a + b)}],
+            "non_preferred_output": [{"role": "assistant", "content": "I do not know."}],
+        });
+        out.push_str(&row.to_string());
+        out.push('\n');
+    }
+    out.into_bytes()
+}
+
+/// LlamaFactory's KTO shape: messages with a boolean `label`, good and bad answers.
+fn kto_rows() -> Vec<u8> {
+    let rows: Vec<Value> = (0..12u32)
+        .map(|i| {
+            let (a, b) = (i % 5 + 1, i % 3 + 1);
+            let good = i % 2 == 0;
+            let answer = if good {
+                format!("{a} plus {b} is {}.", a + b)
+            } else {
+                format!("{a} plus {b} is {}.", a + b + 7)
+            };
+            json!({"messages": [{"role": "user", "content": format!("What is {a} plus {b}?")},
+                                {"role": "assistant", "content": answer}],
+                   "label": good})
+        })
+        .collect();
+    serde_json::to_vec(&rows).unwrap()
+}
+
+#[tokio::test]
+async fn preference_kto_and_plain_text_stages_train_and_chat() {
+    let (_server, alice, _bob, sft_id) = server_with_a_dataset().await;
+    let upload = async |name: &str, bytes: Vec<u8>, kind: &str| {
+        let r = alice.upload(name, bytes).await;
+        assert_eq!(r.status, 201, "{name}: {:?}", r.body);
+        assert_eq!(r.body["kind"], kind, "{name}: {:?}", r.body);
+        r.body["file_id"].as_str().unwrap().to_string()
+    };
+    let dpo = upload("prefs.jsonl", dpo_rows(), "preference").await;
+    let kto = upload("kto.json", kto_rows(), "kto").await;
+    let corpus: String = (0..16)
+        .map(|i| format!("Ferrotune note {i}: sums are written as words, two plus two is four.\n"))
+        .collect();
+    let text = upload("corpus.txt", corpus.into_bytes(), "text").await;
+    // The stored preview is what LlamaFactory reads.
+    let preview = alice
+        .get(&format!("/api/files/datasets/{dpo}/preview?limit=1"))
+        .await;
+    assert_eq!(preview.status, 200, "{:?}", preview.body);
+    let row = preview.body["rows"][0].clone();
+    assert_eq!(row["chosen"]["role"], "assistant", "{}", preview.body);
+    assert_eq!(row["messages"][0]["role"], "user", "{}", preview.body);
+
+    let base = json!({
+        "model_name": MODEL, "epochs": 1, "learning_rate": 0.0005, "batch_size": 4,
+        "cutoff_len": 64, "logging_steps": 1, "save_steps": 1000, "lora_rank": 4,
+        "max_steps": 3,
+    });
+    let with = |extra: Value| {
+        let mut b = base.clone();
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        b
+    };
+    // A stage that does not fit the data is a 422 naming both.
+    for (body, says) in [
+        (
+            json!({"name": "x", "dataset_id": dpo, "stage": "sft"}),
+            "use stage dpo or rm",
+        ),
+        (
+            json!({"name": "x", "dataset_id": sft_id, "stage": "pt"}),
+            "use stage sft",
+        ),
+        (
+            json!({"name": "x", "dataset_id": kto, "stage": "dpo"}),
+            "use stage kto",
+        ),
+        (
+            json!({"name": "x", "dataset_id": text, "pref_beta": 0.1}),
+            "pref_beta",
+        ),
+        (
+            json!({"name": "x", "dataset_id": dpo, "eval_split": 0.2}),
+            "eval_split",
+        ),
+    ] {
+        let r = alice.post("/api/tasks", with(body.clone())).await;
+        assert_eq!(r.status, 422, "{body}: {:?}", r.body);
+        assert!(r.body.to_string().contains(says), "{body}: {:?}", r.body);
+    }
+
+    // The stage follows the dataset when the task names none.
+    let mut ids = Vec::new();
+    for (name, dataset, extra, stage) in [
+        (
+            "dpo",
+            &dpo,
+            json!({"pref_beta": 0.1, "pref_loss": "sigmoid"}),
+            "dpo",
+        ),
+        ("kto", &kto, json!({}), "kto"),
+        ("pt", &text, json!({}), "pt"),
+    ] {
+        let mut body = with(extra);
+        body["name"] = json!(name);
+        body["dataset_id"] = json!(dataset);
+        let r = alice.post("/api/tasks", body).await;
+        assert_eq!(r.status, 201, "{name}: {:?}", r.body);
+        let id = r.body["task_id"].as_str().unwrap().to_string();
+        let t = alice.get(&format!("/api/tasks/{id}")).await.body;
+        assert_eq!(t["stage"], stage, "{t}");
+        ids.push((name, id));
+    }
+    for (name, id) in &ids {
+        let done = wait_until(name, Duration::from_secs(900), async || {
+            let t = alice.get(&format!("/api/tasks/{id}")).await.body;
+            matches!(t["status"].as_str(), Some("completed" | "failed")).then_some(t)
+        })
+        .await;
+        assert_eq!(done["status"], "completed", "{name}: {done}");
+        let points = alice.get(&format!("/api/tasks/{id}/metrics")).await.body["points"]
+            .as_array()
+            .cloned()
+            .unwrap();
+        let last = points.last().cloned().unwrap_or_default();
+        assert!(
+            last["loss"].as_f64().is_some_and(f64::is_finite),
+            "{name}: {points:?}"
+        );
+        if *name != "pt" {
+            // The preference stages' own figures reach the chart.
+            assert!(
+                last["extra"]["rewards/margins"].as_f64().is_some(),
+                "{name}: {last}"
+            );
+        }
+        let secs = |k: &str| {
+            time::OffsetDateTime::parse(
+                done[k].as_str().unwrap(),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap()
+        };
+        eprintln!(
+            "{name}: {:.1} s, final loss {}, extra {}",
+            (secs("finished_at") - secs("started_at")).as_seconds_f64(),
+            last["loss"],
+            last["extra"]
+        );
+        // What was trained chats.
+        let model_id = done["model_id"].as_str().expect("model_id").to_string();
+        let r = alice
+            .post(
+                "/v1/chat/completions",
+                json!({"model": model_id, "max_tokens": 8, "temperature": 0,
+                       "messages": [{"role": "user", "content": "What is 2 plus 3?"}]}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{name}: {:?}", r.body);
+        let answer = r.body["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(!answer.trim().is_empty(), "{name}: {:?}", r.body);
+    }
+}

@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::error::{Error, Kind, Result};
 use crate::store::{DatasetRecord, Store, new_id};
-use format::{Container, DatasetFormat, InspectError};
+use format::{Container, DatasetFormat, DatasetKind, InspectError};
 
 /// The most rows a preview returns.
 pub const MAX_PREVIEW_ROWS: usize = 500;
@@ -31,6 +31,8 @@ pub struct Dataset {
     pub file_path: PathBuf,
     pub size: u64,
     pub format: DatasetFormat,
+    /// What it trains: the stages that fit follow from it.
+    pub kind: DatasetKind,
     pub container: Container,
     pub num_rows: u64,
     /// Top-level fields present in the records (CSV: recognised header columns).
@@ -51,6 +53,7 @@ impl Dataset {
             format: DatasetFormat::parse(&r.format).ok_or_else(|| bad("format", &r.format))?,
             container: Container::parse(&r.container)
                 .ok_or_else(|| bad("container", &r.container))?,
+            kind: DatasetKind::parse(&r.kind).ok_or_else(|| bad("kind", &r.kind))?,
             file_id: r.file_id,
             owner: r.owner,
             filename: r.filename,
@@ -71,6 +74,7 @@ impl Dataset {
             size: self.size,
             format: self.format.as_str().to_string(),
             container: self.container.extension().to_string(),
+            kind: self.kind.as_str().to_string(),
             num_rows: self.num_rows,
             columns: self.columns.clone(),
             created_at: self.created_at,
@@ -152,6 +156,30 @@ impl Datasets {
                     InspectError::Io(e) => Error::from(e),
                 })?;
 
+        // Shapes LlamaFactory cannot read (OpenAI's content parts and tool calls, DPO JSONL,
+        // plain text) are stored as the JSON Lines it can: the records the preview shows are
+        // the ones training reads.
+        let (temp, size) = if summary.rewritten {
+            let tmp_dir = self.tmp.clone();
+            let prefix = format!("upload-{file_id}-rewritten-");
+            let hint = filename.clone();
+            tokio::task::spawn_blocking(move || -> Result<_> {
+                let out = tempfile::Builder::new()
+                    .prefix(&prefix)
+                    .tempfile_in(&tmp_dir)?;
+                format::rewrite(temp.path(), Some(&hint), out.path()).map_err(|e| match e {
+                    InspectError::Invalid(f) => {
+                        Error::new(Kind::Invalid, "invalid_dataset", f.to_string())
+                    }
+                    InspectError::Io(e) => Error::from(e),
+                })?;
+                let size = out.as_file().metadata()?.len();
+                Ok((out, size))
+            })
+            .await??
+        } else {
+            (temp, size)
+        };
         let owner_dir = self.dir.join(owner);
         tokio::fs::create_dir_all(&owner_dir).await?;
         let final_path = owner_dir.join(format!("{file_id}.{}", summary.container.extension()));
@@ -165,6 +193,7 @@ impl Datasets {
             file_path: final_path.clone(),
             size,
             format: summary.format,
+            kind: summary.kind,
             container: summary.container,
             num_rows: summary.num_rows,
             columns: summary.columns,
@@ -175,7 +204,7 @@ impl Datasets {
             remove_file_logged(&final_path).await;
             return Err(e.into());
         }
-        tracing::info!(file_id = %dataset.file_id, owner, size, format = %dataset.format, rows = dataset.num_rows, "dataset uploaded");
+        tracing::info!(file_id = %dataset.file_id, owner, size, format = %dataset.format, kind = %dataset.kind, rewritten = summary.rewritten, rows = dataset.num_rows, "dataset uploaded");
         Ok(dataset)
     }
 

@@ -15,7 +15,7 @@ use super::AppState;
 use super::error::{ErrorBody, Json, Path, Query};
 use super::extract::CurrentUser;
 use super::views::{DatasetView, Message};
-use crate::datasets::format::{Container, DatasetFormat};
+use crate::datasets::format::{Container, DatasetFormat, DatasetKind};
 use crate::datasets::too_large;
 use crate::error::{Error, Kind, Result};
 
@@ -170,6 +170,8 @@ pub struct PreviewQuery {
 #[derive(Serialize, ToSchema)]
 pub struct Preview {
     format: DatasetFormat,
+    /// What it trains (`sft`, `preference`, `kto`, `text`).
+    kind: DatasetKind,
     num_rows: u64,
     /// The first records, as JSON objects (CSV rows as alpaca objects).
     #[schema(value_type = Vec<Object>)]
@@ -191,12 +193,15 @@ async fn preview(
     let rows = state.datasets.preview(&d, q.limit.unwrap_or(10)).await?;
     Ok(Json(Preview {
         format: d.format,
+        kind: d.kind,
         num_rows: d.num_rows,
         rows,
     }))
 }
 
-/// The original bytes, as uploaded.
+/// The stored file: the bytes as uploaded, or, for shapes LlamaFactory cannot read as they
+/// are (OpenAI content parts, tool calls and DPO rows, plain text), the JSON Lines that
+/// training reads (its name then ends in `.jsonl`).
 #[utoipa::path(get, path = "/api/files/datasets/{id}/download", tag = "datasets",
     params(("id" = String, Path, description = "The dataset's file_id")),
     responses((status = 200, description = "The file (JSON, JSON Lines or CSV)", content_type = "application/octet-stream", body = Vec<u8>),
@@ -219,7 +224,14 @@ async fn download(
     if let Ok(v) = HeaderValue::from_str(&d.size.to_string()) {
         headers.insert(header::CONTENT_LENGTH, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&content_disposition(&d.filename)) {
+    let name = if d.container == Container::Jsonl
+        && !d.filename.to_ascii_lowercase().ends_with(".jsonl")
+    {
+        format!("{}.jsonl", d.filename)
+    } else {
+        d.filename.clone()
+    };
+    if let Ok(v) = HeaderValue::from_str(&content_disposition(&name)) {
         headers.insert(header::CONTENT_DISPOSITION, v);
     }
     Ok(response)

@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use crate::datasets::Dataset;
-use crate::datasets::format::{Container, DatasetFormat};
+use crate::datasets::format::{Container, DatasetFormat, DatasetKind};
 use crate::models::BaseModel;
 use crate::store::{ApiKey, ModelKind, ModelRecord, User};
 use crate::text::relative_path;
@@ -91,6 +91,11 @@ pub struct DatasetView {
     pub file_path: String,
     pub size: u64,
     pub format: DatasetFormat,
+    /// What it trains: `sft` (prompts with answers), `preference` (chosen/rejected: dpo, rm),
+    /// `kto` (answers labelled good or bad), `text` (plain text: pt).
+    pub kind: DatasetKind,
+    /// The stages that fit it, the first being the one a task uses when it names none.
+    pub stages: Vec<crate::training::spec::Stage>,
     pub container: Container,
     pub num_rows: u64,
     #[serde(with = "time::serde::rfc3339")]
@@ -105,6 +110,8 @@ impl DatasetView {
             file_path: relative_path(&state.config.data_dir, &d.file_path.to_string_lossy()),
             size: d.size,
             format: d.format,
+            kind: d.kind,
+            stages: crate::training::spec::Stage::fitting(d.kind),
             container: d.container,
             num_rows: d.num_rows,
             created_at: d.created_at,
@@ -255,6 +262,8 @@ pub struct TaskDetail {
     /// The dataset's file, relative to the data dir.
     pub dataset_path: String,
     pub dataset_format: DatasetFormat,
+    /// What the dataset trains (`sft`, `preference`, `kto`, `text`).
+    pub dataset_kind: DatasetKind,
     /// The output folder, relative to the task's folder.
     pub output_dir: String,
     #[serde(with = "time::serde::rfc3339")]
@@ -306,6 +315,7 @@ impl TaskDetail {
             dataset_id: t.dataset_id.clone(),
             dataset_path: relative_path(&state.config.data_dir, &t.paths.dataset_file),
             dataset_format: t.paths.dataset_format,
+            dataset_kind: t.paths.dataset_kind,
             output_dir: relative_path(Path::new(&t.paths.task_dir), &t.paths.output_dir),
             created_at: t.created_at,
             updated_at: t.updated_at,

@@ -129,12 +129,20 @@ pub struct DatasetRecord {
     pub format: String,
     /// The file's container (`json`, `jsonl`, `csv`).
     pub container: String,
+    /// What it trains (`sft`, `preference`, `kto`, `text`); records from before kinds were
+    /// told apart are `sft`.
+    #[serde(default = "sft_kind")]
+    pub kind: String,
     pub num_rows: u64,
     /// Top-level fields present in the records (CSV: recognised header columns).
     #[serde(default)]
     pub columns: Vec<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+}
+
+fn sft_kind() -> String {
+    "sft".to_string()
 }
 
 impl OwnedRecord for DatasetRecord {
@@ -157,6 +165,7 @@ impl DatasetRecord {
             size: 1,
             format: "alpaca".into(),
             container: "json".into(),
+            kind: "sft".into(),
             num_rows: 1,
             columns: vec!["instruction".into(), "output".into()],
             created_at: OffsetDateTime::now_utc(),
@@ -408,6 +417,9 @@ pub struct MetricPoint {
     pub epoch: f64,
     /// Seconds since the worker started.
     pub t: f64,
+    /// A stage's own figures at this step (DPO: `rewards/accuracies`, `rewards/margins`...).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub extra: std::collections::BTreeMap<String, f64>,
 }
 
 /// A message of a saved conversation.

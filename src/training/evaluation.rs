@@ -282,6 +282,24 @@ struct Target {
     system: Option<String>,
 }
 
+/// An evaluation compares generated answers with reference answers: it needs supervised
+/// data (the reference being each row's answer).
+pub(crate) fn require_answers(dataset: &crate::datasets::Dataset, field: &str) -> Result<()> {
+    if dataset.kind != crate::datasets::format::DatasetKind::Supervised {
+        return Err(Error::new(
+            Kind::Invalid,
+            "invalid_spec",
+            format!(
+                "{field}: `{}` is {}; an evaluation compares generated answers with reference \
+                 answers and needs supervised data (prompts with answers)",
+                dataset.filename,
+                dataset.kind.describe()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Training {
     async fn eval_target(&self, owner: &str, model: &str) -> Result<Target> {
         let resolved = self.models.resolve(owner, model).await.map_err(|e| {
@@ -471,6 +489,7 @@ impl Training {
 
         let _owner = self.owners.lock(owner).await;
         let dataset = self.resolve_dataset(owner, Some(&dataset_id), None).await?;
+        require_answers(&dataset, "dataset_id")?;
         let group = baseline.as_ref().map(|_| new_id());
         let mut queued = Vec::new();
         let targets: Vec<(Target, Option<&str>)> = match baseline {
@@ -500,6 +519,8 @@ impl Training {
                 learning_rate: 0.0,
                 batch_size,
                 stage: spec::Stage::Sft,
+                pref_loss: None,
+                pref_beta: None,
                 finetuning_type: spec::FinetuningType::Lora,
                 lora_rank: 0,
                 lora_alpha: 0,
@@ -539,6 +560,7 @@ impl Training {
                 model_dir: target.model_dir.to_string_lossy().into_owned(),
                 dataset_file: dataset.file_path.to_string_lossy().into_owned(),
                 dataset_format: dataset.format,
+                dataset_kind: dataset.kind,
                 dataset_container: dataset.container,
                 dataset_columns: dataset.columns.clone(),
                 task_dir: task_dir.to_string_lossy().into_owned(),

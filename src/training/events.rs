@@ -137,6 +137,10 @@ pub enum WorkerEvent {
         learning_rate: Option<f64>,
         #[serde(default, deserialize_with = "lenient_f64")]
         grad_norm: Option<f64>,
+        /// A stage's own figures: DPO's and KTO's `rewards/chosen`, `rewards/rejected`,
+        /// `rewards/accuracies`, `rewards/margins`, `logps/*`, KTO's `kl`...
+        #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+        metrics: serde_json::Map<String, Value>,
         #[serde(flatten)]
         at: Stamp,
     },

@@ -175,6 +175,7 @@ impl Training {
         let dataset_id = request.dataset_id.clone();
         let dataset_path = request.dataset_path.clone();
         let output_dir = request.output_dir.clone();
+        let stage_given = request.stage.is_some();
         let mut spec = request.into_spec()?;
         let output_rel = output_folder(output_dir.as_deref())?;
         // The dataset is looked up and the task recorded under the owner's lock, so a
@@ -183,12 +184,15 @@ impl Training {
         let dataset = self
             .resolve_dataset(owner, dataset_id.as_deref(), dataset_path.as_deref())
             .await?;
+        spec::fit_stage(&mut spec, stage_given, dataset.kind)?;
         if let Some(eval_id) = &spec.eval_dataset_id {
-            self.resolve_dataset(owner, Some(eval_id), None)
+            let eval = self
+                .resolve_dataset(owner, Some(eval_id), None)
                 .await
                 .map_err(|e| {
                     Error::new(e.kind, e.code, format!("eval_dataset_id: {}", e.message))
                 })?;
+            evaluation::require_answers(&eval, "eval_dataset_id")?;
         }
         let gpus = self.gpu_ids().len();
         if let Some(missing) = spec.gpu_ids.iter().find(|i| !self.gpu_ids().contains(i)) {
@@ -271,6 +275,7 @@ impl Training {
             model_dir: model_dir.to_string_lossy().into_owned(),
             dataset_file: dataset.file_path.to_string_lossy().into_owned(),
             dataset_format: dataset.format,
+            dataset_kind: dataset.kind,
             dataset_container: dataset.container,
             dataset_columns: dataset.columns.clone(),
             task_dir: task_dir.to_string_lossy().into_owned(),

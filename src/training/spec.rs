@@ -6,15 +6,98 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use crate::datasets::format::{Container, DatasetFormat};
+use crate::datasets::format::{Container, DatasetFormat, DatasetKind};
 use crate::error::{Error, Kind, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Stage {
+    /// Supervised fine-tuning: imitate the answers.
     #[default]
     Sft,
+    /// Continued pre-training on plain text.
     Pt,
+    /// A reward model: learns to score the chosen answer above the rejected one.
+    Rm,
+    /// Direct preference optimisation (and its ORPO, SimPO, IPO losses): prefer the chosen
+    /// answer over the rejected one.
+    Dpo,
+    /// Kahneman-Tversky optimisation: answers labelled good or bad.
+    Kto,
+}
+
+impl Stage {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Stage::Sft => "sft",
+            Stage::Pt => "pt",
+            Stage::Rm => "rm",
+            Stage::Dpo => "dpo",
+            Stage::Kto => "kto",
+        }
+    }
+
+    /// The kind of dataset the stage trains on.
+    pub fn dataset_kind(&self) -> DatasetKind {
+        match self {
+            Stage::Sft => DatasetKind::Supervised,
+            Stage::Pt => DatasetKind::Text,
+            Stage::Rm | Stage::Dpo => DatasetKind::Preference,
+            Stage::Kto => DatasetKind::Kto,
+        }
+    }
+
+    /// The stage a dataset of `kind` trains with when the task names none.
+    pub fn for_dataset(kind: DatasetKind) -> Stage {
+        match kind {
+            DatasetKind::Supervised => Stage::Sft,
+            DatasetKind::Text => Stage::Pt,
+            DatasetKind::Preference => Stage::Dpo,
+            DatasetKind::Kto => Stage::Kto,
+        }
+    }
+
+    /// The stages a dataset of `kind` trains with, the default first.
+    pub fn fitting(kind: DatasetKind) -> Vec<Stage> {
+        let first = Stage::for_dataset(kind);
+        let mut stages = vec![first];
+        stages.extend(
+            [Stage::Sft, Stage::Pt, Stage::Dpo, Stage::Kto, Stage::Rm]
+                .into_iter()
+                .filter(|s| s.dataset_kind() == kind && *s != first),
+        );
+        stages
+    }
+
+    /// Whether the result generates text to chat with (a reward model scores instead).
+    pub fn chats(&self) -> bool {
+        !matches!(self, Stage::Rm)
+    }
+}
+
+/// DPO's loss (LlamaFactory's `pref_loss`): `sigmoid` is DPO's own; `orpo` and `simpo` need
+/// no reference model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefLoss {
+    #[default]
+    Sigmoid,
+    Hinge,
+    Ipo,
+    Orpo,
+    Simpo,
+}
+
+impl PrefLoss {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PrefLoss::Sigmoid => "sigmoid",
+            PrefLoss::Hinge => "hinge",
+            PrefLoss::Ipo => "ipo",
+            PrefLoss::Orpo => "orpo",
+            PrefLoss::Simpo => "simpo",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
@@ -47,7 +130,13 @@ pub struct TaskRequest {
     pub learning_rate: Option<f64>,
     pub batch_size: Option<u32>,
     pub output_dir: Option<String>,
+    /// Omitted: the stage the dataset's kind fits (sft, pt for plain text, dpo for
+    /// preference pairs, kto for labelled answers).
     pub stage: Option<Stage>,
+    /// `dpo`: the preference loss (sigmoid, hinge, ipo, orpo, simpo).
+    pub pref_loss: Option<PrefLoss>,
+    /// `dpo`/`kto`: β, how far the model may move from the reference (0.1 by default).
+    pub pref_beta: Option<f64>,
     pub finetuning_type: Option<FinetuningType>,
     pub lora_rank: Option<u32>,
     pub lora_alpha: Option<u32>,
@@ -89,6 +178,12 @@ pub struct TaskSpec {
     pub learning_rate: f64,
     pub batch_size: u32,
     pub stage: Stage,
+    /// `dpo`'s loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pref_loss: Option<PrefLoss>,
+    /// `dpo`/`kto`'s β.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pref_beta: Option<f64>,
     pub finetuning_type: FinetuningType,
     pub lora_rank: u32,
     pub lora_alpha: u32,
@@ -258,7 +353,7 @@ pub fn form() -> TaskForm {
     TaskForm {
         fields: NUMERIC_FIELDS.to_vec(),
         templates: KNOWN_TEMPLATES.to_vec(),
-        stages: vec![Stage::Sft, Stage::Pt],
+        stages: vec![Stage::Sft, Stage::Pt, Stage::Dpo, Stage::Kto, Stage::Rm],
         finetuning_types: vec![FinetuningType::Lora, FinetuningType::Full],
         precisions: vec![
             Precision::Auto,
@@ -427,6 +522,8 @@ impl TaskRequest {
             learning_rate: float("learning_rate", self.learning_rate)?,
             batch_size: int("batch_size", self.batch_size)?,
             stage: self.stage.unwrap_or_default(),
+            pref_loss: None,
+            pref_beta: None,
             finetuning_type,
             lora_rank,
             lora_alpha: int("lora_alpha", Some(self.lora_alpha.unwrap_or(lora_rank * 2)))?,
@@ -458,6 +555,24 @@ impl TaskRequest {
             evaluation: None,
         };
         let mut spec = spec;
+        if let Some(loss) = self.pref_loss {
+            if self.stage.is_some_and(|s| s != Stage::Dpo) {
+                return Err(invalid("pref_loss", "is DPO's loss: only with stage `dpo`"));
+            }
+            spec.pref_loss = Some(loss);
+        }
+        if let Some(beta) = self.pref_beta {
+            if self
+                .stage
+                .is_some_and(|s| !matches!(s, Stage::Dpo | Stage::Kto))
+            {
+                return Err(invalid("pref_beta", "only with stage `dpo` or `kto`"));
+            }
+            if !(beta.is_finite() && beta > 0.0 && beta <= 10.0) {
+                return Err(invalid("pref_beta", "must be above 0 and at most 10"));
+            }
+            spec.pref_beta = Some(beta);
+        }
         if let Some(split) = self.eval_split {
             if !(split > 0.0 && split <= 0.5) {
                 return Err(invalid(
@@ -536,6 +651,47 @@ impl TaskRequest {
     }
 }
 
+/// Fits the stage to the dataset: the one its kind trains with when the request names none;
+/// a 422 naming both when they do not fit. Evaluation after training scores generated
+/// answers against references, so it needs supervised data.
+pub fn fit_stage(spec: &mut TaskSpec, stage_given: bool, kind: DatasetKind) -> Result<()> {
+    if !stage_given {
+        spec.stage = Stage::for_dataset(kind);
+    }
+    let stage = spec.stage;
+    if stage.dataset_kind() != kind {
+        let fits: Vec<&str> = Stage::fitting(kind).iter().map(Stage::as_str).collect();
+        return Err(invalid(
+            "stage",
+            format!(
+                "`{}` trains on {}, but this dataset is {}: use stage {}",
+                stage.as_str(),
+                stage.dataset_kind().describe(),
+                kind.describe(),
+                fits.join(" or ")
+            ),
+        ));
+    }
+    if spec.pref_loss.is_some() && stage != Stage::Dpo {
+        return Err(invalid("pref_loss", "is DPO's loss: only with stage `dpo`"));
+    }
+    if spec.pref_beta.is_some() && !matches!(stage, Stage::Dpo | Stage::Kto) {
+        return Err(invalid("pref_beta", "only with stage `dpo` or `kto`"));
+    }
+    if stage != Stage::Sft && (spec.eval_split.is_some() || spec.eval_dataset_id.is_some()) {
+        return Err(invalid(
+            if spec.eval_split.is_some() {
+                "eval_split"
+            } else {
+                "eval_dataset_id"
+            },
+            "an evaluation scores generated answers against reference answers: only after an \
+             `sft` task",
+        ));
+    }
+    Ok(())
+}
+
 /// Where a task's inputs and outputs are, resolved when it is created.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RunPaths {
@@ -544,6 +700,9 @@ pub struct RunPaths {
     /// The dataset file and its shape.
     pub dataset_file: String,
     pub dataset_format: DatasetFormat,
+    /// What the dataset trains (tasks from before kinds: `sft`).
+    #[serde(default)]
+    pub dataset_kind: DatasetKind,
     pub dataset_container: Container,
     /// Top-level fields present in the dataset's records.
     #[serde(default)]
@@ -561,6 +720,7 @@ impl RunPaths {
             model_dir: "/m".into(),
             dataset_file: "/d.json".into(),
             dataset_format: DatasetFormat::Alpaca,
+            dataset_kind: DatasetKind::Supervised,
             dataset_container: Container::Json,
             dataset_columns: vec!["instruction".into(), "output".into()],
             task_dir: "/t".into(),
@@ -577,11 +737,25 @@ pub const DATASET_NAME: &str = "ferrotune_dataset";
 /// column that no record has).
 pub fn dataset_info(paths: &RunPaths) -> Value {
     let present = |c: &str| paths.dataset_columns.iter().any(|k| k == c);
+    let kind = paths.dataset_kind;
     let mut columns = Map::new();
-    let entry = match paths.dataset_format {
+    // Preference pairs: LlamaFactory's `ranking` with the two answers' columns.
+    let ranking = kind == DatasetKind::Preference;
+    if ranking {
+        columns.insert("chosen".into(), json!("chosen"));
+        columns.insert("rejected".into(), json!("rejected"));
+    }
+    if kind == DatasetKind::Kto
+        && let Some(tag) = ["kto_tag", "label"].into_iter().find(|k| present(k))
+    {
+        columns.insert("kto_tag".into(), json!(tag));
+    }
+    let mut entry = match paths.dataset_format {
         DatasetFormat::Alpaca => {
             columns.insert("prompt".into(), json!("instruction"));
-            columns.insert("response".into(), json!("output"));
+            if !ranking {
+                columns.insert("response".into(), json!("output"));
+            }
             for (role, field) in [
                 ("query", "input"),
                 ("system", "system"),
@@ -593,6 +767,11 @@ pub fn dataset_info(paths: &RunPaths) -> Value {
             }
             json!({"file_name": paths.dataset_file, "formatting": "alpaca", "columns": columns})
         }
+        // Plain text: LlamaFactory's pre-training reads the prompt column alone.
+        DatasetFormat::Text => {
+            json!({"file_name": paths.dataset_file, "formatting": "alpaca",
+                   "columns": {"prompt": "text"}})
+        }
         DatasetFormat::Sharegpt => {
             columns.insert("messages".into(), json!("conversations"));
             for field in ["system", "tools"] {
@@ -602,15 +781,24 @@ pub fn dataset_info(paths: &RunPaths) -> Value {
             }
             json!({"file_name": paths.dataset_file, "formatting": "sharegpt", "columns": columns})
         }
-        DatasetFormat::Openai => json!({
-            "file_name": paths.dataset_file,
-            "formatting": "sharegpt",
-            "columns": {"messages": "messages"},
-            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                     "assistant_tag": "assistant", "observation_tag": "tool",
-                     "function_tag": "function", "system_tag": "system"},
-        }),
+        DatasetFormat::Openai => {
+            columns.insert("messages".into(), json!("messages"));
+            if present("tools") {
+                columns.insert("tools".into(), json!("tools"));
+            }
+            json!({
+                "file_name": paths.dataset_file,
+                "formatting": "sharegpt",
+                "columns": columns,
+                "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                         "assistant_tag": "assistant", "observation_tag": "tool",
+                         "function_tag": "function", "system_tag": "system"},
+            })
+        }
     };
+    if ranking {
+        entry["ranking"] = json!(true);
+    }
     json!({ DATASET_NAME: entry })
 }
 
@@ -623,14 +811,17 @@ pub fn llamafactory_args(spec: &TaskSpec, paths: &RunPaths, device: Device) -> M
     };
     set("model_name_or_path", json!(paths.model_dir));
     set("trust_remote_code", json!(false));
-    set(
-        "stage",
-        json!(match spec.stage {
-            Stage::Sft => "sft",
-            Stage::Pt => "pt",
-        }),
-    );
+    set("stage", json!(spec.stage.as_str()));
     set("do_train", json!(true));
+    if matches!(spec.stage, Stage::Dpo | Stage::Kto) {
+        set("pref_beta", json!(spec.pref_beta.unwrap_or(0.1)));
+    }
+    if spec.stage == Stage::Dpo {
+        set(
+            "pref_loss",
+            json!(spec.pref_loss.unwrap_or_default().as_str()),
+        );
+    }
     set(
         "finetuning_type",
         json!(match spec.finetuning_type {
@@ -991,6 +1182,7 @@ mod tests {
             model_dir: "/m/SmolLM2".into(),
             dataset_file: "/d/x.jsonl".into(),
             dataset_format: format,
+            dataset_kind: DatasetKind::Supervised,
             dataset_container: Container::Jsonl,
             dataset_columns: vec!["instruction".into(), "input".into(), "output".into()],
             task_dir: "/t/1".into(),
@@ -1059,6 +1251,83 @@ mod tests {
         assert!(yaml.contains("model_name_or_path: \"/m/SmolLM2\"\n"));
         assert!(yaml.contains("lora_rank: 8\n"));
         assert!(yaml.contains("do_train: true\n"));
+    }
+
+    #[test]
+    fn preference_kto_and_text_map_to_llamafactory() {
+        let mut p = paths(DatasetFormat::Sharegpt);
+        p.dataset_kind = DatasetKind::Preference;
+        p.dataset_columns = vec!["chosen".into(), "conversations".into(), "rejected".into()];
+        let i = &dataset_info(&p)[DATASET_NAME];
+        assert_eq!(i["ranking"], true);
+        assert_eq!(i["columns"]["chosen"], "chosen");
+        assert_eq!(i["columns"]["messages"], "conversations");
+        let mut p = paths(DatasetFormat::Alpaca);
+        p.dataset_kind = DatasetKind::Preference;
+        let i = &dataset_info(&p)[DATASET_NAME];
+        assert!(i["columns"].get("response").is_none(), "{i}");
+        assert_eq!(i["columns"]["rejected"], "rejected");
+        let mut p = paths(DatasetFormat::Openai);
+        p.dataset_kind = DatasetKind::Kto;
+        p.dataset_columns = vec!["label".into(), "messages".into()];
+        let i = &dataset_info(&p)[DATASET_NAME];
+        assert_eq!(i["columns"]["kto_tag"], "label");
+        assert!(i.get("ranking").is_none());
+        let mut p = paths(DatasetFormat::Text);
+        p.dataset_kind = DatasetKind::Text;
+        assert_eq!(
+            dataset_info(&p)[DATASET_NAME]["columns"],
+            json!({"prompt": "text"})
+        );
+
+        // The stage follows the dataset unless named; a wrong one is a 422 naming both.
+        let request: TaskRequest =
+            serde_json::from_value(json!({"name": "t", "model_name": "m", "pref_beta": 0.2}))
+                .unwrap();
+        let mut spec = request.into_spec().unwrap();
+        fit_stage(&mut spec, false, DatasetKind::Preference).unwrap();
+        assert_eq!(spec.stage, Stage::Dpo);
+        let a = llamafactory_args(&spec, &RunPaths::example(), Device::Cpu);
+        assert_eq!(
+            (
+                a["stage"].clone(),
+                a["pref_beta"].clone(),
+                a["pref_loss"].clone()
+            ),
+            (json!("dpo"), json!(0.2), json!("sigmoid"))
+        );
+        let mut spec = TaskSpec {
+            stage: Stage::Sft,
+            ..spec
+        };
+        let e = fit_stage(&mut spec, true, DatasetKind::Preference).unwrap_err();
+        assert!(e.message.contains("`sft` trains on supervised data (prompts with answers), but this dataset is preference data (chosen/rejected answers): use stage dpo or rm"), "{}", e.message);
+        let mut spec = TaskSpec {
+            stage: Stage::Kto,
+            pref_beta: None,
+            ..spec
+        };
+        fit_stage(&mut spec, true, DatasetKind::Kto).unwrap();
+        let a = llamafactory_args(&spec, &RunPaths::example(), Device::Cpu);
+        assert!(a.get("pref_loss").is_none());
+        assert_eq!(a["pref_beta"], 0.1);
+        let bad: TaskRequest = serde_json::from_value(
+            json!({"name": "t", "model_name": "m", "stage": "sft", "pref_loss": "orpo"}),
+        )
+        .unwrap();
+        assert!(bad.into_spec().unwrap_err().message.contains("pref_loss"));
+        let mut spec = TaskSpec {
+            stage: Stage::Sft,
+            eval_split: Some(0.2),
+            ..spec
+        };
+        spec.stage = Stage::Pt;
+        assert!(
+            fit_stage(&mut spec, true, DatasetKind::Text)
+                .unwrap_err()
+                .message
+                .contains("eval_split")
+        );
     }
 
     #[test]

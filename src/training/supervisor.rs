@@ -390,6 +390,10 @@ impl Supervisor {
                     None,
                 ),
             }
+        } else if state.done && exit_code == Some(0) && !task.spec.stage.chats() {
+            // A reward model scores answers instead of writing them: nothing to chat with.
+            // Its adapter and value head stay in the task's output folder.
+            (TaskStatus::Completed, None, None)
         } else if state.done && exit_code == Some(0) {
             match self.register_model(&task).await {
                 Ok(model_id) => (TaskStatus::Completed, None, Some(model_id)),
@@ -493,13 +497,18 @@ impl Supervisor {
         if !apply_event(progress, &event) {
             return;
         }
-        if let WorkerEvent::Log { at, .. } = &event {
+        if let WorkerEvent::Log { at, metrics, .. } = &event {
             let point = MetricPoint {
                 step: progress.current_step,
                 loss: progress.loss,
                 learning_rate: progress.learning_rate,
                 epoch: progress.epoch,
                 t: at.t.unwrap_or(0.0),
+                extra: metrics
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_f64().filter(|v| v.is_finite())?)))
+                    .take(32)
+                    .collect(),
             };
             if let Err(e) = self.store.add_metric(&task.task_id, &point).await {
                 tracing::warn!(task_id = %task.task_id, error = %e, "could not record a metric");

@@ -34,9 +34,13 @@ def emit(kind, **fields):
     now = time.time()
     fields["t"] = round(now - _t0, 3)
     fields["ts"] = round(now, 4)
-    for k, v in list(fields.items()):
+    def finite(v):
         if isinstance(v, float) and not math.isfinite(v):
-            fields[k] = str(v)  # JSON has no NaN/inf; keep them visible as strings
+            return str(v)  # JSON has no NaN/inf; keep them visible as strings
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return v
+    fields = {k: finite(v) for k, v in fields.items()}
     line = json.dumps(fields, default=str) + "\n"
     with _lock:  # one write per line: lines from threads never interleave
         _out.write(line)
@@ -105,8 +109,12 @@ def main(args_json, events_path, heartbeat_secs=10.0):
             base = {"step": state.global_step, "total_steps": state.max_steps,
                     "epoch": state.epoch} if state.max_steps else {}
             if "loss" in logs:
+                # A stage's own figures (DPO/KTO: rewards/*, logps/*, kl).
+                extra = {k: v for k, v in logs.items()
+                         if k not in ("loss", "learning_rate", "grad_norm", "epoch")
+                         and isinstance(v, (int, float)) and not isinstance(v, bool)}
                 emit("log", loss=logs.get("loss"), learning_rate=logs.get("learning_rate"),
-                     grad_norm=logs.get("grad_norm"), **base)
+                     grad_norm=logs.get("grad_norm"), metrics=extra, **base)
                 loss = logs.get("loss")
                 if isinstance(loss, float) and not math.isfinite(loss):
                     # Training on cannot recover: stop now instead of burning the GPU.

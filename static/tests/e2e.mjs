@@ -245,6 +245,17 @@ async function main() {
     await page.locator('[data-test=preview-table]').getByText('What is 2 plus 3?').first().waitFor()
     await snap('dataset-preview')
     await page.keyboard.press('Escape')
+    check((await row.locator('[data-test=kind]').innerText()).trim() === 'supervised', 'the dataset is supervised data')
+    // Preference pairs in OpenAI's DPO shape are told apart (and stored as LlamaFactory reads them).
+    const prefs = rows.slice(0, 4).map((r) => ({
+      input: { messages: [{ role: 'user', content: r.instruction }] },
+      preferred_output: [{ role: 'assistant', content: r.output }],
+      non_preferred_output: [{ role: 'assistant', content: 'No idea.' }],
+    }))
+    await page.setInputFiles('[data-test=file-input]', { name: 'prefs.jsonl', mimeType: 'application/jsonl', buffer: Buffer.from(prefs.map((p) => JSON.stringify(p)).join('\n')) })
+    const prefRow = page.locator('tr[data-dataset="prefs.jsonl"]')
+    await prefRow.waitFor()
+    check((await prefRow.locator('[data-test=kind]').innerText()).trim() === 'preference pairs', 'the DPO file is preference data')
     log('uploaded and previewed the dataset')
 
     // -- the environment and the model must be there before training (cached on CI)
@@ -264,6 +275,9 @@ async function main() {
     await page.locator(`[data-test=model-select] option[value="${MODEL}"]`).waitFor({ state: 'attached' })
     await page.selectOption('[data-test=model-select]', MODEL)
     check((await page.inputValue('[data-test=dataset-select]')) !== '', 'the dataset is selected')
+    // Only the stages that fit the dataset are offered.
+    const stageOptions = await page.locator('[data-test=stage-select] option').evaluateAll((os) => os.map((o) => o.value))
+    check(JSON.stringify(stageOptions) === '["sft"]', `supervised data trains with sft only: ${stageOptions}`)
     await page.fill('[data-test=task-name]', 'ui-arith')
     await page.fill('[data-test=epochs]', '1')
     await page.fill('[data-test=learning-rate]', '0.001')

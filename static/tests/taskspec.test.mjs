@@ -120,3 +120,23 @@ test('evaluate when done: the held-out split goes as eval_split, and needs some 
   assert.ok(validate({ ...f, val_size: 0 }).val_size)
   assert.equal(fromTask({ name: 'n', val_size: 0.2, eval_split: 0.2 }, rules).evaluate_after, true)
 })
+
+test('preference settings go with their stages only', () => {
+  const f = { ...defaults(), name: 't', model_name: 'm', dataset_id: 'd', stage: 'dpo', pref_loss: 'orpo', pref_beta: '0.2' }
+  const body = toRequest(f, rules)
+  assert.equal(body.pref_loss, 'orpo')
+  assert.equal(body.pref_beta, 0.2)
+  const kto = toRequest({ ...f, stage: 'kto' }, rules)
+  assert.ok(!('pref_loss' in kto))
+  assert.equal(kto.pref_beta, 0.2)
+  const sft = toRequest({ ...f, stage: 'sft', evaluate_after: true, val_size: 0.2 }, rules)
+  assert.ok(!('pref_loss' in sft) && !('pref_beta' in sft))
+  assert.equal(sft.eval_split, 0.2)
+  // Evaluation scores answers against references: not after a preference stage.
+  assert.ok(!('eval_split' in toRequest({ ...f, evaluate_after: true, val_size: 0.2 }, rules)))
+  assert.equal(check({ ...f, pref_beta: '0' }, rules).pref_beta, 'Above 0 and at most 10.')
+  assert.ok(rules.stages.includes('dpo') && rules.stages.includes('kto') && rules.stages.includes('rm'))
+  const yaml = toYaml(f, '/m', 'd')
+  assert.match(yaml, /pref_loss: "orpo"/)
+  assert.equal(fromTask({ name: 'n', stage: 'dpo', pref_loss: 'ipo', pref_beta: 0.3 }, rules).pref_loss, 'ipo')
+})

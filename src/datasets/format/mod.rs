@@ -64,6 +64,8 @@
 mod csv_table;
 mod json_array;
 mod json_lines;
+mod normalize;
+mod plain_text;
 mod records;
 #[cfg(test)]
 mod tests;
@@ -81,6 +83,8 @@ use serde_json::{Map, Value};
 use csv_table::{looks_like_alpaca_csv, stream_csv};
 use json_array::stream_json_array;
 use json_lines::stream_jsonl;
+use normalize::normalize;
+use plain_text::{looks_like_text_name, stream_text};
 use records::Checker;
 
 const UTF8_BOM: &[u8; 3] = b"\xEF\xBB\xBF";
@@ -90,7 +94,8 @@ const CSV_SNIFF_BYTES: u64 = 64 * 1024;
 
 const UNKNOWN_CONTENT: &str = "expected a JSON array, JSON Lines, or CSV with alpaca columns";
 const UNKNOWN_SHAPE: &str = "unknown shape: expected alpaca (`instruction`/`output`), sharegpt \
-                             (`conversations`) or OpenAI (`messages`) fields";
+                             (`conversations`), OpenAI (`messages`) or plain-text (`text`) \
+                             fields";
 const JSONL_INCOMPLETE: &str = "the JSON record is incomplete; JSON Lines needs one complete \
                                 record per line (a JSON array of records is also accepted)";
 
@@ -103,6 +108,8 @@ pub enum DatasetFormat {
     Alpaca,
     Sharegpt,
     Openai,
+    /// Plain text: one `text` field per record (pre-training corpora).
+    Text,
 }
 
 impl DatasetFormat {
@@ -112,6 +119,7 @@ impl DatasetFormat {
             DatasetFormat::Alpaca,
             DatasetFormat::Sharegpt,
             DatasetFormat::Openai,
+            DatasetFormat::Text,
         ]
         .into_iter()
         .find(|f| f.as_str() == name)
@@ -122,6 +130,7 @@ impl DatasetFormat {
             DatasetFormat::Alpaca => "alpaca",
             DatasetFormat::Sharegpt => "sharegpt",
             DatasetFormat::Openai => "openai",
+            DatasetFormat::Text => "text",
         }
     }
 
@@ -131,11 +140,76 @@ impl DatasetFormat {
             DatasetFormat::Alpaca => "`instruction`/`output`",
             DatasetFormat::Sharegpt => "`conversations`",
             DatasetFormat::Openai => "`messages`",
+            DatasetFormat::Text => "`text`",
         }
     }
 }
 
 impl fmt::Display for DatasetFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a dataset trains, whatever its format: the stages it fits follow from it.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetKind {
+    /// Prompts with the answers to imitate (SFT).
+    #[default]
+    #[serde(rename = "sft")]
+    Supervised,
+    /// Prompts with a chosen and a rejected answer (DPO, ORPO, SimPO, reward models).
+    Preference,
+    /// Prompts with one answer labelled good or bad (KTO).
+    Kto,
+    /// Plain text (continued pre-training).
+    Text,
+}
+
+impl DatasetKind {
+    pub fn parse(name: &str) -> Option<DatasetKind> {
+        [
+            DatasetKind::Supervised,
+            DatasetKind::Preference,
+            DatasetKind::Kto,
+            DatasetKind::Text,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == name)
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DatasetKind::Supervised => "sft",
+            DatasetKind::Preference => "preference",
+            DatasetKind::Kto => "kto",
+            DatasetKind::Text => "text",
+        }
+    }
+
+    /// For messages: "supervised data (prompts with answers)"...
+    pub fn describe(&self) -> &'static str {
+        match self {
+            DatasetKind::Supervised => "supervised data (prompts with answers)",
+            DatasetKind::Preference => "preference data (chosen/rejected answers)",
+            DatasetKind::Kto => "KTO data (answers labelled good or bad)",
+            DatasetKind::Text => "plain text",
+        }
+    }
+}
+
+impl fmt::Display for DatasetKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -183,6 +257,10 @@ impl fmt::Display for Container {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
     pub format: DatasetFormat,
+    pub kind: DatasetKind,
+    /// Records were rewritten into a shape LlamaFactory reads (see `normalize`), or the file
+    /// is plain text: the upload stores [`rewrite`]'s JSON Lines instead of the file.
+    pub rewritten: bool,
     pub container: Container,
     /// The number of records (data rows for CSV).
     pub num_rows: u64,
@@ -273,24 +351,22 @@ pub fn inspect(path: &Path, name_hint: Option<&str>) -> Result<Summary, InspectE
             }
         }
     };
-    let (container, format, num_rows) = match first {
-        b'[' => {
-            let mut checker = Checker::default();
-            let rows = stream_json_array(path, |value| {
-                checker.check(&value)?;
-                note_keys(&value);
-                Ok(true)
-            })?;
-            (Container::Json, checker.format, rows)
-        }
-        b'{' => {
-            let mut checker = Checker::default();
-            let rows = stream_jsonl(path, |value| {
-                checker.check(&value)?;
-                note_keys(&value);
-                Ok(true)
-            })?;
-            (Container::Jsonl, checker.format, rows)
+    let mut rewritten = false;
+    let mut checker = Checker::default();
+    let mut on_value = |value: Value| {
+        let (value, changed) = normalize(value)?;
+        rewritten |= changed;
+        checker.check(&value)?;
+        note_keys(&value);
+        Ok(true)
+    };
+    let (container, num_rows) = match first {
+        b'[' => (Container::Json, stream_json_array(path, &mut on_value)?),
+        b'{' => (Container::Jsonl, stream_jsonl(path, &mut on_value)?),
+        _ if !csv_hint && looks_like_text_name(name_hint) && !looks_like_alpaca_csv(path)? => {
+            let rows = stream_text(path, &mut on_value)?;
+            rewritten = true;
+            (Container::Jsonl, rows)
         }
         _ if csv_hint || looks_like_alpaca_csv(path)? => {
             let rows = stream_csv(path, |row| row.check().map(|()| true))?;
@@ -303,19 +379,68 @@ pub fn inspect(path: &Path, name_hint: Option<&str>) -> Result<Summary, InspectE
                     }
                 }
             }
-            (Container::Csv, Some(DatasetFormat::Alpaca), rows)
+            checker.format = Some(DatasetFormat::Alpaca);
+            (Container::Csv, rows)
         }
         _ => return Err(FormatError::new(UNKNOWN_CONTENT).into()),
     };
-    match format {
+    if num_rows > 0 {
+        checker.finish().map_err(FormatError::new)?;
+    }
+    match checker.format {
         Some(format) if num_rows > 0 => Ok(Summary {
             format,
-            container,
+            kind: checker.kind.unwrap_or_default(),
+            rewritten,
+            container: if rewritten {
+                Container::Jsonl
+            } else {
+                container
+            },
             num_rows,
             columns: columns.into_iter().collect(),
         }),
         _ => Err(FormatError::new("no records").into()),
     }
+}
+
+/// Writes the records of a file [`inspect`] passed with `rewritten` set to `out`, as JSON
+/// Lines in the shape LlamaFactory reads (see `normalize`; plain text becomes `{"text"}`
+/// records).
+pub fn rewrite(path: &Path, name_hint: Option<&str>, out: &Path) -> Result<(), InspectError> {
+    use std::io::Write as _;
+    let first = {
+        let mut reader = open_content(path)?;
+        first_content_byte(&mut reader)?
+    };
+    let mut writer = io::BufWriter::new(File::create(out)?);
+    let mut failed: Option<io::Error> = None;
+    let mut write = |value: Value| {
+        let (value, _) = normalize(value)?;
+        let line = serde_json::to_string(&value).map_err(|e| e.to_string())?;
+        if let Err(e) = writer
+            .write_all(line.as_bytes())
+            .and_then(|()| writer.write_all(b"\n"))
+        {
+            failed = Some(e);
+            return Ok(false);
+        }
+        Ok(true)
+    };
+    match first {
+        Some(b'[') => stream_json_array(path, &mut write)?,
+        Some(b'{') => stream_jsonl(path, &mut write)?,
+        _ if looks_like_text_name(name_hint) => stream_text(path, &mut write)?,
+        _ => return Err(FormatError::new(UNKNOWN_CONTENT).into()),
+    };
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    writer
+        .into_inner()
+        .map_err(|e| e.into_error())?
+        .sync_all()?;
+    Ok(())
 }
 
 /// The first `limit` records as JSON objects, in file order. CSV rows become alpaca objects

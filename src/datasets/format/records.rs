@@ -15,10 +15,14 @@ pub(super) fn kind(value: &Value) -> &'static str {
     }
 }
 
-/// Decides the format from the first record and holds every later record to it.
+/// Decides the format and kind from the first record and holds every later record to them.
 #[derive(Default)]
 pub(super) struct Checker {
     pub(super) format: Option<DatasetFormat>,
+    pub(super) kind: Option<DatasetKind>,
+    /// KTO rows labelled good and bad.
+    desirable: u64,
+    undesirable: u64,
 }
 
 impl Checker {
@@ -42,41 +46,159 @@ impl Checker {
             }
             (Some(first), _) => first,
         };
-        match format {
-            DatasetFormat::Alpaca => check_alpaca(record),
-            DatasetFormat::Sharegpt => check_dialogue(record, &SHAREGPT),
-            DatasetFormat::Openai => check_dialogue(record, &OPENAI),
+        let record_kind = kind_of(record, format)?;
+        match self.kind {
+            None => self.kind = Some(record_kind),
+            Some(first) if first != record_kind => {
+                return Err(format!(
+                    "is {} but the file's first record is {}",
+                    record_kind.describe(),
+                    first.describe()
+                ));
+            }
+            Some(_) => {}
         }
+        match (format, record_kind) {
+            (DatasetFormat::Text, _) => check_text(record),
+            (DatasetFormat::Alpaca, DatasetKind::Preference) => check_alpaca_preference(record),
+            (DatasetFormat::Alpaca, _) => check_alpaca(record),
+            (DatasetFormat::Sharegpt, DatasetKind::Preference) => {
+                check_preference(record, &SHAREGPT)
+            }
+            (DatasetFormat::Openai, DatasetKind::Preference) => check_preference(record, &OPENAI),
+            (DatasetFormat::Sharegpt, _) => check_dialogue(record, &SHAREGPT, true),
+            (DatasetFormat::Openai, _) => check_dialogue(record, &OPENAI, true),
+        }?;
+        if record_kind == DatasetKind::Kto {
+            if kto_label(record) == Some(true) {
+                self.desirable += 1;
+            } else {
+                self.undesirable += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// What is wrong with the file as a whole, once every record passed.
+    pub(super) fn finish(&self) -> Result<(), String> {
+        if self.kind == Some(DatasetKind::Kto) && (self.desirable == 0 || self.undesirable == 0) {
+            return Err(format!(
+                "KTO learns from answers labelled good (true) and bad (false), and needs both: \
+                 this file has {} labelled true and {} labelled false",
+                self.desirable, self.undesirable
+            ));
+        }
+        Ok(())
     }
 }
 
-/// Fields that change what a record means but that the supervised stages ferrotune trains
-/// would drop: accepting them would train something else than the data says (KTO rows whose
-/// `label` marks a bad answer would be imitated; `<image>` placeholders learnt as text
-/// without their images). Refused until those kinds are supported.
-pub(super) fn refuse_dropped_fields(record: &Map<String, Value>) -> Result<(), String> {
-    for key in ["label", "kto_tag"] {
-        if record.get(key).is_some_and(Value::is_boolean) {
-            return Err(format!(
-                "`{key}` marks this as KTO data (answers labelled good or bad), which ferrotune                  does not train yet: as supervised data every answer would be imitated, the bad                  ones too. Keep the rows labelled true and drop `{key}` to train them as SFT"
-            ));
-        }
+/// The KTO label of a record (`kto_tag` or `label`, a boolean), if it has one.
+pub(super) fn kto_label(record: &Map<String, Value>) -> Option<bool> {
+    KTO_KEYS
+        .iter()
+        .find_map(|k| record.get(*k).and_then(Value::as_bool))
+}
+
+/// The keys LlamaFactory's KTO datasets mark answers good or bad with.
+pub(super) const KTO_KEYS: [&str; 2] = ["kto_tag", "label"];
+
+/// What a record trains: the keys decide.
+fn kind_of(record: &Map<String, Value>, format: DatasetFormat) -> Result<DatasetKind, String> {
+    let preference = record.contains_key("chosen") || record.contains_key("rejected");
+    let kto = kto_label(record).is_some();
+    if format == DatasetFormat::Text {
+        return Ok(DatasetKind::Text);
     }
+    match (preference, kto) {
+        (true, true) => Err(
+            "has both chosen/rejected answers (preference data) and a boolean `label`/`kto_tag` \
+             (KTO data): keep one of them"
+                .to_string(),
+        ),
+        (true, false) => Ok(DatasetKind::Preference),
+        (false, true) => Ok(DatasetKind::Kto),
+        (false, false) => Ok(DatasetKind::Supervised),
+    }
+}
+
+/// Fields that change what a record means but that no stage ferrotune trains reads:
+/// accepting them would train something else than the data says (`<image>` placeholders
+/// learnt as text without their images). Refused until those kinds are supported.
+pub(super) fn refuse_dropped_fields(record: &Map<String, Value>) -> Result<(), String> {
     for key in ["images", "videos", "audios"] {
         if record
             .get(key)
             .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
         {
             return Err(format!(
-                "`{key}`: multimodal records are not supported yet (the {key} would be dropped                  and their placeholders learnt as text); remove `{key}` and the placeholders to                  train on the text"
+                "`{key}`: multimodal records are not supported yet (the {key} would be dropped \
+                 and their placeholders learnt as text); remove `{key}` and the placeholders to \
+                 train on the text"
             ));
         }
     }
+    Ok(())
+}
+
+/// A plain-text record: `text`, not blank.
+fn check_text(record: &Map<String, Value>) -> Result<(), String> {
+    if is_blank(required_str(record, "text")?) {
+        return Err("`text` is empty".to_string());
+    }
+    Ok(())
+}
+
+/// An alpaca preference record: a prompt and two answer strings, no `output`.
+fn check_alpaca_preference(record: &Map<String, Value>) -> Result<(), String> {
+    let instruction = required_str(record, "instruction")?;
+    let input = optional_str(record, "input")?;
+    optional_str(record, "system")?;
+    if record.contains_key("output") {
+        return Err(
+            "has `output` as well as `chosen`/`rejected`: preference training compares the two \
+             answers and would ignore `output`; drop it (or drop chosen/rejected for SFT)"
+                .to_string(),
+        );
+    }
+    if is_blank(instruction) && input.is_none_or(is_blank) {
+        return Err("`instruction` is empty".to_string());
+    }
     for key in ["chosen", "rejected"] {
-        if record.contains_key(key) {
-            return Err(format!(
-                "`{key}` marks this as preference data (chosen/rejected answers for DPO or a                  reward model), which ferrotune does not train yet"
-            ));
+        if is_blank(required_str(record, key)?) {
+            return Err(format!("`{key}` is empty"));
+        }
+    }
+    Ok(())
+}
+
+/// A conversation preference record: the conversation ends with the prompt, `chosen` and
+/// `rejected` are the two answers (one turn each).
+fn check_preference(record: &Map<String, Value>, dialect: &Dialect) -> Result<(), String> {
+    check_dialogue(record, dialect, false)?;
+    for key in ["chosen", "rejected"] {
+        let turn = match record.get(key) {
+            None => return Err(format!("missing field `{key}` (the other answer is there)")),
+            Some(Value::Object(turn)) => turn,
+            Some(other) => {
+                return Err(format!(
+                    "`{key}` must be one {} turn (an object with `{}` and `{}`), found {}",
+                    dialect.reply_roles[0],
+                    dialect.role,
+                    dialect.content,
+                    kind(other)
+                ));
+            }
+        };
+        let at = |m: String| format!("{key}: {m}");
+        let role = required_str(turn, dialect.role).map_err(at)?;
+        if !dialect.reply_roles.contains(&role) {
+            return Err(at(format!(
+                "expected a {} or {} turn, found `{role}`",
+                dialect.reply_roles[0], dialect.reply_roles[1]
+            )));
+        }
+        if is_blank(required_str(turn, dialect.content).map_err(at)?) {
+            return Err(at(format!("`{}` is empty", dialect.content)));
         }
     }
     Ok(())
@@ -95,6 +217,7 @@ pub(super) fn shape_of(record: &Map<String, Value>) -> Result<Option<DatasetForm
         shapes.push(DatasetFormat::Openai);
     }
     match shapes.as_slice() {
+        [] if record.contains_key("text") => Ok(Some(DatasetFormat::Text)),
         [] => Ok(None),
         [one] => Ok(Some(*one)),
         [a, b, ..] => Err(format!(
@@ -216,7 +339,13 @@ pub(super) const OPENAI: Dialect = Dialect {
     all_roles: "system, user, assistant, tool or function",
 };
 
-pub(super) fn check_dialogue(record: &Map<String, Value>, dialect: &Dialect) -> Result<(), String> {
+/// A conversation; `ends_with_reply`: it ends with the answer (supervised, KTO) rather than
+/// with the prompt (preference data, whose answers are `chosen` and `rejected`).
+pub(super) fn check_dialogue(
+    record: &Map<String, Value>,
+    dialect: &Dialect,
+    ends_with_reply: bool,
+) -> Result<(), String> {
     let list = dialect.list;
     let turns = match record.get(list) {
         None => return Err(format!("missing field `{list}`")),
@@ -281,10 +410,17 @@ pub(super) fn check_dialogue(record: &Map<String, Value>, dialect: &Dialect) -> 
     if position == 0 {
         return Err(format!("`{list}` has only a system turn"));
     }
-    if position % 2 == 1 {
+    if ends_with_reply && position % 2 == 1 {
         return Err(format!(
             "`{list}` must end with a {} or {} turn, but ends with `{last_role}`",
             dialect.reply_roles[0], dialect.reply_roles[1]
+        ));
+    }
+    if !ends_with_reply && position.is_multiple_of(2) {
+        return Err(format!(
+            "`{list}` of preference data must end with the prompt (a {} or {} turn), but ends \
+             with `{last_role}`: the answers are `chosen` and `rejected`",
+            dialect.prompt_roles[0], dialect.prompt_roles[1]
         ));
     }
     optional_str(record, "system")?;

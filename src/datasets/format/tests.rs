@@ -65,6 +65,8 @@ fn array(records: &[Value]) -> String {
 fn summary(format: DatasetFormat, container: Container, num_rows: u64) -> Summary {
     Summary {
         format,
+        kind: DatasetKind::Supervised,
+        rewritten: false,
         container,
         num_rows,
         columns: Vec::new(),
@@ -267,7 +269,7 @@ fn utf16_is_refused() {
 
 #[test]
 fn unknown_content() {
-    assert_eq!(error("hello world", Some("a.txt")), UNKNOWN_CONTENT);
+    assert_eq!(error("hello world", Some("a.md")), UNKNOWN_CONTENT);
     assert_eq!(error("\"just a string\"", Some("a.json")), UNKNOWN_CONTENT);
     assert_eq!(error("a,b\n1,2\n", None), UNKNOWN_CONTENT);
     assert_eq!(
@@ -279,11 +281,11 @@ fn unknown_content() {
 #[test]
 fn unknown_and_ambiguous_shapes() {
     assert_eq!(
-        error("[{\"prompt\": \"a\", \"completion\": \"b\"}]", None),
+        error("[{\"question\": \"a\", \"answer\": \"b\"}]", None),
         format!("record 1 (line 1): {UNKNOWN_SHAPE}")
     );
     assert_eq!(
-        error("{\"text\": \"a\"}\n", None),
+        error("{\"answer\": \"a\"}\n", None),
         format!("line 1: {UNKNOWN_SHAPE}")
     );
     assert_eq!(
@@ -557,8 +559,8 @@ fn sharegpt_fields_and_turn_order() {
         ),
         (
             json!({"conversations": [{"from": "human", "value": "a"},
-                                     {"from": "gpt", "value": "b"}], "tools": [1]}),
-            "`tools` must be a string, found an array",
+                                     {"from": "gpt", "value": "b"}], "tools": 1}),
+            "`tools` must be a string, found a number",
         ),
     ];
     for (record, message) in cases {
@@ -602,10 +604,10 @@ fn openai_fields_and_turn_order() {
         ),
         (
             json!({"messages": [{"role": "user", "content": "a"},
-                {"role": "assistant", "content": null,
-                 "tool_calls": [{"function": {"name": "f"}}]}]}),
-            "messages[1]: `content` must be a string, found null (`tool_calls` is not \
-             supported)",
+                {"role": "assistant", "content": "I'll look", "tool_calls": [{"function": {"name": "f"}}]}]}),
+            "messages[1]: an assistant message with both text and tool calls cannot be trained \
+             as one turn (LlamaFactory's function turn holds only the calls): split it or drop \
+             the text",
         ),
         (
             messages(&[("user", ""), ("assistant", "b")]),
@@ -731,12 +733,101 @@ fn preview_csv_shape() {
     assert_eq!(preview(f.path(), Container::Csv, 10).unwrap().len(), 3);
 }
 
+/// The records a rewritten upload stores.
+fn rewritten(bytes: impl AsRef<[u8]>, hint: Option<&str>) -> (Summary, Vec<Value>) {
+    let f = file(bytes);
+    let summary = inspect(f.path(), hint).unwrap_or_else(|e| panic!("expected valid: {e}"));
+    assert!(summary.rewritten, "{summary:?}");
+    let out = NamedTempFile::new().unwrap();
+    rewrite(f.path(), hint, out.path()).unwrap();
+    // What is stored passes as it is, with the same summary.
+    let again = inspect(out.path(), Some("stored.jsonl")).unwrap();
+    assert!(!again.rewritten, "{again:?}");
+    assert_eq!(
+        (again.format, again.kind, again.num_rows),
+        (summary.format, summary.kind, summary.num_rows)
+    );
+    (summary, preview(out.path(), Container::Jsonl, 100).unwrap())
+}
+
 #[test]
-fn fields_that_would_be_dropped_are_refused() {
-    // LlamaFactory's kto_en_demo: messages with a boolean label.
-    let kto = r#"[{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "label": false}]"#;
-    let e = error(kto, None);
-    assert!(e.contains("`label` marks this as KTO data"), "{e}");
+fn kinds_are_told_apart_and_held_to() {
+    // LlamaFactory's kto_en_demo: messages with a boolean label, both labels present.
+    let kto = r#"[{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "label": false},
+                  {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}], "label": true}]"#;
+    let s = inspect_bytes(kto, None);
+    assert_eq!(
+        (s.format, s.kind, s.num_rows),
+        (DatasetFormat::Openai, DatasetKind::Kto, 2)
+    );
+    // KTO needs good and bad answers.
+    let one_sided = r#"[{"instruction": "a", "output": "b", "kto_tag": true}]"#;
+    let e = error(one_sided, None);
+    assert!(
+        e.contains("needs both: this file has 1 labelled true and 0 labelled false"),
+        "{e}"
+    );
+    // Its DPO demos: a conversation ending on the prompt with chosen and rejected answers.
+    let dpo = r#"[{"conversations": [{"from": "human", "value": "a"}], "chosen": {"from": "gpt", "value": "b"}, "rejected": {"from": "gpt", "value": "c"}}]"#;
+    let s = inspect_bytes(dpo, None);
+    assert_eq!(
+        (s.format, s.kind),
+        (DatasetFormat::Sharegpt, DatasetKind::Preference)
+    );
+    let s = inspect_bytes(
+        r#"{"instruction": "a", "input": "x", "chosen": "b", "rejected": "c"}"#,
+        None,
+    );
+    assert_eq!(
+        (s.format, s.kind),
+        (DatasetFormat::Alpaca, DatasetKind::Preference)
+    );
+    for (record, message) in [
+        (
+            r#"{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}], "chosen": {"from": "gpt", "value": "b"}, "rejected": {"from": "gpt", "value": "c"}}"#,
+            "must end with the prompt (a human or observation turn), but ends with `gpt`",
+        ),
+        (
+            r#"{"conversations": [{"from": "human", "value": "a"}], "chosen": {"from": "gpt", "value": "b"}}"#,
+            "missing field `rejected` (the other answer is there)",
+        ),
+        (
+            r#"{"conversations": [{"from": "human", "value": "a"}], "chosen": {"from": "human", "value": "b"}, "rejected": {"from": "gpt", "value": "c"}}"#,
+            "chosen: expected a gpt or function_call turn, found `human`",
+        ),
+        (
+            r#"{"instruction": "a", "output": "o", "chosen": "b", "rejected": "c"}"#,
+            "has `output` as well as `chosen`/`rejected`",
+        ),
+        (
+            r#"{"instruction": "a", "chosen": "b", "rejected": " "}"#,
+            "`rejected` is empty",
+        ),
+        (
+            r#"{"instruction": "a", "output": "b", "chosen": "b", "rejected": "c", "label": true}"#,
+            "has both chosen/rejected answers",
+        ),
+        (r#"{"text": "  "}"#, "`text` is empty"),
+    ] {
+        let e = error(record, None);
+        assert!(e.contains(message), "{record}: {e}");
+    }
+    // Kinds do not mix in one file.
+    let mixed = "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n";
+    assert_eq!(
+        error(mixed, None),
+        "line 2: is preference data (chosen/rejected answers) but the file's first record is \
+         supervised data (prompts with answers)"
+    );
+    // Plain text: c4_demo's `text` records.
+    let s = inspect_bytes(
+        "{\"text\": \"one\"}\n{\"text\": \"two\", \"meta\": 1}\n",
+        None,
+    );
+    assert_eq!(
+        (s.format, s.kind, s.num_rows, s.rewritten),
+        (DatasetFormat::Text, DatasetKind::Text, 2, false)
+    );
     // Its multimodal demos: an image placeholder with its images.
     let image = r#"[{"messages": [{"role": "user", "content": "<image>Who are they?"}, {"role": "assistant", "content": "b"}], "images": ["mllm_demo_data/1.jpg"]}]"#;
     let e = error(image, None);
@@ -744,13 +835,129 @@ fn fields_that_would_be_dropped_are_refused() {
         e.contains("`images`: multimodal records are not supported"),
         "{e}"
     );
-    // Its DPO demos: a conversation with chosen and rejected answers.
-    let dpo = r#"[{"conversations": [{"from": "human", "value": "a"}], "chosen": {"from": "gpt", "value": "b"}, "rejected": {"from": "gpt", "value": "c"}}]"#;
-    let e = error(dpo, None);
-    assert!(e.contains("`chosen` marks this as preference data"), "{e}");
     // Empty lists and non-boolean labels change nothing.
-    inspect_bytes(
+    let s = inspect_bytes(
         r#"[{"instruction": "a", "output": "b", "images": [], "label": "math"}]"#,
         None,
     );
+    assert_eq!(s.kind, DatasetKind::Supervised);
+}
+
+#[test]
+fn text_files_become_documents() {
+    // One document a line (wiki_demo.txt), blank-line separated paragraphs otherwise.
+    let (s, rows) = rewritten("First doc.\nSecond doc.\n", Some("wiki.TXT"));
+    assert_eq!(
+        (s.format, s.kind, s.container),
+        (DatasetFormat::Text, DatasetKind::Text, Container::Jsonl)
+    );
+    assert_eq!(
+        rows,
+        vec![
+            json!({"text": "First doc."}),
+            json!({"text": "Second doc."})
+        ]
+    );
+    let (_, rows) = rewritten("\nA line\nand more.\n\n\n B\r\n", Some("p.txt"));
+    assert_eq!(
+        rows,
+        vec![json!({"text": "A line\nand more."}), json!({"text": " B"})]
+    );
+    assert!(error(b"a\n\xff\n", Some("x.txt")).contains("line 2, column 1: not valid UTF-8"));
+    assert_eq!(error("\n \n", Some("x.txt")), "the file is empty");
+    // Without the name, text is not guessed.
+    assert!(error("First doc.\n", None).starts_with("expected a JSON array"));
+}
+
+#[test]
+fn openai_shapes_are_rewritten_for_llamafactory() {
+    // Content parts (OpenAI's `text`, LlamaFactory v1's `value`) and reasoning.
+    let v1 = r#"{"messages": [{"role": "user", "content": [{"type": "text", "value": "hi"}], "loss_weight": 0.0}, {"role": "assistant", "content": [{"type": "reasoning", "value": "greet"}, {"type": "text", "text": "Hello"}], "loss_weight": 1.0}]}"#;
+    let (s, rows) = rewritten(v1, None);
+    assert_eq!(
+        (s.format, s.kind),
+        (DatasetFormat::Openai, DatasetKind::Supervised)
+    );
+    assert_eq!(
+        rows[0],
+        json!({"messages": [{"role": "user", "content": "hi"},
+                            {"role": "assistant", "content": "<think>\ngreet\n</think>\n\nHello"}]})
+    );
+    // Tool calls, parallel tool results, a tools array.
+    let tools = json!({"messages": [
+        {"role": "user", "content": "weather in A and B?"},
+        {"role": "assistant", "content": null, "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "w", "arguments": "{\"city\": \"A\"}"}},
+            {"id": "2", "type": "function", "function": {"name": "w", "arguments": "{\"city\": \"B\"}"}}]},
+        {"role": "tool", "tool_call_id": "1", "content": "sun"},
+        {"role": "tool", "tool_call_id": "2", "content": [{"type": "text", "text": "rain"}]},
+        {"role": "assistant", "content": "A sunny, B rainy."}],
+        "tools": [{"type": "function", "function": {"name": "w", "parameters": {}}}]});
+    let (_, rows) = rewritten(tools.to_string(), None);
+    let m = &rows[0]["messages"];
+    assert_eq!(m[1]["role"], "function");
+    assert_eq!(
+        serde_json::from_str::<Value>(m[1]["content"].as_str().unwrap()).unwrap(),
+        json!([{"name": "w", "arguments": {"city": "A"}}, {"name": "w", "arguments": {"city": "B"}}])
+    );
+    assert_eq!(m[2], json!({"role": "tool", "content": "sun\nrain"}));
+    assert_eq!(m.as_array().unwrap().len(), 4);
+    assert!(
+        rows[0]["tools"]
+            .as_str()
+            .unwrap()
+            .contains("\"name\":\"w\"")
+    );
+    // OpenAI's legacy prompt/completion rows are alpaca.
+    let (s, rows) = rewritten(r#"{"prompt": "2+2=", "completion": "4"}"#, None);
+    assert_eq!(
+        (s.format, s.kind),
+        (DatasetFormat::Alpaca, DatasetKind::Supervised)
+    );
+    assert_eq!(rows[0], json!({"instruction": "2+2=", "output": "4"}));
+    // OpenAI's DPO JSONL and LlamaFactory v1's.
+    let dpo = r#"{"input": {"messages": [{"role": "user", "content": "2+2?"}]}, "preferred_output": [{"role": "assistant", "content": "4"}], "non_preferred_output": [{"role": "assistant", "content": "5"}]}"#;
+    let (s, rows) = rewritten(dpo, None);
+    assert_eq!(
+        (s.format, s.kind),
+        (DatasetFormat::Openai, DatasetKind::Preference)
+    );
+    assert_eq!(
+        rows[0],
+        json!({"messages": [{"role": "user", "content": "2+2?"}],
+               "chosen": {"role": "assistant", "content": "4"},
+               "rejected": {"role": "assistant", "content": "5"}})
+    );
+    let v1 = r#"{"chosen_messages": [{"role": "user", "content": [{"type": "text", "value": "q"}]}, {"role": "assistant", "content": [{"type": "text", "value": "good"}]}], "rejected_messages": [{"role": "user", "content": [{"type": "text", "value": "q"}]}, {"role": "assistant", "content": [{"type": "text", "value": "bad"}]}]}"#;
+    let (_, rows) = rewritten(v1, None);
+    assert_eq!(
+        rows[0]["chosen"],
+        json!({"role": "assistant", "content": "good"})
+    );
+    assert_eq!(
+        rows[0]["messages"],
+        json!([{"role": "user", "content": "q"}])
+    );
+    // Refused with a reason.
+    for (record, message) in [
+        (
+            r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, {"role": "assistant", "content": "b"}]}"#,
+            "messages[0]: content[0]: `image_url` parts are multimodal",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]}"#,
+            "messages[1]: `weight: 0` asks not to train this assistant turn",
+        ),
+        (
+            r#"{"chosen_messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "rejected_messages": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]}"#,
+            "must share every turn but the last",
+        ),
+        (
+            r#"{"input": {"messages": [{"role": "user", "content": "q"}]}, "preferred_output": [], "non_preferred_output": [{"role": "assistant", "content": "b"}]}"#,
+            "`preferred_output` must hold one assistant message, found 0",
+        ),
+    ] {
+        let e = error(record, None);
+        assert!(e.contains(message), "{record}: {e}");
+    }
 }

@@ -19,6 +19,8 @@ export function defaults(rules) {
     quantization_bit: '',
     deepspeed: '',
     evaluate_after: false,
+    pref_loss: '',
+    pref_beta: '',
   }
   for (const field of rules.fields) f[field.name] = field.default ?? ''
   return f
@@ -53,7 +55,11 @@ export function validate(f, rules) {
   if (f.template && !rules.templates.includes(f.template)) e.template = 'Unknown template.'
   if (String(f.gpu_ids || '').trim() && !/^\d+(\s*,\s*\d+)*$/.test(String(f.gpu_ids).trim()))
     e.gpu_ids = 'GPU indices separated by commas (0,2), or empty for any.'
-  if (f.evaluate_after && !(Number(f.val_size) > 0))
+  if (f.pref_beta !== '' && f.pref_beta !== null && f.pref_beta !== undefined && ['dpo', 'kto'].includes(f.stage)) {
+    const b = Number(f.pref_beta)
+    if (!(Number.isFinite(b) && b > 0 && b <= 10)) e.pref_beta = 'Above 0 and at most 10.'
+  }
+  if (f.evaluate_after && f.stage === 'sft' && !(Number(f.val_size) > 0))
     e.val_size = 'Hold out some rows (above 0) to evaluate the result on.'
   if (f.quantization_bit && f.finetuning_type !== 'lora')
     e.quantization_bit = 'QLoRA quantises the base under a LoRA: choose the LoRA method.'
@@ -83,8 +89,12 @@ export function toRequest(f, rules) {
   if (String(f.system).trim()) body.system = f.system
   if (f.quantization_bit) body.quantization_bit = Number(f.quantization_bit)
   if (f.deepspeed) body.deepspeed = Number(f.deepspeed)
-  // Evaluate the result and its base on the held-out rows when the task completes.
-  if (f.evaluate_after && Number(f.val_size) > 0) body.eval_split = Number(f.val_size)
+  if (f.stage === 'dpo' && f.pref_loss) body.pref_loss = f.pref_loss
+  if (['dpo', 'kto'].includes(f.stage) && f.pref_beta !== '' && f.pref_beta !== null && f.pref_beta !== undefined)
+    body.pref_beta = Number(f.pref_beta)
+  // Evaluate the result and its base on the held-out rows when the task completes (it scores
+  // generated answers against the references: supervised data only).
+  if (f.evaluate_after && f.stage === 'sft' && Number(f.val_size) > 0) body.eval_split = Number(f.val_size)
   const ids = String(f.gpu_ids || '').trim()
   if (ids) {
     body.gpu_ids = ids.split(',').map((s) => Number(s.trim()))
@@ -106,6 +116,8 @@ export function fromTask(t, rules) {
   f.quantization_bit = t.quantization_bit ? String(t.quantization_bit) : ''
   f.deepspeed = t.deepspeed ? String(t.deepspeed) : ''
   f.evaluate_after = Boolean(t.eval_split)
+  f.pref_loss = t.pref_loss || ''
+  f.pref_beta = t.pref_beta ?? ''
   return f
 }
 
@@ -159,6 +171,8 @@ const YAML_TO_FORM = {
   per_device_train_batch_size: 'batch_size',
   learning_rate: 'learning_rate',
   num_train_epochs: 'epochs',
+  pref_loss: 'pref_loss',
+  pref_beta: 'pref_beta',
 }
 
 // Keys that describe the run's plumbing; ferrotune sets them itself.
@@ -214,6 +228,8 @@ export function toYaml(f, modelPath, datasetName) {
   set('trust_remote_code', false)
   set('stage', f.stage)
   set('do_train', true)
+  if (['dpo', 'kto'].includes(f.stage)) set('pref_beta', f.pref_beta === '' ? 0.1 : Number(f.pref_beta))
+  if (f.stage === 'dpo') set('pref_loss', f.pref_loss || 'sigmoid')
   set('finetuning_type', f.finetuning_type)
   if (f.finetuning_type === 'lora') {
     set('lora_rank', Number(f.lora_rank))
