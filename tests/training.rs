@@ -808,8 +808,91 @@ async fn preference_kto_and_plain_text_stages_train_and_chat() {
                        "messages": [{"role": "user", "content": "What is 2 plus 3?"}]}),
             )
             .await;
+        if *name == "dpo" {
+            bundle_trains_with_llamafactory_cli(&alice, id, &points).await;
+        }
         assert_eq!(r.status, 200, "{name}: {:?}", r.body);
         let answer = r.body["choices"][0]["message"]["content"].as_str().unwrap();
         assert!(!answer.trim().is_empty(), "{name}: {:?}", r.body);
     }
+}
+
+/// The task's portable bundle, unpacked in a fresh folder, trains with LlamaFactory's own
+/// `llamafactory-cli` (from the managed environment) unchanged.
+async fn bundle_trains_with_llamafactory_cli(alice: &Client, id: &str, points: &[Value]) {
+    let (status, bytes, _) = alice
+        .get_bytes(&format!("/api/tasks/{id}/artifacts/bundle"))
+        .await;
+    assert_eq!(status, 200);
+    let dir = tempfile::tempdir().unwrap();
+    tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]))
+        .unpack(dir.path())
+        .unwrap();
+    let bundle = dir.path().join(format!("{id}-bundle"));
+    for f in ["train.yaml", "README.txt", "data/dataset_info.json"] {
+        assert!(bundle.join(f).is_file(), "{f} in the bundle");
+    }
+    let yaml = std::fs::read_to_string(bundle.join("train.yaml")).unwrap();
+    assert!(yaml.contains("dataset_dir: \"data\""), "{yaml}");
+    assert!(yaml.contains("stage: \"dpo\""), "{yaml}");
+    assert!(
+        !yaml.contains("/tasks/"),
+        "no path into the server's task folder: {yaml}"
+    );
+    let python = match std::env::var("FERROTUNE_TRAIN_PYTHON") {
+        Ok(p) if !p.is_empty() => std::path::PathBuf::from(p),
+        _ => {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+                .args(["setup", "--print-python"])
+                .output()
+                .unwrap();
+            std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        }
+    };
+    let cli = python.parent().unwrap().join("llamafactory-cli");
+    let started = Instant::now();
+    let run = tokio::process::Command::new(&cli)
+        .args(["train", "train.yaml"])
+        .current_dir(&bundle)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("CUDA_VISIBLE_DEVICES", "")
+        .output()
+        .await
+        .unwrap();
+    let log = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "llamafactory-cli train failed: {}",
+        &log[log.len().saturating_sub(4000)..]
+    );
+    assert!(
+        bundle
+            .join("output")
+            .join("adapter_model.safetensors")
+            .is_file(),
+        "the adapter is written to the bundle's output/"
+    );
+    // The same run: the same losses step by step.
+    let state: Value = serde_json::from_slice(
+        &std::fs::read(bundle.join("output").join("trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    let theirs: Vec<f64> = state["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["loss"].as_f64())
+        .collect();
+    let ours: Vec<f64> = points.iter().filter_map(|p| p["loss"].as_f64()).collect();
+    assert_eq!(theirs.len(), ours.len(), "{theirs:?} vs {ours:?}");
+    for (a, b) in theirs.iter().zip(&ours) {
+        assert!(
+            (a - b).abs() <= 1e-3 * b.abs().max(1.0),
+            "{theirs:?} vs {ours:?}"
+        );
+    }
+    eprintln!(
+        "the bundle trained with llamafactory-cli in {:.1} s, losses {theirs:?} (the task's: {ours:?})",
+        started.elapsed().as_secs_f64()
+    );
 }

@@ -488,10 +488,12 @@ async fn ws_session(mut socket: WebSocket, mut items: tokio::sync::mpsc::Receive
 // ---- outputs ------------------------------------------------------------------------------
 
 /// One of a task's outputs as a `.tar.gz`, streamed: `adapter` (the files of the output
-/// folder), `logs`, or `checkpoint-N`.
+/// folder), `logs`, `checkpoint-N`, or `bundle`: the run, portable (`train.yaml`,
+/// `data/dataset_info.json` and the data, paths relative to the bundle) for
+/// `llamafactory-cli train train.yaml` on any machine.
 #[utoipa::path(get, path = "/api/tasks/{id}/artifacts/{name}", tag = "tasks",
     params(("id" = String, Path, description = "The task's id"),
-           ("name" = String, Path, description = "`adapter`, `logs` or `checkpoint-N`")),
+           ("name" = String, Path, description = "`adapter`, `logs`, `bundle` or `checkpoint-N`")),
     responses((status = 200, description = "The archive", content_type = "application/gzip", body = Vec<u8>),
               (status = 404, description = "No such task of yours, or no such artifact", body = ErrorBody)))]
 async fn artifact(

@@ -188,12 +188,15 @@ impl Exports {
             if let Err(e) = outcome {
                 tracing::warn!(export = %id, error = %e.message, "export failed");
                 let message = e.message.clone();
-                let _ = this
+                if let Err(f) = this
                     .finish(&owner, &id, move |r| {
                         r.status = ExportStatus::Failed;
                         r.error = Some(message.clone());
                     })
-                    .await;
+                    .await
+                {
+                    tracing::error!(export = %id, error = %f.message, "could not record that an export failed");
+                }
             }
         });
         Ok(record)

@@ -215,6 +215,9 @@ pub fn read_results(output_dir: &Path, tokenizer_dir: &Path) -> Result<EvalMetri
     };
     let runtime = number(&predict, "predict_runtime");
     let generated_tokens = tokenizers::Tokenizer::from_file(tokenizer_dir.join("tokenizer.json"))
+        .inspect_err(|e| {
+            tracing::warn!(dir = %tokenizer_dir.display(), error = %e, "no tokenizer to count the generated tokens with: the evaluation has no tokens/s");
+        })
         .ok()
         .map(|tok| {
             predictions

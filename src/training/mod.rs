@@ -418,8 +418,9 @@ impl Training {
         task: &Task,
         name: &str,
     ) -> Result<(String, artifacts::ArchiveStream)> {
-        let artifact = artifacts::Artifact::parse(name)
-            .ok_or_else(|| Error::not_found("artifact (use adapter, logs or checkpoint-N)"))?;
+        let artifact = artifacts::Artifact::parse(name).ok_or_else(|| {
+            Error::not_found("artifact (use adapter, logs, bundle or checkpoint-N)")
+        })?;
         let task = task.clone();
         tokio::task::spawn_blocking(move || artifacts::archive(&task, &artifact)).await?
     }

@@ -430,7 +430,9 @@ impl Supervisor {
             && (task.spec.eval_dataset_id.is_some() || task.spec.eval_split.is_some())
         {
             // The training service queues the evaluation the task asked for.
-            let _ = self.completed.send(task_id.clone());
+            if self.completed.send(task_id.clone()).is_err() {
+                tracing::warn!(task_id = %task_id, "the evaluation this task asked for was not queued: the training service is gone");
+            }
         }
         self.queue.wake();
     }
