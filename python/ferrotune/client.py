@@ -325,9 +325,10 @@ class Client:
     # ---- datasets -----------------------------------------------------------------------
 
     def upload_dataset(self, path: Union[str, "os.PathLike[str]"]) -> dict:
-        """Uploads a dataset file (JSON, JSON Lines or CSV in alpaca, sharegpt or openai
-        format). Returns ``{file_id, filename, format, num_rows, …}``; an invalid file raises
-        APIError 422 naming the first bad record."""
+        """Uploads a dataset file (JSON, JSON Lines, CSV or plain ``.txt``; alpaca, sharegpt,
+        openai or text records; supervised, preference, KTO or pre-training data). Returns
+        ``{file_id, filename, format, kind, stages, num_rows, …}``: ``stages`` are the task
+        stages it fits. An invalid file raises APIError 422 naming the first bad record."""
         return self._upload("/api/files/datasets", os.fspath(path))
 
     def _upload(self, url: str, path: str, fields: Optional[Dict[str, str]] = None) -> Any:
