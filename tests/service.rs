@@ -74,6 +74,41 @@ async fn the_queue_follows_priority_and_per_user_limits() {
         .unwrap();
     assert_eq!(b2_listed["queue_position"], 3);
 
+    // Bob moves his queued task to the front; a burst of changes leaves one of them, whole.
+    let moves = futures_util::future::join_all((0..8).map(|i| {
+        let bob = &bob;
+        let b2 = &b2;
+        async move {
+            bob.post(
+                &format!("/api/tasks/{b2}/priority"),
+                json!({"priority": 10 + i % 2}),
+            )
+            .await
+        }
+    }))
+    .await;
+    for r in &moves {
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let t = bob.get(&format!("/api/tasks/{b2}")).await.body;
+    assert!(matches!(t["priority"].as_i64(), Some(10 | 11)), "{t}");
+    assert_eq!(t["queue_position"], 1, "{t}");
+    assert_eq!(
+        pos(alice.get(&format!("/api/tasks/{a2}")).await.body),
+        Some(3)
+    );
+    for (who, id, body, status) in [
+        (&bob, &b2, json!({"priority": 101}), 422),
+        (&bob, &b2, json!({"priority": "high"}), 422),
+        (&bob, &c1, json!({"priority": 50}), 404),
+        (&alice, &a1, json!({"priority": 50}), 409),
+    ] {
+        let r = who
+            .post(&format!("/api/tasks/{id}/priority"), body.clone())
+            .await;
+        assert_eq!(r.status, status, "{body}: {:?}", r.body);
+    }
+
     // The administrator (alice, the first account) oversees everyone's tasks; others do not.
     let all = alice.get("/api/tasks?all=true").await;
     assert_eq!(all.status, 200, "{:?}", all.body);
@@ -132,7 +167,7 @@ async fn the_queue_follows_priority_and_per_user_limits() {
         started(&c1t),
         started(&a2t)
     );
-    // (b2 may start before a2: a2 waits for alice's first task, b2 for a free slot only.)
+    // (b2, moved to the front, starts as soon as bob's first task leaves him a slot.)
     let _ = b2t;
     assert!(
         started(&a2t).as_str() >= a1t["finished_at"].as_str().unwrap(),

@@ -679,7 +679,7 @@ fn kto_rows() -> Vec<u8> {
 
 #[tokio::test]
 async fn preference_kto_and_plain_text_stages_train_and_chat() {
-    let (_server, alice, _bob, sft_id) = server_with_a_dataset().await;
+    let (server, alice, _bob, sft_id) = server_with_a_dataset().await;
     let upload = async |name: &str, bytes: Vec<u8>, kind: &str| {
         let r = alice.upload(name, bytes).await;
         assert_eq!(r.status, 201, "{name}: {:?}", r.body);
@@ -751,7 +751,8 @@ async fn preference_kto_and_plain_text_stages_train_and_chat() {
             "dpo",
         ),
         ("kto", &kto, json!({}), "kto"),
-        ("pt", &text, json!({}), "pt"),
+        // Time-based checkpoints too: every 0.3 s here, so at each step (save_steps is 1000).
+        ("pt", &text, json!({"save_minutes": 0.005}), "pt"),
     ] {
         let mut body = with(extra);
         body["name"] = json!(name);
@@ -810,6 +811,14 @@ async fn preference_kto_and_plain_text_stages_train_and_chat() {
             .await;
         if *name == "dpo" {
             bundle_trains_with_llamafactory_cli(&alice, id, &points).await;
+        }
+        if *name == "pt" {
+            let saved = std::fs::read_dir(server.task_output(&done))
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+                .count();
+            assert!(saved >= 2, "time-based checkpoints: {saved}");
         }
         assert_eq!(r.status, 200, "{name}: {:?}", r.body);
         let answer = r.body["choices"][0]["message"]["content"].as_str().unwrap();

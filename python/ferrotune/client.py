@@ -382,6 +382,11 @@ class Client:
         """Cancels a task: a queued one at once, a running one after it saves a checkpoint."""
         return self._json("POST", f"/api/tasks/{_q(task_id)}/cancel")
 
+    def set_priority(self, task_id: str, priority: int) -> dict:
+        """Moves a queued task in the queue (priority -100..100, higher first). Returns
+        ``{task_id, priority, queue_position}``; a task no longer queued raises APIError 409."""
+        return self._json("POST", f"/api/tasks/{_q(task_id)}/priority", {"priority": priority})
+
     def metrics(self, task_id: str) -> List[dict]:
         """The loss curve: ``[{step, loss, learning_rate, epoch, t}, …]``."""
         return self._json("GET", f"/api/tasks/{_q(task_id)}/metrics")["points"]

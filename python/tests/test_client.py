@@ -74,7 +74,12 @@ def test_upload_train_wait_and_chat_with_the_adapter(server, client, models_dir,
     # A second task waits behind the first (one running task per user): cancelling it is
     # immediate, and waiting for it raises.
     other = client.create_task(name="cancelled", **spec)
+    moved = client.set_priority(other["task_id"], 7)
+    assert moved["priority"] == 7 and moved["queue_position"] == 1, moved
     assert client.cancel(other["task_id"])["status"] == "cancelled"
+    with pytest.raises(ferrotune.APIError) as e:
+        client.set_priority(other["task_id"], 8)
+    assert e.value.status == 409, e.value
     with pytest.raises(ferrotune.TaskFailedError, match="cancelled"):
         client.wait(other["task_id"], progress=False)
     assert client.wait(other["task_id"], progress=False, raise_on_failure=False)["status"] == (

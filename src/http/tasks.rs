@@ -33,6 +33,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(compare))
         .routes(routes!(detail, delete_task))
         .routes(routes!(cancel))
+        .routes(routes!(set_priority))
         .routes(routes!(resume))
         .routes(routes!(clone_task))
         .routes(routes!(events))
@@ -210,6 +211,46 @@ async fn cancel(
             status: "cancelled",
             message: "cancelled",
         }
+    }))
+}
+
+/// The body of `POST /api/tasks/{id}/priority`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PriorityRequest {
+    /// -100..=100; higher runs first.
+    priority: i32,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PriorityChanged {
+    task_id: String,
+    priority: i32,
+    /// The task's place in the queue now (1: next).
+    queue_position: Option<usize>,
+}
+
+/// Moves a queued task in the queue by changing its priority.
+#[utoipa::path(post, path = "/api/tasks/{id}/priority", tag = "tasks",
+    params(("id" = String, Path, description = "The task's id")),
+    request_body = PriorityRequest,
+    responses((status = 200, description = "The new priority and place", body = PriorityChanged),
+              (status = 404, description = "No such task of yours", body = ErrorBody),
+              (status = 409, description = "The task is no longer queued", body = ErrorBody),
+              (status = 422, description = "Priority out of range", body = ErrorBody)))]
+async fn set_priority(
+    state: AppState,
+    CurrentUser(p): CurrentUser,
+    Path(id): Path<String>,
+    Json(body): Json<PriorityRequest>,
+) -> Result<Json<PriorityChanged>> {
+    let task = visible_task(&state, &p, &id).await?;
+    let task = state.training.set_priority(&task, body.priority).await?;
+    let positions = state.training.queue_positions().await?;
+    Ok(Json(PriorityChanged {
+        queue_position: positions.get(&task.task_id).copied(),
+        task_id: task.task_id,
+        priority: task.spec.priority,
     }))
 }
 

@@ -538,6 +538,7 @@ impl Training {
                 gradient_accumulation_steps: 1,
                 max_steps: None,
                 save_steps: 0,
+                save_minutes: None,
                 logging_steps: 0,
                 gpus: u32::from(!self.gpu_ids().is_empty()),
                 gpu_ids: Vec::new(),

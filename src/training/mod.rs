@@ -441,6 +441,47 @@ impl Training {
 
     // ---- control ------------------------------------------------------------------------
 
+    /// Moves a queued task in the queue: its new priority (higher runs first, -100..=100).
+    /// A task no longer queued is a 409 (it started or ended meanwhile).
+    pub async fn set_priority(&self, task: &Task, priority: i32) -> Result<Task> {
+        if !(-100..=100).contains(&priority) {
+            return Err(Error::new(
+                Kind::Invalid,
+                "invalid_spec",
+                "priority: must be between -100 and 100",
+            ));
+        }
+        let not_queued = || {
+            Error::conflict(
+                "not_queued",
+                "only a queued task's priority can change (it has started or ended)",
+            )
+        };
+        if task.status != TaskStatus::Queued {
+            return Err(not_queued());
+        }
+        let now = OffsetDateTime::now_utc();
+        let updated = self
+            .store
+            .tasks()
+            .update(&task.owner, &task.task_id, move |t| {
+                if t.status != TaskStatus::Queued {
+                    return false;
+                }
+                t.spec["priority"] = serde_json::json!(priority);
+                t.updated_at = now;
+                true
+            })
+            .await?
+            .ok_or_else(|| Error::not_found("task"))?;
+        if updated.status != TaskStatus::Queued {
+            return Err(not_queued());
+        }
+        tracing::info!(task_id = %task.task_id, priority, "task priority changed");
+        self.queue.wake();
+        Task::from_record(updated)
+    }
+
     /// Cancels a queued task at once; asks a running one to stop and save, then terminates
     /// its process group if it has not exited within the grace period. Returns the status
     /// the task has now (`cancelled`, or still `running` while it stops).

@@ -238,6 +238,7 @@ impl Supervisor {
             events_file: worker_path(&task_dir),
             exit_file,
             heartbeat_secs: HEARTBEAT_SECS,
+            save_every_s: task.spec.save_minutes.map(|m| m * 60.0),
         };
         let job_path = task_dir.join("job.json");
         tokio::fs::write(

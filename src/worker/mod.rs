@@ -37,6 +37,9 @@ pub struct Job {
     pub exit_file: PathBuf,
     /// Seconds between heartbeat events.
     pub heartbeat_secs: f64,
+    /// Also save a checkpoint when this many seconds have passed since the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_every_s: Option<f64>,
 }
 
 /// Exit codes: 0 done, 1 training failed, 3 import failed, 5 stopped on request (from
@@ -140,6 +143,7 @@ fn run_python(job: &Job) -> Result<i32, String> {
                     args_json,
                     job.events_file.to_string_lossy().to_string(),
                     job.heartbeat_secs,
+                    job.save_every_s,
                 ))
             })
             .map_err(|e| {

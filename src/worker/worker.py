@@ -52,7 +52,7 @@ def _heartbeat(interval):
         emit("heartbeat")
 
 
-def main(args_json, events_path, heartbeat_secs=10.0):
+def main(args_json, events_path, heartbeat_secs=10.0, save_every_s=None):
     global _out
     if _rank == 0:
         _out = open(events_path, "a", buffering=1, encoding="utf-8")
@@ -75,6 +75,8 @@ def main(args_json, events_path, heartbeat_secs=10.0):
     # the batches of every pass (each pass reads the same rows).
     predicted = {"batches": 0, "per_pass": 0}
 
+    saved_at = [time.monotonic()]
+
     class Reporter(TrainerCallback):
         def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
             if state.max_steps:  # evaluation during training: the training steps tell it
@@ -91,6 +93,7 @@ def main(args_json, events_path, heartbeat_secs=10.0):
             emit("eval", metrics=dict(metrics or {}), step=predicted["batches"])
 
         def on_train_begin(self, args, state, control, **kwargs):
+            saved_at[0] = time.monotonic()
             emit("train_begin", total_steps=state.max_steps, start_step=state.global_step,
                  num_epochs=float(args.num_train_epochs))
             if stop_requested.is_set():
@@ -99,6 +102,9 @@ def main(args_json, events_path, heartbeat_secs=10.0):
         def on_step_end(self, args, state, control, **kwargs):
             emit("step", step=state.global_step, total_steps=state.max_steps,
                  epoch=state.epoch)
+            # Time-based checkpoints, besides save_steps: the Trainer saves after this hook.
+            if save_every_s and time.monotonic() - saved_at[0] >= save_every_s:
+                control.should_save = True
             if stop_requested.is_set():
                 control.should_save = True
                 control.should_training_stop = True
@@ -126,6 +132,7 @@ def main(args_json, events_path, heartbeat_secs=10.0):
                 emit("train_end", metrics=logs, **base)
 
         def on_save(self, args, state, control, **kwargs):
+            saved_at[0] = time.monotonic()
             emit("checkpoint", step=state.global_step,
                  path=os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
@@ -152,4 +159,5 @@ def main(args_json, events_path, heartbeat_secs=10.0):
 if __name__ == "__main__":  # torchrun entry point: launch.py JOB_JSON
     with open(sys.argv[1], encoding="utf-8") as f:
         job = json.load(f)
-    sys.exit(main(json.dumps(job["args"]), job["events_file"], job.get("heartbeat_secs", 10.0)))
+    sys.exit(main(json.dumps(job["args"]), job["events_file"], job.get("heartbeat_secs", 10.0),
+                  job.get("save_every_s")))
