@@ -14,6 +14,7 @@ pub mod error;
 mod evaluations;
 mod exports;
 mod extract;
+mod fine_tuning;
 mod metrics;
 mod models;
 mod openai;
@@ -183,6 +184,7 @@ pub fn api(max_upload_bytes: u64) -> (Router<AppState>, utoipa::openapi::OpenApi
         .merge(evaluations::router())
         .merge(chat::router())
         .merge(openai::router())
+        .merge(fine_tuning::router(max_upload_bytes))
         .split_for_parts()
 }
 

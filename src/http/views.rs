@@ -266,6 +266,8 @@ pub struct TaskDetail {
     pub dataset_kind: DatasetKind,
     /// The output folder, relative to the task's folder.
     pub output_dir: String,
+    /// For a task created through OpenAI's fine-tuning API: its job there.
+    pub openai_job: Option<JobBadge>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -274,6 +276,18 @@ pub struct TaskDetail {
     pub started_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
     pub finished_at: Option<OffsetDateTime>,
+}
+
+/// A task's job in OpenAI's fine-tuning API.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobBadge {
+    /// `ftjob-…`.
+    pub id: String,
+    /// `supervised` or `dpo`.
+    pub method: String,
+    /// Paused through the API (the task reads `cancelled` until it is resumed).
+    pub paused: bool,
+    pub suffix: Option<String>,
 }
 
 /// `training` or `evaluation`.
@@ -317,6 +331,12 @@ impl TaskDetail {
             dataset_format: t.paths.dataset_format,
             dataset_kind: t.paths.dataset_kind,
             output_dir: relative_path(Path::new(&t.paths.task_dir), &t.paths.output_dir),
+            openai_job: t.job.as_ref().map(|j| JobBadge {
+                id: format!("ftjob-{}", t.task_id),
+                method: j.method.clone(),
+                paused: j.paused,
+                suffix: j.suffix.clone(),
+            }),
             created_at: t.created_at,
             updated_at: t.updated_at,
             started_at: t.started_at,

@@ -266,6 +266,10 @@ pub struct TaskRecord {
     /// An evaluation's scores, once it completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_metrics: Option<EvalMetrics>,
+    /// Set on a task created through OpenAI's fine-tuning API (`/v1/fine_tuning/jobs`):
+    /// what that API shows besides the task itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<FineTuningJob>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -274,6 +278,27 @@ pub struct TaskRecord {
     pub started_at: Option<OffsetDateTime>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub finished_at: Option<OffsetDateTime>,
+}
+
+/// A task's face in OpenAI's fine-tuning API: the job's own fields (the rest is the task).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FineTuningJob {
+    /// `supervised` or `dpo`.
+    pub method: String,
+    /// The hyperparameters as the job reports them, `auto` resolved: `n_epochs`,
+    /// `batch_size`, `learning_rate_multiplier` (and `beta` for dpo).
+    pub hyperparameters: serde_json::Map<String, serde_json::Value>,
+    pub training_file: String,
+    #[serde(default)]
+    pub validation_file: Option<String>,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// Paused through the API: the task is stopped (cancelled, its checkpoint kept) and the
+    /// job reads `paused` until it is resumed.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 impl OwnedRecord for TaskRecord {

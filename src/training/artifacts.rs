@@ -76,6 +76,17 @@ fn bundle(task: &Task) -> Result<Vec<(Source, PathBuf)>> {
     let data_name = format!("data.{ext}");
     let mut paths = task.paths.clone();
     paths.dataset_file = data_name.clone();
+    // A validation set travels as data/validation.<ext>.
+    let validation = paths.validation.as_mut().map(|v| {
+        let source = PathBuf::from(&v.file);
+        let ext = source
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("json")
+            .to_string();
+        v.file = format!("validation.{ext}");
+        (source, v.file.clone())
+    });
     let mut args = crate::training::supervisor::run_args(task);
     args.remove("resume_from_checkpoint");
     let hub = crate::models::hub::source_of(Path::new(&task.paths.model_dir));
@@ -130,6 +141,9 @@ fn bundle(task: &Task) -> Result<Vec<(Source, PathBuf)>> {
             prefix.join("data").join(&data_name),
         ),
     ];
+    if let Some((source, name)) = validation {
+        files.push((Source::File(source), prefix.join("data").join(name)));
+    }
     if let Some(stage) = task.spec.deepspeed {
         let name = crate::training::spec::deepspeed_config_name(stage);
         let config = serde_json::to_vec_pretty(&crate::training::spec::deepspeed_config(stage))

@@ -546,6 +546,7 @@ impl Training {
                 deepspeed: None,
                 priority: source.as_ref().map_or(0, |t| t.spec.priority),
                 eval_dataset_id: None,
+                validation_dataset_id: None,
                 eval_split: None,
                 evaluation: Some(EvalSpec {
                     model: target.model.clone(),
@@ -569,6 +570,7 @@ impl Training {
                 dataset_columns: dataset.columns.clone(),
                 task_dir: task_dir.to_string_lossy().into_owned(),
                 output_dir: task_dir.join("output").to_string_lossy().into_owned(),
+                validation: None,
             };
             let task = Task::queued(task_id, owner, spec, Some(dataset.file_id.clone()), paths);
             match self.enqueue(task).await {

@@ -217,6 +217,9 @@ pub enum WorkerEvent {
         gpus: Option<Vec<u32>>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resume_from_step: Option<u64>,
+        /// A `cancelled` that is a pause of a fine-tuning job (`/v1/fine_tuning/jobs/…/pause`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        paused: bool,
         #[serde(flatten)]
         at: Stamp,
     },
@@ -232,6 +235,7 @@ impl WorkerEvent {
             model_id: None,
             gpus: None,
             resume_from_step: None,
+            paused: false,
             at: Stamp::now(),
         }
     }

@@ -172,6 +172,16 @@ impl Training {
 
     /// Validates a request and queues the task.
     pub async fn submit(&self, owner: &str, request: TaskRequest) -> Result<Task> {
+        self.submit_job(owner, request, None).await
+    }
+
+    /// [`Training::submit`] for a job of OpenAI's fine-tuning API: the task carries `job`.
+    pub async fn submit_job(
+        &self,
+        owner: &str,
+        request: TaskRequest,
+        job: Option<crate::store::FineTuningJob>,
+    ) -> Result<Task> {
         let dataset_id = request.dataset_id.clone();
         let dataset_path = request.dataset_path.clone();
         let output_dir = request.output_dir.clone();
@@ -194,6 +204,40 @@ impl Training {
                 })?;
             evaluation::require_answers(&eval, "eval_dataset_id")?;
         }
+        let validation = match &spec.validation_dataset_id {
+            None => None,
+            Some(id) => {
+                let v = self
+                    .resolve_dataset(owner, Some(id), None)
+                    .await
+                    .map_err(|e| {
+                        Error::new(
+                            e.kind,
+                            e.code,
+                            format!("validation_dataset_id: {}", e.message),
+                        )
+                    })?;
+                if v.kind != dataset.kind {
+                    return Err(Error::new(
+                        Kind::Invalid,
+                        "invalid_spec",
+                        format!(
+                            "validation_dataset_id: `{}` holds {} data, the training data {}",
+                            v.filename,
+                            v.kind.as_str(),
+                            dataset.kind.as_str()
+                        ),
+                    ));
+                }
+                Some(spec::DataFile {
+                    file: v.file_path.to_string_lossy().into_owned(),
+                    format: v.format,
+                    kind: v.kind,
+                    container: v.container,
+                    columns: v.columns.clone(),
+                })
+            }
+        };
         let gpus = self.gpu_ids().len();
         if let Some(missing) = spec.gpu_ids.iter().find(|i| !self.gpu_ids().contains(i)) {
             let known: Vec<String> = self.gpu_ids().iter().map(u32::to_string).collect();
@@ -280,8 +324,10 @@ impl Training {
             dataset_columns: dataset.columns.clone(),
             task_dir: task_dir.to_string_lossy().into_owned(),
             output_dir: task_dir.join(output_rel).to_string_lossy().into_owned(),
+            validation,
         };
-        let task = Task::queued(task_id, owner, spec, Some(dataset.file_id.clone()), paths);
+        let mut task = Task::queued(task_id, owner, spec, Some(dataset.file_id.clone()), paths);
+        task.job = job;
         self.enqueue(task).await
     }
 
@@ -398,11 +444,11 @@ impl Training {
     /// under the owner's lock: no task can be submitted with it meanwhile).
     pub async fn delete_dataset(&self, owner: &str, dataset_id: &str) -> Result<Dataset> {
         let _owner = self.owners.lock(owner).await;
-        let in_use = self
-            .list(owner)
-            .await?
-            .iter()
-            .any(|t| t.status.is_active() && t.dataset_id.as_deref() == Some(dataset_id));
+        let in_use = self.list(owner).await?.iter().any(|t| {
+            t.status.is_active()
+                && (t.dataset_id.as_deref() == Some(dataset_id)
+                    || t.spec.validation_dataset_id.as_deref() == Some(dataset_id))
+        });
         if in_use {
             return Err(Error::conflict(
                 "dataset_in_use",
@@ -505,9 +551,11 @@ impl Training {
                     .await?
                     .ok_or_else(|| Error::not_found("task"))?;
                 if updated.status == TaskStatus::Cancelled {
-                    self.supervisor
-                        .record(task, WorkerEvent::status(StatusChange::Cancelled), None)
-                        .await;
+                    let mut event = WorkerEvent::status(StatusChange::Cancelled);
+                    if let WorkerEvent::Status { paused, .. } = &mut event {
+                        *paused = updated.job.as_ref().is_some_and(|j| j.paused);
+                    }
+                    self.supervisor.record(task, event, None).await;
                     return Ok(TaskStatus::Cancelled);
                 }
                 // It started meanwhile: stop it like a running one.
@@ -531,6 +579,70 @@ impl Training {
 
     /// Queues a failed or cancelled task again, continuing from its latest checkpoint.
     pub async fn resume(&self, task: &Task) -> Result<Task> {
+        self.requeue(task, false).await
+    }
+
+    /// Pauses a queued or running task of the fine-tuning API: it stops like a cancelled
+    /// one (a running one saves a checkpoint first) and its job reads `paused` until
+    /// [`Training::unpause`]. Returns the task as it is now.
+    pub async fn pause(&self, task: &Task) -> Result<Task> {
+        if task.job.is_none() {
+            return Err(Error::conflict(
+                "not_a_job",
+                "only tasks created through /v1/fine_tuning/jobs can be paused",
+            ));
+        }
+        if !matches!(task.status, TaskStatus::Queued | TaskStatus::Running) {
+            return Err(Error::conflict(
+                "not_active",
+                format!(
+                    "the job is {}; only queued or running jobs can be paused",
+                    task.status.as_str()
+                ),
+            ));
+        }
+        self.set_paused(task, true).await?;
+        if let Err(e) = self.cancel(task).await {
+            self.set_paused(task, false).await?;
+            return Err(e);
+        }
+        self.get(&task.owner, &task.task_id).await
+    }
+
+    /// Queues a paused job again: from its latest checkpoint, or from the start when it was
+    /// paused before saving one.
+    pub async fn unpause(&self, task: &Task) -> Result<Task> {
+        let paused = task.job.as_ref().is_some_and(|j| j.paused);
+        if !paused || task.status != TaskStatus::Cancelled {
+            return Err(Error::conflict(
+                "not_paused",
+                format!(
+                    "the job is not paused (the task is {})",
+                    task.status.as_str()
+                ),
+            ));
+        }
+        self.requeue(task, true).await
+    }
+
+    pub async fn set_paused(&self, task: &Task, paused: bool) -> Result<()> {
+        self.store
+            .tasks()
+            .update(&task.owner, &task.task_id, move |t| match t.job.as_mut() {
+                Some(job) if job.paused != paused => {
+                    job.paused = paused;
+                    true
+                }
+                _ => false,
+            })
+            .await?
+            .ok_or_else(|| Error::not_found("task"))?;
+        Ok(())
+    }
+
+    /// Queues a failed or cancelled task again from its latest checkpoint; with no
+    /// checkpoint, from the start when `restart` (else a 409).
+    async fn requeue(&self, task: &Task, restart: bool) -> Result<Task> {
         if !matches!(task.status, TaskStatus::Failed | TaskStatus::Cancelled) {
             return Err(Error::conflict(
                 "not_resumable",
@@ -541,15 +653,15 @@ impl Training {
             ));
         }
         let probe = task.clone();
-        let (step, ckpt) = tokio::task::spawn_blocking(move || probe.latest_checkpoint())
-            .await?
-            .ok_or_else(|| {
-                Error::conflict(
-                    "no_checkpoint",
-                    "the task has no checkpoint to resume from; clone it to start again",
-                )
-            })?;
-        let ckpt = ckpt.to_string_lossy().into_owned();
+        let latest = tokio::task::spawn_blocking(move || probe.latest_checkpoint()).await?;
+        if latest.is_none() && !restart {
+            return Err(Error::conflict(
+                "no_checkpoint",
+                "the task has no checkpoint to resume from; clone it to start again",
+            ));
+        }
+        let step = latest.as_ref().map(|(step, _)| *step);
+        let ckpt = latest.map(|(_, path)| path.to_string_lossy().into_owned());
         let now = OffsetDateTime::now_utc();
         let updated = self
             .store
@@ -559,7 +671,11 @@ impl Training {
                     return false;
                 }
                 t.status = TaskStatus::Queued;
-                t.resume_from = Some(ckpt.clone());
+                t.resume_from = ckpt.clone();
+                // Resumed from the web UI or the API alike: no longer paused.
+                if let Some(job) = t.job.as_mut() {
+                    job.paused = false;
+                }
                 t.error = None;
                 t.diagnosis = None;
                 t.finished_at = None;
@@ -580,7 +696,7 @@ impl Training {
             resume_from_step, ..
         } = &mut event
         {
-            *resume_from_step = Some(step);
+            *resume_from_step = step;
         }
         self.supervisor.record(&task, event, None).await;
         self.queue.wake();

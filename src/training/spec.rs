@@ -170,6 +170,10 @@ pub struct TaskRequest {
     /// When the task completes, evaluate its model (and its base) on this fraction of the
     /// training data, held out from training (it sets `val_size`).
     pub eval_split: Option<f64>,
+    /// While the task trains, score this uploaded dataset (of the training data's kind)
+    /// every `save_steps`: its loss is the run's validation loss (LlamaFactory's
+    /// `eval_dataset`). Instead of `val_size`.
+    pub validation_dataset_id: Option<String>,
 }
 
 /// The validated specification with every default filled in: what a task runs with.
@@ -220,6 +224,9 @@ pub struct TaskSpec {
     /// Evaluate the result on this test set when the task completes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_dataset_id: Option<String>,
+    /// Scored while the task trains (its validation loss).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_dataset_id: Option<String>,
     /// Evaluate the result on the held-out `val_size` rows when the task completes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_split: Option<f64>,
@@ -574,9 +581,16 @@ impl TaskRequest {
             deepspeed: None,
             priority: int("priority", self.priority)?,
             eval_dataset_id: self.eval_dataset_id.filter(|d| !d.trim().is_empty()),
+            validation_dataset_id: self.validation_dataset_id.filter(|d| !d.trim().is_empty()),
             eval_split: None,
             evaluation: None,
         };
+        if spec.validation_dataset_id.is_some() && spec.val_size > 0.0 {
+            return Err(invalid(
+                "validation_dataset_id",
+                "give either val_size (held-out rows) or validation_dataset_id (a dataset)",
+            ));
+        }
         let mut spec = spec;
         if let Some(loss) = self.pref_loss {
             if self.stage.is_some_and(|s| s != Stage::Dpo) {
@@ -613,6 +627,13 @@ impl TaskRequest {
                 return Err(invalid(
                     "eval_split",
                     "give either eval_split (held-out rows) or eval_dataset_id (a test set)",
+                ));
+            }
+            if spec.validation_dataset_id.is_some() {
+                return Err(invalid(
+                    "eval_split",
+                    "holds out rows for validation: give either eval_split or \
+                     validation_dataset_id",
                 ));
             }
             spec.val_size = split;
@@ -734,6 +755,19 @@ pub struct RunPaths {
     pub task_dir: String,
     /// LlamaFactory's `output_dir`.
     pub output_dir: String,
+    /// The validation dataset scored while training (`validation_dataset_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<DataFile>,
+}
+
+/// A dataset file as `dataset_info.json` describes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataFile {
+    pub file: String,
+    pub format: DatasetFormat,
+    pub kind: DatasetKind,
+    pub container: Container,
+    pub columns: Vec<String>,
 }
 
 #[cfg(test)]
@@ -748,19 +782,39 @@ impl RunPaths {
             dataset_columns: vec!["instruction".into(), "output".into()],
             task_dir: "/t".into(),
             output_dir: "/t/output".into(),
+            validation: None,
         }
     }
 }
 
 /// The dataset's name in the task's `dataset_info.json`.
 pub const DATASET_NAME: &str = "ferrotune_dataset";
+/// The validation dataset's name there.
+pub const VALIDATION_NAME: &str = "ferrotune_validation";
 
 /// The `dataset_info.json` entry describing the dataset to LlamaFactory.
 /// Optional columns are named only when the dataset has them (LlamaFactory fails on a named
 /// column that no record has).
 pub fn dataset_info(paths: &RunPaths) -> Value {
-    let present = |c: &str| paths.dataset_columns.iter().any(|k| k == c);
-    let kind = paths.dataset_kind;
+    let mut info = Map::new();
+    let train = DataFile {
+        file: paths.dataset_file.clone(),
+        format: paths.dataset_format,
+        kind: paths.dataset_kind,
+        container: paths.dataset_container,
+        columns: paths.dataset_columns.clone(),
+    };
+    info.insert(DATASET_NAME.into(), dataset_entry(&train));
+    if let Some(v) = &paths.validation {
+        info.insert(VALIDATION_NAME.into(), dataset_entry(v));
+    }
+    Value::Object(info)
+}
+
+/// One dataset's `dataset_info.json` entry.
+fn dataset_entry(data: &DataFile) -> Value {
+    let present = |c: &str| data.columns.iter().any(|k| k == c);
+    let kind = data.kind;
     let mut columns = Map::new();
     // Preference pairs: LlamaFactory's `ranking` with the two answers' columns.
     let ranking = kind == DatasetKind::Preference;
@@ -773,7 +827,7 @@ pub fn dataset_info(paths: &RunPaths) -> Value {
     {
         columns.insert("kto_tag".into(), json!(tag));
     }
-    let mut entry = match paths.dataset_format {
+    let mut entry = match data.format {
         DatasetFormat::Alpaca => {
             columns.insert("prompt".into(), json!("instruction"));
             if !ranking {
@@ -788,11 +842,11 @@ pub fn dataset_info(paths: &RunPaths) -> Value {
                     columns.insert(role.into(), json!(field));
                 }
             }
-            json!({"file_name": paths.dataset_file, "formatting": "alpaca", "columns": columns})
+            json!({"file_name": data.file, "formatting": "alpaca", "columns": columns})
         }
         // Plain text: LlamaFactory's pre-training reads the prompt column alone.
         DatasetFormat::Text => {
-            json!({"file_name": paths.dataset_file, "formatting": "alpaca",
+            json!({"file_name": data.file, "formatting": "alpaca",
                    "columns": {"prompt": "text"}})
         }
         DatasetFormat::Sharegpt => {
@@ -802,7 +856,7 @@ pub fn dataset_info(paths: &RunPaths) -> Value {
                     columns.insert(field.into(), json!(field));
                 }
             }
-            json!({"file_name": paths.dataset_file, "formatting": "sharegpt", "columns": columns})
+            json!({"file_name": data.file, "formatting": "sharegpt", "columns": columns})
         }
         DatasetFormat::Openai => {
             columns.insert("messages".into(), json!("messages"));
@@ -810,7 +864,7 @@ pub fn dataset_info(paths: &RunPaths) -> Value {
                 columns.insert("tools".into(), json!("tools"));
             }
             json!({
-                "file_name": paths.dataset_file,
+                "file_name": data.file,
                 "formatting": "sharegpt",
                 "columns": columns,
                 "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
@@ -822,7 +876,7 @@ pub fn dataset_info(paths: &RunPaths) -> Value {
     if ranking {
         entry["ranking"] = json!(true);
     }
-    json!({ DATASET_NAME: entry })
+    entry
 }
 
 /// LlamaFactory's `run_exp` arguments for a task (the keys of its HfArgumentParser; values
@@ -914,6 +968,11 @@ pub fn llamafactory_args(spec: &TaskSpec, paths: &RunPaths, device: Device) -> M
     }
     if spec.val_size > 0.0 {
         set("val_size", json!(spec.val_size));
+        set("per_device_eval_batch_size", json!(spec.batch_size));
+        set("eval_strategy", json!("steps"));
+        set("eval_steps", json!(spec.save_steps));
+    } else if paths.validation.is_some() {
+        set("eval_dataset", json!(VALIDATION_NAME));
         set("per_device_eval_batch_size", json!(spec.batch_size));
         set("eval_strategy", json!("steps"));
         set("eval_steps", json!(spec.save_steps));
@@ -1212,7 +1271,44 @@ mod tests {
             dataset_columns: vec!["instruction".into(), "input".into(), "output".into()],
             task_dir: "/t/1".into(),
             output_dir: "/t/1/output".into(),
+            validation: None,
         }
+    }
+
+    #[test]
+    fn a_validation_dataset_is_scored_while_training() {
+        let s = req(json!({"validation_dataset_id": "v1", "save_steps": 5})).unwrap();
+        assert_eq!(s.validation_dataset_id.as_deref(), Some("v1"));
+        let mut p = paths(DatasetFormat::Alpaca);
+        p.validation = Some(DataFile {
+            file: "/d/v.jsonl".into(),
+            format: DatasetFormat::Openai,
+            kind: DatasetKind::Supervised,
+            container: Container::Jsonl,
+            columns: vec!["messages".into()],
+        });
+        let info = dataset_info(&p);
+        assert_eq!(info[DATASET_NAME]["file_name"], "/d/x.jsonl");
+        assert_eq!(info[VALIDATION_NAME]["file_name"], "/d/v.jsonl");
+        assert_eq!(info[VALIDATION_NAME]["columns"]["messages"], "messages");
+        let a = llamafactory_args(&s, &p, Device::Cpu);
+        assert_eq!(a["eval_dataset"], VALIDATION_NAME);
+        assert_eq!(a["eval_strategy"], "steps");
+        assert_eq!(a["eval_steps"], 5);
+        assert!(a.get("val_size").is_none());
+        for body in [
+            json!({"validation_dataset_id": "v1", "val_size": 0.1}),
+            json!({"validation_dataset_id": "v1", "eval_split": 0.1}),
+        ] {
+            assert!(req(body.clone()).is_err(), "{body}");
+        }
+        // Without one: no eval dataset.
+        let a = llamafactory_args(
+            &req(json!({})).unwrap(),
+            &paths(DatasetFormat::Alpaca),
+            Device::Cpu,
+        );
+        assert!(a.get("eval_dataset").is_none() && a.get("eval_strategy").is_none());
     }
 
     #[test]

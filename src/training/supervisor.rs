@@ -690,13 +690,17 @@ impl Supervisor {
                 true
             })
             .await;
+        let mut paused_job = false;
         match stored {
-            Ok(Some(t)) => tracing::info!(
-                task_id,
-                status = status.as_str(),
-                error = t.error.as_deref().unwrap_or(""),
-                "task finished"
-            ),
+            Ok(Some(t)) => {
+                paused_job = t.job.as_ref().is_some_and(|j| j.paused);
+                tracing::info!(
+                    task_id,
+                    status = status.as_str(),
+                    error = t.error.as_deref().unwrap_or(""),
+                    "task finished"
+                )
+            }
             Ok(None) => return,
             Err(e) => tracing::error!(task_id, error = %e, "could not record a task's end"),
         }
@@ -705,12 +709,14 @@ impl Supervisor {
             error: e,
             diagnosis: d,
             model_id: m,
+            paused: p,
             ..
         } = &mut event
         {
             *e = error;
             *d = diagnosis;
             *m = model_id;
+            *p = paused_job && status == TaskStatus::Cancelled;
         }
         self.record(&task, event, None).await;
     }

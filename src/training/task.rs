@@ -33,6 +33,8 @@ pub struct Task {
     pub outputs_removed: bool,
     /// An evaluation's scores, once it completed.
     pub eval_metrics: Option<crate::store::EvalMetrics>,
+    /// Its face in OpenAI's fine-tuning API, for a task created there.
+    pub job: Option<crate::store::FineTuningJob>,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
     pub started_at: Option<OffsetDateTime>,
@@ -65,6 +67,7 @@ impl Task {
             resume_from: None,
             outputs_removed: false,
             eval_metrics: None,
+            job: None,
             created_at: now,
             updated_at: now,
             started_at: None,
@@ -96,6 +99,7 @@ impl Task {
             resume_from: r.resume_from,
             outputs_removed: r.outputs_removed,
             eval_metrics: r.eval_metrics,
+            job: r.job,
             created_at: r.created_at,
             updated_at: r.updated_at,
             started_at: r.started_at,
@@ -120,6 +124,7 @@ impl Task {
             resume_from: self.resume_from.clone(),
             outputs_removed: self.outputs_removed,
             eval_metrics: self.eval_metrics.clone(),
+            job: self.job.clone(),
             created_at: self.created_at,
             updated_at: self.updated_at,
             started_at: self.started_at,
@@ -143,8 +148,16 @@ impl Task {
     /// The newest `checkpoint-N` folder of the task's output, if any (blocking: reads a
     /// folder).
     pub fn latest_checkpoint(&self) -> Option<(u64, PathBuf)> {
-        std::fs::read_dir(self.output_dir())
-            .ok()?
+        self.checkpoints().into_iter().next_back()
+    }
+
+    /// Every complete checkpoint in the output folder (`checkpoint-N` with its trainer
+    /// state), by step, oldest first. Blocking (reads the folder).
+    pub fn checkpoints(&self) -> Vec<(u64, PathBuf)> {
+        let Ok(entries) = std::fs::read_dir(self.output_dir()) else {
+            return Vec::new();
+        };
+        let mut found: Vec<(u64, PathBuf)> = entries
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -154,7 +167,9 @@ impl Task {
                     .is_file()
                     .then(|| (step, e.path()))
             })
-            .max_by_key(|(step, _)| *step)
+            .collect();
+        found.sort_by_key(|(step, _)| *step);
+        found
     }
 }
 
