@@ -741,6 +741,20 @@ async fn preference_kto_and_plain_text_stages_train_and_chat() {
         assert!(r.body.to_string().contains(says), "{body}: {:?}", r.body);
     }
 
+    // Other LlamaFactory arguments are checked against its own parser before queueing.
+    for (extra, says) in [
+        (json!({"optimm": "adamw_torch"}), "did you mean `optim`"),
+        (json!({"adam_beta2": "high"}), "expects a number"),
+        (json!({"use_dora": true}), "DoRA"),
+        (json!({"num_train_epochs": 2}), "use `epochs`"),
+        (json!({"cache_dir": "/tmp"}), "not offered"),
+    ] {
+        let body = with(json!({"name": "x", "dataset_id": text, "extra_args": extra}));
+        let r = alice.post("/api/tasks", body).await;
+        assert_eq!(r.status, 422, "{extra}: {:?}", r.body);
+        assert!(r.body.to_string().contains(says), "{extra}: {:?}", r.body);
+    }
+
     // The stage follows the dataset when the task names none.
     let mut ids = Vec::new();
     for (name, dataset, extra, stage) in [
@@ -751,8 +765,18 @@ async fn preference_kto_and_plain_text_stages_train_and_chat() {
             "dpo",
         ),
         ("kto", &kto, json!({}), "kto"),
-        // Time-based checkpoints too: every 0.3 s here, so at each step (save_steps is 1000).
-        ("pt", &text, json!({"save_minutes": 0.005}), "pt"),
+        // Time-based checkpoints too: every 0.3 s here, so at each step (save_steps is 1000);
+        // and the settings people tune, with an argument only LlamaFactory's parser knows.
+        (
+            "pt",
+            &text,
+            json!({"save_minutes": 0.005, "packing": true, "neftune_noise_alpha": 5,
+                   "lr_scheduler_type": "constant_with_warmup", "warmup_steps": 1,
+                   "weight_decay": 0.01, "max_grad_norm": 0.5, "use_rslora": true,
+                   "loraplus_lr_ratio": 4,
+                   "extra_args": {"optim": "adamw_torch", "adam_beta2": 0.99}}),
+            "pt",
+        ),
     ] {
         let mut body = with(extra);
         body["name"] = json!(name);
@@ -813,6 +837,22 @@ async fn preference_kto_and_plain_text_stages_train_and_chat() {
             bundle_trains_with_llamafactory_cli(&alice, id, &points).await;
         }
         if *name == "pt" {
+            let (_, yaml, _) = alice.get_bytes(&format!("/api/tasks/{id}/config")).await;
+            let yaml = String::from_utf8(yaml).unwrap();
+            for line in [
+                "packing: true",
+                "neftune_noise_alpha: 5",
+                "lr_scheduler_type: \"constant_with_warmup\"",
+                "warmup_steps: 1",
+                "weight_decay: 0.01",
+                "max_grad_norm: 0.5",
+                "use_rslora: true",
+                "loraplus_lr_ratio: 4",
+                "optim: \"adamw_torch\"",
+                "adam_beta2: 0.99",
+            ] {
+                assert!(yaml.contains(line), "{line} in {yaml}");
+            }
             let saved = std::fs::read_dir(server.task_output(&done))
                 .unwrap()
                 .flatten()

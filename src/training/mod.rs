@@ -14,6 +14,7 @@ pub mod compare;
 pub mod diagnose;
 pub mod evaluation;
 pub mod events;
+pub mod lf_args;
 pub mod queue;
 pub mod spec;
 mod supervisor;
@@ -60,6 +61,8 @@ pub struct Training {
     retention: Option<Duration>,
     /// Completed tasks that asked for an evaluation (from the supervisor).
     completed: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
+    /// LlamaFactory's parser fields, for `extra_args`.
+    lf_args: lf_args::ArgCache,
 }
 
 impl Training {
@@ -127,6 +130,7 @@ impl Training {
             retention: (config.retention_days > 0)
                 .then(|| Duration::from_secs(config.retention_days * 86_400)),
             completed: std::sync::Mutex::new(Some(completed_rx)),
+            lf_args: lf_args::ArgCache::default(),
         })
     }
 
@@ -195,6 +199,18 @@ impl Training {
             .resolve_dataset(owner, dataset_id.as_deref(), dataset_path.as_deref())
             .await?;
         spec::fit_stage(&mut spec, stage_given, dataset.kind)?;
+        if !spec.extra_args.is_empty() {
+            if !self.env.is_ready() {
+                return Err(Error::new(
+                    Kind::Unavailable,
+                    "environment_not_ready",
+                    "extra_args: checked against LlamaFactory's argument parser once the \
+                     training environment is ready (GET /api/system/status); retry then",
+                ));
+            }
+            let types = self.lf_args.get(self.env.env().python()).await?;
+            lf_args::check(&spec.extra_args, &types)?;
+        }
         if let Some(eval_id) = &spec.eval_dataset_id {
             let eval = self
                 .resolve_dataset(owner, Some(eval_id), None)

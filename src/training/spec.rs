@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
@@ -106,6 +108,54 @@ pub enum FinetuningType {
     #[default]
     Lora,
     Full,
+    /// Freeze-tuning: only the last `freeze_trainable_layers` layers train (a full model).
+    Freeze,
+}
+
+impl FinetuningType {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinetuningType::Lora => "lora",
+            FinetuningType::Full => "full",
+            FinetuningType::Freeze => "freeze",
+        }
+    }
+}
+
+/// The learning-rate schedule (Hugging Face's `SchedulerType`s that need no extra arguments).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScheduler {
+    Linear,
+    #[default]
+    Cosine,
+    CosineWithRestarts,
+    Polynomial,
+    Constant,
+    ConstantWithWarmup,
+    InverseSqrt,
+}
+
+impl LrScheduler {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LrScheduler::Linear => "linear",
+            LrScheduler::Cosine => "cosine",
+            LrScheduler::CosineWithRestarts => "cosine_with_restarts",
+            LrScheduler::Polynomial => "polynomial",
+            LrScheduler::Constant => "constant",
+            LrScheduler::ConstantWithWarmup => "constant_with_warmup",
+            LrScheduler::InverseSqrt => "inverse_sqrt",
+        }
+    }
+}
+
+fn default_warmup_ratio() -> f64 {
+    0.1
+}
+
+fn default_max_grad_norm() -> f64 {
+    1.0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
@@ -170,6 +220,34 @@ pub struct TaskRequest {
     /// When the task completes, evaluate its model (and its base) on this fraction of the
     /// training data, held out from training (it sets `val_size`).
     pub eval_split: Option<f64>,
+    /// The learning-rate schedule (`cosine` by default).
+    pub lr_scheduler_type: Option<LrScheduler>,
+    /// Warm-up as a fraction of the steps (0.1 by default); `warmup_steps` overrides it.
+    pub warmup_ratio: Option<f64>,
+    pub warmup_steps: Option<f64>,
+    /// AdamW's decoupled weight decay (0 by default).
+    pub weight_decay: Option<f64>,
+    /// Gradient clipping (1.0 by default).
+    pub max_grad_norm: Option<f64>,
+    /// Pack several short examples into each `cutoff_len` sequence (`sft`, `pt`).
+    pub packing: Option<bool>,
+    /// NEFTune: noise of this α added to the embeddings while training.
+    pub neftune_noise_alpha: Option<f64>,
+    /// rsLoRA: the LoRA scaled by α/√r instead of α/r.
+    pub use_rslora: Option<bool>,
+    /// PiSSA: the LoRA initialised from the weights' principal components (saved converted
+    /// to an ordinary LoRA, so it chats over the unchanged base).
+    pub pissa: Option<bool>,
+    /// LoRA+: B's learning rate is this many times A's.
+    pub loraplus_lr_ratio: Option<f64>,
+    /// `freeze`: how many layers train (positive: the last ones; negative: the first ones).
+    pub freeze_trainable_layers: Option<i32>,
+    /// `freeze`: which modules of those layers train (`all`, or names like `mlp,self_attn`).
+    pub freeze_trainable_modules: Option<String>,
+    /// Any other LlamaFactory argument, checked against LlamaFactory's own argument parser
+    /// (its fields and their types) before the task is queued.
+    #[schema(value_type = Option<Object>)]
+    pub extra_args: Option<BTreeMap<String, Value>>,
     /// While the task trains, score this uploaded dataset (of the training data's kind)
     /// every `save_steps`: its loss is the run's validation loss (LlamaFactory's
     /// `eval_dataset`). Instead of `val_size`.
@@ -227,6 +305,34 @@ pub struct TaskSpec {
     /// Scored while the task trains (its validation loss).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation_dataset_id: Option<String>,
+    #[serde(default)]
+    pub lr_scheduler_type: LrScheduler,
+    #[serde(default = "default_warmup_ratio")]
+    pub warmup_ratio: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_steps: Option<u64>,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: f64,
+    #[serde(default)]
+    pub packing: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neftune_noise_alpha: Option<f64>,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub pissa: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loraplus_lr_ratio: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_trainable_layers: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_trainable_modules: Option<String>,
+    /// Other LlamaFactory arguments, checked against its parser when the task was created.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = Object)]
+    pub extra_args: BTreeMap<String, Value>,
     /// Evaluate the result on the held-out `val_size` rows when the task completes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_split: Option<f64>,
@@ -346,6 +452,43 @@ pub const NUMERIC_FIELDS: &[NumericField] = &[
         ..num("save_minutes", 0.0, 1440.0, 0.0)
     },
     num("logging_steps", 1.0, 1_000_000.0, 10.0),
+    NumericField {
+        integer: false,
+        ..num("warmup_ratio", 0.0, 0.5, 0.1)
+    },
+    NumericField {
+        default: None,
+        optional: true,
+        ..num("warmup_steps", 0.0, 10_000_000.0, 0.0)
+    },
+    NumericField {
+        integer: false,
+        ..num("weight_decay", 0.0, 1.0, 0.0)
+    },
+    NumericField {
+        integer: false,
+        exclusive_min: true,
+        ..num("max_grad_norm", 0.0, 1000.0, 1.0)
+    },
+    NumericField {
+        default: None,
+        optional: true,
+        integer: false,
+        exclusive_min: true,
+        ..num("neftune_noise_alpha", 0.0, 100.0, 0.0)
+    },
+    NumericField {
+        default: None,
+        optional: true,
+        integer: false,
+        exclusive_min: true,
+        ..num("loraplus_lr_ratio", 0.0, 1000.0, 0.0)
+    },
+    NumericField {
+        default: None,
+        optional: true,
+        ..num("freeze_trainable_layers", -1000.0, 1000.0, 0.0)
+    },
     num("gpus", 0.0, 64.0, 1.0),
     num("priority", -100.0, 100.0, 0.0),
 ];
@@ -365,6 +508,7 @@ pub struct TaskForm {
     pub templates: Vec<&'static str>,
     pub stages: Vec<Stage>,
     pub finetuning_types: Vec<FinetuningType>,
+    pub lr_schedulers: Vec<LrScheduler>,
     pub precisions: Vec<Precision>,
     /// Longest task name, in characters.
     pub max_name_chars: usize,
@@ -375,7 +519,20 @@ pub fn form() -> TaskForm {
         fields: NUMERIC_FIELDS.to_vec(),
         templates: KNOWN_TEMPLATES.to_vec(),
         stages: vec![Stage::Sft, Stage::Pt, Stage::Dpo, Stage::Kto, Stage::Rm],
-        finetuning_types: vec![FinetuningType::Lora, FinetuningType::Full],
+        finetuning_types: vec![
+            FinetuningType::Lora,
+            FinetuningType::Full,
+            FinetuningType::Freeze,
+        ],
+        lr_schedulers: vec![
+            LrScheduler::Cosine,
+            LrScheduler::Linear,
+            LrScheduler::CosineWithRestarts,
+            LrScheduler::Polynomial,
+            LrScheduler::Constant,
+            LrScheduler::ConstantWithWarmup,
+            LrScheduler::InverseSqrt,
+        ],
         precisions: vec![
             Precision::Auto,
             Precision::Bf16,
@@ -582,9 +739,44 @@ impl TaskRequest {
             priority: int("priority", self.priority)?,
             eval_dataset_id: self.eval_dataset_id.filter(|d| !d.trim().is_empty()),
             validation_dataset_id: self.validation_dataset_id.filter(|d| !d.trim().is_empty()),
+            lr_scheduler_type: self.lr_scheduler_type.unwrap_or_default(),
+            warmup_ratio: float("warmup_ratio", self.warmup_ratio)?,
+            warmup_steps: match self.warmup_steps {
+                None => None,
+                some => Some(whole("warmup_steps", some)?),
+            },
+            weight_decay: float("weight_decay", self.weight_decay)?,
+            max_grad_norm: float("max_grad_norm", self.max_grad_norm)?,
+            packing: self.packing.unwrap_or(false),
+            neftune_noise_alpha: match self.neftune_noise_alpha {
+                None => None,
+                some => Some(float("neftune_noise_alpha", some)?),
+            },
+            use_rslora: self.use_rslora.unwrap_or(false),
+            pissa: self.pissa.unwrap_or(false),
+            loraplus_lr_ratio: match self.loraplus_lr_ratio {
+                None => None,
+                some => Some(float("loraplus_lr_ratio", some)?),
+            },
+            freeze_trainable_layers: match self.freeze_trainable_layers {
+                None => None,
+                Some(0) => {
+                    return Err(invalid(
+                        "freeze_trainable_layers",
+                        "0 trains nothing: positive for the last layers, negative for the first",
+                    ));
+                }
+                some => Some(int("freeze_trainable_layers", some)?),
+            },
+            freeze_trainable_modules: self
+                .freeze_trainable_modules
+                .map(|m| m.trim().to_string())
+                .filter(|m| !m.is_empty()),
+            extra_args: self.extra_args.unwrap_or_default(),
             eval_split: None,
             evaluation: None,
         };
+        check_method_settings(&spec)?;
         if spec.validation_dataset_id.is_some() && spec.val_size > 0.0 {
             return Err(invalid(
                 "validation_dataset_id",
@@ -731,6 +923,74 @@ pub fn fit_stage(spec: &mut TaskSpec, stage_given: bool, kind: DatasetKind) -> R
             },
             "an evaluation scores generated answers against reference answers: only after an \
              `sft` task",
+        ));
+    }
+    if spec.packing && !matches!(stage, Stage::Sft | Stage::Pt) {
+        return Err(invalid(
+            "packing",
+            format!(
+                "packs examples for `sft` and `pt`; `{}` compares whole examples",
+                stage.as_str()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Settings that belong to one fine-tuning method, refused with another.
+fn check_method_settings(spec: &TaskSpec) -> Result<()> {
+    if spec.finetuning_type != FinetuningType::Lora {
+        let lora_only = [
+            ("use_rslora", spec.use_rslora),
+            ("pissa", spec.pissa),
+            ("loraplus_lr_ratio", spec.loraplus_lr_ratio.is_some()),
+        ];
+        if let Some((name, _)) = lora_only.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                name,
+                format!(
+                    "is a LoRA setting: only with finetuning_type `lora` (not `{}`)",
+                    spec.finetuning_type.as_str()
+                ),
+            ));
+        }
+    }
+    if spec.finetuning_type != FinetuningType::Freeze {
+        for (name, set) in [
+            (
+                "freeze_trainable_layers",
+                spec.freeze_trainable_layers.is_some(),
+            ),
+            (
+                "freeze_trainable_modules",
+                spec.freeze_trainable_modules.is_some(),
+            ),
+        ] {
+            if set {
+                return Err(invalid(
+                    name,
+                    "is a freeze-tuning setting: only with finetuning_type `freeze`",
+                ));
+            }
+        }
+    }
+    if spec.pissa && spec.quantization_bit.is_some() {
+        return Err(invalid(
+            "pissa",
+            "PiSSA initialises from the full-precision weights: not with quantization_bit",
+        ));
+    }
+    if let Some(m) = &spec.freeze_trainable_modules
+        && !m.split(',').all(|p| {
+            !p.trim().is_empty()
+                && p.trim()
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+    {
+        return Err(invalid(
+            "freeze_trainable_modules",
+            "`all`, or module names separated by commas (`mlp,self_attn`)",
         ));
     }
     Ok(())
@@ -899,18 +1159,37 @@ pub fn llamafactory_args(spec: &TaskSpec, paths: &RunPaths, device: Device) -> M
             json!(spec.pref_loss.unwrap_or_default().as_str()),
         );
     }
-    set(
-        "finetuning_type",
-        json!(match spec.finetuning_type {
-            FinetuningType::Lora => "lora",
-            FinetuningType::Full => "full",
-        }),
-    );
-    if spec.finetuning_type == FinetuningType::Lora {
-        set("lora_rank", json!(spec.lora_rank));
-        set("lora_alpha", json!(spec.lora_alpha));
-        set("lora_dropout", json!(spec.lora_dropout));
-        set("lora_target", json!(spec.lora_target));
+    set("finetuning_type", json!(spec.finetuning_type.as_str()));
+    match spec.finetuning_type {
+        FinetuningType::Lora => {
+            set("lora_rank", json!(spec.lora_rank));
+            set("lora_alpha", json!(spec.lora_alpha));
+            set("lora_dropout", json!(spec.lora_dropout));
+            set("lora_target", json!(spec.lora_target));
+            if spec.use_rslora {
+                set("use_rslora", json!(true));
+            }
+            if spec.pissa {
+                // Saved converted to an ordinary LoRA over the unchanged base (what chat,
+                // exports and other tools apply).
+                set("pissa_init", json!(true));
+                set("pissa_convert", json!(true));
+            }
+            if let Some(ratio) = spec.loraplus_lr_ratio {
+                set("loraplus_lr_ratio", json!(ratio));
+            }
+        }
+        FinetuningType::Freeze => {
+            set(
+                "freeze_trainable_layers",
+                json!(spec.freeze_trainable_layers.unwrap_or(2)),
+            );
+            set(
+                "freeze_trainable_modules",
+                json!(spec.freeze_trainable_modules.as_deref().unwrap_or("all")),
+            );
+        }
+        FinetuningType::Full => {}
     }
     set("dataset", json!(DATASET_NAME));
     set("dataset_dir", json!(paths.task_dir));
@@ -939,8 +1218,19 @@ pub fn llamafactory_args(spec: &TaskSpec, paths: &RunPaths, device: Device) -> M
     if let Some(max) = spec.max_steps {
         set("max_steps", json!(max));
     }
-    set("lr_scheduler_type", json!("cosine"));
-    set("warmup_ratio", json!(0.1));
+    set("lr_scheduler_type", json!(spec.lr_scheduler_type.as_str()));
+    set("warmup_ratio", json!(spec.warmup_ratio));
+    if let Some(steps) = spec.warmup_steps {
+        set("warmup_steps", json!(steps));
+    }
+    set("weight_decay", json!(spec.weight_decay));
+    set("max_grad_norm", json!(spec.max_grad_norm));
+    if spec.packing {
+        set("packing", json!(true));
+    }
+    if let Some(alpha) = spec.neftune_noise_alpha {
+        set("neftune_noise_alpha", json!(alpha));
+    }
     set("seed", json!(spec.seed));
     match (spec.precision, device) {
         (Precision::Bf16, _) | (Precision::Auto, Device::Gpu { bf16: true }) => {
@@ -976,6 +1266,11 @@ pub fn llamafactory_args(spec: &TaskSpec, paths: &RunPaths, device: Device) -> M
         set("per_device_eval_batch_size", json!(spec.batch_size));
         set("eval_strategy", json!("steps"));
         set("eval_steps", json!(spec.save_steps));
+    }
+    // Checked against LlamaFactory's parser when the task was created (`lf_args`); they
+    // cannot replace what the task's own settings set.
+    for (k, v) in &spec.extra_args {
+        a.entry(k.clone()).or_insert_with(|| v.clone());
     }
     a
 }

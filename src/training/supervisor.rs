@@ -536,7 +536,7 @@ impl Supervisor {
     async fn register_model(&self, task: &Task) -> Result<String> {
         let kind = match task.spec.finetuning_type {
             FinetuningType::Lora => ModelKind::Adapter,
-            FinetuningType::Full => ModelKind::Full,
+            FinetuningType::Full | FinetuningType::Freeze => ModelKind::Full,
         };
         let record = self
             .models

@@ -140,3 +140,39 @@ test('preference settings go with their stages only', () => {
   assert.match(yaml, /pref_loss: "orpo"/)
   assert.equal(fromTask({ name: 'n', stage: 'dpo', pref_loss: 'ipo', pref_beta: 0.3 }, rules).pref_loss, 'ipo')
 })
+
+test('the settings people tune: schedule, regularisation, LoRA variants, freeze-tuning, extra arguments', () => {
+  const f = {
+    ...defaults(), name: 't', model_name: 'm', dataset_id: 'd', lr_scheduler_type: 'linear', warmup_steps: '5',
+    weight_decay: '0.01', max_grad_norm: '0.5', neftune_noise_alpha: '5', packing: true, use_rslora: true,
+    pissa: true, loraplus_lr_ratio: '16', freeze_trainable_layers: '3', extra_args: '{"optim": "adamw_torch"}',
+  }
+  assert.deepEqual(validate(f), {})
+  const body = toRequest(f, rules)
+  assert.equal(body.lr_scheduler_type, 'linear')
+  assert.equal(body.warmup_steps, 5)
+  assert.equal(body.weight_decay, 0.01)
+  assert.equal(body.neftune_noise_alpha, 5)
+  assert.equal(body.packing, true)
+  assert.equal(body.use_rslora, true)
+  assert.equal(body.pissa, true)
+  assert.equal(body.loraplus_lr_ratio, 16)
+  assert.ok(!('freeze_trainable_layers' in body), 'a LoRA task sends no freeze setting')
+  assert.deepEqual(body.extra_args, { optim: 'adamw_torch' })
+  const freeze = toRequest({ ...f, finetuning_type: 'freeze' }, rules)
+  assert.equal(freeze.freeze_trainable_layers, 3)
+  assert.ok(!('use_rslora' in freeze) && !('pissa' in freeze) && !('loraplus_lr_ratio' in freeze))
+  assert.ok(rules.finetuning_types.includes('freeze') && rules.lr_schedulers.includes('cosine'))
+  assert.ok(validate({ ...f, extra_args: '[1]' }).extra_args)
+  assert.ok(validate({ ...f, extra_args: '{nope' }).extra_args)
+  assert.ok(validate({ ...f, stage: 'dpo' }).packing)
+  assert.ok(validate({ ...f, weight_decay: '2' }).weight_decay)
+  const yaml = toYaml(f, '/m', 'd')
+  for (const line of ['lr_scheduler_type: "linear"', 'warmup_steps: 5', 'use_rslora: true', 'pissa_convert: true', 'optim: "adamw_torch"'])
+    assert.ok(yaml.includes(line), line)
+  const back = applyYaml({ ...defaults(), name: 'x' }, yaml, models, rules)
+  assert.equal(back.form.lr_scheduler_type, 'linear')
+  assert.equal(back.form.pissa, true)
+  assert.equal(back.form.weight_decay, 0.01)
+  assert.equal(fromTask({ name: 'n', extra_args: { optim: 'sgd' } }, rules).extra_args, '{"optim":"sgd"}')
+})

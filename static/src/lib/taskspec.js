@@ -21,6 +21,12 @@ export function defaults(rules) {
     evaluate_after: false,
     pref_loss: '',
     pref_beta: '',
+    lr_scheduler_type: (rules.lr_schedulers || ['cosine'])[0],
+    packing: false,
+    use_rslora: false,
+    pissa: false,
+    freeze_trainable_modules: '',
+    extra_args: '',
   }
   for (const field of rules.fields) f[field.name] = field.default ?? ''
   return f
@@ -61,6 +67,19 @@ export function validate(f, rules) {
   }
   if (f.evaluate_after && f.stage === 'sft' && !(Number(f.val_size) > 0))
     e.val_size = 'Hold out some rows (above 0) to evaluate the result on.'
+  if (String(f.extra_args || '').trim()) {
+    let v = null
+    try {
+      v = JSON.parse(f.extra_args)
+    } catch {
+      v = null
+    }
+    if (!v || typeof v !== 'object' || Array.isArray(v))
+      e.extra_args = 'A JSON object of LlamaFactory arguments, e.g. {"optim": "adamw_torch"}.'
+  }
+  if (f.finetuning_type === 'freeze' && Number(f.freeze_trainable_layers) === 0 && f.freeze_trainable_layers !== '')
+    e.freeze_trainable_layers = 'Positive: the last layers; negative: the first ones.'
+  if (f.packing && !['sft', 'pt'].includes(f.stage)) e.packing = 'Packing is for sft and pt.'
   if (f.quantization_bit && f.finetuning_type !== 'lora')
     e.quantization_bit = 'QLoRA quantises the base under a LoRA: choose the LoRA method.'
   if (f.deepspeed) {
@@ -89,6 +108,16 @@ export function toRequest(f, rules) {
   if (String(f.system).trim()) body.system = f.system
   if (f.quantization_bit) body.quantization_bit = Number(f.quantization_bit)
   if (f.deepspeed) body.deepspeed = Number(f.deepspeed)
+  if (f.lr_scheduler_type) body.lr_scheduler_type = f.lr_scheduler_type
+  if (f.packing) body.packing = true
+  if (f.finetuning_type === 'lora') {
+    if (f.use_rslora) body.use_rslora = true
+    if (f.pissa) body.pissa = true
+  } else delete body.loraplus_lr_ratio
+  if (f.finetuning_type === 'freeze') {
+    if (String(f.freeze_trainable_modules || '').trim()) body.freeze_trainable_modules = String(f.freeze_trainable_modules).trim()
+  } else delete body.freeze_trainable_layers
+  if (String(f.extra_args || '').trim()) body.extra_args = JSON.parse(f.extra_args)
   if (f.stage === 'dpo' && f.pref_loss) body.pref_loss = f.pref_loss
   if (['dpo', 'kto'].includes(f.stage) && f.pref_beta !== '' && f.pref_beta !== null && f.pref_beta !== undefined)
     body.pref_beta = Number(f.pref_beta)
@@ -118,6 +147,8 @@ export function fromTask(t, rules) {
   f.evaluate_after = Boolean(t.eval_split)
   f.pref_loss = t.pref_loss || ''
   f.pref_beta = t.pref_beta ?? ''
+  f.freeze_trainable_modules = t.freeze_trainable_modules || ''
+  f.extra_args = t.extra_args && Object.keys(t.extra_args).length ? JSON.stringify(t.extra_args) : ''
   return f
 }
 
@@ -173,13 +204,25 @@ const YAML_TO_FORM = {
   num_train_epochs: 'epochs',
   pref_loss: 'pref_loss',
   pref_beta: 'pref_beta',
+  lr_scheduler_type: 'lr_scheduler_type',
+  warmup_ratio: 'warmup_ratio',
+  warmup_steps: 'warmup_steps',
+  weight_decay: 'weight_decay',
+  max_grad_norm: 'max_grad_norm',
+  packing: 'packing',
+  neftune_noise_alpha: 'neftune_noise_alpha',
+  use_rslora: 'use_rslora',
+  pissa_init: 'pissa',
+  loraplus_lr_ratio: 'loraplus_lr_ratio',
+  freeze_trainable_layers: 'freeze_trainable_layers',
+  freeze_trainable_modules: 'freeze_trainable_modules',
 }
 
 // Keys that describe the run's plumbing; ferrotune sets them itself.
 const MANAGED = new Set([
   'model_name_or_path', 'dataset', 'dataset_dir', 'output_dir', 'do_train', 'overwrite_cache', 'overwrite_output_dir',
   'preprocessing_num_workers', 'dataloader_num_workers', 'plot_loss', 'save_only_model', 'report_to', 'trust_remote_code',
-  'lr_scheduler_type', 'warmup_ratio', 'per_device_eval_batch_size', 'eval_strategy', 'eval_steps', 'bf16', 'fp16',
+  'pissa_convert', 'per_device_eval_batch_size', 'eval_strategy', 'eval_steps', 'bf16', 'fp16',
   'quantization_method',
 ])
 
@@ -236,10 +279,20 @@ export function toYaml(f, modelPath, datasetName) {
     set('lora_alpha', f.lora_alpha === '' ? Number(f.lora_rank) * 2 : Number(f.lora_alpha))
     set('lora_dropout', Number(f.lora_dropout))
     set('lora_target', String(f.lora_target))
+    if (f.use_rslora) set('use_rslora', true)
+    if (f.pissa) {
+      set('pissa_init', true)
+      set('pissa_convert', true)
+    }
+    if (f.loraplus_lr_ratio !== '' && f.loraplus_lr_ratio !== null) set('loraplus_lr_ratio', Number(f.loraplus_lr_ratio))
     if (f.quantization_bit) {
       set('quantization_bit', Number(f.quantization_bit))
       set('quantization_method', 'bnb')
     }
+  }
+  if (f.finetuning_type === 'freeze') {
+    set('freeze_trainable_layers', f.freeze_trainable_layers === '' ? 2 : Number(f.freeze_trainable_layers))
+    set('freeze_trainable_modules', String(f.freeze_trainable_modules || '').trim() || 'all')
   }
   set('dataset', datasetName || 'my_dataset')
   if (f.template) set('template', f.template)
@@ -254,8 +307,13 @@ export function toYaml(f, modelPath, datasetName) {
   set('learning_rate', Number(f.learning_rate))
   set('num_train_epochs', Number(f.epochs))
   if (f.max_steps !== '' && f.max_steps !== null) set('max_steps', Number(f.max_steps))
-  set('lr_scheduler_type', 'cosine')
-  set('warmup_ratio', 0.1)
+  set('lr_scheduler_type', f.lr_scheduler_type || 'cosine')
+  set('warmup_ratio', f.warmup_ratio === '' ? 0.1 : Number(f.warmup_ratio))
+  if (f.warmup_steps !== '' && f.warmup_steps !== null) set('warmup_steps', Number(f.warmup_steps))
+  set('weight_decay', f.weight_decay === '' ? 0 : Number(f.weight_decay))
+  set('max_grad_norm', f.max_grad_norm === '' ? 1 : Number(f.max_grad_norm))
+  if (f.packing) set('packing', true)
+  if (f.neftune_noise_alpha !== '' && f.neftune_noise_alpha !== null) set('neftune_noise_alpha', Number(f.neftune_noise_alpha))
   set('seed', Number(f.seed))
   if (f.precision === 'bf16') set('bf16', true)
   if (f.precision === 'fp16') set('fp16', true)
@@ -264,7 +322,14 @@ export function toYaml(f, modelPath, datasetName) {
     set('eval_strategy', 'steps')
     set('eval_steps', Number(f.save_steps))
   }
+  if (String(f.extra_args || '').trim()) {
+    try {
+      for (const [k, v] of Object.entries(JSON.parse(f.extra_args))) set(k, v)
+    } catch {
+      // validate() names the field.
+    }
+  }
   const lines = ['# LlamaFactory 0.9.5 config exported by the ferrotune UI']
-  for (const [k, v] of a) lines.push(`${k}: ${typeof v === 'string' ? JSON.stringify(v) : String(v)}`)
+  for (const [k, v] of a) lines.push(`${k}: ${typeof v === 'string' || (v && typeof v === 'object') ? JSON.stringify(v) : String(v)}`)
   return lines.join('\n') + '\n'
 }
