@@ -17,6 +17,15 @@ use crate::error::{Error, Kind, Result};
 use crate::store::{DatasetRecord, Store, new_id};
 use format::{Container, DatasetFormat, DatasetKind, InspectError};
 
+/// A dataset that does not read is a 422 naming the first bad record; a failed read an I/O
+/// error.
+fn inspect_error(e: InspectError) -> Error {
+    match e {
+        InspectError::Invalid(f) => Error::new(Kind::Invalid, "invalid_dataset", f.to_string()),
+        InspectError::Io(e) => Error::from(e),
+    }
+}
+
 /// The most rows a preview returns.
 pub const MAX_PREVIEW_ROWS: usize = 500;
 
@@ -149,12 +158,7 @@ impl Datasets {
         let summary =
             tokio::task::spawn_blocking(move || format::inspect(&inspect_path, Some(&hint)))
                 .await?
-                .map_err(|e| match e {
-                    InspectError::Invalid(f) => {
-                        Error::new(Kind::Invalid, "invalid_dataset", f.to_string())
-                    }
-                    InspectError::Io(e) => Error::from(e),
-                })?;
+                .map_err(inspect_error)?;
 
         // Shapes LlamaFactory cannot read (OpenAI's content parts and tool calls, DPO JSONL,
         // plain text) are stored as the JSON Lines it can: the records the preview shows are
@@ -167,12 +171,7 @@ impl Datasets {
                 let out = tempfile::Builder::new()
                     .prefix(&prefix)
                     .tempfile_in(&tmp_dir)?;
-                format::rewrite(temp.path(), Some(&hint), out.path()).map_err(|e| match e {
-                    InspectError::Invalid(f) => {
-                        Error::new(Kind::Invalid, "invalid_dataset", f.to_string())
-                    }
-                    InspectError::Io(e) => Error::from(e),
-                })?;
+                format::rewrite(temp.path(), Some(&hint), out.path()).map_err(inspect_error)?;
                 let size = out.as_file().metadata()?.len();
                 Ok((out, size))
             })

@@ -48,6 +48,19 @@ pub(super) fn form(
     })
 }
 
+/// Refuses a body whose declared length is over `max` (plus the multipart framing) before
+/// reading any of it.
+pub(super) fn refuse_declared_oversize(headers: &HeaderMap, max: u64) -> Result<()> {
+    match headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(len) if len > max + MULTIPART_OVERHEAD => Err(too_large(max)),
+        _ => Ok(()),
+    }
+}
+
 pub(super) fn multipart_error(e: MultipartError, max: u64) -> Error {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         too_large(max)
@@ -87,15 +100,7 @@ async fn upload(
     multipart: std::result::Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<(StatusCode, Json<Uploaded>)> {
     let max = state.datasets.max_bytes();
-    // Refuse a declared oversize body before reading any of it.
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > max + MULTIPART_OVERHEAD
-    {
-        return Err(too_large(max));
-    }
+    refuse_declared_oversize(&headers, max)?;
     let mut multipart = form(multipart)?;
     loop {
         let field = multipart

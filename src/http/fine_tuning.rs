@@ -24,12 +24,12 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::datasets::{MULTIPART_OVERHEAD, form, multipart_error};
+use super::datasets::{MULTIPART_OVERHEAD, form, multipart_error, refuse_declared_oversize};
 use super::error::{ErrorBody, Json, Path, Query};
 use super::extract::CurrentUser;
 use crate::auth::Principal;
+use crate::datasets::Dataset;
 use crate::datasets::format::DatasetKind;
-use crate::datasets::{Dataset, too_large};
 use crate::error::{Error, Kind, Result};
 use crate::store::{FineTuningJob, TaskStatus};
 use crate::training::events::{StatusChange, WorkerEvent};
@@ -145,14 +145,7 @@ async fn upload_file(
     multipart: std::result::Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Json<Value>> {
     let max = state.datasets.max_bytes();
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > max + MULTIPART_OVERHEAD
-    {
-        return Err(too_large(max));
-    }
+    refuse_declared_oversize(&headers, max)?;
     let bad_purpose = |given: &str| {
         Error::new(
             Kind::BadRequest,
@@ -706,7 +699,7 @@ async fn create_job(
             Error::new(e.kind, e.code, message)
         })?;
     tracing::info!(task_id = %task.task_id, "fine-tuning job created through /v1");
-    Ok(Json(job_object(&state, &task).await?))
+    Ok(Json(job_object(&task)))
 }
 
 /// A job id's task, as the caller may see it.
@@ -742,7 +735,7 @@ fn job_status(task: &Task) -> &'static str {
 }
 
 /// The job as OpenAI's `FineTuningJob` object.
-async fn job_object(state: &AppState, task: &Task) -> Result<Value> {
+fn job_object(task: &Task) -> Value {
     let spec = &task.spec;
     let (method, hyperparameters) = match &task.job {
         Some(job) => (
@@ -795,8 +788,7 @@ async fn job_object(state: &AppState, task: &Task) -> Result<Value> {
             .map(|d| format!("{FILE_PREFIX}{d}")),
     };
     let result_files: Vec<Value> = Vec::new();
-    let _ = state;
-    Ok(json!({
+    json!({
         "id": format!("{JOB_PREFIX}{}", task.task_id),
         "object": "fine_tuning.job",
         "created_at": unix(task.created_at),
@@ -819,7 +811,7 @@ async fn job_object(state: &AppState, task: &Task) -> Result<Value> {
         "user_provided_suffix": task.job.as_ref().and_then(|j| j.suffix.clone()),
         // ferrotune's own: the task behind the job (the web UI's /tasks/<id>).
         "task_id": task.task_id,
-    }))
+    })
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -857,10 +849,7 @@ async fn list_jobs(
     let mut tasks = state.training.list(&p.user.user_id).await?;
     tasks.retain(|t| t.spec.evaluation.is_none());
     tasks.sort_by_key(|t| std::cmp::Reverse(t.created_at));
-    let mut jobs = Vec::with_capacity(tasks.len());
-    for t in &tasks {
-        jobs.push(job_object(&state, t).await?);
-    }
+    let jobs: Vec<Value> = tasks.iter().map(job_object).collect();
     Ok(Json(page(
         jobs,
         q.after.as_deref(),
@@ -880,7 +869,7 @@ async fn get_job(
     Path(id): Path<String>,
 ) -> Result<Json<Value>> {
     let task = job_task(&state, &p, &id).await?;
-    Ok(Json(job_object(&state, &task).await?))
+    Ok(Json(job_object(&task)))
 }
 
 /// Cancels a job: a queued one at once, a running one saves and stops (`running` until it
@@ -902,7 +891,7 @@ async fn cancel_job(
         state.training.cancel(&task).await?;
     }
     let task = job_task(&state, &p, &id).await?;
-    Ok(Json(job_object(&state, &task).await?))
+    Ok(Json(job_object(&task)))
 }
 
 /// Pauses a queued or running job (a running one saves a checkpoint and stops).
@@ -918,7 +907,7 @@ async fn pause_job(
 ) -> Result<Json<Value>> {
     let task = job_task(&state, &p, &id).await?;
     let task = state.training.pause(&task).await?;
-    Ok(Json(job_object(&state, &task).await?))
+    Ok(Json(job_object(&task)))
 }
 
 /// Resumes a paused job: queued again, from its last checkpoint (or the start when it was
@@ -935,7 +924,7 @@ async fn resume_job(
 ) -> Result<Json<Value>> {
     let task = job_task(&state, &p, &id).await?;
     let task = state.training.unpause(&task).await?;
-    Ok(Json(job_object(&state, &task).await?))
+    Ok(Json(job_object(&task)))
 }
 
 /// One task event as a job event (`None`: not one this API shows — steps, heartbeats, the

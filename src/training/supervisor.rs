@@ -545,7 +545,13 @@ impl Supervisor {
                 &task.spec.name,
                 kind,
                 &task.spec.model_name,
-                task.output_dir(),
+                // PiSSA trains against a base it changed: the adapter to keep is the one
+                // LlamaFactory converted to an ordinary LoRA over the unchanged base.
+                &if task.spec.pissa {
+                    task.output_dir().join("pissa_converted")
+                } else {
+                    task.output_dir().to_path_buf()
+                },
                 crate::models::TrainedWith {
                     task_id: task.task_id.clone(),
                     template: Some(task.spec.template.clone()).filter(|t| !t.is_empty()),
