@@ -142,6 +142,89 @@ async fn the_queue_follows_priority_and_per_user_limits() {
     let t = carol.get(&format!("/api/tasks/{extra}")).await.body;
     assert_eq!(t["status"], "cancelled", "{t}");
 
+    // Training templates: a task's settings kept under a name, new tasks started from them.
+    let r = carol
+        .post(
+            "/api/templates",
+            json!({"name": "Short LoRA", "task_id": c1}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let from_task = r.body["template_id"].as_str().unwrap().to_string();
+    assert_eq!(r.body["settings"]["priority"], 5, "{:?}", r.body);
+    assert!(
+        r.body["settings"].get("dataset_id").is_none(),
+        "{:?}",
+        r.body
+    );
+    let r = carol
+        .post(
+            "/api/templates",
+            json!({"name": "rank 16", "settings": {"lora_rank": 16, "max_steps": 1,
+                   "lr_scheduler_type": "linear", "model_name": MODEL}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let rank16 = r.body["template_id"].as_str().unwrap().to_string();
+    for (body, status) in [
+        (json!({"name": "short lora", "settings": {}}), 409),
+        (json!({"name": "bad", "settings": {"lora_rank": 0}}), 422),
+        (json!({"name": "bad", "settings": {"bogus": 1}}), 422),
+        (json!({"name": "both", "settings": {}, "task_id": c1}), 400),
+        (json!({"name": "other's", "task_id": b2}), 404),
+    ] {
+        let r = carol.post("/api/templates", body.clone()).await;
+        assert_eq!(r.status, status, "{body}: {:?}", r.body);
+    }
+    let listed = carol.get("/api/templates").await.body;
+    let names: Vec<&str> = listed["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["rank 16", "Short LoRA"]);
+    assert_eq!(bob.get("/api/templates").await.body["templates"], json!([]));
+    let r = carol
+        .post(
+            &format!("/api/templates/{rank16}/tasks"),
+            json!({"name": "from template", "dataset_id": dc}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let started_from = r.body["task_id"].as_str().unwrap().to_string();
+    let t = carol.get(&format!("/api/tasks/{started_from}")).await.body;
+    assert_eq!(
+        (&t["lora_rank"], &t["lr_scheduler_type"], &t["max_steps"]),
+        (&json!(16), &json!("linear"), &json!(1)),
+        "{t}"
+    );
+    let r = carol
+        .post(&format!("/api/tasks/{started_from}/cancel"), json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = bob
+        .post(
+            &format!("/api/templates/{rank16}/tasks"),
+            json!({"name": "x", "dataset_id": db}),
+        )
+        .await;
+    assert_eq!(r.status, 404, "another user's template: {:?}", r.body);
+    assert_eq!(
+        carol
+            .delete(&format!("/api/templates/{from_task}"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        carol
+            .delete(&format!("/api/templates/{from_task}"))
+            .await
+            .status,
+        404
+    );
+
     let mut done = Vec::new();
     for (client, id) in [
         (&alice, &a1),

@@ -387,6 +387,32 @@ class Client:
         ``{task_id, priority, queue_position}``; a task no longer queued raises APIError 409."""
         return self._json("POST", f"/api/tasks/{_q(task_id)}/priority", {"priority": priority})
 
+    # ---- training templates -------------------------------------------------------------
+
+    def templates(self) -> List[dict]:
+        """Your training templates: ``[{template_id, name, settings, created_at}, …]``."""
+        return self._json("GET", "/api/templates")["templates"]
+
+    def save_template(self, name: str, task_id: Optional[str] = None, **settings: Any) -> dict:
+        """Saves settings as a named template: a task's (``task_id``) or the keyword
+        arguments (``create_task``'s fields; name and datasets are not kept)."""
+        body: Dict[str, Any] = {"name": name}
+        if task_id is not None:
+            body["task_id"] = task_id
+        else:
+            body["settings"] = settings
+        return self._json("POST", "/api/templates", body)
+
+    def create_task_from_template(self, template_id: str, name: str, **fields: Any) -> dict:
+        """Queues a task from a template: ``name``, ``dataset_id`` and any field to change
+        go over the template's settings. Returns ``{task_id, status, template, message}``."""
+        return self._json(
+            "POST", f"/api/templates/{_q(template_id)}/tasks", {"name": name, **fields}
+        )
+
+    def delete_template(self, template_id: str) -> None:
+        self._json("DELETE", f"/api/templates/{_q(template_id)}")
+
     def metrics(self, task_id: str) -> List[dict]:
         """The loss curve: ``[{step, loss, learning_rate, epoch, t}, …]``."""
         return self._json("GET", f"/api/tasks/{_q(task_id)}/metrics")["points"]

@@ -141,3 +141,14 @@ def test_an_openai_fine_tuning_script_runs_unchanged(server, client, tmp_path):
     with pytest.raises(openai.NotFoundError):
         oa.fine_tuning.jobs.retrieve("ftjob-nope")
     assert oa.files.delete(prefs.id).deleted
+
+    # The job's settings as a training template, and a task started from it (then cancelled).
+    saved = client.save_template("arith job", task_id=task["task_id"])
+    assert saved["settings"]["lora_rank"] == task["lora_rank"] and "dataset_id" not in saved["settings"]
+    assert "arith job" in [t["name"] for t in client.templates()]
+    again = client.create_task_from_template(
+        saved["template_id"], "again", dataset_id=training_file.id.removeprefix("file-"), max_steps=1)
+    assert client.task(again["task_id"])["learning_rate"] == task["learning_rate"]
+    client.cancel(again["task_id"])
+    client.delete_template(saved["template_id"])
+    assert "arith job" not in [t["name"] for t in client.templates()]

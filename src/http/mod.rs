@@ -21,6 +21,7 @@ mod openai;
 pub mod openapi;
 mod system;
 mod tasks;
+mod templates;
 pub mod ui;
 mod views;
 
@@ -179,6 +180,7 @@ pub fn api(max_upload_bytes: u64) -> (Router<AppState>, utoipa::openapi::OpenApi
         .merge(datasets::router(max_upload_bytes))
         .merge(admin::router())
         .merge(tasks::router())
+        .merge(templates::router())
         .merge(models::router(max_upload_bytes))
         .merge(exports::router())
         .merge(evaluations::router())

@@ -46,7 +46,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 
 /// The task `id` as the caller may see it: their own; any, for an administrator (DESIGN.md:
 /// admins may see everything). Another user's is a 404.
-async fn visible_task(state: &AppState, p: &Principal, id: &str) -> Result<Task> {
+pub(super) async fn visible_task(state: &AppState, p: &Principal, id: &str) -> Result<Task> {
     state
         .training
         .get_as(&p.user.user_id, p.is_admin(), id)
@@ -62,6 +62,22 @@ pub struct Created {
     message: String,
 }
 
+impl Created {
+    pub(super) fn of(state: &AppState, task: Task) -> Created {
+        let message = if state.training.env().is_ready() {
+            "queued"
+        } else {
+            "queued; it starts once the training environment is ready (see /api/system/status)"
+        };
+        Created {
+            task_id: task.task_id,
+            status: task.status,
+            template: task.spec.template,
+            message: message.into(),
+        }
+    }
+}
+
 /// Validates a task and queues it.
 #[utoipa::path(post, path = "/api/tasks", tag = "tasks",
     request_body = TaskRequest,
@@ -73,20 +89,7 @@ async fn create(
     Json(body): Json<TaskRequest>,
 ) -> Result<(StatusCode, Json<Created>)> {
     let task = state.training.submit(&p.user.user_id, body).await?;
-    let message = if state.training.env().is_ready() {
-        "queued"
-    } else {
-        "queued; it starts once the training environment is ready (see /api/system/status)"
-    };
-    Ok((
-        StatusCode::CREATED,
-        Json(Created {
-            task_id: task.task_id,
-            status: task.status,
-            template: task.spec.template,
-            message: message.into(),
-        }),
-    ))
+    Ok((StatusCode::CREATED, Json(Created::of(&state, task))))
 }
 
 /// The task form's rules: every numeric field's default and range, the templates, stages,

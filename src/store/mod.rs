@@ -366,6 +366,7 @@ struct Inner {
     tasks: Owned<TaskRecord>,
     models: Owned<ModelRecord>,
     chat_sessions: Owned<ChatSession>,
+    task_templates: Owned<TaskTemplate>,
     exports: Owned<ExportRecord>,
     task_metrics: sled::Tree,
     flusher: Arc<Flusher>,
@@ -414,6 +415,7 @@ impl Store {
             tasks: Owned::open(&db, "tasks", flusher.clone())?,
             models: Owned::open(&db, "models", flusher.clone())?,
             chat_sessions: Owned::open(&db, "chat_sessions", flusher.clone())?,
+            task_templates: Owned::open(&db, "task_templates", flusher.clone())?,
             exports: Owned::open(&db, "exports", flusher.clone())?,
             task_metrics: db.open_tree("task_metrics")?,
             flusher,
@@ -442,6 +444,10 @@ impl Store {
 
     pub fn chat_sessions(&self) -> &Owned<ChatSession> {
         &self.inner.chat_sessions
+    }
+
+    pub fn task_templates(&self) -> &Owned<TaskTemplate> {
+        &self.inner.task_templates
     }
 
     pub fn exports(&self) -> &Owned<ExportRecord> {
@@ -595,7 +601,7 @@ impl Store {
     }
 
     /// Removes a user and everything the store keeps of theirs: indexes, login sessions and
-    /// refresh tokens, API keys, and their datasets', chat sessions', models' and tasks'
+    /// refresh tokens, API keys, and their datasets', chat sessions', task templates', models' and tasks'
     /// records with the tasks' metrics. The caller removes the user's files.
     pub async fn delete_user(&self, user_id: &str) -> Result<Option<User>> {
         let i = self.inner.clone();
@@ -619,6 +625,7 @@ impl Store {
             }
             remove_owned_blocking(&i.datasets, &user_id)?;
             remove_owned_blocking(&i.chat_sessions, &user_id)?;
+            remove_owned_blocking(&i.task_templates, &user_id)?;
             remove_owned_blocking(&i.models, &user_id)?;
             for task_id in remove_owned_blocking(&i.tasks, &user_id)? {
                 for key in i.task_metrics.scan_prefix(owner_prefix(&task_id)).keys() {

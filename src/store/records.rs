@@ -473,6 +473,27 @@ pub struct ChatSession {
     pub updated_at: OffsetDateTime,
 }
 
+/// A named set of task settings that new tasks start from (seed 004: training templates).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TaskTemplate {
+    pub template_id: String,
+    pub owner: String,
+    pub name: String,
+    /// The settings: a `POST /api/tasks` body without the task's name and datasets.
+    pub settings: serde_json::Map<String, serde_json::Value>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+impl OwnedRecord for TaskTemplate {
+    fn id(&self) -> &str {
+        &self.template_id
+    }
+    fn owner(&self) -> &str {
+        &self.owner
+    }
+}
+
 impl OwnedRecord for ChatSession {
     fn id(&self) -> &str {
         &self.session_id

@@ -19,6 +19,7 @@ pub mod queue;
 pub mod spec;
 mod supervisor;
 pub mod task;
+mod templates;
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
