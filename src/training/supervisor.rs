@@ -133,6 +133,18 @@ impl Supervisor {
     /// Starts a queued task's worker on `gpus`; returns once it runs (or could not start).
     /// A task cancelled meanwhile is left alone.
     pub async fn start(self: &Arc<Self>, task: Task, gpus: Vec<u32>) -> Result<()> {
+        // Supervised from before the claim, while its process does not exist yet (pid 0): a
+        // cancel that reads it `running` finds it here, is remembered and carried out once it
+        // runs (registered after the claim, a cancel falling between the two was a 409).
+        self.lock_running().insert(
+            task.task_id.clone(),
+            Running {
+                owner: task.owner.clone(),
+                pid: 0,
+                gpus: gpus.clone(),
+                cancel_requested: false,
+            },
+        );
         // Claim it: queued → running, atomically (a cancel may be writing too).
         let now = OffsetDateTime::now_utc();
         let assigned = gpus.clone();
@@ -152,22 +164,25 @@ impl Supervisor {
                 t.updated_at = now;
                 true
             })
-            .await?;
+            .await;
         let mut task = match claimed {
-            Some((record, true)) => Task::from_record(record)?,
-            _ => return Ok(()),
-        };
-        // Supervised from here on, before its process exists (pid 0): a cancel arriving
-        // while it starts is remembered and carried out once it runs.
-        self.lock_running().insert(
-            task.task_id.clone(),
-            Running {
-                owner: task.owner.clone(),
-                pid: 0,
-                gpus: gpus.clone(),
-                cancel_requested: false,
+            Ok(Some((record, true))) => match Task::from_record(record) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.lock_running().remove(&task.task_id);
+                    return Err(e);
+                }
             },
-        );
+            // Cancelled (or gone) before the claim: nothing to supervise.
+            Ok(_) => {
+                self.lock_running().remove(&task.task_id);
+                return Ok(());
+            }
+            Err(e) => {
+                self.lock_running().remove(&task.task_id);
+                return Err(e.into());
+            }
+        };
         let spawned = self.spawn(&task, &gpus).await;
         let (pid, child) = match spawned {
             Ok(p) => p,
