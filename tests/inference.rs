@@ -216,9 +216,11 @@ fn poem_prompt(assets: &ChatAssets) -> Vec<u32> {
 
 #[test]
 fn tiny_models_of_every_family_match_transformers_with_lora() {
+    // Each family alone, with a LoRA, and with a DoRA (magnitudes away from the norms).
     let tmp = tempfile::tempdir().unwrap();
     let prompt: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 300).collect();
     let families = ["llama", "mistral", "qwen2", "qwen3"];
+    let variants = [None, Some("lora"), Some("dora")];
     let made: Vec<Value> = families
         .iter()
         .map(|f| json!({"op": "make_tiny", "out": tmp.path().join(f), "model_type": f}))
@@ -227,10 +229,10 @@ fn tiny_models_of_every_family_match_transformers_with_lora() {
     let mut requests = Vec::new();
     for family in families {
         let dir = tmp.path().join(family);
-        for with_lora in [false, true] {
+        for variant in variants {
             requests.push(json!({
                 "op": "reference", "model_dir": dir,
-                "adapter": if with_lora { Some(dir.join("lora")) } else { None },
+                "adapter": variant.map(|v| dir.join(v)),
                 "prompt_ids": prompt, "n": 16,
             }));
         }
@@ -247,36 +249,71 @@ fn tiny_models_of_every_family_match_transformers_with_lora() {
                 &placement,
             )
             .unwrap();
-            let adapter = lora::load(&dir.join("lora"), &model.config).unwrap();
+            let lora = lora::load(&dir.join("lora"), &model.config).unwrap();
             assert_eq!(
-                adapter.modules,
+                lora.modules,
                 ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
             );
-            for with_lora in [false, true] {
-                let a = with_lora.then_some(&adapter);
+            assert!(!lora.dora);
+            let dora = lora::load(&dir.join("dora"), &model.config).unwrap();
+            assert!(dora.dora);
+            assert_eq!(dora.modules, ["q_proj", "v_proj", "gate_proj", "down_proj"]);
+            for variant in variants {
+                let a = match variant {
+                    None => None,
+                    Some("lora") => Some(&lora),
+                    Some(_) => Some(&dora),
+                };
                 let r = results.next().unwrap();
                 let (all, greedy) = ours(&model, a, &prompt, 16);
                 let want: Vec<f64> = serde_json::from_value(r["logits"].clone()).unwrap();
                 let d = max_abs_diff(all.last().unwrap(), &want);
                 eprintln!(
-                    "{family} lora={with_lora} ({where_}: {}): max |Δlogit| {d:.2e}",
+                    "{family} {variant:?} ({where_}: {}): max |Δlogit| {d:.2e}",
                     model.description
                 );
-                assert!(d < 1e-4, "{family} lora={with_lora}: logits differ by {d}");
+                assert!(d < 1e-4, "{family} {variant:?}: logits differ by {d}");
                 let want_argmax: Vec<u32> = serde_json::from_value(r["argmax"].clone()).unwrap();
                 assert_eq!(
                     argmaxes(&all),
                     want_argmax,
-                    "{family}: top token of every position"
+                    "{family} {variant:?}: top token of every position"
                 );
                 let want_greedy: Vec<u32> = serde_json::from_value(r["greedy"].clone()).unwrap();
-                assert_eq!(
-                    greedy, want_greedy,
-                    "{family} lora={with_lora}: greedy tokens"
-                );
+                assert_eq!(greedy, want_greedy, "{family} {variant:?}: greedy tokens");
             }
         }
     }
+
+    // Merged for export, a DoRA's weights are peft's `merge_and_unload`.
+    use ferrotune::models::export::{ExportFormat, ExportSource, Quantization, export};
+    let dir = tmp.path().join("qwen2");
+    let out = tmp.path().join("dora-export");
+    std::fs::create_dir(&out).unwrap();
+    let src = ExportSource {
+        base: ferrotune::models::inspect_folder(&dir, "qwen2".into())
+            .unwrap()
+            .unwrap(),
+        adapter: Some(dir.join("dora")),
+        full: None,
+        name: "tiny-dora".into(),
+        system: None,
+    };
+    export(
+        &src,
+        ExportFormat::Safetensors,
+        Quantization::F32,
+        &out,
+        &|_, _| true,
+    )
+    .unwrap();
+    let check = reference(json!({
+        "op": "export_check", "model_dir": dir, "adapter": dir.join("dora"),
+        "safetensors": out, "ggufs": [],
+    }));
+    let rel = check["safetensors"]["max_rel"].as_f64().unwrap();
+    eprintln!("DoRA merged for export vs peft: max relative difference {rel:.2e}");
+    assert!(rel < 1e-5, "{check}");
 }
 
 #[test]

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    MODEL, process_alive, sse, submit_task, training_server, upload_arithmetic,
+    MODEL, Reply, process_alive, sse, submit_task, training_server, upload_arithmetic,
     wait_for_environment_and_model, wait_status, wait_until, worker_pid,
 };
 use serde_json::{Value, json};
@@ -223,6 +223,61 @@ async fn the_queue_follows_priority_and_per_user_limits() {
             .await
             .status,
         404
+    );
+    // A burst of saves under one name keeps one; under distinct names keeps all; parallel
+    // deletes remove each once.
+    let same = futures_util::future::join_all((0..6).map(|_| {
+        carol.post(
+            "/api/templates",
+            json!({"name": "Burst", "settings": {"lora_rank": 4}}),
+        )
+    }))
+    .await;
+    let mut codes: Vec<u16> = same.iter().map(|r| r.status).collect();
+    codes.sort();
+    let bodies = |rs: &[_]| {
+        rs.iter()
+            .map(|r: &Reply| r.body.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(codes, [201, 409, 409, 409, 409, 409], "{:?}", bodies(&same));
+    let distinct = futures_util::future::join_all((0..6).map(|i| {
+        carol.post(
+            "/api/templates",
+            json!({"name": format!("burst {i}"), "settings": {"lora_rank": 4}}),
+        )
+    }))
+    .await;
+    assert!(
+        distinct.iter().all(|r| r.status == 201),
+        "{:?}",
+        bodies(&distinct)
+    );
+    let ids: Vec<String> = same
+        .iter()
+        .chain(&distinct)
+        .filter_map(|r| r.body["template_id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(ids.len(), 7);
+    let paths: Vec<String> = ids
+        .iter()
+        .chain(ids.iter())
+        .map(|id| format!("/api/templates/{id}"))
+        .collect();
+    let deleted = futures_util::future::join_all(paths.iter().map(|p| carol.delete(p))).await;
+    let mut codes: Vec<u16> = deleted.iter().map(|r| r.status).collect();
+    codes.sort();
+    assert_eq!(
+        codes,
+        [[200; 7], [404; 7]].concat(),
+        "{:?}",
+        bodies(&deleted)
+    );
+    assert_eq!(
+        carol.get("/api/templates").await.body["templates"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
     );
 
     let mut done = Vec::new();

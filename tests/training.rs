@@ -735,6 +735,14 @@ async fn preference_kto_and_plain_text_stages_train_and_chat() {
             json!({"name": "x", "dataset_id": dpo, "eval_split": 0.2}),
             "eval_split",
         ),
+        (
+            json!({"name": "x", "dataset_id": kto, "use_dora": true, "pissa": true}),
+            "without DoRA's magnitudes",
+        ),
+        (
+            json!({"name": "x", "dataset_id": kto, "use_dora": true, "finetuning_type": "full"}),
+            "use_dora",
+        ),
     ] {
         let r = alice.post("/api/tasks", with(body.clone())).await;
         assert_eq!(r.status, 422, "{body}: {:?}", r.body);
@@ -745,7 +753,7 @@ async fn preference_kto_and_plain_text_stages_train_and_chat() {
     for (extra, says) in [
         (json!({"optimm": "adamw_torch"}), "did you mean `optim`"),
         (json!({"adam_beta2": "high"}), "expects a number"),
-        (json!({"use_dora": true}), "DoRA"),
+        (json!({"use_dora": true}), "use `use_dora`"),
         (json!({"num_train_epochs": 2}), "use `epochs`"),
         (json!({"cache_dir": "/tmp"}), "not offered"),
     ] {
@@ -764,7 +772,8 @@ async fn preference_kto_and_plain_text_stages_train_and_chat() {
             json!({"pref_beta": 0.1, "pref_loss": "sigmoid"}),
             "dpo",
         ),
-        ("kto", &kto, json!({}), "kto"),
+        // A DoRA (weight-decomposed LoRA): chat applies its magnitudes.
+        ("kto", &kto, json!({"use_dora": true}), "kto"),
         // Time-based checkpoints too: every 0.3 s here, so at each step (save_steps is 1000);
         // and the settings people tune, with an argument only LlamaFactory's parser knows.
         (
@@ -835,6 +844,18 @@ async fn preference_kto_and_plain_text_stages_train_and_chat() {
             .await;
         if *name == "dpo" {
             bundle_trains_with_llamafactory_cli(&alice, id, &points).await;
+        }
+        if *name == "kto" {
+            let (_, yaml, _) = alice.get_bytes(&format!("/api/tasks/{id}/config")).await;
+            assert!(String::from_utf8_lossy(&yaml).contains("use_dora: true"));
+            let adapter =
+                std::fs::read(server.task_output(&done).join("adapter_model.safetensors")).unwrap();
+            assert!(
+                adapter
+                    .windows(b"lora_magnitude_vector".len())
+                    .any(|w| w == b"lora_magnitude_vector"),
+                "a DoRA adapter carries its magnitudes"
+            );
         }
         if *name == "pt" {
             let (_, yaml, _) = alice.get_bytes(&format!("/api/tasks/{id}/config")).await;

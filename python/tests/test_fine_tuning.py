@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -95,6 +96,26 @@ def test_an_openai_fine_tuning_script_runs_unchanged(server, client, tmp_path):
     assert dpo.method.type == "dpo" and dpo.hyperparameters.beta == 0.2
     assert oa.fine_tuning.jobs.cancel(dpo.id).status == "cancelled"
 
+    # Bursts of parallel requests: uploads, deletes, job creations and cancellations.
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(
+            lambda i: oa.files.create(file=(f"burst-{i}.jsonl", (json.dumps(chat_rows()[i]) + "\n").encode()),
+                                      purpose="fine-tune"),
+            range(8)))
+        assert len({f.id for f in made}) == 8 and all(f.bytes > 0 for f in made)
+        listed_files = {f.id for f in oa.files.list()}
+        assert {f.id for f in made} <= listed_files
+        assert all(d.deleted for d in pool.map(lambda f: oa.files.delete(f.id), made))
+        assert not {f.id for f in made} & {f.id for f in oa.files.list()}
+        burst = list(pool.map(
+            lambda i: oa.fine_tuning.jobs.create(model=MODEL, training_file=training_file.id,
+                                                 suffix=f"burst-{i}"),
+            range(6)))
+        assert len({j.id for j in burst}) == 6 and all(j.status == "queued" for j in burst)
+        cancelled = list(pool.map(lambda j: oa.fine_tuning.jobs.cancel(j.id), burst))
+        assert all(j.status == "cancelled" for j in cancelled), cancelled
+    burst_ids = {j.id for j in burst}
+
     deadline = time.monotonic() + 900
     while job.status not in ("succeeded", "failed", "cancelled"):
         assert time.monotonic() < deadline, job
@@ -134,7 +155,7 @@ def test_an_openai_fine_tuning_script_runs_unchanged(server, client, tmp_path):
     task = client.task(job.id.removeprefix("ftjob-"))
     assert task["status"] == "completed" and task["model_id"] == job.fine_tuned_model
     assert task["name"] == "arith"
-    listed = [j.id for j in oa.fine_tuning.jobs.list(limit=10)]
+    listed = [j.id for j in oa.fine_tuning.jobs.list(limit=20) if j.id not in burst_ids]
     assert listed[:3] == [dpo.id, second.id, job.id], listed
     assert training_file.id in [f.id for f in oa.files.list()]
     assert oa.files.content(training_file.id).text.count("\n") == 16

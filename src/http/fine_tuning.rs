@@ -167,10 +167,7 @@ async fn upload_file(
                 if value != "fine-tune" {
                     // Nothing of a refused upload stays.
                     if let Some(d) = uploaded.take() {
-                        let _ = state
-                            .training
-                            .delete_dataset(&p.user.user_id, &d.file_id)
-                            .await;
+                        discard_upload(&state, &p.user.user_id, &d).await;
                     }
                     return Err(bad_purpose(&value));
                 }
@@ -193,10 +190,7 @@ async fn upload_file(
         return Err(Error::bad_request("file: the form has no `file` field"));
     };
     if purpose.is_none() {
-        let _ = state
-            .training
-            .delete_dataset(&p.user.user_id, &dataset.file_id)
-            .await;
+        discard_upload(&state, &p.user.user_id, &dataset).await;
         return Err(Error::new(
             Kind::BadRequest,
             "invalid_parameter",
@@ -204,6 +198,18 @@ async fn upload_file(
         ));
     }
     Ok(Json(file_object(&dataset)))
+}
+
+/// Removes an upload the request then refused; the refusal is what the client gets, so a
+/// failure here is logged (the dataset stays listed, for its owner to delete).
+async fn discard_upload(state: &AppState, user_id: &str, dataset: &Dataset) {
+    if let Err(e) = state
+        .training
+        .delete_dataset(user_id, &dataset.file_id)
+        .await
+    {
+        tracing::warn!(dataset = %dataset.file_id, error = %e, "cannot remove a refused upload");
+    }
 }
 
 #[derive(Deserialize, IntoParams)]

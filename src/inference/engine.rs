@@ -1073,6 +1073,7 @@ mod tests {
             bytes,
             modules: Vec::new(),
             rank: 1,
+            dora: false,
         })
     }
 

@@ -381,6 +381,24 @@ impl QuantMatrix {
         Ok(out)
     }
 
+    /// `‖row‖²` of every row (de-quantised; summed in f64), on the matmul thread pool: what
+    /// a DoRA's gains need of the base weights.
+    pub fn row_norms_sq(&self) -> Vec<f32> {
+        let norms: Vec<AtomicU32> = (0..self.rows).map(|_| AtomicU32::new(0)).collect();
+        candle_core::utils::barrier_pool().execute_chunked(self.rows, |range| {
+            let mut buf = vec![0f32; self.cols];
+            for r in range {
+                self.row(r).dequantize(&mut buf);
+                let n: f64 = buf.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+                norms[r].store((n as f32).to_bits(), Ordering::Relaxed);
+            }
+        });
+        norms
+            .into_iter()
+            .map(|n| f32::from_bits(n.into_inner()))
+            .collect()
+    }
+
     /// A float32 matrix (`rows × cols` values, row-major).
     pub fn from_f32(values: Vec<f32>, rows: usize, cols: usize) -> anyhow::Result<QuantMatrix> {
         if values.len() != rows * cols {
@@ -585,6 +603,11 @@ impl QuantMatrix {
                     let base = first[i];
                     let s = |j: usize| f32::from_bits(s_bits[base + j].load(Ordering::Relaxed));
                     low.add_rows(s, range.clone(), o, simd);
+                    if let Some(g) = low.gains {
+                        for (v, g) in o.iter_mut().zip(&g[range.clone()]) {
+                            *v *= g;
+                        }
+                    }
                 }
             }
         };
@@ -623,11 +646,13 @@ impl QuantMatrix {
 
 /// A LoRA term for [`QuantMatrix::matmul`]: `A` (R × cols, row-major) and, per rank, the scaled
 /// row of `B` restricted to the output rows it touches (`(first row, values)`; the other rows
-/// of a fused projection are zeros and are skipped).
+/// of a fused projection are zeros and are skipped). A DoRA also has `gains`, one per output
+/// row: the row's whole output (`W·x` plus the term) is multiplied by it.
 #[derive(Clone, Copy)]
 pub(crate) struct LowRank<'a> {
     pub a: &'a [f32],
     pub b: &'a [(usize, Vec<f32>)],
+    pub gains: Option<&'a [f32]>,
 }
 
 impl LowRank<'_> {
@@ -1880,6 +1905,11 @@ mod tests {
         let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         let mat = QuantMatrix::from_bytes(Format::Q4_1, &q.data().unwrap(), rows, cols).unwrap();
         let wd = q.dequantize(&Device::Cpu).unwrap();
+        // The rows' squared norms (a DoRA's gains need them) are the de-quantised rows'.
+        let want: Vec<f32> = wd.sqr().unwrap().sum(1).unwrap().to_vec1().unwrap();
+        for (g, w) in mat.row_norms_sq().iter().zip(&want) {
+            assert!((g - w).abs() < 1e-4 * w, "{g} vs {w}");
+        }
         let a = Tensor::randn(0f32, 1.0, (ranks, cols), &Device::Cpu).unwrap();
         // Rank j touches rows j·100 .. j·100 + 300 (a fused projection's block).
         let spans: Vec<(usize, usize)> = (0..ranks).map(|j| (j * 100, 300)).collect();
@@ -1904,8 +1934,28 @@ mod tests {
             let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
             let av: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
             let mut out = vec![0f32; m * rows];
-            mat.matmul(&xs, &mut out, Some(LowRank { a: &av, b: &bv }));
+            let low = LowRank {
+                a: &av,
+                b: &bv,
+                gains: None,
+            };
+            mat.matmul(&xs, &mut out, Some(low));
             for (g, w) in out.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-3 * (1.0 + w.abs()), "{g} vs {w}");
+            }
+            // A DoRA's gains scale each output row, base and term together.
+            let gains: Vec<f32> = (0..rows).map(|r| 0.5 + (r % 7) as f32 * 0.25).collect();
+            let mut scaled = vec![0f32; m * rows];
+            mat.matmul(
+                &xs,
+                &mut scaled,
+                Some(LowRank {
+                    gains: Some(&gains),
+                    ..low
+                }),
+            );
+            for (i, (g, w)) in scaled.iter().zip(&want).enumerate() {
+                let w = w * gains[i % rows];
                 assert!((g - w).abs() < 1e-3 * (1.0 + w.abs()), "{g} vs {w}");
             }
         }

@@ -6,6 +6,13 @@
 //! rank's scaled row of Bᵀ is kept with the output rows it covers (the fused matrix would be
 //! block-diagonal: the zero blocks, and modules without a LoRA, are not stored). The engine's
 //! kernels add the term inside their matmul (`kernels::LowRank`).
+//!
+//! DoRA adapters (`use_dora`) also carry a magnitude `m` per output of each adapted module:
+//! `y = m/‖W + s·B·A‖ ⊙ (W·x + s·B·A·x) + bias`, the norm taken per output row (PEFT's
+//! `DoraLinearLayer`, the norm treated as a constant as the paper suggests). The gain
+//! `m/‖W + s·B·A‖` depends on the base weights, so it is computed once per adapter by the
+//! model that runs it ([`LoraPair::needs_gains`], [`LoraPair::set_gains`]); the kernels then
+//! multiply each adapted row's outputs by it after adding the low-rank term.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -18,8 +25,8 @@ use super::EngineError;
 use super::config::ModelConfig;
 use super::kernels::LowRank;
 
-/// The A and B halves of one adapted projection, as they are found.
-type PairSlots = (Option<Tensor>, Option<Tensor>);
+/// The A and B halves of one adapted projection and its DoRA magnitude, as they are found.
+pub(crate) type PairSlots = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
 /// One fused group's LoRA, ready to multiply.
 pub struct LoraPair {
@@ -30,6 +37,20 @@ pub struct LoraPair {
     /// `a` and a dense `ΣR × out` form of `b` as tensors on a model's device, made at first
     /// use there (the device-generic forward path: candle's kernels, the GPU).
     on_device: std::sync::OnceLock<(Tensor, Tensor)>,
+    /// DoRA's magnitudes, when the adapter is a DoRA.
+    dora: Option<Dora>,
+}
+
+/// DoRA's part of a fused group.
+struct Dora {
+    /// Per adapted module of the group: its first output in the fused projection and its
+    /// magnitudes `m` (one per output).
+    magnitude: Vec<(usize, Vec<f32>)>,
+    /// `m / ‖W + s·B·A‖` per output of the fused projection (1 where no module of the group
+    /// is a DoRA), set against the base weights before first use.
+    gains: std::sync::OnceLock<Vec<f32>>,
+    /// `gains` as a `1 × out` tensor on a model's device.
+    on_device: std::sync::OnceLock<Tensor>,
 }
 
 impl LoraPair {
@@ -45,6 +66,103 @@ impl LoraPair {
             }
         };
         x.matmul(&a.t()?)?.matmul(b)
+    }
+
+    /// A DoRA's gains as a `1 × out` tensor on `device` (`None` for a plain LoRA). An error
+    /// when they were not set ([`LoraPair::set_gains`]).
+    pub(crate) fn gains_on(&self, device: &Device) -> candle_core::Result<Option<Tensor>> {
+        let Some(d) = &self.dora else {
+            return Ok(None);
+        };
+        let Some(g) = d.gains.get() else {
+            candle_core::bail!("the DoRA adapter's gains were not computed for this model");
+        };
+        if let Some(t) = d.on_device.get()
+            && t.device().same_device(device)
+        {
+            return Ok(Some(t.clone()));
+        }
+        let t = Tensor::from_slice(g, (1, g.len()), device)?;
+        let _ = d.on_device.set(t.clone());
+        Ok(Some(t))
+    }
+
+    /// True for a DoRA whose gains are still to be computed against the base weights.
+    pub(crate) fn needs_gains(&self) -> bool {
+        self.dora.as_ref().is_some_and(|d| d.gains.get().is_none())
+    }
+
+    /// The stacked A matrices (`ΣR × in`, row-major): what [`LoraPair::set_gains`] needs
+    /// multiplied by the base weights.
+    pub(crate) fn a(&self) -> &[f32] {
+        &self.a
+    }
+
+    /// Sets a DoRA's gains `m / ‖W + s·B·A‖` from the base weights of its fused projection:
+    /// `w_norms_sq` (‖W_i‖² per output, `out` of them) and `aw` (`A·Wᵀ`, `ΣR × out`), using
+    /// `‖W_i + Σ_j b_ij A_j‖² = ‖W_i‖² + 2 Σ_j b_ij (A_j·W_i) + Σ_jk b_ij b_ik (A_j·A_k)` over
+    /// the ranks `j, k` of output i's module (`b` already holds the scale `s`).
+    pub(crate) fn set_gains(&self, w_norms_sq: &[f32], aw: &[f32]) -> Result<(), EngineError> {
+        let Some(d) = &self.dora else {
+            return Ok(());
+        };
+        let out = w_norms_sq.len();
+        let ranks = self.b.len();
+        let k = self.a.len().checked_div(ranks).unwrap_or(0);
+        if aw.len() != ranks * out {
+            return Err(EngineError::Internal(format!(
+                "DoRA: A·Wᵀ has {} values, expected {ranks} × {out}",
+                aw.len()
+            )));
+        }
+        let mut gains = vec![1f32; out];
+        for (first, m) in &d.magnitude {
+            if first + m.len() > out {
+                return Err(EngineError::Invalid(format!(
+                    "a DoRA magnitude does not fit the layer's {out} outputs"
+                )));
+            }
+            // The module's ranks: those whose row of Bᵀ starts at its first output.
+            let js: Vec<usize> = (0..ranks).filter(|&j| self.b[j].0 == *first).collect();
+            // Their Gram matrix A_j·A_k, in f64 (a difference of large norms is taken).
+            let gram: Vec<f64> = js
+                .iter()
+                .flat_map(|&j| {
+                    js.iter().map(move |&l| {
+                        self.a[j * k..(j + 1) * k]
+                            .iter()
+                            .zip(&self.a[l * k..(l + 1) * k])
+                            .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                            .sum::<f64>()
+                    })
+                })
+                .collect();
+            for (o, &mag) in m.iter().enumerate() {
+                let i = first + o;
+                let bs: Vec<f64> = js.iter().map(|&j| f64::from(self.b[j].1[o])).collect();
+                let cross: f64 = js
+                    .iter()
+                    .zip(&bs)
+                    .map(|(&j, b)| b * f64::from(aw[j * out + i]))
+                    .sum();
+                let mut lora = 0f64;
+                for (p, bp) in bs.iter().enumerate() {
+                    for (q, bq) in bs.iter().enumerate() {
+                        lora += bp * bq * gram[p * js.len() + q];
+                    }
+                }
+                let norm = (f64::from(w_norms_sq[i]) + 2.0 * cross + lora)
+                    .max(0.0)
+                    .sqrt();
+                gains[i] = if norm > 0.0 {
+                    (f64::from(mag) / norm) as f32
+                } else {
+                    1.0
+                };
+            }
+        }
+        let _ = d.gains.set(gains);
+        Ok(())
     }
 
     fn tensors(&self, device: &Device, out: usize) -> candle_core::Result<(Tensor, Tensor)> {
@@ -69,13 +187,21 @@ impl LoraPair {
         LowRank {
             a: &self.a,
             b: &self.b,
+            gains: self
+                .dora
+                .as_ref()
+                .and_then(|d| d.gains.get())
+                .map(|g| &g[..]),
         }
     }
 
     /// Bytes held.
     fn bytes(&self) -> usize {
         let b: usize = self.b.iter().map(|(_, v)| v.len()).sum();
-        (self.a.len() + b) * 4
+        let m: usize = self.dora.as_ref().map_or(0, |d| {
+            d.magnitude.iter().map(|(_, m)| 2 * m.len()).sum::<usize>()
+        });
+        (self.a.len() + b + m) * 4
     }
 }
 
@@ -97,6 +223,20 @@ pub struct LoraAdapter {
     /// Modules adapted, e.g. `q_proj`, `v_proj`.
     pub modules: Vec<String>,
     pub rank: usize,
+    /// A DoRA (weight-decomposed) adapter.
+    pub dora: bool,
+}
+
+impl LoraAdapter {
+    /// True while some DoRA gains are still to be computed against the base weights.
+    pub(crate) fn pending_gains(&self) -> bool {
+        self.layers.iter().any(|l| {
+            [&l.qkv, &l.o, &l.gate_up, &l.down]
+                .into_iter()
+                .flatten()
+                .any(LoraPair::needs_gains)
+        })
+    }
 }
 
 /// The settings of `adapter_config.json` the engine reads.
@@ -108,6 +248,8 @@ pub struct AdapterConfig {
     pub rank_pattern: BTreeMap<String, usize>,
     pub alpha_pattern: BTreeMap<String, f64>,
     pub base_model: Option<String>,
+    /// DoRA: every adapted module also has a magnitude vector.
+    pub use_dora: bool,
 }
 
 #[derive(Deserialize)]
@@ -176,9 +318,6 @@ pub fn read_config(dir: &Path) -> Result<AdapterConfig, EngineError> {
         Some("LORA") | None => {}
         Some(other) => return unsupported(&format!("PEFT type {other} (only LORA is)")),
     }
-    if raw.use_dora {
-        return unsupported("DoRA (`use_dora`)");
-    }
     if non_empty(&raw.modules_to_save) {
         return unsupported("`modules_to_save` (fully trained modules)");
     }
@@ -213,6 +352,7 @@ pub fn read_config(dir: &Path) -> Result<AdapterConfig, EngineError> {
         rank_pattern: raw.rank_pattern.unwrap_or_default(),
         alpha_pattern: raw.alpha_pattern.unwrap_or_default(),
         base_model: raw.base_model_name_or_path,
+        use_dora: raw.use_dora,
     })
 }
 
@@ -303,7 +443,8 @@ pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<LoraAdapter, EngineError> {
         let entry = a_b.entry((layer, proj)).or_default();
         match which {
             'A' => entry.0 = Some(t),
-            _ => entry.1 = Some(t),
+            'B' => entry.1 = Some(t),
+            _ => entry.2 = Some(t),
         }
     }
     if a_b.is_empty() {
@@ -314,6 +455,7 @@ pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<LoraAdapter, EngineError> {
     let mut modules: Vec<String> = Vec::new();
     let mut rank = 0;
     let mut bytes = 0;
+    let mut dora = false;
     let groups: [(&[&'static str], u8); 4] = [
         (&["q_proj", "k_proj", "v_proj"], 0),
         (&["o_proj"], 1),
@@ -326,10 +468,12 @@ pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<LoraAdapter, EngineError> {
             let out_total: usize = projs.iter().map(|p| features(cfg, p).1).sum();
             // (A: r × in, scaled B: out × r, output offset)
             let mut parts: Vec<(Tensor, Tensor, usize)> = Vec::new();
+            // (output offset, DoRA magnitudes)
+            let mut magnitudes: Vec<(usize, Vec<f32>)> = Vec::new();
             let mut offset = 0;
             for p in projs.iter() {
                 let (inf, outf) = features(cfg, p);
-                if let Some((a, b)) = a_b.remove(&(li, *p)) {
+                if let Some((a, b, m)) = a_b.remove(&(li, *p)) {
                     let name = format!("model.layers.{li}.{}.{p}", group_of(p));
                     let (a, b) = match (a, b) {
                         (Some(a), Some(b)) => (a, b),
@@ -339,6 +483,25 @@ pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<LoraAdapter, EngineError> {
                             )));
                         }
                     };
+                    match m {
+                        Some(m) => {
+                            if m.dims() != [outf] {
+                                return Err(invalid(format!(
+                                    "`{name}`: the DoRA magnitude is {:?}; the model needs \
+                                     [{outf}]",
+                                    m.dims()
+                                )));
+                            }
+                            magnitudes.push((offset, m.to_vec1::<f32>().map_err(internal)?));
+                        }
+                        None if ac.use_dora => {
+                            return Err(invalid(format!(
+                                "`{name}` has no DoRA magnitude (`lora_magnitude_vector`), \
+                                 though the adapter's config says `use_dora`"
+                            )));
+                        }
+                        None => {}
+                    }
                     let (r, scale) = ac.rank_and_scale(&name);
                     if a.dims() != [r, inf] || b.dims() != [outf, r] {
                         return Err(invalid(format!(
@@ -360,7 +523,15 @@ pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<LoraAdapter, EngineError> {
             if parts.is_empty() {
                 continue;
             }
-            let pair = fuse_pair(&parts, in_features, out_total).map_err(internal)?;
+            let mut pair = fuse_pair(&parts, in_features, out_total).map_err(internal)?;
+            if !magnitudes.is_empty() {
+                dora = true;
+                pair.dora = Some(Dora {
+                    magnitude: magnitudes,
+                    gains: std::sync::OnceLock::new(),
+                    on_device: std::sync::OnceLock::new(),
+                });
+            }
             bytes += pair.bytes();
             let target = match slot {
                 0 => &mut layer.qkv,
@@ -378,6 +549,7 @@ pub fn load(dir: &Path, cfg: &ModelConfig) -> Result<LoraAdapter, EngineError> {
         bytes,
         modules,
         rank,
+        dora,
     })
 }
 
@@ -416,11 +588,13 @@ fn fuse_pair(
         a,
         b,
         on_device: std::sync::OnceLock::new(),
+        dora: None,
     })
 }
 
 /// `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` →
-/// (`model.layers.0.self_attn.q_proj`, 'A'). Also accepts an adapter name before `weight`.
+/// (`model.layers.0.self_attn.q_proj`, 'A'); 'B' for `lora_B`, 'M' for a DoRA magnitude
+/// (`lora_magnitude_vector`). Also accepts an adapter name before `weight`.
 pub(crate) fn split_name(name: &str) -> Result<(String, char), EngineError> {
     let unsupported = |what: &str| {
         EngineError::Unsupported(format!(
@@ -438,8 +612,12 @@ pub(crate) fn split_name(name: &str) -> Result<(String, char), EngineError> {
             }
         }
     }
-    if stripped.contains("lora_magnitude_vector") {
-        return Err(unsupported("a DoRA magnitude"));
+    // PEFT saves DoRA's magnitude as `….lora_magnitude_vector` (older versions with
+    // `.weight`, or the adapter's name and `.weight`, after it).
+    if let Some((module, rest)) = stripped.split_once(".lora_magnitude_vector")
+        && (rest.is_empty() || rest.ends_with("weight"))
+    {
+        return Ok((module.to_string(), 'M'));
     }
     if stripped.contains("lora_embedding_") {
         return Err(unsupported("an embedding LoRA"));
@@ -485,7 +663,6 @@ mod tests {
     fn refuses_what_it_cannot_apply() {
         let d = tempfile::tempdir().unwrap();
         for (extra, word) in [
-            (json!({"use_dora": true}), "DoRA"),
             (json!({"modules_to_save": ["lm_head"]}), "modules_to_save"),
             (json!({"peft_type": "IA3"}), "IA3"),
             (json!({"bias": "all"}), "biases"),
@@ -524,6 +701,7 @@ mod tests {
             ]),
             alpha_pattern: BTreeMap::from([("v_proj".into(), 4.0)]),
             base_model: None,
+            use_dora: false,
         };
         assert_eq!(
             c.rank_and_scale("model.layers.0.self_attn.q_proj"),
@@ -559,10 +737,15 @@ mod tests {
             parse_module("lm_head"),
             Err(EngineError::Unsupported(_))
         ));
-        assert!(matches!(
-            split_name("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"),
-            Err(EngineError::Unsupported(_))
-        ));
+        for name in [
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector.weight",
+        ] {
+            assert_eq!(
+                split_name(name).unwrap(),
+                ("model.layers.0.self_attn.q_proj".to_string(), 'M')
+            );
+        }
         assert!(matches!(
             split_name("base_model.model.lm_head.weight"),
             Err(EngineError::Unsupported(_))

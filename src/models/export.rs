@@ -172,9 +172,17 @@ const SIDE_FILES: &[&str] = &[
 /// Shards of a safetensors export hold at most this many bytes.
 const SHARD_BYTES: usize = 2 << 30;
 
+/// One adapted weight: A, B, the scale, and a DoRA's magnitude.
+struct Delta {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+    magnitude: Option<Tensor>,
+}
+
 /// The adapter's weight changes by Hugging Face weight name (`….q_proj.weight` → ΔW).
 struct Deltas {
-    by_weight: HashMap<String, (Tensor, Tensor, f64)>,
+    by_weight: HashMap<String, Delta>,
 }
 
 impl Deltas {
@@ -183,25 +191,36 @@ impl Deltas {
         let file = dir.join("adapter_model.safetensors");
         let tensors = candle_core::safetensors::load(&file, &Device::Cpu)
             .with_context(|| format!("cannot read {}", file.display()))?;
-        let mut pairs: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+        let mut pairs: HashMap<String, crate::inference::lora::PairSlots> = HashMap::new();
         for (name, t) in tensors {
             let (module, which) =
                 crate::inference::lora::split_name(&name).map_err(|e| anyhow::anyhow!("{e}"))?;
             let t = t.to_dtype(DType::F32)?;
             let slot = pairs.entry(module).or_default();
-            if which == 'A' {
-                slot.0 = Some(t);
-            } else {
-                slot.1 = Some(t);
+            match which {
+                'A' => slot.0 = Some(t),
+                'B' => slot.1 = Some(t),
+                _ => slot.2 = Some(t),
             }
         }
         let mut by_weight = HashMap::new();
-        for (module, pair) in pairs {
-            let (Some(a), Some(b)) = pair else {
+        for (module, (a, b, magnitude)) in pairs {
+            let (Some(a), Some(b)) = (a, b) else {
                 bail!("`{module}` has only one of lora_A and lora_B");
             };
+            if cfg.use_dora && magnitude.is_none() {
+                bail!("`{module}` has no DoRA magnitude, though the adapter says `use_dora`");
+            }
             let (_, scale) = cfg.rank_and_scale(&module);
-            by_weight.insert(format!("{module}.weight"), (a, b, scale));
+            by_weight.insert(
+                format!("{module}.weight"),
+                Delta {
+                    a,
+                    b,
+                    scale,
+                    magnitude,
+                },
+            );
         }
         if by_weight.is_empty() {
             bail!("{} holds no LoRA weights", file.display());
@@ -209,20 +228,36 @@ impl Deltas {
         Ok(Deltas { by_weight })
     }
 
-    /// `s·B·A` for the weight `name`, when the adapter changes it.
-    fn delta(&self, name: &str, shape: &[usize]) -> anyhow::Result<Option<Tensor>> {
-        let Some((a, b, scale)) = self.by_weight.get(name) else {
+    /// The change ΔW the adapter makes to the weight `w` named `name`, when it changes it:
+    /// `s·B·A` for a LoRA; for a DoRA, `m/‖W + s·B·A‖ ⊙ (W + s·B·A) − W` (the norm per output
+    /// row, PEFT's merge).
+    fn delta(&self, name: &str, w: &Tensor) -> anyhow::Result<Option<Tensor>> {
+        let Some(delta) = self.by_weight.get(name) else {
             return Ok(None);
         };
-        let d = (b.matmul(a)? * *scale)?;
-        if d.dims() != shape {
+        let d = (delta.b.matmul(&delta.a)? * delta.scale)?;
+        if d.dims() != w.dims() {
             bail!(
-                "the adapter's change to `{name}` is {:?}; the weight is {shape:?} (an adapter \
+                "the adapter's change to `{name}` is {:?}; the weight is {:?} (an adapter \
                  for another base model?)",
-                d.dims()
+                d.dims(),
+                w.dims()
             );
         }
-        Ok(Some(d))
+        let Some(m) = &delta.magnitude else {
+            return Ok(Some(d));
+        };
+        let rows = w.dim(0)?;
+        if m.dims() != [rows] {
+            bail!(
+                "the DoRA magnitude of `{name}` is {:?}; the weight has {rows} rows",
+                m.dims()
+            );
+        }
+        let adapted = (w + &d)?;
+        let norms = adapted.sqr()?.sum_keepdim(1)?.sqrt()?;
+        let gains = m.reshape((rows, 1))?.div(&norms)?;
+        Ok(Some((adapted.broadcast_mul(&gains)? - w)?))
     }
 }
 
@@ -270,7 +305,7 @@ impl Weights {
     fn get(&self, name: &str) -> anyhow::Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let w = self.files.load(name, &Device::Cpu)?.to_dtype(DType::F32)?;
         let delta = match &self.deltas {
-            Some(d) => d.delta(name, w.dims())?,
+            Some(d) => d.delta(name, &w)?,
             None => None,
         };
         Ok(match delta {

@@ -555,6 +555,7 @@ impl Training {
                 packing: false,
                 neftune_noise_alpha: None,
                 use_rslora: false,
+                use_dora: false,
                 pissa: false,
                 loraplus_lr_ratio: None,
                 freeze_trainable_layers: None,

@@ -136,6 +136,7 @@ fn managed(key: &str) -> Option<&'static str> {
         "lora_dropout" => "lora_dropout",
         "lora_target" => "lora_target",
         "use_rslora" => "use_rslora",
+        "use_dora" => "use_dora",
         "pissa_init" | "pissa_convert" | "pissa_iter" => "pissa",
         "loraplus_lr_ratio" => "loraplus_lr_ratio",
         "freeze_trainable_layers" => "freeze_trainable_layers",
@@ -168,12 +169,6 @@ fn managed(key: &str) -> Option<&'static str> {
 /// Refused whatever its value: it would write or read outside the task, reach the network,
 /// or make a model chat cannot apply.
 fn refused(key: &str) -> Option<&'static str> {
-    if key == "use_dora" {
-        return Some(
-            "DoRA adapters cannot be chatted with yet (chat applies LoRA, rsLoRA, PiSSA and \
-             LoRA+ adapters): use `use_rslora`, `pissa` or `loraplus_lr_ratio`",
-        );
-    }
     if key.ends_with("_dir")
         || key.contains("path")
         || key.starts_with("hub_")
@@ -333,7 +328,7 @@ mod tests {
             (json!({"rope_scaling": "cubic"}), "one of linear, dynamic"),
             (json!({"enable_liger_kernel": "yes"}), "true or false"),
             (json!({"learning_rate": 0.1}), "use `learning_rate`"),
-            (json!({"use_dora": true}), "DoRA"),
+            (json!({"use_dora": true}), "use `use_dora`"),
             (json!({"cache_dir": "/tmp"}), "not offered"),
             (json!({"output_dir": "/tmp"}), "not offered"),
         ] {

@@ -235,6 +235,9 @@ pub struct TaskRequest {
     pub neftune_noise_alpha: Option<f64>,
     /// rsLoRA: the LoRA scaled by α/√r instead of α/r.
     pub use_rslora: Option<bool>,
+    /// DoRA: weight-decomposed LoRA (a trained magnitude per output besides the low-rank
+    /// direction change).
+    pub use_dora: Option<bool>,
     /// PiSSA: the LoRA initialised from the weights' principal components (saved converted
     /// to an ordinary LoRA, so it chats over the unchanged base).
     pub pissa: Option<bool>,
@@ -321,6 +324,8 @@ pub struct TaskSpec {
     pub neftune_noise_alpha: Option<f64>,
     #[serde(default)]
     pub use_rslora: bool,
+    #[serde(default)]
+    pub use_dora: bool,
     #[serde(default)]
     pub pissa: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -753,6 +758,7 @@ impl TaskRequest {
                 some => Some(float("neftune_noise_alpha", some)?),
             },
             use_rslora: self.use_rslora.unwrap_or(false),
+            use_dora: self.use_dora.unwrap_or(false),
             pissa: self.pissa.unwrap_or(false),
             loraplus_lr_ratio: match self.loraplus_lr_ratio {
                 None => None,
@@ -942,6 +948,7 @@ fn check_method_settings(spec: &TaskSpec) -> Result<()> {
     if spec.finetuning_type != FinetuningType::Lora {
         let lora_only = [
             ("use_rslora", spec.use_rslora),
+            ("use_dora", spec.use_dora),
             ("pissa", spec.pissa),
             ("loraplus_lr_ratio", spec.loraplus_lr_ratio.is_some()),
         ];
@@ -973,6 +980,12 @@ fn check_method_settings(spec: &TaskSpec) -> Result<()> {
                 ));
             }
         }
+    }
+    if spec.pissa && spec.use_dora {
+        return Err(invalid(
+            "use_dora",
+            "PiSSA's conversion saves an ordinary LoRA, without DoRA's magnitudes: choose one",
+        ));
     }
     if spec.pissa && spec.quantization_bit.is_some() {
         return Err(invalid(
@@ -1168,6 +1181,9 @@ pub fn llamafactory_args(spec: &TaskSpec, paths: &RunPaths, device: Device) -> M
             set("lora_target", json!(spec.lora_target));
             if spec.use_rslora {
                 set("use_rslora", json!(true));
+            }
+            if spec.use_dora {
+                set("use_dora", json!(true));
             }
             if spec.pissa {
                 // Saved converted to an ordinary LoRA over the unchanged base (what chat,

@@ -175,4 +175,14 @@ test('the settings people tune: schedule, regularisation, LoRA variants, freeze-
   assert.equal(back.form.pissa, true)
   assert.equal(back.form.weight_decay, 0.01)
   assert.equal(fromTask({ name: 'n', extra_args: { optim: 'sgd' } }, rules).extra_args, '{"optim":"sgd"}')
+  // DoRA: sent, written to the YAML and read back; not with PiSSA (whose conversion drops it).
+  assert.ok(validate({ ...f, use_dora: true }).use_dora)
+  const dora = { ...f, pissa: false, use_dora: true }
+  assert.deepEqual(validate(dora), {})
+  assert.equal(toRequest(dora, rules).use_dora, true)
+  assert.ok(!('use_dora' in toRequest({ ...dora, finetuning_type: 'freeze' }, rules)))
+  const doraYaml = toYaml(dora, '/m', 'd')
+  assert.ok(doraYaml.includes('use_dora: true'), doraYaml)
+  assert.equal(applyYaml({ ...defaults(), name: 'x' }, doraYaml, models, rules).form.use_dora, true)
+  assert.equal(fromTask({ name: 'n', use_dora: true }, rules).use_dora, true)
 })

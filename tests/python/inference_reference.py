@@ -17,7 +17,8 @@ REQUEST is one of
   {"op": "train_lora", "model_dir": D, "out": O, "steps": N}
       -> {"loss": [float, ...]}      trains a real LoRA on "What is A plus B?" -> "A plus B is C."
   {"op": "make_tiny", "out": O, "model_type": "llama"|"mistral"|"qwen2"|"qwen3"}
-      -> {}                           random tiny model (+ random LoRA in O/lora) for shape tests
+      -> {}                           random tiny model (+ random LoRA in O/lora, DoRA in
+                                      O/dora) for shape tests
   {"op": "to_bf16", "model_dir": D, "out": O, "max_shard_size": "100MB"}
       -> {"files": [str, ...]}        the model in bfloat16, sharded with an index, + tokenizer
   {"op": "export_check", "model_dir": D, "adapter": A, "safetensors": S, "ggufs": [G, ...]}
@@ -236,21 +237,28 @@ def op_make_tiny(req):
             if "norm" in name or name.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(req["out"])
-    lcfg = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj", "up_proj", "down_proj", "o_proj"],
-        rank_pattern={"down_proj": 2},
-        alpha_pattern={"q_proj": 3},
-        init_lora_weights=False,
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, lcfg)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.mul_(0.2)
-    peft_model.save_pretrained(req["out"] + "/lora")
+    adapters = [
+        ("lora", dict(target_modules=["q_proj", "v_proj", "up_proj", "down_proj", "o_proj"],
+                      alpha_pattern={"q_proj": 3})),
+        # A DoRA on another set of modules (q and v of the fused q/k/v, gate of gate/up: the
+        # other outputs of those groups stay unscaled), its magnitudes away from the norms.
+        ("dora", dict(target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
+                      use_dora=True)),
+    ]
+    for n, (folder, extra) in enumerate(adapters):
+        if n:
+            model = transformers.AutoModelForCausalLM.from_pretrained(req["out"],
+                                                                      dtype=torch.float32)
+        peft_model = get_peft_model(model, LoraConfig(
+            r=4, lora_alpha=8, rank_pattern={"down_proj": 2}, init_lora_weights=False,
+            task_type="CAUSAL_LM", **extra))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(1 + 0.3 * torch.randn_like(p))
+                elif "lora_" in name:
+                    p.mul_(0.2)
+        peft_model.save_pretrained(req["out"] + "/" + folder)
     return {}
 
 

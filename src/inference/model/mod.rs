@@ -534,16 +534,49 @@ impl Model {
                 self.config.max_positions
             );
         }
-        if let Some(a) = adapter
-            && a.layers.len() != self.layers.len()
-        {
-            bail!(
-                "the adapter has {} layers, the model {}",
-                a.layers.len(),
-                self.layers.len()
-            );
+        if let Some(a) = adapter {
+            if a.layers.len() != self.layers.len() {
+                bail!(
+                    "the adapter has {} layers, the model {}",
+                    a.layers.len(),
+                    self.layers.len()
+                );
+            }
+            self.prepare_dora(a)?;
         }
         self.ensure_capacity(cache, pos + s)
+    }
+
+    /// Computes a DoRA adapter's gains `m / ‖W + s·B·A‖` against this model's weights, the
+    /// first time the adapter runs on it (a pass over the adapted weights: about as long as
+    /// one token's forward pass for the norms, plus `A·Wᵀ`).
+    fn prepare_dora(&self, adapter: &LoraAdapter) -> anyhow::Result<()> {
+        if !adapter.pending_gains() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        for (layer, lora) in self.layers.iter().zip(&adapter.layers) {
+            for (linear, pair) in [
+                (&layer.qkv, &lora.qkv),
+                (&layer.o, &lora.o),
+                (&layer.gate_up, &lora.gate_up),
+                (&layer.down, &lora.down),
+            ] {
+                if let Some(pair) = pair
+                    && pair.needs_gains()
+                {
+                    let (norms, aw) = linear.dora_basis(pair.a())?;
+                    pair.set_gains(&norms, &aw)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                }
+            }
+        }
+        tracing::debug!(
+            adapter = %adapter.path.display(),
+            ms = started.elapsed().as_millis() as u64,
+            "DoRA gains computed"
+        );
+        Ok(())
     }
 
     /// [`Model::forward_batch`] on candle tensors (any device, what a GPU runs): the rows of

@@ -148,24 +148,28 @@ impl Linear {
         } else {
             Vec::new()
         };
+        // On the engine's kernels the terms (and a DoRA's gains) are applied in the pass.
         let mut y = self.w.forward(x, &lows)?;
-        if let Some(b) = &self.b {
-            y = y.broadcast_add(b)?;
-        }
         if !own && any_lora {
             let (_, n) = y.dims2()?;
-            let term = |rows: &std::ops::Range<usize>, l: &LoraPair| {
-                l.term(&x.narrow(0, rows.start, rows.len())?, n)
+            // `part` (the rows `rows` of `x·Wᵀ`) plus the adapter's term, times its gains
+            // when it is a DoRA.
+            let adapted = |rows: &std::ops::Range<usize>, part: Tensor, l: &LoraPair| {
+                let part = (part + l.term(&x.narrow(0, rows.start, rows.len())?, n)?)?;
+                match l.gains_on(x.device())? {
+                    Some(g) => part.broadcast_mul(&g),
+                    None => Ok(part),
+                }
             };
             y = match groups {
-                [(rows, Some(l))] if rows.len() == y.dim(0)? => (&y + term(rows, l)?)?,
+                [(rows, Some(l))] if rows.len() == y.dim(0)? => adapted(rows, y, l)?,
                 _ => {
                     let parts = groups
                         .iter()
                         .map(|(rows, l)| {
                             let part = y.narrow(0, rows.start, rows.len())?;
                             match l {
-                                Some(l) => part + term(rows, l)?,
+                                Some(l) => adapted(rows, part, l),
                                 None => Ok(part),
                             }
                         })
@@ -174,7 +178,41 @@ impl Linear {
                 }
             };
         }
+        // The bias last: a DoRA's gains scale `W·x` and the term, not the bias.
+        if let Some(b) = &self.b {
+            y = y.broadcast_add(b)?;
+        }
         Ok(y)
+    }
+
+    /// What a DoRA's gains need of this weight: `‖W_i‖²` per output row, and `A·Wᵀ` for the
+    /// adapter's stacked A (`a`: `R × in`, row-major), `R × out`. Exact (dequantised) weights,
+    /// as PEFT takes them.
+    pub(super) fn dora_basis(&self, a: &[f32]) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+        match &self.w {
+            Weight::Own(m) => {
+                let (rows, cols) = (m.rows(), m.cols());
+                let ranks = a.len() / cols.max(1);
+                let mut aw_t = vec![0f32; ranks * rows];
+                // x·Wᵀ with the A rows as x: exact on float weights; on quantised ones the
+                // activations stay float on these kernels.
+                m.matmul(a, &mut aw_t, None);
+                let norms = m.row_norms_sq();
+                Ok((norms, aw_t))
+            }
+            Weight::Candle(w) => {
+                let dense = match w {
+                    QMatMul::QTensor(q) => q.dequantize(&q.device())?,
+                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.clone(),
+                }
+                .to_dtype(DType::F32)?;
+                let (_, cols) = dense.dims2()?;
+                let norms = dense.sqr()?.sum(1)?.to_vec1::<f32>()?;
+                let a = Tensor::from_slice(a, (a.len() / cols.max(1), cols), dense.device())?;
+                let aw = a.matmul(&dense.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok((norms, aw))
+            }
+        }
     }
 
     /// The same layer on candle's kernels on `device`: the engine's own matrices go back to

@@ -24,6 +24,7 @@ export function defaults(rules) {
     lr_scheduler_type: (rules.lr_schedulers || ['cosine'])[0],
     packing: false,
     use_rslora: false,
+    use_dora: false,
     pissa: false,
     freeze_trainable_modules: '',
     extra_args: '',
@@ -80,6 +81,8 @@ export function validate(f, rules) {
   if (f.finetuning_type === 'freeze' && Number(f.freeze_trainable_layers) === 0 && f.freeze_trainable_layers !== '')
     e.freeze_trainable_layers = 'Positive: the last layers; negative: the first ones.'
   if (f.packing && !['sft', 'pt'].includes(f.stage)) e.packing = 'Packing is for sft and pt.'
+  if (f.finetuning_type === 'lora' && f.pissa && f.use_dora)
+    e.use_dora = "PiSSA's conversion saves an ordinary LoRA, without DoRA's magnitudes: choose one."
   if (f.quantization_bit && f.finetuning_type !== 'lora')
     e.quantization_bit = 'QLoRA quantises the base under a LoRA: choose the LoRA method.'
   if (f.deepspeed) {
@@ -112,6 +115,7 @@ export function toRequest(f, rules) {
   if (f.packing) body.packing = true
   if (f.finetuning_type === 'lora') {
     if (f.use_rslora) body.use_rslora = true
+    if (f.use_dora) body.use_dora = true
     if (f.pissa) body.pissa = true
   } else delete body.loraplus_lr_ratio
   if (f.finetuning_type === 'freeze') {
@@ -212,6 +216,7 @@ const YAML_TO_FORM = {
   packing: 'packing',
   neftune_noise_alpha: 'neftune_noise_alpha',
   use_rslora: 'use_rslora',
+  use_dora: 'use_dora',
   pissa_init: 'pissa',
   loraplus_lr_ratio: 'loraplus_lr_ratio',
   freeze_trainable_layers: 'freeze_trainable_layers',
@@ -280,6 +285,7 @@ export function toYaml(f, modelPath, datasetName) {
     set('lora_dropout', Number(f.lora_dropout))
     set('lora_target', String(f.lora_target))
     if (f.use_rslora) set('use_rslora', true)
+    if (f.use_dora) set('use_dora', true)
     if (f.pissa) {
       set('pissa_init', true)
       set('pissa_convert', true)
