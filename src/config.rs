@@ -55,6 +55,10 @@ pub struct Config {
     /// KV-cache memory (MiB) the sequences in one model's batch may reserve together (each
     /// reserves its prompt plus its `max_tokens`); beyond it requests wait.
     pub kv_cache_mb: usize,
+    /// KV-cache memory (MiB) one model keeps of finished sequences for prompts that begin
+    /// the same way (a shared system prompt, a conversation's earlier turns): those tokens
+    /// are not run again. 0 turns the prefix cache off.
+    pub prefix_cache_mb: usize,
     /// Generations one user may run at once; more are refused with 429.
     pub max_generations_per_user: usize,
     /// What a model's weights become at load: `auto` (a Hugging Face folder's float weights
@@ -143,6 +147,7 @@ impl Default for Config {
             max_generations_per_user: 4,
             max_batch_sequences: 16,
             kv_cache_mb: 4096,
+            prefix_cache_mb: 1024,
             inference_weights: "auto".into(),
             model_weights: std::collections::BTreeMap::new(),
             inference_device: "auto".into(),
@@ -363,6 +368,7 @@ impl Config {
                 .collect(),
             max_batch: self.max_batch_sequences,
             kv_cache_bytes: self.kv_cache_mb << 20,
+            prefix_cache_bytes: self.prefix_cache_mb << 20,
             max_queue: self.max_concurrent_generations,
             ..crate::inference::EngineOptions::default()
         }

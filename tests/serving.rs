@@ -153,6 +153,7 @@ async fn streams_on_four_adapters_are_batched_and_answer_as_alone() {
         "some steps advanced several sequences:\n{m}"
     );
     assert!(count("ferrotune_adapter_cache_hits_total") >= 8.0, "{m}");
+    assert!(m.contains("ferrotune_prefix_cache_hits_total "), "{m}");
     assert!(count("ferrotune_tokens_generated_total") > 0.0);
     assert!(
         m.contains(

@@ -89,7 +89,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// `ferrotune_active_sequences`, `ferrotune_batch_sequences`, `ferrotune_batch_rows`,
 /// `ferrotune_step_seconds`, `ferrotune_tokens_generated_total`,
 /// `ferrotune_time_to_first_token_seconds`, `ferrotune_adapter_cache_{hits,misses,evictions}_total`,
-/// `ferrotune_http_request_duration_seconds`. Admins only.
+/// `ferrotune_prefix_cache_{hits,tokens}_total`, `ferrotune_http_request_duration_seconds`.
+/// Admins only.
 #[utoipa::path(get, path = "/metrics", tag = "system",
     responses(
         (status = 200, description = "The metrics", content_type = "text/plain", body = String),

@@ -376,6 +376,7 @@ impl Engine {
             prefill_chunk: self.opts.prefill_chunk.max(1),
             max_batch: self.opts.max_batch.max(1),
             kv_cache_bytes: self.opts.kv_cache_bytes,
+            prefix_cache_bytes: self.opts.prefix_cache_bytes,
             device: self.opts.device,
             assets: assets.clone(),
             load: load.clone(),
@@ -416,6 +417,7 @@ struct Worker {
     prefill_chunk: usize,
     max_batch: usize,
     kv_cache_bytes: usize,
+    prefix_cache_bytes: usize,
     device: super::InferenceDevice,
     assets: Arc<ChatAssets>,
     load: Arc<SlotLoad>,
@@ -444,6 +446,134 @@ struct Seq {
     prompt_logprobs: Vec<TokenLogprob>,
     /// Where the answer stands in its grammar (`response_format`), if it has one.
     constraint: Option<Constrained>,
+    /// Set when its generation failed (its cache is then not kept for reuse).
+    failed: bool,
+}
+
+/// Finished sequences' KV caches, kept so that a prompt beginning with the same tokens on
+/// the same adapter (a shared system prompt, a conversation's earlier turns) starts from
+/// their keys and values instead of running those tokens again: llama.cpp's `cache_prompt`
+/// and vLLM's prefix caching, for this engine's per-sequence caches. A sequence's cache is
+/// kept whole when it ends (nothing is copied then); a new sequence copies the positions it
+/// shares with the entry that shares the most. Bounded by bytes, least recently used first.
+struct PrefixCache {
+    cap: usize,
+    used: usize,
+    clock: u64,
+    entries: Vec<PrefixEntry>,
+}
+
+struct PrefixEntry {
+    /// The tokens whose keys and values `cache` holds (one per position).
+    tokens: Vec<u32>,
+    adapter: Option<Arc<LoraAdapter>>,
+    cache: KvCache,
+    last_used: u64,
+}
+
+/// Fewer shared tokens than this are run again (the copy would save little).
+const MIN_PREFIX_REUSE: usize = 16;
+
+fn same_adapter(a: &Option<Arc<LoraAdapter>>, b: &Option<Arc<LoraAdapter>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
+impl PrefixCache {
+    fn new(cap: usize) -> Self {
+        PrefixCache {
+            cap,
+            used: 0,
+            clock: 0,
+            entries: Vec::new(),
+        }
+    }
+
+    /// Keeps `cache`, the keys and values of `tokens[..cache.len()]` on `adapter`, evicting
+    /// the least recently used entries to make room. Entries it extends go (it serves every
+    /// prompt they serve); if one already covers it, nothing is kept.
+    fn insert(&mut self, tokens: &[u32], adapter: Option<Arc<LoraAdapter>>, cache: KvCache) {
+        let len = cache.len().min(tokens.len());
+        let bytes = cache.bytes();
+        if len < MIN_PREFIX_REUSE || bytes > self.cap {
+            return;
+        }
+        let tokens = &tokens[..len];
+        self.clock += 1;
+        if let Some(e) = self.entries.iter_mut().find(|e| {
+            same_adapter(&e.adapter, &adapter)
+                && e.tokens.len() >= len
+                && e.tokens.starts_with(tokens)
+        }) {
+            e.last_used = self.clock;
+            return;
+        }
+        let mut freed = 0;
+        self.entries.retain(|e| {
+            let extended = same_adapter(&e.adapter, &adapter) && tokens.starts_with(&e.tokens);
+            if extended {
+                freed += e.cache.bytes();
+            }
+            !extended
+        });
+        self.used -= freed;
+        while self.used + bytes > self.cap {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(i, _)| i)
+            else {
+                break;
+            };
+            let e = self.entries.swap_remove(oldest);
+            self.used -= e.cache.bytes();
+        }
+        self.used += bytes;
+        self.entries.push(PrefixEntry {
+            tokens: tokens.to_vec(),
+            adapter,
+            cache,
+            last_used: self.clock,
+        });
+    }
+
+    /// The entry sharing the longest start with `prompt` on `adapter`, and how many
+    /// positions to reuse (at most all but the prompt's last token, whose logits are
+    /// needed); `None` below [`MIN_PREFIX_REUSE`].
+    fn lookup(
+        &mut self,
+        prompt: &[u32],
+        adapter: &Option<Arc<LoraAdapter>>,
+    ) -> Option<(&KvCache, usize)> {
+        let limit = prompt.len().saturating_sub(1);
+        let (best, len) = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| same_adapter(&e.adapter, adapter))
+            .map(|(i, e)| {
+                let shared = e
+                    .tokens
+                    .iter()
+                    .zip(prompt)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                (i, shared.min(limit))
+            })
+            .max_by_key(|(_, n)| *n)?;
+        if len < MIN_PREFIX_REUSE {
+            return None;
+        }
+        self.clock += 1;
+        let e = &mut self.entries[best];
+        e.last_used = self.clock;
+        Some((&e.cache, len))
+    }
 }
 
 enum Step {
@@ -564,6 +694,7 @@ impl Worker {
         let mut pace = PrefillPace {
             secs_per_token: None,
         };
+        let mut prefixes = PrefixCache::new(self.prefix_cache_bytes);
         loop {
             if active.is_empty() && waiting.is_empty() {
                 match rx.recv() {
@@ -580,14 +711,18 @@ impl Worker {
             self.load
                 .waiting
                 .fetch_sub(before - waiting.len(), Ordering::Relaxed);
-            // Sequences whose client went away: out of the batch, their cache freed.
-            active.retain(|s| {
-                let gone = s.job.events.is_closed();
-                if gone {
+            // Sequences whose client went away: out of the batch (their cache kept for reuse
+            // or freed).
+            let mut i = 0;
+            while i < active.len() {
+                if active[i].job.events.is_closed() {
+                    let s = active.remove(i);
                     reserved -= s.reserved;
+                    keep_prefix(&mut prefixes, s);
+                } else {
+                    i += 1;
                 }
-                !gone
-            });
+            }
             // Admit in arrival order while there is room (one at least, whatever its size).
             while let Some(job) = waiting.front() {
                 let need = (job.prompt.len() + job.params.max_tokens).min(context) * per_token;
@@ -601,7 +736,7 @@ impl Worker {
                 };
                 self.load.waiting.fetch_sub(1, Ordering::Relaxed);
                 reserved += need;
-                match self.start(&model, job, need) {
+                match self.start(&model, job, need, &mut prefixes) {
                     Some(seq) => active.push(seq),
                     None => reserved -= need,
                 }
@@ -618,8 +753,9 @@ impl Worker {
             let mut removed = 0;
             while i < active.len() {
                 if done.contains(&(i + removed)) {
-                    reserved -= active[i].reserved;
-                    active.remove(i);
+                    let s = active.remove(i);
+                    reserved -= s.reserved;
+                    keep_prefix(&mut prefixes, s);
                     removed += 1;
                 } else {
                     i += 1;
@@ -632,7 +768,13 @@ impl Worker {
     }
 
     /// The sequence of `job`, or none when it cannot start (its client is told why).
-    fn start(&self, model: &Model, job: Job, reserved: usize) -> Option<Seq> {
+    fn start(
+        &self,
+        model: &Model,
+        job: Job,
+        reserved: usize,
+        prefixes: &mut PrefixCache,
+    ) -> Option<Seq> {
         let constraint = match &job.params.grammar {
             None => None,
             Some(g) => match self.grammar_vocab().and_then(|v| v.matcher(g)) {
@@ -647,9 +789,26 @@ impl Worker {
         };
         let sampler = Sampler::new(&job.params);
         let stops = StopMatcher::new(job.params.stop.clone());
+        // A prompt that begins like a kept sequence starts from its keys and values (not
+        // when every prompt position's logits are asked for).
+        let mut cache = model.new_cache();
+        let mut prefilled = 0;
+        if job.params.prompt_logprobs.is_none()
+            && let Some((kept, len)) = prefixes.lookup(&job.prompt, &job.adapter)
+        {
+            match model.copy_prefix(kept, len) {
+                Ok(c) => {
+                    cache = c;
+                    prefilled = len;
+                    self.metrics.prefix_hits.inc();
+                    self.metrics.prefix_tokens.inc_by(len as u64);
+                }
+                Err(e) => tracing::warn!(model = %self.name, "prefix cache: {e:#}"),
+            }
+        }
         Some(Seq {
-            cache: model.new_cache(),
-            prefilled: 0,
+            cache,
+            prefilled,
             history: job.prompt.clone(),
             completion: 0,
             sampler,
@@ -659,6 +818,7 @@ impl Worker {
             first_sent: false,
             prompt_logprobs: Vec::new(),
             constraint,
+            failed: false,
             job,
         })
     }
@@ -746,6 +906,7 @@ impl Worker {
             Err(e) => {
                 tracing::error!(model = %self.name, "generation failed: {e:#}");
                 for &(i, _) in &plan {
+                    active[i].failed = true;
                     let _ = active[i]
                         .job
                         .events
@@ -779,6 +940,7 @@ impl Worker {
                 Ok(Step::Finished) => done.push(i),
                 Err(e) => {
                     tracing::error!(model = %self.name, "generation failed: {e:#}");
+                    seq.failed = true;
                     let _ = seq.job.events.try_send(GenEvent::Error(format!("{e:#}")));
                     done.push(i);
                 }
@@ -918,6 +1080,15 @@ impl Worker {
             completion_tokens: seq.completion,
         });
         Ok(Step::Finished)
+    }
+}
+
+/// A sequence leaving the batch: its cache is kept for prompts that begin the same way
+/// (`history` holds the tokens its cache's positions were run for, and perhaps a last
+/// sampled one not yet run), unless its generation failed.
+fn keep_prefix(prefixes: &mut PrefixCache, seq: Seq) {
+    if !seq.failed {
+        prefixes.insert(&seq.history, seq.job.adapter.clone(), seq.cache);
     }
 }
 

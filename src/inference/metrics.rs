@@ -29,6 +29,10 @@ pub struct EngineMetrics {
     pub adapter_hits: Counter,
     pub adapter_misses: Counter,
     pub adapter_evictions: Counter,
+    /// Sequences that started from a kept sequence's KV cache, and the prompt tokens they
+    /// did not run again.
+    pub prefix_hits: Counter,
+    pub prefix_tokens: Counter,
 }
 
 impl Default for EngineMetrics {
@@ -44,6 +48,8 @@ impl Default for EngineMetrics {
             adapter_hits: Counter::default(),
             adapter_misses: Counter::default(),
             adapter_evictions: Counter::default(),
+            prefix_hits: Counter::default(),
+            prefix_tokens: Counter::default(),
         }
     }
 }
@@ -100,6 +106,16 @@ impl EngineMetrics {
             "adapter_cache_evictions",
             "Adapters evicted from the cache to make room",
             self.adapter_evictions.clone(),
+        );
+        registry.register(
+            "prefix_cache_hits",
+            "Sequences that started from a kept sequence's KV cache (a shared prompt start)",
+            self.prefix_hits.clone(),
+        );
+        registry.register(
+            "prefix_cache_tokens",
+            "Prompt tokens not run again thanks to the prefix cache",
+            self.prefix_tokens.clone(),
         );
     }
 

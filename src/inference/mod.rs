@@ -504,6 +504,10 @@ pub struct EngineOptions {
     /// KV-cache bytes the sequences of one model's batch may reserve together (each reserves
     /// its prompt plus `max_tokens` positions); beyond it requests wait.
     pub kv_cache_bytes: usize,
+    /// KV-cache bytes one model keeps of finished sequences, so that prompts beginning with
+    /// the same tokens (a shared system prompt, a conversation's earlier turns) on the same
+    /// adapter reuse them instead of running those tokens again; 0 turns it off.
+    pub prefix_cache_bytes: usize,
     /// Most requests that may wait for a place in one model's batch; beyond it they are
     /// refused with [`EngineError::Busy`].
     pub max_queue: usize,
@@ -521,6 +525,7 @@ impl Default for EngineOptions {
             max_tokens: 4096,
             max_batch: 16,
             kv_cache_bytes: 4 << 30,
+            prefix_cache_bytes: 1 << 30,
             max_queue: 64,
         }
     }

@@ -428,6 +428,42 @@ impl Model {
         }
     }
 
+    /// A new cache holding the first `len` positions of `from` (a cache this model filled):
+    /// a sequence whose tokens begin with those positions' tokens, on the same adapter,
+    /// continues from there instead of running them again (the keys and values of a position
+    /// depend only on the tokens up to it).
+    pub fn copy_prefix(&self, from: &KvCache, len: usize) -> anyhow::Result<KvCache> {
+        let len = len.min(from.len);
+        let mut cache = self.new_cache();
+        if len == 0 {
+            return Ok(cache);
+        }
+        self.ensure_capacity(&mut cache, len)?;
+        let (nkv, hd) = (self.config.num_kv_heads, self.config.head_dim);
+        if self.plain.is_some() {
+            if from.raw.len() != cache.raw.len() {
+                bail!("the cache is not this model's");
+            }
+            for ((k, v), (fk, fv)) in cache.raw.iter_mut().zip(&from.raw) {
+                for g in 0..nkv {
+                    let (to, at) = (g * cache.cap * hd, g * from.cap * hd);
+                    k[to..][..len * hd].copy_from_slice(&fk[at..][..len * hd]);
+                    v[to..][..len * hd].copy_from_slice(&fv[at..][..len * hd]);
+                }
+            }
+        } else {
+            if from.layers.len() != cache.layers.len() {
+                bail!("the cache is not this model's");
+            }
+            for ((k, v), (fk, fv)) in cache.layers.iter().zip(&from.layers) {
+                k.slice_set(&fk.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                v.slice_set(&fv.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+            }
+        }
+        cache.len = len;
+        Ok(cache)
+    }
+
     /// Bytes of KV cache one position of one sequence takes (keys and values, every layer).
     pub fn kv_bytes_per_token(&self) -> usize {
         let c = &self.config;
