@@ -1340,10 +1340,10 @@ fn engine_refuses_bad_requests_with_the_right_error() {
         )),
         EngineError::Invalid(_)
     ));
-    // DoRA.
+    // Fully trained modules (chat applies LoRA and DoRA terms only).
     std::fs::write(
         tmp.path().join("adapter_config.json"),
-        r#"{"peft_type":"LORA","r":8,"lora_alpha":16,"use_dora":true}"#,
+        r#"{"peft_type":"LORA","r":8,"lora_alpha":16,"modules_to_save":["lm_head"]}"#,
     )
     .unwrap();
     assert!(matches!(
