@@ -146,7 +146,8 @@ def main():
     args = ap.parse_args()
     counts = [int(x) for x in args.streams.split(",")]
     gguf = next((MODELS / MODEL).glob("*.gguf"))
-    missing = [d for d in adapter_dirs() if not (d / "adapter.gguf").is_file()]
+    need = "adapter.gguf" if args.llama_server else "adapter_model.safetensors"
+    missing = [d for d in adapter_dirs() if not (d / need).is_file()]
     if missing:
         sys.exit(f"run `bash benches/llama_cpp_setup.sh --serving` first ({missing[0]} is missing)")
     results = {}

@@ -64,6 +64,18 @@ fn test_models_dir() -> PathBuf {
     ferrotune::pyenv::cache_root().join("test-models")
 }
 
+/// The largest |Δlogit| allowed against a float reference: `float` where the engine's float
+/// kernels ran (float rounding only); 1e-2 where its integer kernels did (AVX-512 VNNI: the
+/// activations rounded to 16 bits per block move SmolLM2's logits, max ≈27, by up to ≈5e-3 —
+/// the greedy tokens, asserted apart, stay the same).
+fn tol(model: &Model, float: f64) -> f64 {
+    if model.description.contains("integer activations") {
+        1e-2
+    } else {
+        float
+    }
+}
+
 /// The SmolLM2 folder (GGUF + its exact de-quantised Hugging Face form), pulled when missing.
 /// The GGUF file of the test model (pulled by [`smollm2`] first).
 fn smollm2_gguf() -> PathBuf {
@@ -449,7 +461,10 @@ fn bf16_checkpoint_is_quantised_at_load_cached_and_mapped() {
             load.as_secs_f64(),
             model.weight_bytes() as f64 / 1e6
         );
-        assert!(d < max_diff, "{requant:?}: logits differ by {d}");
+        assert!(
+            d < tol(&model, max_diff),
+            "{requant:?}: logits differ by {d}"
+        );
         assert_eq!(
             ferrotune::inference::sampling::argmax(&last) as u32,
             want_greedy[0],
@@ -779,7 +794,7 @@ fn gguf_path_matches_its_dequantised_form_with_lora() {
              {d:.2e} (max |logit| {scale:.1}), greedy tokens equal: {same}/32",
             model.description
         );
-        assert!(d < 1e-3, "{requant:?}: logits differ by {d}");
+        assert!(d < tol(&model, 1e-3), "{requant:?}: logits differ by {d}");
         assert_eq!(
             ferrotune::inference::sampling::argmax(last) as u64,
             want_greedy[0] as u64,
@@ -925,8 +940,11 @@ fn k_quants_run_on_the_engines_kernels_like_their_dequantised_form() {
         model.description,
         model.weight_bytes() as f64 / 1e6
     );
-    assert!(d < 1e-3, "logits differ by {d}");
-    assert!(d_step < 1e-3, "decode-step logits differ by {d_step}");
+    assert!(d < tol(&model, 1e-3), "logits differ by {d}");
+    assert!(
+        d_step < tol(&model, 1e-3),
+        "decode-step logits differ by {d_step}"
+    );
     assert_eq!(greedy, want_greedy, "32 greedy tokens");
 }
 

@@ -44,6 +44,7 @@ pub mod sampling;
 pub mod template;
 pub mod text;
 pub mod tools;
+mod vnni;
 
 use std::path::PathBuf;
 

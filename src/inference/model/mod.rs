@@ -295,11 +295,47 @@ impl Model {
         model.place(placement)
     }
 
+    /// On a processor with AVX-512 VNNI, the matrices of the block formats its integer
+    /// kernels run are interleaved for them now, and held only so (see `vnni`).
+    fn pack_for_cpu(&mut self) {
+        let pack = |w: &mut Weight| {
+            if let Weight::Own(m) = w
+                && let Some(m) = std::sync::Arc::get_mut(m)
+            {
+                m.pack_in_place();
+            }
+        };
+        for l in &mut self.layers {
+            for lin in [&mut l.qkv, &mut l.o, &mut l.gate_up, &mut l.down] {
+                pack(&mut lin.w);
+            }
+        }
+        // A tied head shares the embedding's matrix: packed once for both (the embedding's
+        // row lookups unpack their rows).
+        let tied = match (&self.embed, &self.lm_head.w) {
+            (Embedding::Own(e), Weight::Own(h)) => std::sync::Arc::ptr_eq(e, h),
+            _ => false,
+        };
+        if tied
+            && let Embedding::Own(e) = &mut self.embed
+            && let Ok(empty) = QuantMatrix::from_f32(Vec::new(), 0, 0)
+        {
+            self.lm_head.w = Weight::Own(std::sync::Arc::new(empty));
+            if let Some(m) = std::sync::Arc::get_mut(e) {
+                m.pack_in_place();
+            }
+            self.lm_head.w = Weight::Own(e.clone());
+        } else {
+            pack(&mut self.lm_head.w);
+        }
+    }
+
     /// Moves a model loaded for the CPU onto `placement` (nothing to do for the CPU on the
     /// engine's kernels).
     fn place(mut self, placement: &Placement) -> anyhow::Result<Model> {
         let device = &placement.device;
         if device.is_cpu() && placement.own_kernels {
+            self.pack_for_cpu();
             return Ok(self);
         }
         let dense = placement.dense.unwrap_or(if device.is_cpu() {

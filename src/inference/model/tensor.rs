@@ -240,7 +240,7 @@ impl Linear {
 
     pub(super) fn describe(&self) -> String {
         match &self.w {
-            Weight::Own(m) => format!("{:?} (float activations)", m.format()),
+            Weight::Own(m) => format!("{:?} ({} activations)", m.format(), m.activations()),
             Weight::Candle(QMatMul::QTensor(q)) => format!("{:?}", q.dtype()),
             Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
                 format!("{:?}", t.dtype())
