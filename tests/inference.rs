@@ -1128,12 +1128,18 @@ fn engine_streams_answers_that_show_the_training() {
         }
     };
     assert!(pieces.len() > 5, "{pieces:?}");
+    // (Earlier requests of this test may have left the prompt's start in the prefix cache.)
+    let GenEvent::Done { cached_tokens, .. } = done else {
+        panic!("{done:?}")
+    };
+    assert!(cached_tokens < g.prompt_tokens, "{done:?}");
     assert_eq!(
         done,
         GenEvent::Done {
             finish_reason: FinishReason::Length,
             prompt_tokens: g.prompt_tokens,
-            completion_tokens: 24
+            completion_tokens: 24,
+            cached_tokens
         }
     );
     let full: String = pieces.concat();
@@ -1260,19 +1266,16 @@ fn prefix_cache_reuses_a_shared_start_and_changes_no_answer() {
     smollm2();
     let adapter = trained_adapter();
     let system = "You are a careful assistant for a team of researchers. ".repeat(6);
-    let ask = |engine: &Engine, adapter: Option<PathBuf>, turns: &[&str]| -> String {
+    // The answer, and how many of its prompt tokens came from the cache (its usage).
+    let ask = |engine: &Engine, adapter: Option<PathBuf>, turns: &[&str]| -> (String, usize) {
         let mut req = request(adapter, "", SamplingParams::greedy(24));
         req.messages = vec![ChatMessage::new("system", &system)];
         for (i, t) in turns.iter().enumerate() {
             let role = if i % 2 == 0 { "user" } else { "assistant" };
             req.messages.push(ChatMessage::new(role, *t));
         }
-        engine
-            .generate(req)
-            .unwrap()
-            .collect_blocking()
-            .unwrap()
-            .text
+        let c = engine.generate(req).unwrap().collect_blocking().unwrap();
+        (c.text, c.cached_tokens)
     };
     let cached = Engine::new(test_models_dir(), EngineOptions::default());
     let plain = Engine::new(
@@ -1284,9 +1287,15 @@ fn prefix_cache_reuses_a_shared_start_and_changes_no_answer() {
     );
     let questions = ["What is 3 plus 4?", "Name a colour.", "What is 2 plus 5?"];
     for a in [None, Some(adapter.clone())] {
-        for q in questions {
+        for (i, q) in questions.into_iter().enumerate() {
             let (with, without) = (ask(&cached, a.clone(), &[q]), ask(&plain, a.clone(), &[q]));
-            assert_eq!(with, without, "{q} (adapter: {})", a.is_some());
+            assert_eq!(with.0, without.0, "{q} (adapter: {})", a.is_some());
+            assert_eq!(without.1, 0, "nothing is cached without the cache");
+            if i == 0 {
+                assert_eq!(with.1, 0, "the first question runs whole");
+            } else {
+                assert!(with.1 > 60, "the system prompt is reused: {}", with.1);
+            }
         }
     }
     // Per adapter, the first question runs whole and the next two reuse the system prompt;
@@ -1297,15 +1306,21 @@ fn prefix_cache_reuses_a_shared_start_and_changes_no_answer() {
     assert!(reused() >= 4 * 60, "{} tokens reused", reused());
     assert_eq!(plain.metrics().prefix_hits.get(), 0);
     // A conversation's next turn reuses its earlier turns.
-    let first = ask(&cached, None, &["What is 3 plus 4?"]);
+    let first = ask(&cached, None, &["What is 3 plus 4?"]).0;
     let before = reused();
     let turns = ["What is 3 plus 4?", first.as_str(), "And 5 plus 5?"];
-    assert_eq!(ask(&cached, None, &turns), ask(&plain, None, &turns));
+    let next = ask(&cached, None, &turns);
+    assert_eq!(next.0, ask(&plain, None, &turns).0);
     assert_eq!(hits(), 6);
     assert!(
         reused() - before > 60 + 8,
         "the earlier turn was reused too: {}",
         reused() - before
+    );
+    assert_eq!(
+        next.1 as u64,
+        reused() - before,
+        "usage counts what was reused"
     );
 }
 

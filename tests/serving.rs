@@ -179,6 +179,20 @@ async fn streams_on_four_adapters_are_batched_and_answer_as_alone() {
     );
     let (user, _) = c.signup("user").await;
     assert_eq!(user.get("/metrics").await.status, 403);
+
+    // A prompt asked before starts from the prefix cache, and its usage says how much of it
+    // (OpenAI's `prompt_tokens_details.cached_tokens`).
+    let mut again = bodies[0].clone();
+    again["stream"] = json!(false);
+    let r = admin.post("/v1/chat/completions", again).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let usage = &r.body["usage"];
+    let cached = usage["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    let prompt = usage["prompt_tokens"].as_u64().unwrap();
+    assert!(cached >= 16 && cached < prompt, "{usage}");
+    assert_eq!(r.body["choices"][0]["message"]["content"], json!(alone[0]));
 }
 
 #[tokio::test]

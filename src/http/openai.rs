@@ -590,9 +590,12 @@ fn completion_logprobs(tokens: &[TokenLogprob], mut offset: usize) -> Value {
     })
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
+/// OpenAI's `usage`; `cached`: prompt tokens read from the prefix cache (OpenAI's
+/// `prompt_tokens_details.cached_tokens`).
+fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion,
-           "total_tokens": prompt + completion})
+           "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}})
 }
 
 /// Starts `n` generations (choice `i` seeded `seed + i` when a seed is given), each with its
@@ -674,11 +677,13 @@ fn merge(
                         finish_reason,
                         prompt_tokens,
                         completion_tokens,
+                        cached_tokens,
                     }) => ChoiceEvent::Done(Completion {
                         text: std::mem::take(&mut text),
                         finish_reason,
                         prompt_tokens,
                         completion_tokens,
+                        cached_tokens,
                         logprobs: std::mem::take(&mut logprobs),
                         prompt_logprobs: std::mem::take(&mut prompt_logprobs),
                     }),
@@ -784,6 +789,7 @@ where
         // Tokens wait for the text they make (the detokenizer may hold one back).
         let mut pending: Vec<Vec<TokenLogprob>> = Vec::new();
         let (mut done, mut prompt_tokens, mut completion_tokens) = (0usize, 0, 0);
+        let mut cached_tokens = 0;
         while let Some((i, ev)) = events.recv().await {
             if pending.len() <= i {
                 pending.resize_with(i + 1, Vec::new);
@@ -799,6 +805,7 @@ where
                     done += 1;
                     prompt_tokens = c.prompt_tokens;
                     completion_tokens += c.completion_tokens;
+                    cached_tokens = cached_tokens.max(c.cached_tokens);
                     chunk(i, Piece::Finish(c), std::mem::take(&mut pending[i]))
                 }
                 ChoiceEvent::Failed(e) => {
@@ -818,7 +825,7 @@ where
         }
         if let Some(mut u) = usage_chunk.filter(|_| done > 0) {
             u["choices"] = json!([]);
-            u["usage"] = usage(prompt_tokens, completion_tokens);
+            u["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens);
             let _ = tx.send(u).await;
         }
     });
@@ -836,8 +843,10 @@ async fn whole_answer(
     let done = collect_all(generations).await?;
     let prompt_tokens = done.first().map_or(0, |c| c.prompt_tokens);
     let completion_tokens: usize = done.iter().map(|c| c.completion_tokens).sum();
+    // The prompt is counted once for the `n` choices; as cached, what the best of them reused.
+    let cached_tokens = done.iter().map(|c| c.cached_tokens).max().unwrap_or(0);
     head["choices"] = done.iter().enumerate().map(|(i, c)| choice(i, c)).collect();
-    head["usage"] = usage(prompt_tokens, completion_tokens);
+    head["usage"] = usage(prompt_tokens, completion_tokens, cached_tokens);
     Ok(with_position(Json(head).into_response(), position))
 }
 
@@ -1024,7 +1033,8 @@ async fn chat_completions(
                     let delta = assistant_message(parts, &calls, false);
                     let mut last = chunk(i, delta, Some(finish), lp(std::mem::take(&mut held[i])));
                     if n == 1 {
-                        last["usage"] = usage(c.prompt_tokens, c.completion_tokens);
+                        last["usage"] =
+                            usage(c.prompt_tokens, c.completion_tokens, c.cached_tokens);
                     }
                     Some(last)
                 }

@@ -432,6 +432,8 @@ struct Seq {
     cache: KvCache,
     /// Prompt tokens already run.
     prefilled: usize,
+    /// Prompt tokens taken from the prefix cache, not run.
+    cached: usize,
     /// Prompt and completion so far (for the repetition penalty).
     history: Vec<u32>,
     completion: usize,
@@ -809,6 +811,7 @@ impl Worker {
         Some(Seq {
             cache,
             prefilled,
+            cached: prefilled,
             history: job.prompt.clone(),
             completion: 0,
             sampler,
@@ -1078,6 +1081,7 @@ impl Worker {
             finish_reason,
             prompt_tokens: seq.job.prompt.len(),
             completion_tokens: seq.completion,
+            cached_tokens: seq.cached,
         });
         Ok(Step::Finished)
     }

@@ -290,6 +290,8 @@ pub enum GenEvent {
         finish_reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Prompt tokens whose keys and values came from the prefix cache (not run again).
+        cached_tokens: usize,
     },
     /// The last event of a failed generation.
     Error(String),
@@ -352,12 +354,14 @@ impl Collector {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             } => {
                 return Some(Ok(Completion {
                     text: std::mem::take(&mut self.text),
                     finish_reason,
                     prompt_tokens,
                     completion_tokens,
+                    cached_tokens,
                     logprobs: std::mem::take(&mut self.logprobs),
                     prompt_logprobs: std::mem::take(&mut self.prompt_logprobs),
                 }));
@@ -381,6 +385,8 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt tokens taken from the prefix cache.
+    pub cached_tokens: usize,
     /// Per generated token, when `logprobs` was asked for.
     pub logprobs: Vec<TokenLogprob>,
     /// Per prompt token, when `prompt_logprobs` was asked for.
