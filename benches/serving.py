@@ -211,7 +211,7 @@ def main():
         return
     single = {mode: results[("ferrotune", mode, counts[0])]["aggregate"]
               for mode in ("one adapter", "4 adapters")}
-    print(f"SmolLM2-135M Q8 GGUF, {args.tokens} greedy tokens per stream, {args.threads} threads")
+    print(f"{gguf.name}, {args.tokens} greedy tokens per stream, {args.threads} threads")
     print("| adapters | streams | ferrotune tok/s (× 1 stream) | slowest stream | median stream "
           "| worst TTFT s | llama.cpp tok/s | slowest | worst TTFT s | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")

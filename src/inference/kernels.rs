@@ -645,6 +645,7 @@ impl QuantMatrix {
                 unsafe { vnni::rows(p, xq, groups, rows, m, &at) };
             }
             if int8.is_some() {
+                // Done above.
             } else if m == 1 {
                 // Four rows at a time where there is a kernel for it (one activation load and
                 // one call serve four rows), then one at a time.

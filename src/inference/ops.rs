@@ -44,27 +44,29 @@ pub(crate) fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
 
 /// `out = silu(gate) · up` where each row of `gu` is `[gate | up]`.
 pub(crate) fn silu_mul(gu: &[f32], inter: usize, out: &mut [f32]) {
-    let one = |i: usize| {
-        let (g, u) = (
-            gu[(i / inter) * 2 * inter + i % inter],
-            gu[(i / inter) * 2 * inter + inter + i % inter],
-        );
-        g / (1.0 + (-g).exp()) * u
+    let row = |gu: &[f32], o: &mut [f32]| {
+        let (g, u) = gu.split_at(inter);
+        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
     };
-    // A batch's activations (an `exp` each) are split over the matmul threads, which would
-    // otherwise wait for this one; a single row is not worth the hand-over.
-    if out.len() < 4 * inter.max(1024) {
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = one(i);
+    let rows = out.len() / inter.max(1);
+    // A batch's rows (an `exp` per value) are split over the matmul threads, which would
+    // otherwise wait for this one; a row or two is not worth the hand-over.
+    if rows < 4 {
+        for (gu, o) in gu.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)) {
+            row(gu, o);
         }
         return;
     }
     let out_ptr = out.as_mut_ptr() as usize;
-    let len = out.len();
-    candle_core::utils::barrier_pool().execute_chunked(len, |range| {
-        for i in range {
-            // SAFETY: each index is in exactly one chunk, inside `out`.
-            unsafe { *(out_ptr as *mut f32).add(i) = one(i) };
+    candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
+        for r in range {
+            // SAFETY: each row is in exactly one chunk, inside `out`.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(r * inter), inter)
+            };
+            row(&gu[r * 2 * inter..(r + 1) * 2 * inter], o);
         }
     });
 }

@@ -261,33 +261,28 @@ pub(crate) unsafe fn rows(
     while i < m {
         let n = (m - i).min(8);
         for g in groups.clone() {
+            // The position count and the format are constants of each kernel (its registers
+            // are arrays of them).
+            macro_rules! by_count {
+                ($f:literal) => {
+                    match n {
+                        8 => group::<8, $f>(p, x, g, i, rows, out),
+                        7 => group::<7, $f>(p, x, g, i, rows, out),
+                        6 => group::<6, $f>(p, x, g, i, rows, out),
+                        5 => group::<5, $f>(p, x, g, i, rows, out),
+                        4 => group::<4, $f>(p, x, g, i, rows, out),
+                        3 => group::<3, $f>(p, x, g, i, rows, out),
+                        2 => group::<2, $f>(p, x, g, i, rows, out),
+                        _ => group::<1, $f>(p, x, g, i, rows, out),
+                    }
+                };
+            }
             // SAFETY: as this function's.
             unsafe {
-                match (p.format, n) {
-                    (Format::Q8_0, 8) => group::<8, 0>(p, x, g, i, rows, out),
-                    (Format::Q8_0, 7) => group::<7, 0>(p, x, g, i, rows, out),
-                    (Format::Q8_0, 6) => group::<6, 0>(p, x, g, i, rows, out),
-                    (Format::Q8_0, 5) => group::<5, 0>(p, x, g, i, rows, out),
-                    (Format::Q8_0, 4) => group::<4, 0>(p, x, g, i, rows, out),
-                    (Format::Q8_0, 3) => group::<3, 0>(p, x, g, i, rows, out),
-                    (Format::Q8_0, 2) => group::<2, 0>(p, x, g, i, rows, out),
-                    (Format::Q8_0, _) => group::<1, 0>(p, x, g, i, rows, out),
-                    (Format::Q4_0, 8) => group::<8, 1>(p, x, g, i, rows, out),
-                    (Format::Q4_0, 7) => group::<7, 1>(p, x, g, i, rows, out),
-                    (Format::Q4_0, 6) => group::<6, 1>(p, x, g, i, rows, out),
-                    (Format::Q4_0, 5) => group::<5, 1>(p, x, g, i, rows, out),
-                    (Format::Q4_0, 4) => group::<4, 1>(p, x, g, i, rows, out),
-                    (Format::Q4_0, 3) => group::<3, 1>(p, x, g, i, rows, out),
-                    (Format::Q4_0, 2) => group::<2, 1>(p, x, g, i, rows, out),
-                    (Format::Q4_0, _) => group::<1, 1>(p, x, g, i, rows, out),
-                    (_, 8) => group::<8, 2>(p, x, g, i, rows, out),
-                    (_, 7) => group::<7, 2>(p, x, g, i, rows, out),
-                    (_, 6) => group::<6, 2>(p, x, g, i, rows, out),
-                    (_, 5) => group::<5, 2>(p, x, g, i, rows, out),
-                    (_, 4) => group::<4, 2>(p, x, g, i, rows, out),
-                    (_, 3) => group::<3, 2>(p, x, g, i, rows, out),
-                    (_, 2) => group::<2, 2>(p, x, g, i, rows, out),
-                    (_, _) => group::<1, 2>(p, x, g, i, rows, out),
+                match p.format {
+                    Format::Q8_0 => by_count!(0),
+                    Format::Q4_0 => by_count!(1),
+                    _ => by_count!(2),
                 }
             }
         }
