@@ -3,7 +3,7 @@
 //! with `--temperature`/`--top-p`) with the sampler and the detokenizer in the loop. `benches/compare.py` runs this beside transformers + peft.
 //!
 //! ```sh
-//! cargo bench --bench throughput -- [--models-dir DIR] [--model NAME] [--adapter DIR]
+//! cargo bench --bench throughput -- [--models-dir DIR] [--model NAME] [--adapter DIR]…
 //!     [--format gguf|safetensors] [--requant auto|keep|q8_0|q4_0|…] [--tokens 128]
 //!     [--runs 3] [--threads N] [--temperature 0] [--top-p 1] [--json]
 //! ```
@@ -22,7 +22,7 @@ use ferrotune::inference::{ChatMessage, Model, Requantize, SamplingParams, Weigh
 struct Args {
     models_dir: PathBuf,
     model: String,
-    adapter: Option<PathBuf>,
+    adapters: Vec<PathBuf>,
     format: String,
     requant: String,
     tokens: usize,
@@ -40,7 +40,7 @@ fn parse() -> anyhow::Result<Args> {
     let mut a = Args {
         models_dir: ferrotune::pyenv::cache_root().join("test-models"),
         model: "SmolLM2-135M-Instruct".into(),
-        adapter: None,
+        adapters: Vec::new(),
         format: "gguf".into(),
         requant: "auto".into(),
         tokens: 128,
@@ -61,7 +61,7 @@ fn parse() -> anyhow::Result<Args> {
             "--bench" => {}
             "--models-dir" => a.models_dir = val()?.into(),
             "--model" => a.model = val()?,
-            "--adapter" => a.adapter = Some(val()?.into()),
+            "--adapter" => a.adapters.push(val()?.into()),
             "--format" => a.format = val()?,
             "--requant" => a.requant = val()?,
             "--tokens" => a.tokens = val()?.parse()?,
@@ -102,17 +102,19 @@ fn main() -> anyhow::Result<()> {
     let assets = ChatAssets::load(&found.path, source.clone())?;
     let model = Model::load(&source, requant)?;
     let load_s = t.elapsed().as_secs_f64();
-    let adapter = match &a.adapter {
-        Some(d) => Some(lora::load(d, &assets.config).map_err(|e| anyhow::anyhow!("{e}"))?),
-        None => None,
-    };
+    let adapters = a
+        .adapters
+        .iter()
+        .map(|d| lora::load(d, &assets.config).map_err(|e| anyhow::anyhow!("{e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let adapter = adapters.first();
     let text = assets
         .template
         .render(&[ChatMessage::new("user", a.prompt.clone())], true)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let prompt = assets.encode(&text)?;
     if a.batch > 1 {
-        return batched(&model, &prompt, adapter.as_ref(), &a);
+        return batched(&model, &prompt, &adapters, &a);
     }
 
     let mut ttfts = Vec::new();
@@ -131,7 +133,7 @@ fn main() -> anyhow::Result<()> {
         let mut history = prompt.clone();
         let mut out = String::new();
         let start = Instant::now();
-        let logits = model.forward(&prompt, &mut cache, adapter.as_ref(), false)?;
+        let logits = model.forward(&prompt, &mut cache, adapter, false)?;
         let mut logits: Vec<f32> = logits.to_vec1()?;
         let mut tok = sampler.sample(&mut logits, &history);
         let ttft = start.elapsed().as_secs_f64();
@@ -141,7 +143,7 @@ fn main() -> anyhow::Result<()> {
         }
         let decode_start = Instant::now();
         for _ in 1..a.tokens {
-            let logits = model.forward(&[tok], &mut cache, adapter.as_ref(), false)?;
+            let logits = model.forward(&[tok], &mut cache, adapter, false)?;
             let mut logits: Vec<f32> = logits.to_vec1()?;
             tok = sampler.sample(&mut logits, &history);
             history.push(tok);
@@ -187,7 +189,7 @@ fn main() -> anyhow::Result<()> {
             serde_json::json!({
                 "engine": "ferrotune",
                 "weights": model.description,
-                "adapter": a.adapter.as_ref().map(|p| p.display().to_string()),
+                "adapters": a.adapters.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
                 "prompt_tokens": prompt.len(),
                 "new_tokens": a.tokens,
                 "load_s": load_s,
@@ -231,16 +233,18 @@ fn main() -> anyhow::Result<()> {
 fn batched(
     model: &Model,
     prompt: &[u32],
-    adapter: Option<&lora::LoraAdapter>,
+    adapters: &[lora::LoraAdapter],
     a: &Args,
 ) -> anyhow::Result<()> {
+    // Sequence i uses adapter i mod the number given (none: the base alone).
+    let adapter_of = |i: usize| (!adapters.is_empty()).then(|| &adapters[i % adapters.len()]);
     use ferrotune::inference::{BatchItem, Want, sampling::argmax};
     let mut report = Vec::new();
     for n in [1, a.batch] {
         let mut caches: Vec<_> = (0..n).map(|_| model.new_cache()).collect();
         let mut last = vec![0u32; n];
-        for (c, l) in caches.iter_mut().zip(last.iter_mut()) {
-            let logits: Vec<f32> = model.forward(prompt, c, adapter, false)?.to_vec1()?;
+        for (i, (c, l)) in caches.iter_mut().zip(last.iter_mut()).enumerate() {
+            let logits: Vec<f32> = model.forward(prompt, c, adapter_of(i), false)?.to_vec1()?;
             *l = argmax(&logits);
         }
         let steps = a.tokens;
@@ -250,10 +254,11 @@ fn batched(
             let mut items: Vec<BatchItem<'_>> = caches
                 .iter_mut()
                 .zip(&toks)
-                .map(|(cache, t)| BatchItem {
+                .enumerate()
+                .map(|(i, (cache, t))| BatchItem {
                     tokens: t,
                     cache,
-                    adapter,
+                    adapter: adapter_of(i),
                     want: Want::Last,
                 })
                 .collect();

@@ -596,38 +596,61 @@ impl QuantMatrix {
         // The low-rank terms: the dots `s = x_i·Aᵀ` of every position with a term (R of them
         // for its adapter's rank R) are the first work items of the parallel pass (claimed from
         // a shared counter); each chunk of output rows then adds `Σ_j s_j · B_j` over its own
-        // rows, vectorised along the rows, once every `s` is in.
+        // rows, vectorised along the rows, once every `s` is in. A work item is a block of
+        // ranks of one adapter for every position that uses it (the rows of A are read once for
+        // them all, and the counters are touched once per block, not once per dot: tiny items
+        // cost more in the threads' shared cache lines than their arithmetic).
         let lows: Vec<Option<LowRank<'_>>> =
             lows.iter().map(|l| l.filter(|l| !l.b.is_empty())).collect();
-        // Position i's dots are s_bits[first[i]..first[i + 1]]; `dots` lists (position, rank).
+        // Position i's dots are s_bits[first[i]..first[i + 1]].
         let mut first = Vec::with_capacity(m + 1);
-        let mut dots: Vec<(u32, u32)> = Vec::new();
+        let mut n_a = 0;
+        // Positions grouped by adapter (the same `A`), in order of first use.
+        let mut groups: Vec<(usize, usize, Vec<usize>)> = Vec::new();
         for i in 0..m {
-            first.push(dots.len());
+            first.push(n_a);
             if let Some(Some(l)) = lows.get(i) {
-                dots.extend((0..l.b.len()).map(|r| (i as u32, r as u32)));
+                n_a += l.b.len();
+                let key = l.a.as_ptr() as usize;
+                match groups.iter_mut().find(|g| g.0 == key) {
+                    Some(g) => g.2.push(i),
+                    None => groups.push((key, l.b.len(), vec![i])),
+                }
             }
         }
-        first.push(dots.len());
-        let any_low = !dots.is_empty();
-        let n_a = dots.len();
+        first.push(n_a);
+        const RANK_BLOCK: usize = 8;
+        // (group, first rank, end rank)
+        let items: Vec<(usize, usize, usize)> = groups
+            .iter()
+            .enumerate()
+            .flat_map(|(g, (_, ranks, _))| {
+                (0..*ranks)
+                    .step_by(RANK_BLOCK)
+                    .map(move |j| (g, j, (j + RANK_BLOCK).min(*ranks)))
+            })
+            .collect();
+        let any_low = n_a > 0;
         let s_bits: Vec<AtomicU32> = (0..n_a).map(|_| AtomicU32::new(0)).collect();
         let (a_next, a_done) = (AtomicUsize::new(0), AtomicUsize::new(0));
         let low_rank_dots = || {
             loop {
-                let j = a_next.fetch_add(1, Ordering::Relaxed);
-                if j >= n_a {
+                let it = a_next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(g, j0, j1)) = items.get(it) else {
                     break;
-                }
-                let (i, r) = (dots[j].0 as usize, dots[j].1 as usize);
-                let v = match lows[i] {
-                    Some(l) => dot_f32(&l.a[r * k..(r + 1) * k], &x[i * k..(i + 1) * k], simd),
-                    None => 0.0,
                 };
-                s_bits[j].store(v.to_bits(), Ordering::Relaxed);
+                for &i in &groups[g].2 {
+                    let Some(l) = lows[i] else { continue };
+                    let xi = &x[i * k..(i + 1) * k];
+                    for j in j0..j1 {
+                        let v = dot_f32(&l.a[j * k..(j + 1) * k], xi, simd);
+                        s_bits[first[i] + j].store(v.to_bits(), Ordering::Relaxed);
+                    }
+                }
                 a_done.fetch_add(1, Ordering::Release);
             }
         };
+        let n_items = items.len();
         let rows = self.rows;
         let out_ptr = out.as_mut_ptr() as usize;
         let nb = k / 32;
@@ -704,7 +727,7 @@ impl QuantMatrix {
             }
             if any_low {
                 // Every dot was claimed before any row chunk; wait for the last ones.
-                while a_done.load(Ordering::Acquire) < n_a {
+                while a_done.load(Ordering::Acquire) < n_items {
                     std::hint::spin_loop();
                 }
                 for (i, low) in lows.iter().enumerate() {
@@ -773,6 +796,9 @@ pub(crate) struct LowRank<'a> {
 
 impl LowRank<'_> {
     /// `o += Σ_j s(j) · B_j` over the output rows `range` (`o` holds exactly those rows).
+    /// Consecutive ranks that cover the same rows (one projection's, in a fused matrix) are
+    /// summed in registers, 64 rows at a time, before one update of `o` (rather than one pass
+    /// over `o` per rank).
     fn add_rows(
         &self,
         s: impl Fn(usize) -> f32,
@@ -780,16 +806,33 @@ impl LowRank<'_> {
         o: &mut [f32],
         simd: Simd,
     ) {
-        for (j, (first, b)) in self.b.iter().enumerate() {
-            let (lo, hi) = (range.start.max(*first), range.end.min(first + b.len()));
-            let s = s(j);
-            if s != 0.0 && lo < hi {
-                let (b, o) = (
-                    &b[lo - first..hi - first],
-                    &mut o[lo - range.start..hi - range.start],
-                );
-                axpy(s, b, o, simd);
+        let mut j0 = 0;
+        while j0 < self.b.len() {
+            let (first, len) = (self.b[j0].0, self.b[j0].1.len());
+            let mut j1 = j0 + 1;
+            while j1 < self.b.len() && self.b[j1].0 == first && self.b[j1].1.len() == len {
+                j1 += 1;
             }
+            let (lo, hi) = (range.start.max(first), range.end.min(first + len));
+            if lo < hi {
+                let o = &mut o[lo - range.start..hi - range.start];
+                let ranks = &self.b[j0..j1];
+                #[cfg(target_arch = "x86_64")]
+                if simd == Simd::Avx512 {
+                    // SAFETY: AVX-512F was detected at run time; every rank's row holds
+                    // `first..first + len`, which contains `lo..hi`.
+                    unsafe { low_rank_rows_avx512(&s, j0, ranks, lo - first, o) };
+                    j0 = j1;
+                    continue;
+                }
+                for (j, (_, b)) in ranks.iter().enumerate() {
+                    let sj = s(j0 + j);
+                    if sj != 0.0 {
+                        axpy(sj, &b[lo - first..hi - first], o, simd);
+                    }
+                }
+            }
+            j0 = j1;
         }
     }
 
@@ -804,14 +847,17 @@ impl LowRank<'_> {
         }
         let k = self.a.len() / ranks;
         let rows = out.len() / (x.len() / k).max(1);
-        let simd = simd_level();
         for (xr, o) in x.chunks_exact(k).zip(out.chunks_exact_mut(rows)) {
             let s: Vec<f32> = self
                 .a
                 .chunks_exact(k)
-                .map(|ar| dot_f32(ar, xr, simd))
+                .map(|ar| ar.iter().zip(xr).map(|(a, x)| a * x).sum())
                 .collect();
-            self.add_rows(|j| s[j], 0..rows, o, simd);
+            for (sj, (first, b)) in s.iter().zip(self.b) {
+                for (o, b) in o[*first..first + b.len()].iter_mut().zip(b) {
+                    *o += sj * b;
+                }
+            }
         }
     }
 }
@@ -1719,6 +1765,72 @@ unsafe fn axpy_avx512(s: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `o += Σ_j s(j0 + j) · b_j[off..off + o.len()]` over the ranks `b` (see
+/// `LowRank::add_rows`): 64 rows per pass in four accumulators, the ranks' terms summed in
+/// registers, `o` read and written once.
+///
+/// # Safety
+/// AVX-512F must be available, and every `b_j` must hold `off + o.len()` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn low_rank_rows_avx512(
+    s: &impl Fn(usize) -> f32,
+    j0: usize,
+    b: &[(usize, Vec<f32>)],
+    off: usize,
+    o: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n = o.len();
+    let mut t = 0;
+    // SAFETY: every load and store touches values below `n` of `o` and below `off + n` of
+    // each `b_j` (the caller's promise); the tail is masked.
+    unsafe {
+        while t + 64 <= n {
+            let mut acc = [_mm512_setzero_ps(); 4];
+            for (j, (_, bj)) in b.iter().enumerate() {
+                let sv = _mm512_set1_ps(s(j0 + j));
+                let p = bj.as_ptr().add(off + t);
+                for (q, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(sv, _mm512_loadu_ps(p.add(16 * q)), *a);
+                }
+            }
+            let op = o.as_mut_ptr().add(t);
+            for (q, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(
+                    op.add(16 * q),
+                    _mm512_add_ps(_mm512_loadu_ps(op.add(16 * q)), *a),
+                );
+            }
+            t += 64;
+        }
+        while t < n {
+            let left = (n - t).min(16);
+            let mask: __mmask16 = if left == 16 {
+                0xffff
+            } else {
+                (1u16 << left) - 1
+            };
+            let mut acc = _mm512_setzero_ps();
+            for (j, (_, bj)) in b.iter().enumerate() {
+                let sv = _mm512_set1_ps(s(j0 + j));
+                acc = _mm512_fmadd_ps(
+                    sv,
+                    _mm512_maskz_loadu_ps(mask, bj.as_ptr().add(off + t)),
+                    acc,
+                );
+            }
+            let op = o.as_mut_ptr().add(t);
+            _mm512_mask_storeu_ps(
+                op,
+                mask,
+                _mm512_add_ps(_mm512_maskz_loadu_ps(mask, op), acc),
+            );
+            t += left;
+        }
+    }
+}
+
 /// [`dot_f32_avx2`] with 16 floats per instruction.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
@@ -2016,7 +2128,7 @@ mod tests {
     #[test]
     fn the_low_rank_term_is_added_in_the_same_pass() {
         // Big enough for the parallel pass (several work items, rank spans crossing them).
-        let (rows, cols, ranks) = (517, 128, 3);
+        let (rows, cols) = (517, 128);
         let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         let mat = QuantMatrix::from_bytes(Format::Q4_1, &q.data().unwrap(), rows, cols).unwrap();
@@ -2026,67 +2138,121 @@ mod tests {
         for (g, w) in mat.row_norms_sq().iter().zip(&want) {
             assert!((g - w).abs() < 1e-4 * w, "{g} vs {w}");
         }
-        let a = Tensor::randn(0f32, 1.0, (ranks, cols), &Device::Cpu).unwrap();
-        // Rank j touches rows j·100 .. j·100 + 300 (a fused projection's block).
-        let spans: Vec<(usize, usize)> = (0..ranks).map(|j| (j * 100, 300)).collect();
-        let bv: Vec<(usize, Vec<f32>)> = spans
-            .iter()
-            .map(|&(first, len)| {
-                let t = Tensor::randn(0f32, 1.0, len, &Device::Cpu).unwrap();
-                (first, t.to_vec1().unwrap())
-            })
-            .collect();
-        let mut dense_b = vec![0f32; ranks * rows];
-        for (j, (first, vals)) in bv.iter().enumerate() {
-            dense_b[j * rows + first..j * rows + first + vals.len()].copy_from_slice(vals);
-        }
-        let b = Tensor::from_vec(dense_b, (ranks, rows), &Device::Cpu).unwrap();
-        for m in [1, 2] {
-            let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu).unwrap();
-            let term = x.matmul(&a.t().unwrap()).unwrap().matmul(&b).unwrap();
-            let mut want: Vec<f32> = (x.matmul(&wd.t().unwrap()).unwrap() + &term)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-            if mat.packed().is_some() {
-                // The integer kernels quantise the activations of the base product (not the
-                // term's).
-                let wflat: Vec<f32> = wd.flatten_all().unwrap().to_vec1().unwrap();
-                let term: Vec<f32> = term.flatten_all().unwrap().to_vec1().unwrap();
-                want = xs
-                    .chunks_exact(cols)
-                    .flat_map(|xr| vnni::reference(&wflat, xr))
-                    .zip(&term)
-                    .map(|(base, t)| base + t)
-                    .collect();
+        // Two adapters. Ranks touch blocks of rows (a fused projection's), several ranks the
+        // same block (one projection's), blocks overlapping, crossing work items, reaching the
+        // last row.
+        let spans: [(usize, usize); 7] = [
+            (0, 300),
+            (0, 300),
+            (0, 300),
+            (200, 317),
+            (200, 317),
+            (100, 250),
+            (100, 250),
+        ];
+        let adapter = |ranks: usize| {
+            let a = Tensor::randn(0f32, 1.0, (ranks, cols), &Device::Cpu).unwrap();
+            let bv: Vec<(usize, Vec<f32>)> = spans[..ranks]
+                .iter()
+                .map(|&(first, len)| {
+                    let t = Tensor::randn(0f32, 1.0, len, &Device::Cpu).unwrap();
+                    (first, t.to_vec1().unwrap())
+                })
+                .collect();
+            let mut dense_b = vec![0f32; ranks * rows];
+            for (j, (first, vals)) in bv.iter().enumerate() {
+                dense_b[j * rows + first..j * rows + first + vals.len()].copy_from_slice(vals);
             }
+            let b = Tensor::from_vec(dense_b, (ranks, rows), &Device::Cpu).unwrap();
             let av: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+            (a, av, b, bv)
+        };
+        let adapters = [adapter(7), adapter(3)];
+        let wflat: Vec<f32> = wd.flatten_all().unwrap().to_vec1().unwrap();
+        for m in [1, 2, 5] {
+            let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu).unwrap();
+            let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            // Position i: the first adapter, the second, none, in turn.
+            let pick = |i: usize| adapters.get(i % 3);
+            let mut want: Vec<f32> = Vec::new();
+            for (i, xr) in xs.chunks_exact(cols).enumerate() {
+                let xt = Tensor::from_slice(xr, (1, cols), &Device::Cpu).unwrap();
+                let mut row: Vec<f32> = if mat.packed().is_some() {
+                    // The integer kernels quantise the activations of the base product (not
+                    // the term's).
+                    vnni::reference(&wflat, xr)
+                } else {
+                    xt.matmul(&wd.t().unwrap())
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                };
+                if let Some((a, _, b, _)) = pick(i) {
+                    let term: Vec<f32> = xt
+                        .matmul(&a.t().unwrap())
+                        .unwrap()
+                        .matmul(b)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    for (r, t) in row.iter_mut().zip(term) {
+                        *r += t;
+                    }
+                }
+                want.extend(row);
+            }
+            let lows: Vec<Option<LowRank<'_>>> = (0..m)
+                .map(|i| {
+                    pick(i).map(|(_, av, _, bv)| LowRank {
+                        a: av,
+                        b: bv,
+                        gains: None,
+                    })
+                })
+                .collect();
             let mut out = vec![0f32; m * rows];
-            let low = LowRank {
-                a: &av,
-                b: &bv,
-                gains: None,
-            };
-            mat.matmul(&xs, &mut out, Some(low));
+            mat.matmul_rows(&xs, &mut out, &lows);
             for (g, w) in out.iter().zip(&want) {
-                assert!((g - w).abs() < 1e-3 * (1.0 + w.abs()), "{g} vs {w}");
+                assert!((g - w).abs() < 1e-3 * (1.0 + w.abs()), "m {m}: {g} vs {w}");
+            }
+            // The plain reference of the term agrees.
+            for (i, low) in lows.iter().enumerate() {
+                let Some(low) = low else { continue };
+                let xr = &xs[i * cols..(i + 1) * cols];
+                let mut term = vec![0f32; rows];
+                low.add_to(xr, &mut term);
+                let mut base = vec![0f32; rows];
+                mat.matmul_rows(xr, &mut base, &[]);
+                for ((g, t), b) in out[i * rows..(i + 1) * rows].iter().zip(&term).zip(&base) {
+                    assert!(
+                        (g - (b + t)).abs() < 1e-3 * (1.0 + g.abs()),
+                        "{g} vs {b} + {t}"
+                    );
+                }
             }
             // A DoRA's gains scale each output row, base and term together.
             let gains: Vec<f32> = (0..rows).map(|r| 0.5 + (r % 7) as f32 * 0.25).collect();
+            let glows: Vec<Option<LowRank<'_>>> = lows
+                .iter()
+                .map(|l| {
+                    l.map(|l| LowRank {
+                        gains: Some(&gains),
+                        ..l
+                    })
+                })
+                .collect();
             let mut scaled = vec![0f32; m * rows];
-            mat.matmul(
-                &xs,
-                &mut scaled,
-                Some(LowRank {
-                    gains: Some(&gains),
-                    ..low
-                }),
-            );
+            mat.matmul_rows(&xs, &mut scaled, &glows);
             for (i, (g, w)) in scaled.iter().zip(&want).enumerate() {
-                let w = w * gains[i % rows];
+                let w = if lows[i / rows].is_some() {
+                    w * gains[i % rows]
+                } else {
+                    *w
+                };
                 assert!((g - w).abs() < 1e-3 * (1.0 + w.abs()), "{g} vs {w}");
             }
         }
