@@ -59,6 +59,8 @@ pub struct Config {
     /// the same way (a shared system prompt, a conversation's earlier turns): those tokens
     /// are not run again. 0 turns the prefix cache off.
     pub prefix_cache_mb: usize,
+    /// Days the audit log keeps an entry; 0 keeps them forever.
+    pub audit_retention_days: u64,
     /// Generations one user may run at once; more are refused with 429.
     pub max_generations_per_user: usize,
     /// What a model's weights become at load: `auto` (a Hugging Face folder's float weights
@@ -148,6 +150,7 @@ impl Default for Config {
             max_batch_sequences: 16,
             kv_cache_mb: 4096,
             prefix_cache_mb: 1024,
+            audit_retention_days: 365,
             inference_weights: "auto".into(),
             model_weights: std::collections::BTreeMap::new(),
             inference_device: "auto".into(),

@@ -72,9 +72,22 @@ pub struct UpdateBody {
 async fn update_user(
     state: AppState,
     AdminUser(admin): AdminUser,
+    note: crate::audit::AuditNote,
     Path(id): Path<String>,
     Json(body): Json<UpdateBody>,
 ) -> Result<Json<UserView>> {
+    // What the change is, for the audit log (never the password itself).
+    let mut changed = Vec::new();
+    if let Some(r) = body.role {
+        changed.push(format!("role={}", r.as_str()));
+    }
+    if let Some(d) = body.disabled {
+        changed.push(format!("disabled={d}"));
+    }
+    if body.password.is_some() {
+        changed.push("password reset".to_string());
+    }
+    note.edit(|n| n.detail = Some(changed.join(", ")));
     let user = state
         .accounts
         .update(

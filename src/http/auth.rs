@@ -55,8 +55,10 @@ pub struct Registered {
 async fn register(
     state: AppState,
     ClientAddr(client): ClientAddr,
+    note: crate::audit::AuditNote,
     Json(body): Json<RegisterBody>,
 ) -> Result<(StatusCode, Json<Registered>)> {
+    note.edit(|n| n.actor_name = Some(body.username.clone()));
     let user = state
         .accounts
         .register(
@@ -67,6 +69,10 @@ async fn register(
             Some(&client),
         )
         .await?;
+    note.edit(|n| {
+        n.actor_id = Some(user.user_id.clone());
+        n.target_id = Some(user.user_id.clone());
+    });
     Ok((
         StatusCode::CREATED,
         Json(Registered {
@@ -116,8 +122,11 @@ pub struct SignedIn {
 async fn login(
     state: AppState,
     ClientAddr(client): ClientAddr,
+    note: crate::audit::AuditNote,
     Json(body): Json<LoginBody>,
 ) -> Result<Response> {
+    // The name tried, for the audit log (a failed attempt has no user).
+    note.edit(|n| n.actor_name = Some(body.username_or_email.clone()));
     let session = state
         .auth
         .login(
@@ -128,6 +137,11 @@ async fn login(
         )
         .await?;
     tracing::info!(user_id = %session.user.user_id, client = %client, "signed in");
+    note.edit(|n| {
+        n.actor_id = Some(session.user.user_id.clone());
+        n.actor_name = Some(session.user.username.clone());
+        n.target_id = Some(session.user.user_id.clone());
+    });
     Ok(session_response(&state, session))
 }
 
@@ -302,6 +316,7 @@ pub struct KeyList {
 async fn create_key(
     state: AppState,
     CurrentUser(p): CurrentUser,
+    note: crate::audit::AuditNote,
     Json(body): Json<CreateKeyBody>,
 ) -> Result<Response> {
     if p.api_key_id.is_some() {
@@ -315,6 +330,10 @@ async fn create_key(
         .auth
         .create_api_key(&p.user.user_id, &body.name)
         .await?;
+    note.edit(|n| {
+        n.target_id = Some(key.key_id.clone());
+        n.detail = Some(key.name.clone());
+    });
     let view = NewKey {
         key: KeyView::from(&key),
         secret,

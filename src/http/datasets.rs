@@ -96,6 +96,7 @@ pub struct UploadForm {
 async fn upload(
     state: AppState,
     CurrentUser(p): CurrentUser,
+    note: crate::audit::AuditNote,
     headers: HeaderMap,
     multipart: std::result::Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<(StatusCode, Json<Uploaded>)> {
@@ -117,6 +118,10 @@ async fn upload(
             .datasets
             .upload(&p.user.user_id, &client_name, Box::pin(stream))
             .await?;
+        note.edit(|n| {
+            n.target_id = Some(dataset.file_id.clone());
+            n.detail = Some(dataset.filename.clone());
+        });
         let message = format!(
             "uploaded {} ({} rows, {})",
             dataset.filename, dataset.num_rows, dataset.format

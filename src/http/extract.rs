@@ -1,9 +1,7 @@
 //! Request extractors: who is calling ([`CurrentUser`], [`AdminUser`]) and from where
 //! ([`ClientAddr`]).
 
-use std::net::SocketAddr;
-
-use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::extract::FromRequestParts;
 use axum::http::header;
 use axum::http::request::Parts;
 
@@ -32,6 +30,12 @@ impl FromRequestParts<AppState> for CurrentUser {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Error::unauthenticated("expected 'Authorization: Bearer <token>'"))?;
         let principal = state.auth.authenticate(token).await?;
+        crate::audit::AuditNote::set_actor(
+            parts,
+            &principal.user.user_id,
+            &principal.user.username,
+            principal.api_key_id.as_deref(),
+        );
         Ok(CurrentUser(principal))
     }
 }
@@ -59,23 +63,11 @@ impl FromRequestParts<AppState> for ClientAddr {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
-        if state.config.trust_forwarded_for
-            && let Some(first) = parts
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split(',').next())
-                .map(str::trim)
-                .filter(|v| !v.is_empty())
-        {
-            return Ok(ClientAddr(first.to_string()));
-        }
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|ci| ci.0.ip().to_string())
-            .unwrap_or_else(|| "unknown".to_string());
-        Ok(ClientAddr(peer))
+        Ok(ClientAddr(crate::audit::client_addr(
+            state.config.trust_forwarded_for,
+            &parts.headers,
+            &parts.extensions,
+        )))
     }
 }
 

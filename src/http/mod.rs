@@ -7,6 +7,7 @@
 //! (`openapi::tests` guards it).
 
 mod admin;
+mod audit;
 mod auth;
 mod chat;
 mod datasets;
@@ -72,6 +73,8 @@ pub struct App {
     pub model_pull: std::sync::RwLock<PullStatus>,
     /// What `/metrics` serves.
     pub metrics: metrics::Metrics,
+    /// The audit log.
+    pub audit: Arc<crate::audit::Audit>,
 }
 
 /// What the server is doing about its default model.
@@ -103,6 +106,7 @@ impl AppState {
     /// see [`absolute_dirs`]).
     pub fn new(config: Config, store: Store) -> anyhow::Result<AppState> {
         let auth = Auth::new(store.clone(), &config)?;
+        let audit = crate::audit::Audit::new(store.clone(), config.audit_retention_days);
         let datasets = Datasets::new(
             store.clone(),
             config.datasets_dir(),
@@ -138,6 +142,7 @@ impl AppState {
         let chat = Chat::new(engine, models.clone(), limits, Sessions::new(store));
         let pulls = crate::models::pulls::Pulls::new(models.clone(), config.hub());
         Ok(AppState(Arc::new(App {
+            audit,
             exports,
             metrics,
             pulls,
@@ -179,6 +184,7 @@ pub fn api(max_upload_bytes: u64) -> (Router<AppState>, utoipa::openapi::OpenApi
         .merge(auth::router())
         .merge(datasets::router(max_upload_bytes))
         .merge(admin::router())
+        .merge(audit::router())
         .merge(tasks::router())
         .merge(templates::router())
         .merge(models::router(max_upload_bytes))
@@ -204,6 +210,10 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .layer(axum::middleware::map_response(openai::errors_on_v1))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::audit::track,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,
@@ -305,6 +315,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let sweeper = {
         let auth = state.auth.clone();
+        let audit = state.audit.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(3600));
             loop {
@@ -313,6 +324,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(removed = n, "expired refresh tokens swept"),
                     Err(e) => tracing::warn!(error = %e, "refresh token sweep failed"),
+                }
+                match audit.sweep().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "audit entries past retention swept"),
+                    Err(e) => tracing::warn!(error = %e, "audit retention sweep failed"),
                 }
             }
         })

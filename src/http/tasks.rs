@@ -86,9 +86,11 @@ impl Created {
 async fn create(
     state: AppState,
     CurrentUser(p): CurrentUser,
+    note: crate::audit::AuditNote,
     Json(body): Json<TaskRequest>,
 ) -> Result<(StatusCode, Json<Created>)> {
     let task = state.training.submit(&p.user.user_id, body).await?;
+    note.edit(|n| n.target_id = Some(task.task_id.clone()));
     Ok((StatusCode::CREATED, Json(Created::of(&state, task))))
 }
 

@@ -9,6 +9,7 @@
 //! - `sessions`: session id (a refresh-token family) → [`SessionRecord`]; an access token
 //!   names its session, and stops working once the session is gone.
 //! - `api_key_hashes`: SHA-256 of the key → `owner_id \0 key_id`.
+//! - `audit`: record id (UUID v7: time order) → [`AuditRecord`]; append-only.
 //! - `meta`: schema version and one-off flags.
 //!
 //! Threads. sled's calls block (its transactions wait on a global lock, its reads may wait
@@ -80,6 +81,43 @@ impl From<TransactionError<StoreError>> for StoreError {
 /// A time-ordered, opaque id (UUID v7 without dashes): lexical order is creation order.
 pub fn new_id() -> String {
     uuid::Uuid::now_v7().simple().to_string()
+}
+
+/// Which audit entries to list ([`Store::list_audit`]). Empty fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub actor_id: Option<String>,
+    /// An action, or a prefix ending in `.` (`dataset.` matches every dataset action).
+    pub action: Option<String>,
+    pub target_id: Option<String>,
+    pub outcome: Option<String>,
+    pub request_id: Option<String>,
+    pub since: Option<time::OffsetDateTime>,
+    pub until: Option<time::OffsetDateTime>,
+    /// Only entries older than this id (paging: the last id of the previous page).
+    pub before: Option<String>,
+    pub limit: usize,
+}
+
+impl AuditQuery {
+    fn matches(&self, r: &AuditRecord) -> bool {
+        let eq = |want: &Option<String>, got: Option<&str>| {
+            want.as_deref().is_none_or(|w| got == Some(w))
+        };
+        let action_ok = self.action.as_deref().is_none_or(|a| {
+            if a.ends_with('.') {
+                r.action.starts_with(a)
+            } else {
+                r.action == a
+            }
+        });
+        action_ok
+            && eq(&self.actor_id, r.actor_id.as_deref())
+            && eq(&self.target_id, r.target_id.as_deref())
+            && eq(&self.outcome, Some(&r.outcome))
+            && eq(&self.request_id, r.request_id.as_deref())
+            && self.until.is_none_or(|u| r.at <= u)
+    }
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
@@ -369,6 +407,8 @@ struct Inner {
     task_templates: Owned<TaskTemplate>,
     exports: Owned<ExportRecord>,
     task_metrics: sled::Tree,
+    /// `id` (time-ordered) → [`AuditRecord`].
+    audit: sled::Tree,
     flusher: Arc<Flusher>,
 }
 
@@ -418,6 +458,7 @@ impl Store {
             task_templates: Owned::open(&db, "task_templates", flusher.clone())?,
             exports: Owned::open(&db, "exports", flusher.clone())?,
             task_metrics: db.open_tree("task_metrics")?,
+            audit: db.open_tree("audit")?,
             flusher,
         };
         Ok(Store {
@@ -461,6 +502,70 @@ impl Store {
     /// Returns once every write made before the call is on disk.
     pub async fn flush(&self) -> Result<()> {
         self.inner.flusher.durable().await
+    }
+
+    // ---- audit log ---------------------------------------------------------------------
+
+    /// Appends an entry to the audit log, durably.
+    pub async fn append_audit(&self, record: &AuditRecord) -> Result<()> {
+        let tree = self.inner.audit.clone();
+        let (key, value) = (record.id.clone(), encode(record)?);
+        blocking(move || {
+            tree.insert(key.as_bytes(), value)?;
+            Ok(())
+        })
+        .await?;
+        self.inner.flusher.durable().await
+    }
+
+    /// Audit entries matching `query`, newest first (at most `query.limit`).
+    pub async fn list_audit(&self, query: AuditQuery) -> Result<Vec<AuditRecord>> {
+        let tree = self.inner.audit.clone();
+        blocking(move || {
+            let mut out = Vec::new();
+            let iter = match &query.before {
+                Some(b) => tree.range(..b.as_bytes().to_vec()),
+                None => tree.range::<Vec<u8>, _>(..),
+            };
+            for item in iter.rev() {
+                let (_, v) = item?;
+                let r: AuditRecord = decode(&v)?;
+                if query.since.is_some_and(|s| r.at < s) {
+                    break;
+                }
+                if query.matches(&r) {
+                    out.push(r);
+                    if out.len() >= query.limit {
+                        break;
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Removes the audit entries older than `cutoff` (the retention sweep); returns how many.
+    pub async fn prune_audit(&self, cutoff: time::OffsetDateTime) -> Result<usize> {
+        let tree = self.inner.audit.clone();
+        let removed = blocking(move || {
+            let mut removed = 0;
+            for item in tree.iter() {
+                let (k, v) = item?;
+                let r: AuditRecord = decode(&v)?;
+                if r.at >= cutoff {
+                    break;
+                }
+                tree.remove(k)?;
+                removed += 1;
+            }
+            Ok(removed)
+        })
+        .await?;
+        if removed > 0 {
+            self.inner.flusher.durable().await?;
+        }
+        Ok(removed)
     }
 
     // ---- metrics -----------------------------------------------------------------------

@@ -502,3 +502,43 @@ impl OwnedRecord for ChatSession {
         &self.owner
     }
 }
+
+/// One entry of the audit log: who did what to what, from where, and how it ended. Written
+/// once, never changed (the API has no way to edit or delete one; only the retention sweep
+/// removes entries older than the configured age).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AuditRecord {
+    /// Time-ordered id (creation order).
+    pub id: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub at: OffsetDateTime,
+    /// The acting user's id (none: not signed in, e.g. a failed login).
+    pub actor_id: Option<String>,
+    /// The acting user's name at the time (or the name a failed login tried).
+    pub actor_name: Option<String>,
+    /// Set when the request was authenticated with an API key: the key's id.
+    #[serde(default)]
+    pub api_key_id: Option<String>,
+    /// What was done: `dataset.delete`, `auth.login`, `task.create`, …
+    pub action: String,
+    /// The kind of object acted on (`dataset`, `task`, `user`, …).
+    pub target_type: String,
+    /// The object's id, where the request named one.
+    pub target_id: Option<String>,
+    /// What changed, in a few words, where the handler said (`role=admin`, the name a failed
+    /// sign-in tried, …).
+    #[serde(default)]
+    pub detail: Option<String>,
+    /// `success`, `denied` (401/403) or `failure`.
+    pub outcome: String,
+    /// The HTTP status of the answer.
+    pub status: u16,
+    /// The client's address.
+    pub client: String,
+    /// The request's `x-request-id` (also in the server's log lines).
+    pub request_id: Option<String>,
+    /// The HTTP method and path.
+    pub method: String,
+    pub path: String,
+}

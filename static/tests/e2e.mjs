@@ -552,6 +552,19 @@ async function main() {
     await page.locator('[data-test=admin-stats]').waitFor()
     await snap('admin')
 
+    // -- the activity (audit) log: the password change just made, from this machine; the
+    // dataset uploads under their filter
+    where = 'activity'
+    await visit('/activity', 'activity')
+    const changed = page.locator('[data-test=audit-table] tr[data-action="auth.password_change"]').first()
+    await changed.waitFor()
+    check((await changed.textContent()).includes('127.0.0.1'), 'the audit entry names the client address')
+    await page.selectOption('[data-test=audit-action]', 'dataset.')
+    await page.click('[data-test=audit-search]')
+    await page.locator('[data-test=audit-table] tr[data-action="dataset.upload"]').first().waitFor()
+    check((await page.locator('[data-test=audit-table] tr[data-action="auth.password_change"]').count()) === 0, 'the action filter applies')
+    await snap('activity')
+
     // -- "Add model" (administrators): the form reaches the server and shows its answer; a
     // folder already in the models dir is refused with 409 (the hub pull itself is covered by
     // tests/hub.rs against a loopback hub)
