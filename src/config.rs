@@ -61,6 +61,12 @@ pub struct Config {
     pub prefix_cache_mb: usize,
     /// Days the audit log keeps an entry; 0 keeps them forever.
     pub audit_retention_days: u64,
+    /// Attempts to deliver one event to a webhook (the first and the retries).
+    pub webhook_max_attempts: u32,
+    /// The wait before the first retry (ms); each next one waits twice as long.
+    pub webhook_retry_base_ms: u64,
+    /// How long a webhook receiver has to answer (s).
+    pub webhook_timeout_secs: u64,
     /// Generations one user may run at once; more are refused with 429.
     pub max_generations_per_user: usize,
     /// What a model's weights become at load: `auto` (a Hugging Face folder's float weights
@@ -151,6 +157,9 @@ impl Default for Config {
             kv_cache_mb: 4096,
             prefix_cache_mb: 1024,
             audit_retention_days: 365,
+            webhook_max_attempts: 6,
+            webhook_retry_base_ms: 1000,
+            webhook_timeout_secs: 10,
             inference_weights: "auto".into(),
             model_weights: std::collections::BTreeMap::new(),
             inference_device: "auto".into(),

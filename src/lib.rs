@@ -13,6 +13,7 @@ pub mod http;
 pub mod inference;
 pub mod locks;
 pub mod models;
+pub mod notify;
 pub mod pyenv;
 #[cfg(feature = "python")]
 mod python;
@@ -21,4 +22,5 @@ pub mod system;
 pub mod telemetry;
 pub mod text;
 pub mod training;
+pub mod webhooks;
 pub mod worker;

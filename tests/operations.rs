@@ -208,3 +208,225 @@ async fn the_audit_log_says_who_did_what_when_and_from_where() {
     let again = entries(&root.get("/api/audit?limit=1000").await.body);
     assert_eq!(ids(&again), ids(&all));
 }
+
+#[tokio::test]
+async fn webhooks_are_signed_retried_and_logged() {
+    let server = Server::start(&[
+        ("FERROTUNE_WEBHOOK_RETRY_BASE_MS", "200"),
+        ("FERROTUNE_WEBHOOK_MAX_ATTEMPTS", "4"),
+    ]);
+    let c = server.client();
+    let (alice, _) = c.signup("alice").await;
+    let (bob, _) = c.signup("bob").await;
+    let (base, seen) = common::receiver().await;
+
+    // Bad settings are named.
+    for (body, field) in [
+        (json!({"url": "ftp://example.com/x"}), "url"),
+        (json!({"url": "not a url"}), "url"),
+        (
+            json!({"url": format!("{base}/ok"), "events": ["task.exploded"]}),
+            "events",
+        ),
+        (json!({"url": format!("{base}/ok"), "events": []}), "events"),
+    ] {
+        let r = alice.post("/api/webhooks", body).await;
+        assert_eq!(r.status, 422, "{:?}", r.body);
+        assert!(r.error().contains(field), "{:?}", r.body);
+    }
+    assert_eq!(
+        alice
+            .post(
+                "/api/webhooks",
+                json!({"url": format!("{base}/ok"), "color": "red"})
+            )
+            .await
+            .status,
+        422
+    );
+
+    let made = alice
+        .post(
+            "/api/webhooks",
+            json!({"url": format!("{base}/ok"), "events": ["task.*"], "description": "ci"}),
+        )
+        .await;
+    assert_eq!(made.status, 201, "{:?}", made.body);
+    let ok_id = made.body["webhook_id"].as_str().unwrap().to_string();
+    let secret = made.body["secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"));
+    // The secret is shown once.
+    let listed = alice.get("/api/webhooks").await;
+    assert_eq!(listed.body["webhooks"].as_array().unwrap().len(), 1);
+    assert!(!listed.body.to_string().contains(&secret));
+    assert!(
+        listed.body["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e == "task.succeeded")
+    );
+    // Others cannot see, test or delete it.
+    assert_eq!(bob.get(&format!("/api/webhooks/{ok_id}")).await.status, 404);
+    assert_eq!(
+        bob.post(&format!("/api/webhooks/{ok_id}/test"), json!({}))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        bob.delete(&format!("/api/webhooks/{ok_id}")).await.status,
+        404
+    );
+    assert!(
+        bob.get("/api/webhooks").await.body["webhooks"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    // A test event: delivered, signed, logged with the receiver's status.
+    let t0 = std::time::Instant::now();
+    let test = alice
+        .post(&format!("/api/webhooks/{ok_id}/test"), json!({}))
+        .await;
+    assert_eq!(test.status, 200, "{:?}", test.body);
+    assert_eq!(test.body["succeeded"], true, "{:?}", test.body);
+    assert_eq!(test.body["status"], 204);
+    let got = seen.lock().unwrap().clone();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].path, "/ok");
+    assert!(
+        common::verify(&secret, &got[0]),
+        "the signature verifies with the secret"
+    );
+    assert!(!common::verify(
+        "whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        &got[0]
+    ));
+    let body: Value = serde_json::from_str(&got[0].body).unwrap();
+    assert_eq!(body["type"], "webhook.test");
+    assert_eq!(body["object"], "event");
+    assert_eq!(body["id"], got[0].id.as_str());
+    let ts: i64 = got[0].timestamp.parse().unwrap();
+    assert!((ts - time::OffsetDateTime::now_utc().unix_timestamp()).abs() < 60);
+    eprintln!(
+        "test event delivered in {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+
+    // A flaky receiver: two 500s, then taken; every attempt is in the log, one event id.
+    let flaky = alice
+        .post("/api/webhooks", json!({"url": format!("{base}/flaky")}))
+        .await;
+    let flaky_id = flaky.body["webhook_id"].as_str().unwrap().to_string();
+    let first = alice
+        .post(&format!("/api/webhooks/{flaky_id}/test"), json!({}))
+        .await;
+    assert_eq!(first.body["succeeded"], false);
+    assert_eq!(first.body["status"], 500);
+    assert!(first.body["next_attempt_at"].is_string());
+    let log = common::wait_until("three attempts", std::time::Duration::from_secs(10), || {
+        let a = alice.clone();
+        let id = flaky_id.clone();
+        async move {
+            let d = a.get(&format!("/api/webhooks/{id}/deliveries")).await.body;
+            (d["deliveries"].as_array().map_or(0, |v| v.len()) >= 3).then_some(d)
+        }
+    })
+    .await;
+    let attempts = log["deliveries"].as_array().unwrap();
+    assert_eq!(attempts.len(), 3, "{attempts:?}");
+    assert_eq!(attempts[0]["attempt"], 3);
+    assert_eq!(attempts[0]["succeeded"], true);
+    assert_eq!(attempts[1]["status"], 500);
+    assert_eq!(attempts[2]["attempt"], 1);
+    let ids: std::collections::BTreeSet<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.path == "/flaky")
+        .map(|r| r.id.clone())
+        .collect();
+    assert_eq!(ids.len(), 1, "retries carry the event's id");
+    // The backoff: 200 ms then 400 ms between attempts.
+    let times: Vec<std::time::Instant> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.path == "/flaky")
+        .map(|r| r.at)
+        .collect();
+    assert!(times[1] - times[0] >= std::time::Duration::from_millis(190));
+    assert!(times[2] - times[1] >= std::time::Duration::from_millis(390));
+
+    // A receiver that never takes it: the attempts run out (4), each logged as failed.
+    let down = alice
+        .post("/api/webhooks", json!({"url": format!("{base}/down")}))
+        .await;
+    let down_id = down.body["webhook_id"].as_str().unwrap().to_string();
+    alice
+        .post(&format!("/api/webhooks/{down_id}/test"), json!({}))
+        .await;
+    let log = common::wait_until("four attempts", std::time::Duration::from_secs(10), || {
+        let a = alice.clone();
+        let id = down_id.clone();
+        async move {
+            let d = a.get(&format!("/api/webhooks/{id}/deliveries")).await.body;
+            (d["deliveries"].as_array().map_or(0, |v| v.len()) >= 4).then_some(d)
+        }
+    })
+    .await;
+    let attempts = log["deliveries"].as_array().unwrap();
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a["succeeded"] == false && a["status"] == 503)
+    );
+    assert!(
+        attempts[0]["next_attempt_at"].is_null(),
+        "no attempt after the last"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(2000)).await;
+    assert_eq!(
+        alice
+            .get(&format!("/api/webhooks/{down_id}/deliveries"))
+            .await
+            .body["deliveries"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+
+    // Switched off: nothing is sent; deleted: gone with its log. Both audited.
+    let off = alice
+        .patch(&format!("/api/webhooks/{ok_id}"), json!({"active": false}))
+        .await;
+    assert_eq!(off.body["active"], false);
+    assert_eq!(
+        alice
+            .delete(&format!("/api/webhooks/{down_id}"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        alice
+            .get(&format!("/api/webhooks/{down_id}/deliveries"))
+            .await
+            .status,
+        404
+    );
+    let audit = alice.get("/api/audit?action=webhook.").await.body;
+    let actions: Vec<String> = entries(&audit)
+        .iter()
+        .map(|e| e["action"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        ["webhook.create", "webhook.update", "webhook.delete"]
+            .iter()
+            .all(|a| actions.iter().any(|x| x == a)),
+        "{actions:?}"
+    );
+}

@@ -26,6 +26,16 @@ async fn server_with_a_dataset() -> (Server, Client, Client, String) {
 #[tokio::test]
 async fn a_lora_trains_for_real_and_its_adapter_is_registered() {
     let (server, alice, bob, dataset_id) = server_with_a_dataset().await;
+    // A webhook on a loopback receiver gets the task's events, signed.
+    let (hook_base, received) = common::receiver().await;
+    let hook = alice
+        .post(
+            "/api/webhooks",
+            json!({"url": format!("{hook_base}/ok"), "events": ["task.*"]}),
+        )
+        .await;
+    assert_eq!(hook.status, 201, "{:?}", hook.body);
+    let hook_secret = hook.body["secret"].as_str().unwrap().to_string();
 
     let submitted = Instant::now();
     let r = alice
@@ -88,6 +98,49 @@ async fn a_lora_trains_for_real_and_its_adapter_is_registered() {
     );
     assert!(!logs.trim().is_empty(), "the log is not empty");
     assert_eq!(done["progress"]["percentage"], 100.0);
+
+    // The webhook: task.queued, task.started, task.succeeded for this task, each signed,
+    // task.succeeded within a second of the task's end.
+    let events = wait_until(
+        "task.succeeded at the webhook",
+        Duration::from_secs(10),
+        async || {
+            let got = received.lock().unwrap().clone();
+            got.iter()
+                .any(|r| r.body.contains("task.succeeded"))
+                .then(|| Value::from(got.len()))
+        },
+    )
+    .await;
+    let got = received.lock().unwrap().clone();
+    let types: Vec<String> = got
+        .iter()
+        .map(|r| {
+            assert!(common::verify(&hook_secret, r), "signed: {r:?}");
+            let b: Value = serde_json::from_str(&r.body).unwrap();
+            assert_eq!(b["data"]["task_id"], id.as_str());
+            b["type"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(
+        types,
+        ["task.queued", "task.started", "task.succeeded"],
+        "{events}"
+    );
+    let succeeded = got.last().unwrap();
+    let body: Value = serde_json::from_str(&succeeded.body).unwrap();
+    assert_eq!(body["data"]["model_id"], done["model_id"]);
+    let finished = time::OffsetDateTime::parse(
+        done["finished_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let latency = succeeded.wall - finished;
+    eprintln!(
+        "task.succeeded reached the webhook {:.0} ms after the task's end",
+        latency.as_seconds_f64() * 1e3
+    );
+    assert!(latency < time::Duration::seconds(1), "{latency}");
 
     let points = alice.get(&format!("/api/tasks/{id}/metrics")).await.body["points"]
         .as_array()

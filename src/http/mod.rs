@@ -25,6 +25,7 @@ mod tasks;
 mod templates;
 pub mod ui;
 mod views;
+mod webhooks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -75,6 +76,9 @@ pub struct App {
     pub metrics: metrics::Metrics,
     /// The audit log.
     pub audit: Arc<crate::audit::Audit>,
+    /// What happens to users' tasks, evaluations and exports (webhooks listen).
+    pub notices: crate::notify::Notices,
+    pub webhooks: Arc<crate::webhooks::Webhooks>,
 }
 
 /// What the server is doing about its default model.
@@ -114,7 +118,9 @@ impl AppState {
             config.max_upload_bytes,
         )?;
         let models = Registry::new(config.models_dir.clone(), &config.data_dir, store.clone());
-        let exports = crate::models::exports::Exports::new(store.clone(), models.clone());
+        let notices = crate::notify::Notices::default();
+        let exports =
+            crate::models::exports::Exports::new(store.clone(), models.clone(), notices.clone());
         let env = EnvTracker::new(PyEnv::locate(Some(&config.python_env_dir)));
         let owners = Arc::new(OwnerLocks::new());
         let training = Training::new(
@@ -124,6 +130,7 @@ impl AppState {
             datasets.clone(),
             models.clone(),
             owners,
+            notices.clone(),
         );
         let accounts = Accounts::new(
             store.clone(),
@@ -139,10 +146,20 @@ impl AppState {
             config.max_generations_per_user,
         );
         let metrics = metrics::Metrics::new(engine.metrics());
-        let chat = Chat::new(engine, models.clone(), limits, Sessions::new(store));
+        let chat = Chat::new(engine, models.clone(), limits, Sessions::new(store.clone()));
         let pulls = crate::models::pulls::Pulls::new(models.clone(), config.hub());
+        let webhooks = crate::webhooks::Webhooks::new(
+            store.clone(),
+            crate::webhooks::Policy {
+                max_attempts: config.webhook_max_attempts.max(1),
+                retry_base: Duration::from_millis(config.webhook_retry_base_ms),
+                timeout: Duration::from_secs(config.webhook_timeout_secs.max(1)),
+            },
+        )?;
         Ok(AppState(Arc::new(App {
             audit,
+            notices,
+            webhooks,
             exports,
             metrics,
             pulls,
@@ -185,6 +202,7 @@ pub fn api(max_upload_bytes: u64) -> (Router<AppState>, utoipa::openapi::OpenApi
         .merge(datasets::router(max_upload_bytes))
         .merge(admin::router())
         .merge(audit::router())
+        .merge(webhooks::router())
         .merge(tasks::router())
         .merge(templates::router())
         .merge(models::router(max_upload_bytes))
@@ -337,6 +355,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     state.training.recover().await?;
     state.exports.recover().await?;
     let background = state.training.spawn_background();
+    let deliverer = state.webhooks.spawn(&state.notices);
     if state.config.auto_setup && !state.training.env().is_ready() {
         let env = state.training.env().clone();
         tokio::spawn(async move { env.ensure().await });
@@ -352,6 +371,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     sweeper.abort();
+    deliverer.abort();
     for task in background {
         task.abort();
     }

@@ -48,11 +48,18 @@ pub struct Exports {
     slot: Semaphore,
     /// Cancel flags of the exports not finished.
     cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    /// `export.queued|started|succeeded|failed|cancelled`, for webhooks.
+    notices: crate::notify::Notices,
 }
 
 impl Exports {
-    pub fn new(store: Store, registry: Arc<Registry>) -> Arc<Exports> {
+    pub fn new(
+        store: Store,
+        registry: Arc<Registry>,
+        notices: crate::notify::Notices,
+    ) -> Arc<Exports> {
         Arc::new(Exports {
+            notices,
             store,
             registry,
             slot: Semaphore::new(1),
@@ -95,7 +102,7 @@ impl Exports {
         id: &str,
         change: impl Fn(&mut ExportRecord) + Send + 'static,
     ) -> Result<Option<ExportRecord>> {
-        Ok(self
+        let record = self
             .store
             .exports()
             .update(owner, id, move |r| {
@@ -103,7 +110,35 @@ impl Exports {
                 r.finished_at = Some(OffsetDateTime::now_utc());
                 true
             })
-            .await?)
+            .await?;
+        if let Some(r) = &record {
+            self.notify(r);
+        }
+        Ok(record)
+    }
+
+    /// Publishes the export's status as a notice.
+    fn notify(&self, r: &ExportRecord) {
+        let what = match r.status {
+            ExportStatus::Queued => "queued",
+            ExportStatus::Running => "started",
+            ExportStatus::Succeeded => "succeeded",
+            ExportStatus::Failed => "failed",
+            ExportStatus::Cancelled => "cancelled",
+        };
+        let mut data = serde_json::json!({
+            "export_id": r.export_id,
+            "name": r.name,
+            "source_model_id": r.source_model_id,
+            "status": what,
+        });
+        if let Some(e) = &r.error {
+            data["error"] = e.clone().into();
+        }
+        if let Some(m) = &r.model_id {
+            data["model_id"] = m.clone().into();
+        }
+        self.notices.send(&r.owner, &format!("export.{what}"), data);
     }
 
     /// The owner's exports, newest first.
@@ -176,6 +211,7 @@ impl Exports {
             finished_at: None,
         };
         self.store.exports().put(&record).await?;
+        self.notify(&record);
         let flag = Arc::new(AtomicBool::new(false));
         self.cancels()
             .insert(record.export_id.clone(), flag.clone());
@@ -284,6 +320,7 @@ impl Exports {
         else {
             return Ok(()); // removed meanwhile (account deleted)
         };
+        self.notify(&record);
         let partial = self
             .partial_dir(owner, id)
             .ok_or_else(|| Error::internal("no trained-models folder"))?;
@@ -444,7 +481,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("store")).unwrap();
         let registry = Registry::new(dir.path().join("models"), dir.path(), store.clone());
-        let exports = Exports::new(store.clone(), registry);
+        let exports = Exports::new(store.clone(), registry, Default::default());
         for (id, status) in [
             ("e1", ExportStatus::Running),
             ("e2", ExportStatus::Queued),

@@ -406,6 +406,8 @@ struct Inner {
     chat_sessions: Owned<ChatSession>,
     task_templates: Owned<TaskTemplate>,
     exports: Owned<ExportRecord>,
+    webhooks: Owned<WebhookRecord>,
+    webhook_deliveries: Owned<WebhookDelivery>,
     task_metrics: sled::Tree,
     /// `id` (time-ordered) → [`AuditRecord`].
     audit: sled::Tree,
@@ -457,6 +459,8 @@ impl Store {
             chat_sessions: Owned::open(&db, "chat_sessions", flusher.clone())?,
             task_templates: Owned::open(&db, "task_templates", flusher.clone())?,
             exports: Owned::open(&db, "exports", flusher.clone())?,
+            webhooks: Owned::open(&db, "webhooks", flusher.clone())?,
+            webhook_deliveries: Owned::open(&db, "webhook_deliveries", flusher.clone())?,
             task_metrics: db.open_tree("task_metrics")?,
             audit: db.open_tree("audit")?,
             flusher,
@@ -493,6 +497,15 @@ impl Store {
 
     pub fn exports(&self) -> &Owned<ExportRecord> {
         &self.inner.exports
+    }
+
+    pub fn webhooks(&self) -> &Owned<WebhookRecord> {
+        &self.inner.webhooks
+    }
+
+    /// Deliveries, owned by their webhook's id.
+    pub fn webhook_deliveries(&self) -> &Owned<WebhookDelivery> {
+        &self.inner.webhook_deliveries
     }
 
     pub fn api_keys_of(&self) -> &Owned<ApiKey> {

@@ -542,3 +542,64 @@ pub struct AuditRecord {
     pub method: String,
     pub path: String,
 }
+
+/// A user's webhook: where to send which notices, and the secret that signs them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WebhookRecord {
+    pub webhook_id: String,
+    pub owner: String,
+    pub url: String,
+    /// Event types (`task.succeeded`) or kinds (`task.*`); `*` for all.
+    pub events: Vec<String>,
+    /// `whsec_` + base64 of the key (Standard Webhooks' form).
+    pub secret: String,
+    #[serde(default)]
+    pub description: String,
+    pub active: bool,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+impl OwnedRecord for WebhookRecord {
+    fn id(&self) -> &str {
+        &self.webhook_id
+    }
+    fn owner(&self) -> &str {
+        &self.owner
+    }
+}
+
+/// One attempt to deliver an event to a webhook (kept per webhook, the latest 200).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WebhookDelivery {
+    pub delivery_id: String,
+    pub webhook_id: String,
+    /// The event's id (`webhook-id` header): the same on every attempt of one event.
+    pub event_id: String,
+    pub event: String,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// The receiver's HTTP status, when it answered.
+    pub status: Option<u16>,
+    /// Why the attempt failed, when it did.
+    pub error: Option<String>,
+    pub succeeded: bool,
+    pub duration_ms: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub at: OffsetDateTime,
+    /// When the next attempt goes out, if one will.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub next_attempt_at: Option<OffsetDateTime>,
+}
+
+impl OwnedRecord for WebhookDelivery {
+    fn id(&self) -> &str {
+        &self.delivery_id
+    }
+    /// Deliveries are kept under their webhook (a prefix scan lists one webhook's).
+    fn owner(&self) -> &str {
+        &self.webhook_id
+    }
+}

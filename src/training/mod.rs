@@ -74,6 +74,7 @@ impl Training {
         datasets: Datasets,
         models: Arc<Registry>,
         owners: Arc<OwnerLocks>,
+        notices: crate::notify::Notices,
     ) -> Arc<Training> {
         let gpus = if config.gpu_ids.is_empty() {
             crate::system::gpus().iter().map(|g| g.index).collect()
@@ -115,6 +116,7 @@ impl Training {
                 cancel_grace: Duration::from_secs(config.cancel_grace_secs),
                 max_concurrent,
                 has_gpus,
+                notices,
             },
             completed_tx,
         );
@@ -157,6 +159,11 @@ impl Training {
     }
 
     // ---- events -------------------------------------------------------------------------
+
+    /// The status changes of every task, as notices (for webhooks).
+    pub fn notices(&self) -> crate::notify::Notices {
+        self.supervisor.notices.clone()
+    }
 
     /// The task's live events (subscribe before reading the history, then skip ids seen).
     pub fn subscribe(&self, task: &Task) -> broadcast::Receiver<TaskEvent> {

@@ -52,11 +52,15 @@ pub struct Settings {
     pub max_concurrent: usize,
     /// The machine has GPUs to hand out (`CUDA_VISIBLE_DEVICES` is set then).
     pub has_gpus: bool,
+    /// Where status changes are announced (webhooks listen).
+    pub notices: crate::notify::Notices,
 }
 
 pub struct Supervisor {
     store: Store,
     events: Arc<EventLog>,
+    /// Status changes, for webhooks.
+    pub(super) notices: crate::notify::Notices,
     models: Arc<Registry>,
     env: EnvTracker,
     queue: Arc<Queue>,
@@ -85,6 +89,7 @@ impl Supervisor {
     ) -> Arc<Supervisor> {
         Arc::new(Supervisor {
             completed,
+            notices: settings.notices.clone(),
             store,
             events,
             models,
@@ -121,6 +126,7 @@ impl Supervisor {
 
     /// Records a server-side event in the task's log (and publishes it).
     pub async fn record(&self, task: &Task, event: WorkerEvent, worker_offset: Option<u64>) {
+        self.notify(task, &event);
         if let Err(e) = self
             .events
             .append(&task.task_id, task.task_dir(), &event, worker_offset)
@@ -128,6 +134,55 @@ impl Supervisor {
         {
             tracing::warn!(task_id = %task.task_id, error = %e, "could not record an event");
         }
+    }
+
+    /// Publishes a status change as a notice: `task.queued|started|succeeded|failed|
+    /// cancelled|paused`, or `evaluation.…` for an evaluation task.
+    fn notify(&self, task: &Task, event: &WorkerEvent) {
+        let WorkerEvent::Status {
+            status,
+            error,
+            model_id,
+            paused,
+            ..
+        } = event
+        else {
+            return;
+        };
+        let what = match status {
+            StatusChange::Queued => "queued",
+            StatusChange::Running => "started",
+            StatusChange::Cancelling => return,
+            StatusChange::Cancelled if *paused => "paused",
+            StatusChange::Cancelled => "cancelled",
+            StatusChange::Completed => "succeeded",
+            StatusChange::Failed => "failed",
+        };
+        let (kind, id_key) = if task.spec.evaluation.is_some() {
+            ("evaluation", "evaluation_id")
+        } else {
+            ("task", "task_id")
+        };
+        let mut data = serde_json::json!({
+            id_key: task.task_id,
+            "name": task.spec.name,
+            "status": what,
+            "model_name": task.spec.model_name,
+        });
+        if let Some(e) = error {
+            data["error"] = e.clone().into();
+        }
+        if let Some(m) = model_id {
+            data["model_id"] = m.clone().into();
+        }
+        if let Some(job) = &task.job {
+            data["fine_tuning_job_id"] = serde_json::to_value(job)
+                .ok()
+                .and_then(|j| j.get("id").cloned())
+                .unwrap_or_default();
+        }
+        self.notices
+            .send(&task.owner, &format!("{kind}.{what}"), data);
     }
 
     /// Starts a queued task's worker on `gpus`; returns once it runs (or could not start).

@@ -545,3 +545,64 @@ pub fn zip_of(files: &[(String, Vec<u8>)]) -> Vec<u8> {
     }
     w.finish().unwrap().into_inner()
 }
+
+// ---- a webhook receiver ----------------------------------------------------------------
+
+/// What a loopback webhook receiver saw: one entry per request (path, headers, body, when).
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub path: String,
+    pub id: String,
+    pub timestamp: String,
+    pub signature: String,
+    pub body: String,
+    pub at: std::time::Instant,
+    /// The same moment on the wall clock (to compare with the server's times).
+    pub wall: time::OffsetDateTime,
+}
+
+/// A real HTTP server on loopback that records the webhooks it gets. `/ok` answers 204,
+/// `/flaky` answers 500 to its first two requests and 204 after, `/down` always 503.
+pub async fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Received>>>) {
+    use axum::http::{HeaderMap, StatusCode, Uri};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Received>::new()));
+    let log = seen.clone();
+    let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap, body: String| {
+        let log = log.clone();
+        async move {
+            let h = |k: &str| {
+                headers
+                    .get(k)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let mut log = log.lock().unwrap();
+            log.push(Received {
+                path: uri.path().to_string(),
+                id: h("webhook-id"),
+                timestamp: h("webhook-timestamp"),
+                signature: h("webhook-signature"),
+                body,
+                at: std::time::Instant::now(),
+                wall: time::OffsetDateTime::now_utc(),
+            });
+            let flaky_seen = log.iter().filter(|r| r.path == "/flaky").count();
+            match uri.path() {
+                "/flaky" if flaky_seen <= 2 => StatusCode::INTERNAL_SERVER_ERROR,
+                "/down" => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::NO_CONTENT,
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), seen)
+}
+
+/// Checks a request's signature the way a receiver would (Standard Webhooks).
+pub fn verify(secret: &str, r: &Received) -> bool {
+    ferrotune::webhooks::sign(secret, &r.id, r.timestamp.parse().unwrap_or(0), &r.body)
+        .is_ok_and(|s| s == r.signature)
+}
