@@ -4,6 +4,7 @@
 
 pub mod accounts;
 pub mod auth;
+pub mod backup;
 pub mod chat;
 pub mod config;
 pub mod datasets;

@@ -8,6 +8,7 @@
 
 mod admin;
 mod auth;
+mod backup;
 mod chat;
 mod datasets;
 pub mod error;
@@ -72,6 +73,8 @@ pub struct App {
     pub model_pull: std::sync::RwLock<PullStatus>,
     /// What `/metrics` serves.
     pub metrics: metrics::Metrics,
+    /// Backups of the whole server, and users' own data exports.
+    pub backups: crate::backup::Backups,
 }
 
 /// What the server is doing about its default model.
@@ -103,6 +106,7 @@ impl AppState {
     /// see [`absolute_dirs`]).
     pub fn new(config: Config, store: Store) -> anyhow::Result<AppState> {
         let auth = Auth::new(store.clone(), &config)?;
+        let backups = crate::backup::Backups::new(store.clone(), config.data_dir.clone());
         let datasets = Datasets::new(
             store.clone(),
             config.datasets_dir(),
@@ -138,6 +142,7 @@ impl AppState {
         let chat = Chat::new(engine, models.clone(), limits, Sessions::new(store));
         let pulls = crate::models::pulls::Pulls::new(models.clone(), config.hub());
         Ok(AppState(Arc::new(App {
+            backups,
             exports,
             metrics,
             pulls,
@@ -179,6 +184,7 @@ pub fn api(max_upload_bytes: u64) -> (Router<AppState>, utoipa::openapi::OpenApi
         .merge(auth::router())
         .merge(datasets::router(max_upload_bytes))
         .merge(admin::router())
+        .merge(backup::router())
         .merge(tasks::router())
         .merge(templates::router())
         .merge(models::router(max_upload_bytes))
