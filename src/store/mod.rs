@@ -83,11 +83,14 @@ impl From<TransactionError<StoreError>> for StoreError {
     }
 }
 
+/// One tree's (key, value) pairs in key order.
+pub type TreeEntries = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Every tree of a store at one point in time ([`Store::snapshot`]): tree name → its
 /// (key, value) pairs in key order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    pub trees: std::collections::BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>,
+    pub trees: std::collections::BTreeMap<String, TreeEntries>,
 }
 
 impl Snapshot {
