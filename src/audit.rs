@@ -156,6 +156,8 @@ pub const AUDITED: &[(&str, &str, &str, &str)] = &[
     ("POST", "/api/webhooks", "webhook.create", "webhook"),
     ("PATCH", "/api/webhooks/{id}", "webhook.update", "webhook"),
     ("DELETE", "/api/webhooks/{id}", "webhook.delete", "webhook"),
+    ("GET", "/api/admin/backup", "backup.download", "server"),
+    ("GET", "/api/users/me/export", "account.export", "user"),
 ];
 
 /// `(action, kind of target)` of an audited route; `None` for the others.

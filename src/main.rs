@@ -46,6 +46,26 @@ enum Command {
         #[command(subcommand)]
         command: UsersCommand,
     },
+    /// Write a backup archive (.tar.gz) of the store and the data dir's files (not the
+    /// base models). Reads the store directly when no server holds it; with a server running,
+    /// asks it (`GET /api/admin/backup`) with an administrator's token or API key.
+    Backup {
+        /// The archive to write (replaced only once the new one is complete).
+        #[arg(long)]
+        to: PathBuf,
+        /// The running server's address [default: http:// + the `bind` setting]
+        #[arg(long)]
+        url: Option<String>,
+        /// An administrator's access token or API key, for a running server.
+        #[arg(long, env = "FERROTUNE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Restore a backup archive into a new or empty data dir (`--data-dir`). Every checksum
+    /// is checked before anything is written; a failed restore leaves nothing behind.
+    Restore {
+        /// The archive (`ferrotune backup --to`, or a download of `/api/admin/backup`).
+        file: PathBuf,
+    },
     /// Print the effective configuration and exit.
     Config,
     /// Print the HTTP API's OpenAPI 3.1 document (what the server serves at /openapi.json).
@@ -265,6 +285,30 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Users { command } => users(command, config).await,
+        Command::Backup { to, url, token } => backup(&config, to, url, token).await,
+        Command::Restore { file } => {
+            let started = std::time::Instant::now();
+            let data_dir = config.data_dir.clone();
+            let r =
+                tokio::task::spawn_blocking(move || ferrotune::backup::restore(&file, &data_dir))
+                    .await??;
+            println!(
+                "restored {} records and {} files ({:.1} MB) into {} in {:.2} s",
+                r.manifest.records(),
+                r.manifest.files.len(),
+                r.manifest.file_bytes() as f64 / 1e6,
+                config.data_dir.display(),
+                started.elapsed().as_secs_f64()
+            );
+            if r.interrupted_tasks > 0 {
+                println!(
+                    "{} task(s) were running at backup time: the server marks them failed \
+                     (interrupted) at its next start; resume them from their last checkpoint",
+                    r.interrupted_tasks
+                );
+            }
+            Ok(())
+        }
         Command::Models { command } => models(command, &config).await,
         Command::Setup { print_python } => {
             let env = ferrotune::pyenv::PyEnv::locate(Some(&config.python_env_dir));
@@ -638,6 +682,119 @@ async fn models(command: ModelsCommand, config: &Config) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `ferrotune backup`: from the store when no server holds it, else through the server.
+async fn backup(
+    config: &Config,
+    to: PathBuf,
+    url: Option<String>,
+    token: Option<String>,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let store_dir = config.store_dir();
+    if !store_dir.exists() {
+        anyhow::bail!(
+            "no store at {}: nothing to back up (is --data-dir right?)",
+            store_dir.display()
+        );
+    }
+    let dir = store_dir.clone();
+    let manifest = match tokio::task::spawn_blocking(move || Store::open(&dir)).await? {
+        Ok(store) => {
+            let m = ferrotune::backup::backup_to_file(&store, &config.data_dir, false, &to).await?;
+            store.flush().await?;
+            m
+        }
+        Err(e) if e.is_in_use() => {
+            let base = url.unwrap_or_else(|| {
+                let mut bind = config.bind;
+                if bind.ip().is_unspecified() {
+                    bind.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                format!("http://{bind}")
+            });
+            let Some(token) = token else {
+                anyhow::bail!(
+                    "the store at {} is in use by a running server. Back up through it with an \
+                     administrator's access token or API key (--token or FERROTUNE_TOKEN; \
+                     --url if it is not at {base}), or stop the server and run this again",
+                    store_dir.display()
+                );
+            };
+            online_backup(&base, &token, &to).await?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    println!(
+        "backed up {} records and {} files ({:.1} MB) to {} in {:.2} s{}",
+        manifest.records(),
+        manifest.files.len(),
+        manifest.file_bytes() as f64 / 1e6,
+        to.display(),
+        started.elapsed().as_secs_f64(),
+        if manifest.online {
+            " (from the running server)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+/// Downloads a running server's backup into `to` (beside it first), checked against its
+/// manifest before it replaces `to`.
+async fn online_backup(
+    base: &str,
+    token: &str,
+    to: &std::path::Path,
+) -> anyhow::Result<ferrotune::backup::Manifest> {
+    use tokio::io::AsyncWriteExt;
+    let url = format!("{}/api/admin/backup", base.trim_end_matches('/'));
+    let mut resp = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the store is in use, and the server at {base} cannot be reached ({e}); pass \
+                 its address with --url, or stop the server and run this again"
+            )
+        })?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        let why = body["error"].as_str().unwrap_or("no reason given");
+        anyhow::bail!("the server at {base} refused the backup ({status}): {why}");
+    }
+    let to = std::path::absolute(to)?;
+    let parent = to
+        .parent()
+        .unwrap_or(std::path::Path::new("/"))
+        .to_path_buf();
+    let tmp = tokio::task::spawn_blocking(move || {
+        tempfile::Builder::new()
+            .prefix(".ferrotune-backup-")
+            .tempfile_in(parent)
+    })
+    .await??;
+    let mut out = tokio::io::BufWriter::new(tokio::fs::File::from_std(tmp.reopen()?));
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| anyhow::anyhow!("the backup download broke off: {e}"))?
+    {
+        out.write_all(&chunk).await?;
+    }
+    out.flush().await?;
+    out.into_inner().sync_all().await?;
+    tokio::task::spawn_blocking(move || {
+        let manifest = ferrotune::backup::verify(tmp.path())?;
+        tmp.persist(&to)?;
+        Ok(manifest)
+    })
+    .await?
 }
 
 /// `ferrotune users …`: the same account service the server uses, over the store.

@@ -43,6 +43,8 @@ pub const EVENTS: &[&str] = &[
     "export.succeeded",
     "export.failed",
     "export.cancelled",
+    "alert.raised",
+    "alert.resolved",
 ];
 
 /// Deliveries kept per webhook.

@@ -9,6 +9,7 @@
 mod admin;
 mod audit;
 mod auth;
+mod backup;
 mod chat;
 mod datasets;
 pub mod error;
@@ -79,6 +80,8 @@ pub struct App {
     /// What happens to users' tasks, evaluations and exports (webhooks listen).
     pub notices: crate::notify::Notices,
     pub webhooks: Arc<crate::webhooks::Webhooks>,
+    /// Backups of the whole server, and users' own data exports.
+    pub backups: crate::backup::Backups,
 }
 
 /// What the server is doing about its default model.
@@ -111,6 +114,7 @@ impl AppState {
     pub fn new(config: Config, store: Store) -> anyhow::Result<AppState> {
         let auth = Auth::new(store.clone(), &config)?;
         let audit = crate::audit::Audit::new(store.clone(), config.audit_retention_days);
+        let backups = crate::backup::Backups::new(store.clone(), config.data_dir.clone());
         let datasets = Datasets::new(
             store.clone(),
             config.datasets_dir(),
@@ -160,6 +164,7 @@ impl AppState {
             audit,
             notices,
             webhooks,
+            backups,
             exports,
             metrics,
             pulls,
@@ -203,6 +208,7 @@ pub fn api(max_upload_bytes: u64) -> (Router<AppState>, utoipa::openapi::OpenApi
         .merge(admin::router())
         .merge(audit::router())
         .merge(webhooks::router())
+        .merge(backup::router())
         .merge(tasks::router())
         .merge(templates::router())
         .merge(models::router(max_upload_bytes))

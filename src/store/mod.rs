@@ -41,6 +41,7 @@ pub use records::*;
 pub const SCHEMA_VERSION: u64 = 1;
 
 const META_SCHEMA: &[u8] = b"schema_version";
+const IN_USE: &str = "is in use by another ferrotune process";
 const META_FIRST_USER: &[u8] = b"first_user_created";
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,11 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// True when another process (a running server) holds the store.
+    pub fn is_in_use(&self) -> bool {
+        matches!(self, StoreError::Other(m) if m.contains(IN_USE))
+    }
+
     /// True when the store could not write because the disk (or the user's quota) is full.
     pub fn is_disk_full(&self) -> bool {
         match self {
@@ -75,6 +81,26 @@ impl From<TransactionError<StoreError>> for StoreError {
             TransactionError::Abort(e) => e,
             TransactionError::Storage(e) => StoreError::Sled(e),
         }
+    }
+}
+
+/// One tree's (key, value) pairs in key order.
+pub type TreeEntries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Every tree of a store at one point in time ([`Store::snapshot`]): tree name → its
+/// (key, value) pairs in key order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub trees: std::collections::BTreeMap<String, TreeEntries>,
+}
+
+impl Snapshot {
+    /// Records per tree.
+    pub fn counts(&self) -> std::collections::BTreeMap<String, usize> {
+        self.trees
+            .iter()
+            .map(|(n, e)| (n.clone(), e.len()))
+            .collect()
     }
 }
 
@@ -154,6 +180,24 @@ where
     }
 }
 
+/// The store's write gate: every write takes it shared around its sled calls, a snapshot
+/// ([`Store::snapshot`]) takes it exclusive, so a snapshot sees no write half-done.
+type Gate = Arc<std::sync::RwLock<()>>;
+
+/// [`blocking`] for a write: the closure runs holding the write gate shared.
+async fn write_blocking<T, F>(gate: &Gate, f: F) -> Result<T>
+where
+    F: FnOnce() -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    let gate = gate.clone();
+    blocking(move || {
+        let _shared = gate.read().unwrap_or_else(|p| p.into_inner());
+        f()
+    })
+    .await
+}
+
 // ---- durability ----------------------------------------------------------------------------
 
 type FlushReply = oneshot::Sender<std::result::Result<(), String>>;
@@ -230,15 +274,17 @@ pub struct Owned<T> {
     tree: sled::Tree,
     ids: sled::Tree,
     flusher: Arc<Flusher>,
+    gate: Gate,
     _record: PhantomData<fn() -> T>,
 }
 
 impl<T: OwnedRecord> Owned<T> {
-    fn open(db: &sled::Db, name: &str, flusher: Arc<Flusher>) -> Result<Self> {
+    fn open(db: &sled::Db, name: &str, flusher: Arc<Flusher>, gate: Gate) -> Result<Self> {
         Ok(Owned {
             tree: db.open_tree(name)?,
             ids: db.open_tree(format!("{name}.ids"))?,
             flusher,
+            gate,
             _record: PhantomData,
         })
     }
@@ -301,7 +347,7 @@ impl<T: OwnedRecord> Owned<T> {
         let value = encode(record)?;
         let (id, owner) = (record.id().to_string(), record.owner().to_string());
         let (tree, ids) = (self.tree.clone(), self.ids.clone());
-        blocking(move || {
+        write_blocking(&self.gate, move || {
             (&tree, &ids).transaction(|(tree, ids)| {
                 tree.insert(key.as_slice(), value.as_slice())?;
                 ids.insert(id.as_bytes(), owner.as_bytes())?;
@@ -339,7 +385,7 @@ impl<T: OwnedRecord> Owned<T> {
         let tree = self.tree.clone();
         let key = owned_key(owner, id);
         let mut change = change;
-        let (record, changed) = blocking(move || {
+        let (record, changed) = write_blocking(&self.gate, move || {
             loop {
                 let Some(old) = tree.get(&key)? else {
                     return Ok((None, false));
@@ -366,7 +412,7 @@ impl<T: OwnedRecord> Owned<T> {
         let key = owned_key(owner, id);
         let id = id.to_string();
         let (tree, ids) = (self.tree.clone(), self.ids.clone());
-        let old = blocking(move || {
+        let old = write_blocking(&self.gate, move || {
             Ok((&tree, &ids).transaction(|(tree, ids)| {
                 let old = tree.remove(key.as_slice())?;
                 if old.is_some() {
@@ -392,6 +438,8 @@ pub struct Store {
 }
 
 struct Inner {
+    db: sled::Db,
+    gate: Gate,
     meta: sled::Tree,
     users: sled::Tree,
     users_by_name: sled::Tree,
@@ -430,21 +478,25 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    StoreError::Other(format!(
-                        "the store at {} is in use by another ferrotune process",
-                        dir.display()
-                    ))
+                // sled reports its lock held by another process as an I/O error whose kind
+                // is `WouldBlock` or, wrapped with the path, `Other`.
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("could not acquire lock") =>
+                {
+                    StoreError::Other(format!("the store at {} {IN_USE}", dir.display()))
                 }
                 other => StoreError::Sled(other),
             })?;
         let meta = db.open_tree("meta")?;
         migrate(&db, &meta)?;
+        let gate = Gate::default();
         let flusher = Arc::new(
             Flusher::start(db.clone())
                 .map_err(|e| StoreError::Other(format!("starting the flush thread: {e}")))?,
         );
         let inner = Inner {
+            gate: gate.clone(),
             meta,
             users: db.open_tree("users")?,
             users_by_name: db.open_tree("users_by_name")?,
@@ -452,18 +504,24 @@ impl Store {
             refresh_tokens: db.open_tree("refresh_tokens")?,
             sessions: db.open_tree("sessions")?,
             api_key_hashes: db.open_tree("api_key_hashes")?,
-            api_keys: Owned::open(&db, "api_keys", flusher.clone())?,
-            datasets: Owned::open(&db, "datasets", flusher.clone())?,
-            tasks: Owned::open(&db, "tasks", flusher.clone())?,
-            models: Owned::open(&db, "models", flusher.clone())?,
-            chat_sessions: Owned::open(&db, "chat_sessions", flusher.clone())?,
-            task_templates: Owned::open(&db, "task_templates", flusher.clone())?,
-            exports: Owned::open(&db, "exports", flusher.clone())?,
-            webhooks: Owned::open(&db, "webhooks", flusher.clone())?,
-            webhook_deliveries: Owned::open(&db, "webhook_deliveries", flusher.clone())?,
+            api_keys: Owned::open(&db, "api_keys", flusher.clone(), gate.clone())?,
+            datasets: Owned::open(&db, "datasets", flusher.clone(), gate.clone())?,
+            tasks: Owned::open(&db, "tasks", flusher.clone(), gate.clone())?,
+            models: Owned::open(&db, "models", flusher.clone(), gate.clone())?,
+            chat_sessions: Owned::open(&db, "chat_sessions", flusher.clone(), gate.clone())?,
+            task_templates: Owned::open(&db, "task_templates", flusher.clone(), gate.clone())?,
+            exports: Owned::open(&db, "exports", flusher.clone(), gate.clone())?,
+            webhooks: Owned::open(&db, "webhooks", flusher.clone(), gate.clone())?,
+            webhook_deliveries: Owned::open(
+                &db,
+                "webhook_deliveries",
+                flusher.clone(),
+                gate.clone(),
+            )?,
             task_metrics: db.open_tree("task_metrics")?,
             audit: db.open_tree("audit")?,
             flusher,
+            db,
         };
         Ok(Store {
             inner: Arc::new(inner),
@@ -512,6 +570,53 @@ impl Store {
         &self.inner.api_keys
     }
 
+    // ---- backups -----------------------------------------------------------------------
+
+    /// Every tree's records at one point in time: no write runs while it copies (it holds
+    /// the write gate exclusive, which every write takes shared), so indexes and the records
+    /// they point to agree, as do records written in one transaction.
+    pub async fn snapshot(&self) -> Result<Snapshot> {
+        let i = self.inner.clone();
+        blocking(move || {
+            let _exclusive = i.gate.write().unwrap_or_else(|p| p.into_inner());
+            let mut trees = std::collections::BTreeMap::new();
+            for name in i.db.tree_names() {
+                let tree = i.db.open_tree(&name)?;
+                let entries = tree
+                    .iter()
+                    .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                trees.insert(String::from_utf8_lossy(&name).into_owned(), entries);
+            }
+            Ok(Snapshot { trees })
+        })
+        .await
+    }
+
+    /// Writes `snapshot` as a new store in `dir` (which must hold none), durably. Blocking.
+    pub fn create_from_snapshot(dir: &Path, snapshot: &Snapshot) -> Result<()> {
+        if dir.exists() && std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_some()) {
+            return Err(StoreError::Other(format!(
+                "{} is not an empty folder",
+                dir.display()
+            )));
+        }
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        for (name, entries) in &snapshot.trees {
+            let tree = db.open_tree(name.as_bytes())?;
+            let mut batch = sled::Batch::default();
+            for (k, v) in entries {
+                batch.insert(k.as_slice(), v.as_slice());
+            }
+            tree.apply_batch(batch)?;
+        }
+        db.flush()?;
+        Ok(())
+    }
+
     /// Returns once every write made before the call is on disk.
     pub async fn flush(&self) -> Result<()> {
         self.inner.flusher.durable().await
@@ -523,7 +628,7 @@ impl Store {
     pub async fn append_audit(&self, record: &AuditRecord) -> Result<()> {
         let tree = self.inner.audit.clone();
         let (key, value) = (record.id.clone(), encode(record)?);
-        blocking(move || {
+        write_blocking(&self.inner.gate, move || {
             tree.insert(key.as_bytes(), value)?;
             Ok(())
         })
@@ -561,7 +666,7 @@ impl Store {
     /// Removes the audit entries older than `cutoff` (the retention sweep); returns how many.
     pub async fn prune_audit(&self, cutoff: time::OffsetDateTime) -> Result<usize> {
         let tree = self.inner.audit.clone();
-        let removed = blocking(move || {
+        let removed = write_blocking(&self.inner.gate, move || {
             let mut removed = 0;
             for item in tree.iter() {
                 let (k, v) = item?;
@@ -589,7 +694,7 @@ impl Store {
         key.extend_from_slice(&point.step.to_be_bytes());
         let value = encode(point)?;
         let tree = self.inner.task_metrics.clone();
-        blocking(move || {
+        write_blocking(&self.inner.gate, move || {
             tree.insert(key, value)?;
             Ok(())
         })
@@ -612,7 +717,7 @@ impl Store {
     pub async fn remove_metrics(&self, task_id: &str) -> Result<()> {
         let tree = self.inner.task_metrics.clone();
         let prefix = owner_prefix(task_id);
-        blocking(move || {
+        write_blocking(&self.inner.gate, move || {
             for key in tree.scan_prefix(prefix).keys() {
                 tree.remove(key?)?;
             }
@@ -628,7 +733,7 @@ impl Store {
     /// `role: None` the very first account ever created becomes admin, every later one a user.
     pub async fn create_user(&self, user: User, role: Option<Role>) -> Result<User> {
         let i = self.inner.clone();
-        let user = blocking(move || {
+        let user = write_blocking(&self.inner.gate, move || {
             let name_key = user.username.to_lowercase();
             let email_key = user.email.to_lowercase();
             Ok(
@@ -710,7 +815,7 @@ impl Store {
         let value = encode(user)?;
         let users = self.inner.users.clone();
         let id = user.user_id.clone();
-        blocking(move || {
+        write_blocking(&self.inner.gate, move || {
             users.insert(id.as_bytes(), value)?;
             Ok(())
         })
@@ -724,7 +829,7 @@ impl Store {
     pub async fn delete_user(&self, user_id: &str) -> Result<Option<User>> {
         let i = self.inner.clone();
         let user_id = user_id.to_string();
-        let user = blocking(move || {
+        let user = write_blocking(&self.inner.gate, move || {
             let Some(user) = Self::user_blocking(&i.users, &user_id)? else {
                 return Ok(None);
             };
@@ -774,7 +879,7 @@ impl Store {
             hash.to_vec(),
             encode(token)?,
         );
-        blocking(move || {
+        write_blocking(&self.inner.gate, move || {
             (&i.sessions, &i.refresh_tokens).transaction(|(sessions, tokens)| {
                 sessions.insert(sid.as_bytes(), session.as_slice())?;
                 tokens.insert(hash.as_slice(), token.as_slice())?;
@@ -829,7 +934,7 @@ impl Store {
         let (hash, old, new) = (hash.to_vec(), encode(old)?, encode(new)?);
         let (next_hash, next) = (next_hash.to_vec(), encode(next)?);
         let (sid, session) = (session.session_id.clone(), encode(session)?);
-        let swapped = blocking(move || {
+        let swapped = write_blocking(&self.inner.gate, move || {
             Ok(
                 (&i.refresh_tokens, &i.sessions).transaction(|(tokens, sessions)| {
                     if tokens.get(&hash)?.as_deref() != Some(old.as_slice()) {
@@ -852,7 +957,7 @@ impl Store {
     pub async fn remove_refresh_token(&self, hash: &[u8]) -> Result<()> {
         let tokens = self.inner.refresh_tokens.clone();
         let hash = hash.to_vec();
-        blocking(move || {
+        write_blocking(&self.inner.gate, move || {
             tokens.remove(hash)?;
             Ok(())
         })
@@ -867,7 +972,10 @@ impl Store {
         F: Fn(&RefreshToken) -> bool + Send + 'static,
     {
         let i = self.inner.clone();
-        let n = blocking(move || revoke_refresh_blocking(&i, pred, true)).await?;
+        let n = write_blocking(&self.inner.gate, move || {
+            revoke_refresh_blocking(&i, pred, true)
+        })
+        .await?;
         self.flush().await?;
         Ok(n)
     }
@@ -875,7 +983,7 @@ impl Store {
     /// Removes expired refresh tokens and sessions; returns how many tokens.
     pub async fn sweep_expired(&self, now: i64) -> Result<usize> {
         let i = self.inner.clone();
-        let n = blocking(move || {
+        let n = write_blocking(&self.inner.gate, move || {
             let n = revoke_refresh_blocking(&i, |t| t.expires_at <= now, false)?;
             for item in i.sessions.iter() {
                 let (k, v) = item?;
@@ -916,7 +1024,7 @@ impl Store {
     pub async fn api_key_by_hash(&self, hash: &[u8]) -> Result<Option<(ApiKey, Option<User>)>> {
         let i = self.inner.clone();
         let hash = hash.to_vec();
-        blocking(move || {
+        write_blocking(&self.inner.gate, move || {
             let Some(path) = i.api_key_hashes.get(hash)? else {
                 return Ok(None);
             };
@@ -933,7 +1041,7 @@ impl Store {
     pub async fn delete_api_key(&self, owner: &str, key_id: &str) -> Result<Option<ApiKey>> {
         let i = self.inner.clone();
         let (owner, key_id) = (owner.to_string(), key_id.to_string());
-        let key = blocking(move || {
+        let key = write_blocking(&self.inner.gate, move || {
             let key_path = owned_key(&owner, &key_id);
             let Some(key) = Owned::<ApiKey>::get_blocking(&i.api_keys.tree, &owner, &key_id)?
             else {

@@ -546,6 +546,19 @@ async function main() {
     check(relogin.status === 200, `the new password signs in (${relogin.status})`)
     log('changed the password')
 
+    // -- a webhook: added (its secret shown once), a test event to a port nobody listens
+    // on is logged as not delivered
+    where = 'webhooks'
+    await page.fill('[data-test=hook-url]', 'http://127.0.0.1:9/hook')
+    await page.click('[data-test=hook-add]')
+    const secret = await page.locator('[data-test=hook-secret]').inputValue()
+    check(secret.startsWith('whsec_'), 'the webhook secret is shown once')
+    await page.getByRole('button', { name: 'Done' }).click()
+    await page.locator('[data-test=hook-test]').first().click()
+    await page.locator('[data-test=hook-delivery]').first().getByText('could not deliver').waitFor()
+    await snap('webhooks')
+    log('added a webhook and sent a test event')
+
     // -- administration (the first account is the admin)
     await visit('/admin', 'admin')
     await page.locator('[data-test=users-table]').getByText('researcher@example.com').waitFor()

@@ -60,6 +60,34 @@ impl Server {
         s
     }
 
+    /// A server on an existing data dir (left in place when the server stops), with an empty
+    /// temporary models dir.
+    pub fn start_at(data_dir: &Path, env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        for (k, v) in [
+            ("FERROTUNE_AUTO_SETUP", "false"),
+            ("FERROTUNE_DEFAULT_MODEL", ""),
+        ] {
+            if !env.iter().any(|(key, _)| key == k) {
+                env.push((k.to_string(), v.to_string()));
+            }
+        }
+        let mut s = Server {
+            child: None,
+            base: String::new(),
+            data_dir: data_dir.to_path_buf(),
+            models_dir: dir.path().join("models"),
+            _dir: Some(dir),
+            env,
+        };
+        s.spawn();
+        s
+    }
+
     fn spawn(&mut self) {
         let models = self.models_dir.clone();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrotune"));
