@@ -67,6 +67,16 @@ pub struct Config {
     pub webhook_retry_base_ms: u64,
     /// How long a webhook receiver has to answer (s).
     pub webhook_timeout_secs: u64,
+    /// Alert when the data or models directory's disk has less free space than this (%).
+    pub alert_disk_free_percent: f64,
+    /// Alert when the host's memory in use exceeds this (%).
+    pub alert_memory_percent: f64,
+    /// Alert when a GPU is hotter than this (°C).
+    pub alert_gpu_temperature_c: f64,
+    /// Alert when a GPU's memory in use exceeds this (%).
+    pub alert_gpu_memory_percent: f64,
+    /// How often the alert thresholds are checked (s).
+    pub alert_check_secs: u64,
     /// Generations one user may run at once; more are refused with 429.
     pub max_generations_per_user: usize,
     /// What a model's weights become at load: `auto` (a Hugging Face folder's float weights
@@ -160,6 +170,11 @@ impl Default for Config {
             webhook_max_attempts: 6,
             webhook_retry_base_ms: 1000,
             webhook_timeout_secs: 10,
+            alert_disk_free_percent: 10.0,
+            alert_memory_percent: 90.0,
+            alert_gpu_temperature_c: 85.0,
+            alert_gpu_memory_percent: 95.0,
+            alert_check_secs: 60,
             inference_weights: "auto".into(),
             model_weights: std::collections::BTreeMap::new(),
             inference_device: "auto".into(),

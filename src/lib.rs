@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the map of the crate.
 
 pub mod accounts;
+pub mod alerts;
 pub mod audit;
 pub mod auth;
 pub mod backup;

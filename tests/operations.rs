@@ -430,3 +430,90 @@ async fn webhooks_are_signed_retried_and_logged() {
         "{actions:?}"
     );
 }
+
+#[tokio::test]
+async fn a_crossed_disk_line_raises_an_alert_and_fires_the_admin_webhook() {
+    // Every disk has less than 100 % free: the line is crossed at the first check.
+    let mut server = Server::start(&[
+        ("FERROTUNE_ALERT_DISK_FREE_PERCENT", "100"),
+        ("FERROTUNE_ALERT_MEMORY_PERCENT", "0"),
+        ("FERROTUNE_ALERT_CHECK_SECS", "1"),
+    ]);
+    let c = server.client();
+    let (root, _) = c.signup("root").await;
+    let (alice, _) = c.signup("alice").await;
+    let (base, seen) = common::receiver().await;
+    let hook = root
+        .post(
+            "/api/webhooks",
+            json!({"url": format!("{base}/ok"), "events": ["alert.*"]}),
+        )
+        .await;
+    assert_eq!(hook.status, 201, "{:?}", hook.body);
+    let secret = hook.body["secret"].as_str().unwrap().to_string();
+    // A non-administrator's webhook asking for everything gets no server alerts.
+    let theirs = alice
+        .post(
+            "/api/webhooks",
+            json!({"url": format!("{base}/alice"), "events": ["*"]}),
+        )
+        .await;
+    assert_eq!(theirs.status, 201);
+    // The line was crossed at start, before these webhooks existed; a restart with them in
+    // place (a server starting on a full disk) raises it again.
+    server.restart();
+    let alice = server.client().with_token(alice.token.as_deref().unwrap());
+
+    let alerts = common::wait_until(
+        "the disk alert",
+        std::time::Duration::from_secs(10),
+        async || {
+            let a = alice.get("/api/system/alerts").await.body;
+            (a["alerts"].as_array().is_some_and(|v| !v.is_empty())).then_some(a)
+        },
+    )
+    .await;
+    let disk = alerts["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["key"] == "disk:data")
+        .cloned()
+        .expect("the data directory's disk");
+    assert_eq!(disk["kind"], "disk_free");
+    assert_eq!(disk["threshold"], 100.0);
+    assert!(disk["value"].as_f64().unwrap() < 100.0);
+    assert!(
+        disk["message"].as_str().unwrap().contains("below 100 %"),
+        "{disk}"
+    );
+
+    // The admin's webhook: alert.raised with the value and the line, signed; within a few
+    // seconds (the check runs every second), once per alert.
+    common::wait_until(
+        "alert.raised at the webhook",
+        std::time::Duration::from_secs(10),
+        async || {
+            let got = seen.lock().unwrap().clone();
+            got.iter()
+                .any(|r| r.path == "/ok" && r.body.contains("disk:data"))
+                .then_some(Value::Null)
+        },
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let got = seen.lock().unwrap().clone();
+    let raised: Vec<&common::Received> = got
+        .iter()
+        .filter(|r| r.path == "/ok" && r.body.contains("disk:data"))
+        .collect();
+    assert_eq!(raised.len(), 1, "raised once, not at every check");
+    assert!(common::verify(&secret, raised[0]));
+    let body: Value = serde_json::from_str(&raised[0].body).unwrap();
+    assert_eq!(body["type"], "alert.raised");
+    assert_eq!(body["data"]["threshold"], 100.0);
+    assert!(
+        got.iter().all(|r| r.path != "/alice"),
+        "alerts go to administrators only"
+    );
+}

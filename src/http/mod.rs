@@ -80,6 +80,8 @@ pub struct App {
     /// What happens to users' tasks, evaluations and exports (webhooks listen).
     pub notices: crate::notify::Notices,
     pub webhooks: Arc<crate::webhooks::Webhooks>,
+    /// Operators' alerts (thresholds checked periodically).
+    pub alerts: Arc<crate::alerts::Alerts>,
     /// Backups of the whole server, and users' own data exports.
     pub backups: crate::backup::Backups,
 }
@@ -160,7 +162,23 @@ impl AppState {
                 timeout: Duration::from_secs(config.webhook_timeout_secs.max(1)),
             },
         )?;
+        let alerts = crate::alerts::Alerts::new(
+            crate::alerts::Thresholds {
+                disk_free_percent: config.alert_disk_free_percent,
+                memory_percent: config.alert_memory_percent,
+                gpu_temperature_c: config.alert_gpu_temperature_c,
+                gpu_memory_percent: config.alert_gpu_memory_percent,
+                every: Duration::from_secs(config.alert_check_secs.max(1)),
+                dirs: vec![
+                    ("data".into(), config.data_dir.clone()),
+                    ("models".into(), config.models_dir.clone()),
+                ],
+            },
+            store.clone(),
+            notices.clone(),
+        );
         Ok(AppState(Arc::new(App {
+            alerts,
             audit,
             notices,
             webhooks,
@@ -362,6 +380,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     state.exports.recover().await?;
     let background = state.training.spawn_background();
     let deliverer = state.webhooks.spawn(&state.notices);
+    let watcher = state.alerts.spawn();
     if state.config.auto_setup && !state.training.env().is_ready() {
         let env = state.training.env().clone();
         tokio::spawn(async move { env.ensure().await });
@@ -378,6 +397,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await?;
     sweeper.abort();
     deliverer.abort();
+    watcher.abort();
     for task in background {
         task.abort();
     }

@@ -1,4 +1,4 @@
-//! `/health`, `/api/system/status`, `/api/system/resources`.
+//! `/health`, `/api/system/status`, `/api/system/resources`, `/api/system/alerts`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -18,6 +18,25 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(health))
         .routes(routes!(status))
         .routes(routes!(resources))
+        .routes(routes!(alerts))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AlertList {
+    /// The alerts that are on, oldest first (see the `alert_*` settings).
+    alerts: Vec<crate::alerts::Alert>,
+}
+
+/// The operators' alerts that are on: a disk nearly full, memory, GPU temperature or memory
+/// past the configured lines, each with its value and line. Administrators' webhooks that ask
+/// for `alert.*` get them as they are raised and resolved.
+#[utoipa::path(get, path = "/api/system/alerts", tag = "system",
+    responses((status = 200, description = "Alerts that are on", body = AlertList),
+              (status = 401, description = "No or bad credentials", body = ErrorBody)))]
+async fn alerts(state: AppState, _user: CurrentUser) -> Json<AlertList> {
+    Json(AlertList {
+        alerts: state.alerts.active(),
+    })
 }
 
 #[derive(Serialize, ToSchema)]
