@@ -209,6 +209,19 @@ async fn the_audit_log_says_who_did_what_when_and_from_where() {
     assert_eq!(ids(&again), ids(&all));
 }
 
+/// The webhook's delivery log once it holds `n` attempts.
+async fn attempts_logged(c: &common::Client, id: &str, n: usize) -> Value {
+    common::wait_until(
+        "the attempts",
+        std::time::Duration::from_secs(10),
+        async || {
+            let d = c.get(&format!("/api/webhooks/{id}/deliveries")).await.body;
+            (d["deliveries"].as_array().map_or(0, |v| v.len()) >= n).then_some(d)
+        },
+    )
+    .await
+}
+
 #[tokio::test]
 async fn webhooks_are_signed_retried_and_logged() {
     let server = Server::start(&[
@@ -326,15 +339,7 @@ async fn webhooks_are_signed_retried_and_logged() {
     assert_eq!(first.body["succeeded"], false);
     assert_eq!(first.body["status"], 500);
     assert!(first.body["next_attempt_at"].is_string());
-    let log = common::wait_until("three attempts", std::time::Duration::from_secs(10), || {
-        let a = alice.clone();
-        let id = flaky_id.clone();
-        async move {
-            let d = a.get(&format!("/api/webhooks/{id}/deliveries")).await.body;
-            (d["deliveries"].as_array().map_or(0, |v| v.len()) >= 3).then_some(d)
-        }
-    })
-    .await;
+    let log = attempts_logged(&alice, &flaky_id, 3).await;
     let attempts = log["deliveries"].as_array().unwrap();
     assert_eq!(attempts.len(), 3, "{attempts:?}");
     assert_eq!(attempts[0]["attempt"], 3);
@@ -368,15 +373,7 @@ async fn webhooks_are_signed_retried_and_logged() {
     alice
         .post(&format!("/api/webhooks/{down_id}/test"), json!({}))
         .await;
-    let log = common::wait_until("four attempts", std::time::Duration::from_secs(10), || {
-        let a = alice.clone();
-        let id = down_id.clone();
-        async move {
-            let d = a.get(&format!("/api/webhooks/{id}/deliveries")).await.body;
-            (d["deliveries"].as_array().map_or(0, |v| v.len()) >= 4).then_some(d)
-        }
-    })
-    .await;
+    let log = attempts_logged(&alice, &down_id, 4).await;
     let attempts = log["deliveries"].as_array().unwrap();
     assert!(
         attempts
