@@ -97,15 +97,16 @@ impl Alerts {
                 let t = this.thresholds.clone();
                 // statvfs, /proc and nvidia-smi block: off the runtime.
                 match tokio::task::spawn_blocking(move || readings(&t)).await {
-                    Ok(crossings) => this.apply(crossings).await,
+                    Ok((crossings, read)) => this.apply(crossings, &read).await,
                     Err(e) => tracing::warn!(error = %e, "alert check failed"),
                 }
             }
         })
     }
 
-    /// Raises the new crossings, resolves the alerts no longer crossed.
-    async fn apply(&self, crossings: Vec<Crossing>) {
+    /// Raises the new crossings, resolves the alerts no longer crossed (among the keys that
+    /// could be read this time: a reading that failed leaves its alert as it was).
+    async fn apply(&self, crossings: Vec<Crossing>, read: &[String]) {
         let now = OffsetDateTime::now_utc();
         let (raised, resolved) = {
             let mut active = self.lock();
@@ -134,7 +135,7 @@ impl Alerts {
             }
             let gone: Vec<String> = active
                 .keys()
-                .filter(|k| !crossings.iter().any(|c| &c.key == *k))
+                .filter(|k| read.contains(k) && !crossings.iter().any(|c| &c.key == *k))
                 .cloned()
                 .collect();
             let resolved: Vec<Alert> = gone.iter().filter_map(|k| active.remove(k)).collect();
@@ -183,12 +184,17 @@ fn disk_free_percent(dir: &Path) -> Option<(f64, u64)> {
     Some((free, st.f_bavail as u64 * st.f_frsize as u64))
 }
 
-/// Every reading past its line.
-fn readings(t: &Thresholds) -> Vec<Crossing> {
+/// Every reading past its line, and the keys that could be read.
+fn readings(t: &Thresholds) -> (Vec<Crossing>, Vec<String>) {
     let mut out = Vec::new();
+    let mut read = Vec::new();
     if t.disk_free_percent > 0.0 {
         for (name, dir) in &t.dirs {
-            if let Some((free, bytes)) = disk_free_percent(dir)
+            let reading = disk_free_percent(dir);
+            if reading.is_some() {
+                read.push(format!("disk:{name}"));
+            }
+            if let Some((free, bytes)) = reading
                 && free < t.disk_free_percent
             {
                 out.push(Crossing {
@@ -212,6 +218,7 @@ fn readings(t: &Thresholds) -> Vec<Crossing> {
         && m.total_bytes > 0
     {
         let used = m.used_bytes as f64 / m.total_bytes as f64 * 100.0;
+        read.push("memory".into());
         if used > t.memory_percent {
             out.push(Crossing {
                 key: "memory".into(),
@@ -228,6 +235,12 @@ fn readings(t: &Thresholds) -> Vec<Crossing> {
     }
     if t.gpu_temperature_c > 0.0 || t.gpu_memory_percent > 0.0 {
         for g in crate::system::gpus() {
+            if g.temperature_c.is_some() {
+                read.push(format!("gpu{}:temperature", g.index));
+            }
+            if g.memory_used_mib.is_some() && g.memory_total_mib.is_some() {
+                read.push(format!("gpu{}:memory", g.index));
+            }
             if t.gpu_temperature_c > 0.0
                 && let Some(c) = g.temperature_c
                 && c > t.gpu_temperature_c
@@ -264,7 +277,7 @@ fn readings(t: &Thresholds) -> Vec<Crossing> {
             }
         }
     }
-    out
+    (out, read)
 }
 
 #[cfg(test)]
@@ -288,15 +301,21 @@ mod tests {
             every: Duration::from_secs(1),
             dirs: vec![("data".into(), PathBuf::from("/"))],
         };
-        let c = readings(&t);
+        let (c, read) = readings(&t);
+        assert_eq!(read, ["disk:data"]);
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].key, "disk:data");
         assert!(c[0].message.contains("below 100 %"), "{}", c[0].message);
         t.disk_free_percent = 0.0;
         t.memory_percent = 0.001;
-        let c = readings(&t);
+        let (c, _) = readings(&t);
         assert!(c.iter().all(|c| c.kind == "host_memory"));
         t.memory_percent = 0.0;
-        assert!(readings(&t).is_empty());
+        assert!(readings(&t).0.is_empty());
+        // A directory that cannot be read is not read: its alert would stay as it was.
+        t.disk_free_percent = 100.0;
+        t.dirs = vec![("models".into(), PathBuf::from("/no/such/dir"))];
+        let (c, read) = readings(&t);
+        assert!(c.is_empty() && !read.contains(&"disk:models".to_string()));
     }
 }

@@ -67,6 +67,9 @@ pub struct Config {
     pub webhook_retry_base_ms: u64,
     /// How long a webhook receiver has to answer (s).
     pub webhook_timeout_secs: u64,
+    /// Let webhooks reach loopback, private and link-local addresses (off: refused, so users
+    /// cannot probe the server's own network through it).
+    pub webhook_allow_private_addresses: bool,
     /// Alert when the data or models directory's disk has less free space than this (%).
     pub alert_disk_free_percent: f64,
     /// Alert when the host's memory in use exceeds this (%).
@@ -170,6 +173,7 @@ impl Default for Config {
             webhook_max_attempts: 6,
             webhook_retry_base_ms: 1000,
             webhook_timeout_secs: 10,
+            webhook_allow_private_addresses: false,
             alert_disk_free_percent: 10.0,
             alert_memory_percent: 90.0,
             alert_gpu_temperature_c: 85.0,

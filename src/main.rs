@@ -60,8 +60,9 @@ enum Command {
         #[arg(long, env = "FERROTUNE_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
-    /// Restore a backup archive into a new or empty data dir (`--data-dir`). Every checksum
-    /// is checked before anything is written; a failed restore leaves nothing behind.
+    /// Restore a backup archive into a new or empty data dir (`--data-dir`). It is unpacked
+    /// beside the target, every file checked against the manifest, then renamed into place: a
+    /// failed or damaged restore leaves nothing behind.
     Restore {
         /// The archive (`ferrotune backup --to`, or a download of `/api/admin/backup`).
         file: PathBuf,

@@ -58,6 +58,10 @@ pub struct Policy {
     pub max_attempts: u32,
     pub retry_base: Duration,
     pub timeout: Duration,
+    /// Deliver to loopback, private and link-local addresses too (off: such URLs are refused
+    /// and host names that resolve only to them fail, so users cannot reach the server's own
+    /// network through it).
+    pub allow_private: bool,
 }
 
 pub struct Webhooks {
@@ -77,7 +81,12 @@ pub struct Change {
 
 impl Webhooks {
     pub fn new(store: Store, policy: Policy) -> Result<Arc<Webhooks>> {
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder();
+        if !policy.allow_private {
+            // Resolved here, so a name cannot point at a private address after the check.
+            http = http.dns_resolver(Arc::new(PublicOnly));
+        }
+        let http = http
             .timeout(policy.timeout)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("ferrotune-webhooks/", env!("CARGO_PKG_VERSION")))
@@ -138,7 +147,11 @@ impl Webhooks {
         let max = self.policy.max_attempts.max(1);
         for attempt in 1..=max {
             let mut d = self.attempt(&hook, event, attempt).await;
-            let wait = self.policy.retry_base * 2u32.saturating_pow(attempt - 1);
+            let wait = self
+                .policy
+                .retry_base
+                .saturating_mul(2u32.saturating_pow(attempt - 1))
+                .min(Duration::from_secs(3600));
             let again = !d.succeeded && attempt < max;
             if again {
                 d.next_attempt_at = Some(OffsetDateTime::now_utc() + wait);
@@ -170,7 +183,10 @@ impl Webhooks {
         let at = OffsetDateTime::now_utc();
         let timestamp = at.unix_timestamp();
         let body = event.body.to_string();
-        let (status, error) = match sign(&hook.secret, &event.id, timestamp, &body) {
+        let signed = check_url(&hook.url, self.policy.allow_private)
+            .map_err(|e| e.message)
+            .and_then(|_| sign(&hook.secret, &event.id, timestamp, &body));
+        let (status, error) = match signed {
             Err(e) => (None, Some(e)),
             Ok(signature) => {
                 let sent = self
@@ -250,7 +266,10 @@ impl Webhooks {
 
     /// A new webhook (its secret is in the record: shown to the user once).
     pub async fn create(&self, owner: &str, change: Change) -> Result<WebhookRecord> {
-        let url = check_url(change.url.as_deref().unwrap_or(""))?;
+        let url = check_url(
+            change.url.as_deref().unwrap_or(""),
+            self.policy.allow_private,
+        )?;
         let events = check_events(change.events.unwrap_or_else(|| vec!["*".into()]))?;
         let description = check_description(change.description.unwrap_or_default())?;
         if self.store.webhooks().list(owner).await?.len() >= MAX_WEBHOOKS {
@@ -279,7 +298,12 @@ impl Webhooks {
     }
 
     pub async fn update(&self, owner: &str, id: &str, change: Change) -> Result<WebhookRecord> {
-        let url = change.url.as_deref().map(check_url).transpose()?;
+        let allow = self.policy.allow_private;
+        let url = change
+            .url
+            .as_deref()
+            .map(|u| check_url(u, allow))
+            .transpose()?;
         let events = change.events.map(check_events).transpose()?;
         let description = change.description.map(check_description).transpose()?;
         let active = change.active;
@@ -395,7 +419,61 @@ fn subscribed(wanted: &[String], event: &str) -> bool {
     })
 }
 
-fn check_url(url: &str) -> Result<String> {
+/// Refused private addresses, for the resolver and the URL check.
+const PRIVATE_REFUSED: &str = "a loopback, private or link-local address (an administrator may \
+     allow those with webhook_allow_private_addresses)";
+
+/// Is `ip` on the public internet (not loopback, private, link-local, CGNAT, unique-local,
+/// multicast, unspecified or documentation)?
+pub fn is_public(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || v4.is_multicast()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64))
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let s0 = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s0 & 0xfe00) == 0xfc00
+                || (s0 & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+/// A resolver that keeps only public addresses.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| is_public(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err(format!("{host} resolves only to {PRIVATE_REFUSED}").into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+fn check_url(url: &str, allow_private: bool) -> Result<String> {
     let url = url.trim();
     let parsed = reqwest::Url::parse(url)
         .map_err(|e| Error::invalid(format!("url: not a valid URL ({e})")))?;
@@ -404,6 +482,18 @@ fn check_url(url: &str) -> Result<String> {
     }
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err(Error::invalid("url: has no host"));
+    }
+    let literal = parsed.host_str().and_then(|h| {
+        h.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .ok()
+    });
+    let local_name = parsed
+        .host_str()
+        .is_some_and(|h| h.eq_ignore_ascii_case("localhost") || h.ends_with(".localhost"));
+    if !allow_private && (literal.is_some_and(|ip| !is_public(ip)) || local_name) {
+        return Err(Error::invalid(format!("url: points at {PRIVATE_REFUSED}")));
     }
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(Error::invalid(
@@ -485,13 +575,28 @@ mod tests {
 
     #[test]
     fn bad_settings_are_named() {
-        assert!(check_url("ftp://x/y").is_err());
-        assert!(check_url("not a url").is_err());
-        assert!(check_url("https://user:pw@example.com/h").is_err());
+        assert!(check_url("ftp://x/y", true).is_err());
+        assert!(check_url("not a url", true).is_err());
+        assert!(check_url("https://user:pw@example.com/h", true).is_err());
         assert_eq!(
-            check_url(" https://example.com/hook ").unwrap(),
+            check_url(" https://example.com/hook ", false).unwrap(),
             "https://example.com/hook"
         );
+        for private in [
+            "http://127.0.0.1:9/x",
+            "http://localhost/x",
+            "http://10.1.2.3/x",
+            "http://169.254.169.254/latest",
+            "http://[::1]/x",
+            "http://[fd00::1]/x",
+            "http://[::ffff:192.168.1.1]/x",
+            "http://100.64.0.1/x",
+        ] {
+            let e = check_url(private, false).unwrap_err();
+            assert!(e.message.contains("private"), "{private}: {}", e.message);
+            assert!(check_url(private, true).is_ok(), "{private}");
+        }
+        assert!(check_url("http://93.184.215.14/x", false).is_ok());
         assert!(check_events(vec![]).is_err());
         assert!(check_events(vec!["task.exploded".into()]).is_err());
         assert!(check_events(vec!["nothing.*".into()]).is_err());

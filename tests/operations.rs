@@ -140,6 +140,16 @@ async fn the_audit_log_says_who_did_what_when_and_from_where() {
             .status,
         403
     );
+    // By default a webhook cannot point into the server's own network.
+    for url in [
+        "http://127.0.0.1:9/x",
+        "http://169.254.169.254/latest",
+        "http://localhost/x",
+    ] {
+        let r = alice.post("/api/webhooks", json!({"url": url})).await;
+        assert_eq!(r.status, 422, "{url}: {:?}", r.body);
+        assert!(r.error().contains("private"), "{:?}", r.body);
+    }
     // Nothing edits or removes an entry.
     for r in [
         root.post("/api/audit", json!({})).await,
@@ -225,6 +235,7 @@ async fn attempts_logged(c: &common::Client, id: &str, n: usize) -> Value {
 #[tokio::test]
 async fn webhooks_are_signed_retried_and_logged() {
     let server = Server::start(&[
+        ("FERROTUNE_WEBHOOK_ALLOW_PRIVATE_ADDRESSES", "true"),
         ("FERROTUNE_WEBHOOK_RETRY_BASE_MS", "200"),
         ("FERROTUNE_WEBHOOK_MAX_ATTEMPTS", "4"),
     ]);
@@ -435,6 +446,7 @@ async fn a_crossed_disk_line_raises_an_alert_and_fires_the_admin_webhook() {
         ("FERROTUNE_ALERT_DISK_FREE_PERCENT", "100"),
         ("FERROTUNE_ALERT_MEMORY_PERCENT", "0"),
         ("FERROTUNE_ALERT_CHECK_SECS", "1"),
+        ("FERROTUNE_WEBHOOK_ALLOW_PRIVATE_ADDRESSES", "true"),
     ]);
     let c = server.client();
     let (root, _) = c.signup("root").await;

@@ -160,6 +160,7 @@ impl AppState {
                 max_attempts: config.webhook_max_attempts.max(1),
                 retry_base: Duration::from_millis(config.webhook_retry_base_ms),
                 timeout: Duration::from_secs(config.webhook_timeout_secs.max(1)),
+                allow_private: config.webhook_allow_private_addresses,
             },
         )?;
         let alerts = crate::alerts::Alerts::new(
@@ -376,10 +377,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         })
     };
 
+    // Listening before recovery, so the tasks and exports it marks failed reach webhooks.
+    let deliverer = state.webhooks.spawn(&state.notices);
     state.training.recover().await?;
     state.exports.recover().await?;
     let background = state.training.spawn_background();
-    let deliverer = state.webhooks.spawn(&state.notices);
     let watcher = state.alerts.spawn();
     if state.config.auto_setup && !state.training.env().is_ready() {
         let env = state.training.env().clone();

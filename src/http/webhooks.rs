@@ -116,7 +116,10 @@ async fn create(
     let hook = state.webhooks.create(&p.user.user_id, body.into()).await?;
     note.edit(|n| {
         n.target_id = Some(hook.webhook_id.clone());
-        n.detail = Some(hook.url.clone());
+        // Scheme and host only: some receivers carry a secret in the path.
+        n.detail = reqwest::Url::parse(&hook.url)
+            .ok()
+            .map(|u| format!("{}://{}", u.scheme(), u.host_str().unwrap_or("")));
     });
     Ok((
         StatusCode::CREATED,

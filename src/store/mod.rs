@@ -850,6 +850,9 @@ impl Store {
             remove_owned_blocking(&i.chat_sessions, &user_id)?;
             remove_owned_blocking(&i.task_templates, &user_id)?;
             remove_owned_blocking(&i.models, &user_id)?;
+            for hook in remove_owned_blocking(&i.webhooks, &user_id)? {
+                remove_owned_blocking(&i.webhook_deliveries, &hook)?;
+            }
             for task_id in remove_owned_blocking(&i.tasks, &user_id)? {
                 for key in i.task_metrics.scan_prefix(owner_prefix(&task_id)).keys() {
                     i.task_metrics.remove(key?)?;
@@ -1005,7 +1008,7 @@ impl Store {
         let record = encode(key)?;
         let key_path = owned_key(&key.owner, &key.key_id);
         let (key_id, owner, hash) = (key.key_id.clone(), key.owner.clone(), hash.to_vec());
-        blocking(move || {
+        write_blocking(&self.inner.gate, move || {
             (&i.api_keys.tree, &i.api_keys.ids, &i.api_key_hashes).transaction(
                 |(tree, ids, hashes)| {
                     tree.insert(key_path.as_slice(), record.as_slice())?;
@@ -1024,7 +1027,8 @@ impl Store {
     pub async fn api_key_by_hash(&self, hash: &[u8]) -> Result<Option<(ApiKey, Option<User>)>> {
         let i = self.inner.clone();
         let hash = hash.to_vec();
-        write_blocking(&self.inner.gate, move || {
+        // A read: not behind the write gate (a snapshot does not stall sign-ins).
+        blocking(move || {
             let Some(path) = i.api_key_hashes.get(hash)? else {
                 return Ok(None);
             };

@@ -416,6 +416,8 @@ pub fn training_server(extra: &[(&str, &str)]) -> Server {
     let mut env = vec![
         ("FERROTUNE_AUTO_SETUP", "true"),
         ("FERROTUNE_DEFAULT_MODEL", "smollm2-135m-instruct"),
+        // The tests' webhook receivers listen on loopback.
+        ("FERROTUNE_WEBHOOK_ALLOW_PRIVATE_ADDRESSES", "true"),
     ];
     env.extend_from_slice(extra);
     Server::start_with(Some(&models), &env)
