@@ -1,6 +1,6 @@
 //! Alerts for operators: thresholds from the configuration checked every
 //! `alert_check_secs` — free space of the data and models directories, host memory, GPU
-//! temperature and memory. An alert is raised when a value crosses its line and resolved when
+//! temperature and memory, and training workers silent for too long. An alert is raised when a value crosses its line and resolved when
 //! it is back; each change is logged, kept for the dashboard (`GET /api/system/alerts`) and
 //! sent to every administrator's webhooks that ask for `alert.*` (as `alert.raised` /
 //! `alert.resolved`, with the value and the line it crossed).
@@ -27,6 +27,9 @@ pub struct Thresholds {
     pub gpu_temperature_c: f64,
     /// Raise when a GPU's memory in use exceeds this share (%).
     pub gpu_memory_percent: f64,
+    /// Raise when a running training worker has written nothing (not even its heartbeat) for
+    /// this long (s).
+    pub worker_silent_secs: u64,
     pub every: Duration,
     /// The directories whose disks are watched, by name.
     pub dirs: Vec<(String, PathBuf)>,
@@ -35,14 +38,14 @@ pub struct Thresholds {
 /// One alert that is on.
 #[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Alert {
-    /// What it is about: `disk:data`, `memory`, `gpu0:temperature`, …
+    /// What it is about: `disk:data`, `memory`, `gpu0:temperature`, `worker:<task id>`, …
     pub key: String,
-    /// `disk_free`, `host_memory`, `gpu_temperature` or `gpu_memory`.
+    /// `disk_free`, `host_memory`, `gpu_temperature`, `gpu_memory` or `worker_silent`.
     pub kind: String,
     pub message: String,
     pub value: f64,
     pub threshold: f64,
-    /// `%` or `°C`.
+    /// `%`, `°C` or `s`.
     pub unit: String,
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
@@ -61,15 +64,23 @@ struct Crossing {
 
 pub struct Alerts {
     thresholds: Thresholds,
+    /// Whose workers are watched for silence.
+    training: Option<Arc<crate::training::Training>>,
     store: Store,
     notices: Notices,
     active: Mutex<BTreeMap<String, Alert>>,
 }
 
 impl Alerts {
-    pub fn new(thresholds: Thresholds, store: Store, notices: Notices) -> Arc<Alerts> {
+    pub fn new(
+        thresholds: Thresholds,
+        training: Option<Arc<crate::training::Training>>,
+        store: Store,
+        notices: Notices,
+    ) -> Arc<Alerts> {
         Arc::new(Alerts {
             thresholds,
+            training,
             store,
             notices,
             active: Mutex::new(BTreeMap::new()),
@@ -97,11 +108,48 @@ impl Alerts {
                 let t = this.thresholds.clone();
                 // statvfs, /proc and nvidia-smi block: off the runtime.
                 match tokio::task::spawn_blocking(move || readings(&t)).await {
-                    Ok((crossings, read)) => this.apply(crossings, &read).await,
+                    Ok((mut crossings, mut read)) => {
+                        this.watch_workers(&mut crossings, &mut read);
+                        this.apply(crossings, &read).await
+                    }
                     Err(e) => tracing::warn!(error = %e, "alert check failed"),
                 }
             }
         })
+    }
+
+    /// Adds the silent workers' crossings. Every worker alert counts as read: one whose task
+    /// no longer runs is resolved.
+    fn watch_workers(&self, crossings: &mut Vec<Crossing>, read: &mut Vec<String>) {
+        let secs = self.thresholds.worker_silent_secs;
+        let Some(training) = self.training.as_ref().filter(|_| secs > 0) else {
+            return;
+        };
+        read.extend(
+            self.lock()
+                .keys()
+                .filter(|k| k.starts_with("worker:"))
+                .cloned(),
+        );
+        read.extend(
+            training
+                .running_task_ids()
+                .into_iter()
+                .map(|id| format!("worker:{id}")),
+        );
+        for (task_id, owner, silent) in training.silent_workers(Duration::from_secs(secs)) {
+            let s = silent.as_secs();
+            crossings.push(Crossing {
+                key: format!("worker:{task_id}"),
+                kind: "worker_silent",
+                message: format!(
+                    "the training worker of task {task_id} (user {owner}) has written nothing for {s} s, over {secs} s"
+                ),
+                value: s as f64,
+                threshold: secs as f64,
+                unit: "s",
+            });
+        }
     }
 
     /// Raises the new crossings, resolves the alerts no longer crossed (among the keys that
@@ -171,17 +219,13 @@ impl Alerts {
     }
 }
 
-/// Free space of the disk holding `dir`, as a share of it (%), from `statvfs`.
+/// Free space of the disk holding `dir`, as a share of it (%), and in bytes.
 fn disk_free_percent(dir: &Path) -> Option<(f64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is a NUL-terminated string and `st` a statvfs the call fills.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 || st.f_blocks == 0 {
-        return None;
-    }
-    let free = st.f_bavail as f64 / st.f_blocks as f64 * 100.0;
-    Some((free, st.f_bavail as u64 * st.f_frsize as u64))
+    let d = crate::system::disk_space(dir)?;
+    Some((
+        d.free_bytes as f64 / d.total_bytes as f64 * 100.0,
+        d.free_bytes,
+    ))
 }
 
 /// Every reading past its line, and the keys that could be read.
@@ -298,6 +342,7 @@ mod tests {
             memory_percent: 0.0,
             gpu_temperature_c: 0.0,
             gpu_memory_percent: 0.0,
+            worker_silent_secs: 0,
             every: Duration::from_secs(1),
             dirs: vec![("data".into(), PathBuf::from("/"))],
         };

@@ -78,6 +78,10 @@ pub struct Config {
     pub alert_gpu_temperature_c: f64,
     /// Alert when a GPU's memory in use exceeds this (%).
     pub alert_gpu_memory_percent: f64,
+    /// Alert when a running training worker has written nothing (not even its heartbeat,
+    /// every 10 s) for this long (s); 0 turns it off. It is stopped at
+    /// `heartbeat_timeout_secs`.
+    pub alert_worker_silent_secs: u64,
     /// How often the alert thresholds are checked (s).
     pub alert_check_secs: u64,
     /// Generations one user may run at once; more are refused with 429.
@@ -135,8 +139,27 @@ pub struct Config {
     pub hub_token: String,
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `ferrotune=debug,info`.
     pub log: String,
-    /// Log format: `text` or `json`.
+    /// Log format on stderr: `text` or `json`.
     pub log_format: LogFormat,
+    /// An SMTP relay for e-mail (password-reset codes, address confirmation, notices users
+    /// ask for): `smtps://user:pass@host:465`, `smtp://host:587?tls=required`, or
+    /// `smtp://host:25` (no TLS: a relay on this machine only); empty: no e-mail.
+    pub smtp_url: String,
+    /// The sender of the e-mails.
+    pub smtp_from: String,
+    /// How long the relay has to take one e-mail (s).
+    pub smtp_timeout_secs: u64,
+    /// Also write the server's log to files in `log_dir`, rotated by size.
+    pub log_file: bool,
+    /// The folder of the log files; empty: `<data_dir>/logs`.
+    pub log_dir: String,
+    /// Format of the log files: `json` (what the administrators' log viewer filters best) or
+    /// `text`.
+    pub log_file_format: LogFormat,
+    /// A log file is rotated once it holds more than this many MiB (server and workers).
+    pub log_file_max_mb: u64,
+    /// Rotated files kept besides the current one (server and each worker).
+    pub log_file_count: usize,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -178,6 +201,7 @@ impl Default for Config {
             alert_memory_percent: 90.0,
             alert_gpu_temperature_c: 85.0,
             alert_gpu_memory_percent: 95.0,
+            alert_worker_silent_secs: 120,
             alert_check_secs: 60,
             inference_weights: "auto".into(),
             model_weights: std::collections::BTreeMap::new(),
@@ -198,6 +222,14 @@ impl Default for Config {
             hub_token: String::new(),
             log: "info".into(),
             log_format: LogFormat::Text,
+            smtp_url: String::new(),
+            smtp_from: "ferrotune <ferrotune@localhost>".into(),
+            smtp_timeout_secs: 10,
+            log_file: true,
+            log_dir: String::new(),
+            log_file_format: LogFormat::Json,
+            log_file_max_mb: 16,
+            log_file_count: 5,
         }
     }
 }
@@ -324,6 +356,9 @@ impl Config {
         crate::inference::InferenceDevice::parse(&self.inference_device)
             .and_then(|d| d.check_build())
             .map_err(|e| anyhow::anyhow!("inference_device: {e}"))?;
+        if self.log_file_max_mb == 0 {
+            anyhow::bail!("log_file_max_mb must be greater than 0");
+        }
         if self.register_max_per_ip == 0 {
             anyhow::bail!("register_max_per_ip must be greater than 0");
         }
@@ -357,6 +392,12 @@ impl Config {
         if !shown.hub_token.is_empty() {
             shown.hub_token = "********".into();
         }
+        // The relay's credentials: `scheme://user:pass@host` → `scheme://********@host`.
+        if let Some((scheme, rest)) = shown.smtp_url.split_once("://")
+            && let Some((_, host)) = rest.rsplit_once('@')
+        {
+            shown.smtp_url = format!("{scheme}://********@{host}");
+        }
         toml::to_string(&shown).unwrap_or_else(|e| format!("<unprintable: {e}>"))
     }
 
@@ -378,6 +419,30 @@ impl Config {
 
     pub fn tmp_dir(&self) -> PathBuf {
         self.data_dir.join("tmp")
+    }
+
+    /// The folder of the server's log files.
+    pub fn log_dir(&self) -> PathBuf {
+        if self.log_dir.trim().is_empty() {
+            self.data_dir.join("logs")
+        } else {
+            std::path::absolute(self.log_dir.trim())
+                .unwrap_or_else(|_| PathBuf::from(self.log_dir.trim()))
+        }
+    }
+
+    /// The rotation of the server's log file.
+    pub fn server_log(&self) -> crate::logs::Rotation {
+        crate::logs::Rotation {
+            path: self.log_dir().join(crate::logs::SERVER_LOG),
+            max_bytes: self.log_max_bytes(),
+            keep: self.log_file_count,
+        }
+    }
+
+    /// Bytes a log file holds before it is rotated.
+    pub fn log_max_bytes(&self) -> usize {
+        usize::try_from(self.log_file_max_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
     }
 
     pub fn jwt_secret_path(&self) -> PathBuf {

@@ -238,7 +238,13 @@ fn main() -> ExitCode {
         eprintln!("ferrotune: {e}");
         return ExitCode::from(2);
     }
-    ferrotune::telemetry::init(&config.log, config.log_format);
+    // Only the server writes the log files: two processes rotating one file would lose lines.
+    let serving = matches!(cli.command, None | Some(Command::Serve { .. }));
+    let file_log = (serving && config.log_file).then(|| ferrotune::telemetry::FileLog {
+        rotation: config.server_log(),
+        format: config.log_file_format,
+    });
+    let _log_guard = ferrotune::telemetry::init(&config.log, config.log_format, file_log);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

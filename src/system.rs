@@ -163,6 +163,31 @@ fn meminfo_kib(text: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
+/// Size and free space of a disk, in bytes.
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+pub struct DiskSpace {
+    pub total_bytes: u64,
+    /// Available to this process's user (`f_bavail`).
+    pub free_bytes: u64,
+}
+
+/// The disk holding `dir`, from `statvfs` (blocking); `None` when it cannot be read.
+pub fn disk_space(dir: &std::path::Path) -> Option<DiskSpace> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: an all-zero statvfs is a valid value for the call to fill.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a NUL-terminated string and `st` a statvfs the call fills.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 || st.f_blocks == 0 {
+        return None;
+    }
+    let unit = st.f_frsize as u64;
+    Some(DiskSpace {
+        total_bytes: st.f_blocks as u64 * unit,
+        free_bytes: st.f_bavail as u64 * unit,
+    })
+}
+
 pub fn memory() -> Option<Memory> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let total = meminfo_kib(&text, "MemTotal:")? * 1024;

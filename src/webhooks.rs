@@ -410,7 +410,7 @@ pub fn sign(
 }
 
 /// Does a webhook that asked for `wanted` get `event`? (`*`, `task.*`, or the exact type.)
-fn subscribed(wanted: &[String], event: &str) -> bool {
+pub(crate) fn subscribed(wanted: &[String], event: &str) -> bool {
     wanted.iter().any(|w| {
         w == "*"
             || w == event
@@ -506,7 +506,7 @@ fn check_url(url: &str, allow_private: bool) -> Result<String> {
     Ok(url.to_string())
 }
 
-fn check_events(events: Vec<String>) -> Result<Vec<String>> {
+pub(crate) fn check_events(events: Vec<String>) -> Result<Vec<String>> {
     if events.is_empty() {
         return Err(Error::invalid(
             "events: name at least one (or \"*\" for all)",

@@ -142,6 +142,8 @@ async fn every_documented_route_needs_credentials_unless_marked_public() {
         [
             "GET /health",
             "POST /api/auth/login",
+            "POST /api/auth/password-reset",
+            "POST /api/auth/password-reset/confirm",
             "POST /api/auth/refresh",
             "POST /api/auth/register",
         ],

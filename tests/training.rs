@@ -14,7 +14,12 @@ use serde_json::{Value, json};
 /// A server on the test models with the training environment (installed when missing),
 /// users alice and bob, and alice's arithmetic dataset (its id).
 async fn server_with_a_dataset() -> (Server, Client, Client, String) {
-    let server = training_server(&[]);
+    server_with_a_dataset_and(&[]).await
+}
+
+/// [`server_with_a_dataset`] with extra settings.
+async fn server_with_a_dataset_and(env: &[(&str, &str)]) -> (Server, Client, Client, String) {
+    let server = training_server(env);
     let c = server.client();
     let (alice, _) = c.signup("alice").await;
     let (bob, _) = c.signup("bob").await;
@@ -25,7 +30,22 @@ async fn server_with_a_dataset() -> (Server, Client, Client, String) {
 
 #[tokio::test]
 async fn a_lora_trains_for_real_and_its_adapter_is_registered() {
-    let (server, alice, bob, dataset_id) = server_with_a_dataset().await;
+    // Workers are watched for silence: a line of 3 s is crossed between the heartbeats
+    // (every 10 s) while the worker imports and loads, so the alert is raised and resolved.
+    let (server, alice, bob, dataset_id) = server_with_a_dataset_and(&[
+        ("FERROTUNE_ALERT_WORKER_SILENT_SECS", "3"),
+        ("FERROTUNE_ALERT_CHECK_SECS", "1"),
+    ])
+    .await;
+    // Alice is the administrator (the first account): her alert webhook hears of it.
+    let (alert_base, alerts_received) = common::receiver().await;
+    let alert_hook = alice
+        .post(
+            "/api/webhooks",
+            json!({"url": format!("{alert_base}/ok"), "events": ["alert.*"]}),
+        )
+        .await;
+    assert_eq!(alert_hook.status, 201, "{:?}", alert_hook.body);
     // A webhook on a loopback receiver gets the task's events, signed.
     let (hook_base, received) = common::receiver().await;
     let hook = alice
@@ -141,6 +161,46 @@ async fn a_lora_trains_for_real_and_its_adapter_is_registered() {
         latency.as_seconds_f64() * 1e3
     );
     assert!(latency < time::Duration::seconds(1), "{latency}");
+
+    // The silent-worker alert was raised for this task, and resolved once it ended.
+    let worker_key = format!("worker:{id}");
+    wait_until(
+        "the worker alert's resolution at the webhook",
+        Duration::from_secs(10),
+        async || {
+            let got = alerts_received.lock().unwrap().clone();
+            let kinds: Vec<(String, String)> = got
+                .iter()
+                .map(|r| {
+                    let b: Value = serde_json::from_str(&r.body).unwrap();
+                    (
+                        b["type"].as_str().unwrap_or("").to_string(),
+                        b["data"]["key"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .filter(|(_, k)| *k == worker_key)
+                .collect();
+            (kinds.first().is_some_and(|(t, _)| t == "alert.raised")
+                && kinds.last().is_some_and(|(t, _)| t == "alert.resolved"))
+            .then(|| Value::from(kinds.len()))
+        },
+    )
+    .await;
+    let raised = alerts_received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_str::<Value>(&r.body).unwrap())
+        .find(|b| b["type"] == "alert.raised" && b["data"]["key"] == worker_key.as_str())
+        .unwrap();
+    assert_eq!(raised["data"]["kind"], "worker_silent");
+    assert_eq!(raised["data"]["unit"], "s");
+    assert!(raised["data"]["value"].as_f64().unwrap() >= 3.0, "{raised}");
+    let active = alice.get("/api/system/alerts").await.body;
+    assert!(
+        !active.to_string().contains(&worker_key),
+        "no longer on: {active}"
+    );
 
     let points = alice.get(&format!("/api/tasks/{id}/metrics")).await.body["points"]
         .as_array()

@@ -153,19 +153,25 @@ impl Accounts {
             crate::auth::validate_password(pw)?;
         }
         let _one_at_a_time = self.admin_changes.lock().await;
-        let mut user = self.get(user_id).await?;
+        let user = self.get(user_id).await?;
         let demotes = change.role == Some(Role::User) || change.disabled == Some(true);
         if demotes && self.is_last_admin(&user).await? {
             return Err(Self::last_admin());
         }
-        if let Some(role) = change.role {
-            user.role = role;
-        }
-        if let Some(disabled) = change.disabled {
-            user.disabled = disabled;
-        }
-        user.updated_at = OffsetDateTime::now_utc();
-        self.store.update_user(&user).await?;
+        let (role, disabled) = (change.role, change.disabled);
+        let mut user = self
+            .store
+            .modify_user(user_id, move |u| {
+                if let Some(role) = role {
+                    u.role = role;
+                }
+                if let Some(disabled) = disabled {
+                    u.disabled = disabled;
+                }
+                u.updated_at = OffsetDateTime::now_utc();
+            })
+            .await?
+            .ok_or_else(|| Error::not_found("user"))?;
         if user.disabled {
             // Their access tokens stop at the next request (checked per request); their
             // sessions end for good.

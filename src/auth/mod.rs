@@ -51,6 +51,27 @@ struct Claims {
     sid: Option<String>,
 }
 
+/// What a user may change of their own account.
+#[derive(Debug, Clone, Default)]
+pub struct ProfileChange {
+    pub display_name: Option<String>,
+    pub email: Option<String>,
+    /// Needed with a new e-mail.
+    pub current_password: Option<String>,
+    /// Notices also sent by e-mail (empty: none).
+    pub email_events: Option<Vec<String>>,
+}
+
+/// A `User-Agent` as kept with a session: printable, at most 200 characters.
+fn clean_user_agent(ua: &str) -> String {
+    ua.chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect::<String>()
+        .trim()
+        .to_string()
+}
+
 /// A fresh sign-in or refresh: the tokens handed to the client.
 pub struct Session {
     pub user: User,
@@ -96,6 +117,39 @@ pub struct Auth {
     per_address: Gate,
     /// The hash checked for unknown accounts, so they cost the same time as known ones.
     dummy_hash: String,
+    /// E-mail, when a relay is configured: reset codes and address confirmation.
+    mailer: Option<Arc<crate::mail::Mailer>>,
+}
+
+/// How long a code sent by e-mail works.
+const MAIL_CODE_TTL_SECS: i64 = 15 * 60;
+/// Wrong codes before a code stops working.
+const MAIL_CODE_ATTEMPTS: u32 = 5;
+
+fn mail_not_configured() -> Error {
+    Error::new(
+        Kind::Unavailable,
+        "mail_not_configured",
+        "this server sends no e-mail (no smtp_url is configured): ask an administrator to reset the password",
+    )
+}
+
+fn bad_code() -> Error {
+    Error::new(
+        Kind::Invalid,
+        "invalid_code",
+        "the code is wrong or has expired: ask for a new one",
+    )
+}
+
+/// An 8-digit code (uniform: 10^8 values drawn by rejection).
+fn new_code() -> String {
+    loop {
+        let n = rand::rngs::OsRng.next_u32();
+        if n < 4_200_000_000 {
+            return format!("{:08}", n % 100_000_000);
+        }
+    }
 }
 
 fn invalid_credentials() -> Error {
@@ -117,7 +171,11 @@ fn account_disabled() -> Error {
 impl Auth {
     /// Sets up authentication, loading (or creating, mode 0600) the signing secret and
     /// starting the password hashing threads.
-    pub fn new(store: Store, config: &Config) -> anyhow::Result<Arc<Auth>> {
+    pub fn new(
+        store: Store,
+        config: &Config,
+        mailer: Option<Arc<crate::mail::Mailer>>,
+    ) -> anyhow::Result<Arc<Auth>> {
         let secret = if config.jwt_secret.is_empty() {
             load_or_create_secret(&config.jwt_secret_path())?
         } else {
@@ -144,6 +202,7 @@ impl Auth {
             throttle: Throttle::new(Duration::from_secs(config.login_window_secs)),
             per_address: Gate::new(CHECKS_PER_ADDRESS),
             dummy_hash,
+            mailer,
         }))
     }
 
@@ -212,6 +271,7 @@ impl Auth {
         password: &str,
         remember: bool,
         client: &str,
+        user_agent: Option<&str>,
     ) -> Result<Session> {
         let account = login.trim().to_lowercase();
         let pair_key = format!("login:{account}|{client}");
@@ -266,10 +326,16 @@ impl Auth {
         };
         self.throttle.clear(&pair_key);
         self.throttle.mark_known(&pair_key);
-        self.open_session(user, remember).await
+        self.open_session(user, remember, client, user_agent).await
     }
 
-    async fn open_session(&self, user: User, remember: bool) -> Result<Session> {
+    async fn open_session(
+        &self,
+        user: User,
+        remember: bool,
+        client: &str,
+        user_agent: Option<&str>,
+    ) -> Result<Session> {
         let ttl = if remember {
             self.remember_ttl
         } else {
@@ -281,6 +347,9 @@ impl Auth {
             user_id: user.user_id.clone(),
             created_at: now,
             expires_at: now + ttl as i64,
+            signed_in_at: Some(now),
+            client: Some(client.to_string()),
+            user_agent: user_agent.map(clean_user_agent).filter(|a| !a.is_empty()),
         };
         let refresh_token = random_secret();
         let record = RefreshToken {
@@ -319,7 +388,7 @@ impl Auth {
 
     /// Exchanges a refresh token for a new access token and a new refresh token (the old
     /// one stops working). Reuse of an old token ends its whole session.
-    pub async fn refresh(&self, refresh_token: &str) -> Result<Session> {
+    pub async fn refresh(&self, refresh_token: &str, client: &str) -> Result<Session> {
         let invalid = || Error::unauthenticated("invalid or expired refresh token");
         let hash = sha256(refresh_token);
         let record = self.store.refresh_token(&hash).await?.ok_or_else(invalid)?;
@@ -353,11 +422,18 @@ impl Auth {
             remember: record.remember,
             rotated_at: None,
         };
+        // The sign-in's time and program stay; the address is the latest one seen.
+        let before = self.store.session(&record.family).await?;
         let session = LoginSession {
             session_id: record.family.clone(),
             user_id: user.user_id.clone(),
             created_at: now,
             expires_at: next.expires_at,
+            signed_in_at: before
+                .as_ref()
+                .map(|s| s.signed_in_at.unwrap_or(s.created_at)),
+            client: Some(client.to_string()),
+            user_agent: before.and_then(|s| s.user_agent),
         };
         let rotated = RefreshToken {
             rotated_at: Some(now),
@@ -453,12 +529,18 @@ impl Auth {
 
     /// Gives `user` a new password (validated, hashed) and ends their sessions: refresh
     /// tokens and sessions are revoked, so every access token stops working. Saves the record.
-    pub async fn set_password(&self, mut user: User, new: &str) -> Result<User> {
+    pub async fn set_password(&self, user: User, new: &str) -> Result<User> {
         validate_password(new)?;
-        user.password_hash = self.passwords.hash(new).await?;
-        user.token_version += 1;
-        user.updated_at = OffsetDateTime::now_utc();
-        self.store.update_user(&user).await?;
+        let hash = self.passwords.hash(new).await?;
+        let user = self
+            .store
+            .modify_user(&user.user_id, move |u| {
+                u.password_hash = hash.clone();
+                u.token_version += 1;
+                u.updated_at = OffsetDateTime::now_utc();
+            })
+            .await?
+            .ok_or_else(|| Error::not_found("user"))?;
         let uid = user.user_id.clone();
         self.store
             .revoke_refresh_where(move |t| t.user_id == uid)
@@ -476,6 +558,7 @@ impl Auth {
         current: &str,
         new: &str,
         client: &str,
+        user_agent: Option<&str>,
     ) -> Result<Session> {
         validate_password(new)?;
         if new == current {
@@ -485,6 +568,19 @@ impl Auth {
                 "the new password must differ from the current one",
             ));
         }
+        self.check_current_password(user, current, client).await?;
+        // Re-read: the record may have changed (role, disabled) since the request began.
+        let fresh = self
+            .set_password(self.active_user(&user.user_id).await?, new)
+            .await?;
+        tracing::info!(user_id = %fresh.user_id, client = %client, "password changed; other sessions ended");
+        self.open_session(fresh, false, client, user_agent).await
+    }
+
+    /// Checks a signed-in user's current password, for changes that need it (the password,
+    /// the e-mail). Wrong ones are throttled per account on these changes alone (a stolen
+    /// token must not be able to lock its owner's login) and per address.
+    async fn check_current_password(&self, user: &User, current: &str, client: &str) -> Result<()> {
         let key = format!("password:{}", user.user_id);
         let ip_key = format!("ip:{client}");
         if let Some(wait) = self.throttle.locked(&ip_key) {
@@ -494,9 +590,15 @@ impl Auth {
             .reserve(&key, self.max_failures)
             .map_err(Error::throttled)?;
         let _pass = self.per_address.enter(client).await;
-        if !self.passwords.verify(current, &user.password_hash).await? {
+        // The stored hash, not the one the request began with (a change may have landed).
+        let stored = self.active_user(&user.user_id).await?;
+        if !self
+            .passwords
+            .verify(current, &stored.password_hash)
+            .await?
+        {
             self.throttle.fail(&ip_key, self.max_failures_per_ip);
-            tracing::warn!(user_id = %user.user_id, client = %client, "password change: wrong current password");
+            tracing::warn!(user_id = %user.user_id, client = %client, "wrong current password");
             return Err(Error::new(
                 Kind::Invalid,
                 "wrong_password",
@@ -504,12 +606,334 @@ impl Auth {
             ));
         }
         self.throttle.clear(&key);
-        // Re-read: the record may have changed (role, disabled) since the request began.
-        let fresh = self
-            .set_password(self.active_user(&user.user_id).await?, new)
+        Ok(())
+    }
+
+    /// Changes the caller's own profile: the display name (empty clears it), and the e-mail
+    /// (validated, unique, and only with the current password: it signs in). Returns the
+    /// account as it is now.
+    pub async fn update_profile(
+        &self,
+        user: &User,
+        change: ProfileChange,
+        client: &str,
+    ) -> Result<User> {
+        let display_name = match change.display_name {
+            None => None,
+            Some(d) => {
+                let d = crate::text::clean_name(&d);
+                if d.chars().count() > 64 {
+                    return Err(Error::invalid("display_name: at most 64 characters"));
+                }
+                Some((!d.is_empty()).then_some(d))
+            }
+        };
+        let email = match change.email {
+            None => None,
+            Some(e) => {
+                let e = validate_email(&e)?;
+                (e != user.email).then_some(e)
+            }
+        };
+        if email.is_some() {
+            let current = change.current_password.as_deref().unwrap_or("");
+            if current.is_empty() {
+                return Err(Error::new(
+                    Kind::Invalid,
+                    "password_required",
+                    "current_password: needed to change the e-mail address",
+                ));
+            }
+            self.check_current_password(user, current, client).await?;
+        }
+        // With a mail relay, a new address is changed once the code sent to it comes back.
+        let email = match (email, self.mailer.clone()) {
+            (Some(e), Some(mailer)) => {
+                if let Some(other) = self.store.user_by_login(&e).await?
+                    && other.user_id != user.user_id
+                {
+                    return Err(taken("email"));
+                }
+                let code = new_code();
+                self.store
+                    .put_mail_code(&crate::store::MailCode {
+                        user_id: user.user_id.clone(),
+                        purpose: "email_change".into(),
+                        hash: sha256(&code).to_vec(),
+                        expires_at: now() + MAIL_CODE_TTL_SECS,
+                        attempts: 0,
+                        new_email: Some(e.clone()),
+                    })
+                    .await?;
+                let body = format!(
+                    "To make this the e-mail address of the ferrotune account {}, enter this code on \
+                     its account page:\n\n{code}\n\nIt works once, for {} minutes. If you did not \
+                     ask for it, ignore this e-mail.\n",
+                    user.username,
+                    MAIL_CODE_TTL_SECS / 60
+                );
+                mailer
+                    .send(&e, "ferrotune: confirm your e-mail address", body)
+                    .await
+                    .map_err(|why| {
+                        tracing::warn!(user_id = %user.user_id, error = %why, "confirmation e-mail not sent");
+                        Error::new(
+                            Kind::Unavailable,
+                            "mail_failed",
+                            "the confirmation e-mail could not be sent; try again later",
+                        )
+                    })?;
+                tracing::info!(user_id = %user.user_id, "e-mail change: confirmation code sent");
+                None
+            }
+            (email, _) => email,
+        };
+        let events = match change.email_events {
+            None => None,
+            Some(list) if list.is_empty() => Some(Vec::new()),
+            Some(list) => Some(crate::webhooks::check_events(list).map_err(|e| Error {
+                message: e.message.replacen("events:", "email_events:", 1),
+                ..e
+            })?),
+        };
+        if display_name.is_none() && email.is_none() && events.is_none() {
+            return self.active_user(&user.user_id).await;
+        }
+        let (new_name, new_email, new_events) = (display_name.clone(), email.clone(), events);
+        let updated = self
+            .store
+            .modify_user(&user.user_id, move |u| {
+                if let Some(d) = &new_name {
+                    u.display_name = d.clone();
+                }
+                if let Some(e) = &new_email {
+                    u.email = e.clone();
+                }
+                if let Some(ev) = &new_events {
+                    u.email_events = ev.clone();
+                }
+                u.updated_at = OffsetDateTime::now_utc();
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(field) => taken(field),
+                e => e.into(),
+            })?
+            .ok_or_else(|| Error::not_found("user"))?;
+        tracing::info!(user_id = %updated.user_id, email_changed = email.is_some(), "profile updated");
+        Ok(updated)
+    }
+
+    /// Whether e-mail can be sent (password resets and address confirmation work).
+    pub fn mail_enabled(&self) -> bool {
+        self.mailer.is_some()
+    }
+
+    /// Sends a password-reset code to the account with this e-mail, if there is one and it is
+    /// enabled. Answers the same whether or not there is (the code goes to the address, so
+    /// only its owner learns); throttled per address and per account like sign-ins.
+    pub async fn request_password_reset(&self, email: &str, client: &str) -> Result<()> {
+        let Some(mailer) = self.mailer.clone() else {
+            return Err(mail_not_configured());
+        };
+        let email = email.trim().to_lowercase();
+        self.throttle
+            .reserve(&format!("reset-ip:{client}"), self.max_failures_per_ip)
+            .map_err(Error::throttled)?;
+        // One code per account per pace: a flood of requests cannot flood its inbox.
+        if self
+            .throttle
+            .pace(
+                &format!("reset:{email}"),
+                1,
+                ACCOUNT_PACE * 15,
+                Duration::ZERO,
+            )
+            .is_err()
+        {
+            return Ok(());
+        }
+        let Some(user) = self.store.user_by_login(&email).await? else {
+            tracing::info!(client, "password reset asked for an unknown address");
+            return Ok(());
+        };
+        if user.disabled || !user.email.eq_ignore_ascii_case(&email) {
+            return Ok(());
+        }
+        let code = new_code();
+        self.store
+            .put_mail_code(&crate::store::MailCode {
+                user_id: user.user_id.clone(),
+                purpose: "password_reset".into(),
+                hash: sha256(&code).to_vec(),
+                expires_at: now() + MAIL_CODE_TTL_SECS,
+                attempts: 0,
+                new_email: None,
+            })
             .await?;
-        tracing::info!(user_id = %fresh.user_id, client = %client, "password changed; other sessions ended");
-        self.open_session(fresh, false).await
+        let body = format!(
+            "Someone (you, we hope) asked to reset the password of the ferrotune account {}.\n\n\
+             Your code: {code}\n\n\
+             It works once, for {} minutes. If you did not ask for it, ignore this e-mail: \
+             the password stays as it is.\n",
+            user.username,
+            MAIL_CODE_TTL_SECS / 60
+        );
+        tracing::info!(user_id = %user.user_id, client, "password reset code sent");
+        // The answer does not wait for the relay (its time would tell whether the account
+        // exists).
+        tokio::spawn(async move {
+            mailer
+                .send_logged(
+                    &user.email,
+                    "ferrotune: your password reset code",
+                    body,
+                    "password_reset",
+                )
+                .await
+        });
+        Ok(())
+    }
+
+    /// Sets a new password with a code from [`Auth::request_password_reset`]; every session
+    /// ends. A code works once; wrong ones count, and after a few the code stops working.
+    pub async fn reset_password(
+        &self,
+        email: &str,
+        code: &str,
+        new: &str,
+        client: &str,
+    ) -> Result<User> {
+        if self.mailer.is_none() {
+            return Err(mail_not_configured());
+        }
+        validate_password(new)?;
+        let ip_key = format!("ip:{client}");
+        if let Some(wait) = self.throttle.locked(&ip_key) {
+            return Err(Error::throttled(wait));
+        }
+        let user = self
+            .store
+            .user_by_login(email.trim())
+            .await?
+            .filter(|u| u.email.eq_ignore_ascii_case(email.trim()) && !u.disabled);
+        let Some(user) = user else {
+            self.throttle.fail(&ip_key, self.max_failures_per_ip);
+            return Err(bad_code());
+        };
+        if self
+            .take_code("password_reset", &user.user_id, code)
+            .await?
+            .is_none()
+        {
+            self.throttle.fail(&ip_key, self.max_failures_per_ip);
+            tracing::warn!(user_id = %user.user_id, client, "wrong password reset code");
+            return Err(bad_code());
+        }
+        let user = self.set_password(user, new).await?;
+        tracing::info!(user_id = %user.user_id, client, "password reset by e-mail code; sessions ended");
+        Ok(user)
+    }
+
+    /// The user's unexpired code for `purpose` if `code` is it (used up then); a wrong one is
+    /// counted against it.
+    async fn take_code(
+        &self,
+        purpose: &str,
+        user_id: &str,
+        code: &str,
+    ) -> Result<Option<crate::store::MailCode>> {
+        let given = sha256(code.trim()).to_vec();
+        let now = now();
+        Ok(self
+            .store
+            .use_mail_code(purpose, user_id, MAIL_CODE_ATTEMPTS, move |c| {
+                c.expires_at > now && c.hash == given
+            })
+            .await?)
+    }
+
+    /// Confirms a new address with the code sent to it.
+    pub async fn confirm_email(&self, user: &User, code: &str, client: &str) -> Result<User> {
+        if self.mailer.is_none() {
+            return Err(mail_not_configured());
+        }
+        let key = format!("password:{}", user.user_id);
+        self.throttle
+            .reserve(&key, self.max_failures)
+            .map_err(Error::throttled)?;
+        let used = self.take_code("email_change", &user.user_id, code).await?;
+        let Some(new_email) = used.and_then(|c| c.new_email) else {
+            tracing::warn!(user_id = %user.user_id, client, "wrong e-mail confirmation code");
+            return Err(bad_code());
+        };
+        self.throttle.clear(&key);
+        let updated = self
+            .store
+            .modify_user(&user.user_id, move |u| {
+                u.email = new_email.clone();
+                u.updated_at = OffsetDateTime::now_utc();
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(field) => taken(field),
+                e => e.into(),
+            })?
+            .ok_or_else(|| Error::not_found("user"))?;
+        tracing::info!(user_id = %updated.user_id, client, "e-mail address confirmed and changed");
+        Ok(updated)
+    }
+
+    /// The address waiting for its confirmation code, if any.
+    pub async fn pending_email(&self, user_id: &str) -> Result<Option<String>> {
+        Ok(self
+            .store
+            .mail_code("email_change", user_id)
+            .await?
+            .filter(|c| c.expires_at > now())
+            .and_then(|c| c.new_email))
+    }
+
+    /// The caller's login sessions, newest first.
+    pub async fn sessions(&self, user_id: &str) -> Result<Vec<LoginSession>> {
+        let now = now();
+        Ok(self
+            .store
+            .user_sessions(user_id)
+            .await?
+            .into_iter()
+            .filter(|s| s.expires_at > now)
+            .collect())
+    }
+
+    /// Ends sessions of `user_id`: the one named, or (`None`) every one but `keep`. Their
+    /// refresh tokens go and their access tokens stop at once. Returns how many ended.
+    pub async fn end_sessions(
+        &self,
+        user_id: &str,
+        only: Option<&str>,
+        keep: Option<&str>,
+    ) -> Result<usize> {
+        let mine: Vec<String> = self
+            .store
+            .user_sessions(user_id)
+            .await?
+            .into_iter()
+            .map(|s| s.session_id)
+            .filter(|id| only.is_none_or(|o| o == id) && keep != Some(id.as_str()))
+            .collect();
+        if mine.is_empty() {
+            return Ok(0);
+        }
+        let ended = mine.len();
+        let (uid, families) = (user_id.to_string(), mine.clone());
+        self.store
+            .revoke_refresh_where(move |t| t.user_id == uid && families.contains(&t.family))
+            .await?;
+        // A session whose tokens are all gone already (expired) still ends.
+        self.store.remove_sessions(mine).await?;
+        tracing::info!(user_id, sessions = ended, "sessions ended");
+        Ok(ended)
     }
 
     /// The user, if they still exist and are not disabled. Checked on every request, so

@@ -290,6 +290,7 @@ impl Datasets {
             .ok_or_else(|| Error::not_found("dataset"))?;
         let dataset = Dataset::from_record(record)?;
         remove_file_logged(&dataset.file_path).await;
+        tracing::info!(file_id = %dataset.file_id, owner, filename = %dataset.filename, "dataset deleted");
         Ok(dataset)
     }
 

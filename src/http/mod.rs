@@ -17,8 +17,10 @@ mod evaluations;
 mod exports;
 mod extract;
 mod fine_tuning;
+mod logs;
 mod metrics;
 mod models;
+mod notifications;
 mod openai;
 pub mod openapi;
 mod system;
@@ -77,6 +79,10 @@ pub struct App {
     pub metrics: metrics::Metrics,
     /// The audit log.
     pub audit: Arc<crate::audit::Audit>,
+    /// E-mail through the configured relay, if any.
+    pub mailer: Option<Arc<crate::mail::Mailer>>,
+    /// Each user's disk use (walked at most once a minute).
+    pub usage: Arc<crate::usage::DiskUsage>,
     /// What happens to users' tasks, evaluations and exports (webhooks listen).
     pub notices: crate::notify::Notices,
     pub webhooks: Arc<crate::webhooks::Webhooks>,
@@ -114,7 +120,8 @@ impl AppState {
     /// Sets up every service over `store` for `config` (whose directories must be absolute;
     /// see [`absolute_dirs`]).
     pub fn new(config: Config, store: Store) -> anyhow::Result<AppState> {
-        let auth = Auth::new(store.clone(), &config)?;
+        let mailer = crate::mail::Mailer::from_config(&config)?;
+        let auth = Auth::new(store.clone(), &config, mailer.clone())?;
         let audit = crate::audit::Audit::new(store.clone(), config.audit_retention_days);
         let backups = crate::backup::Backups::new(store.clone(), config.data_dir.clone());
         let datasets = Datasets::new(
@@ -169,16 +176,20 @@ impl AppState {
                 memory_percent: config.alert_memory_percent,
                 gpu_temperature_c: config.alert_gpu_temperature_c,
                 gpu_memory_percent: config.alert_gpu_memory_percent,
+                worker_silent_secs: config.alert_worker_silent_secs,
                 every: Duration::from_secs(config.alert_check_secs.max(1)),
                 dirs: vec![
                     ("data".into(), config.data_dir.clone()),
                     ("models".into(), config.models_dir.clone()),
                 ],
             },
+            Some(training.clone()),
             store.clone(),
             notices.clone(),
         );
         Ok(AppState(Arc::new(App {
+            mailer,
+            usage: crate::usage::DiskUsage::new(store.clone()),
             alerts,
             audit,
             notices,
@@ -226,7 +237,9 @@ pub fn api(max_upload_bytes: u64) -> (Router<AppState>, utoipa::openapi::OpenApi
         .merge(datasets::router(max_upload_bytes))
         .merge(admin::router())
         .merge(audit::router())
+        .merge(logs::router())
         .merge(webhooks::router())
+        .merge(notifications::router())
         .merge(backup::router())
         .merge(tasks::router())
         .merge(templates::router())
@@ -379,6 +392,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     // Listening before recovery, so the tasks and exports it marks failed reach webhooks.
     let deliverer = state.webhooks.spawn(&state.notices);
+    if let Some(mailer) = &state.mailer {
+        mailer.spawn_notices(store.clone(), &state.notices);
+    }
     state.training.recover().await?;
     state.exports.recover().await?;
     let background = state.training.spawn_background();

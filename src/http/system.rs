@@ -44,15 +44,18 @@ pub struct Health {
     /// `ok`.
     status: &'static str,
     version: &'static str,
+    /// Whether the server sends e-mail (then the sign-in page offers password resets).
+    mail: bool,
 }
 
 /// Liveness, without credentials.
 #[utoipa::path(get, path = "/health", tag = "system", security(()),
     responses((status = 200, description = "The server answers", body = Health)))]
-async fn health() -> Json<Health> {
+async fn health(state: AppState) -> Json<Health> {
     Json(Health {
         status: "ok",
         version: env!("CARGO_PKG_VERSION"),
+        mail: state.auth.mail_enabled(),
     })
 }
 
@@ -116,6 +119,25 @@ pub struct Resources {
     gpus: serde_json::Value,
     scheduler: Scheduler,
     running_tasks: Vec<RunningTask>,
+    disk: Disk,
+}
+
+/// Disk space of the data and models directories, and what users take of it.
+#[derive(Serialize, ToSchema)]
+pub struct Disk {
+    dirs: Vec<DirSpace>,
+    /// Each user's share (an administrator sees everyone, largest first; others themselves);
+    /// task folders and models from a walk at most half a minute old.
+    users: Vec<crate::usage::UserDisk>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DirSpace {
+    /// `data` or `models`.
+    name: String,
+    total_bytes: u64,
+    free_bytes: u64,
+    free_percent: f64,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -142,14 +164,41 @@ pub struct RunningTask {
               (status = 401, description = "No or bad credentials", body = ErrorBody)))]
 async fn resources(state: AppState, CurrentUser(p): CurrentUser) -> Result<Json<Resources>> {
     let cpu = crate::system::cpu(Duration::from_millis(200)).await;
-    let (gpus, procs, memory) = tokio::task::spawn_blocking(|| {
+    let dirs = [
+        ("data", state.config.data_dir.clone()),
+        ("models", state.config.models_dir.clone()),
+    ];
+    let (gpus, procs, memory, dirs) = tokio::task::spawn_blocking(move || {
+        let dirs: Vec<DirSpace> = dirs
+            .iter()
+            .filter_map(|(name, dir)| {
+                // A directory not made yet is on its nearest existing parent's disk.
+                dir.ancestors()
+                    .find_map(crate::system::disk_space)
+                    .map(|d| DirSpace {
+                        name: name.to_string(),
+                        total_bytes: d.total_bytes,
+                        free_bytes: d.free_bytes,
+                        free_percent: (d.free_bytes as f64 / d.total_bytes as f64 * 1000.0).round()
+                            / 10.0,
+                    })
+            })
+            .collect();
         (
             crate::system::gpus(),
             crate::system::gpu_processes(),
             crate::system::memory(),
+            dirs,
         )
     })
     .await?;
+    let users: Vec<crate::usage::UserDisk> = state
+        .usage
+        .per_user()
+        .await?
+        .into_iter()
+        .filter(|u| p.is_admin() || u.user_id == p.user.user_id)
+        .collect();
     let mine: HashMap<String, ()> = if p.is_admin() {
         HashMap::new()
     } else {
@@ -183,5 +232,6 @@ async fn resources(state: AppState, CurrentUser(p): CurrentUser) -> Result<Json<
             gpu_ids: state.training.gpu_ids().to_vec(),
         },
         running_tasks,
+        disk: Disk { dirs, users },
     }))
 }

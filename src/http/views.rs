@@ -38,6 +38,8 @@ pub struct UserView {
     pub user_id: String,
     pub username: String,
     pub email: String,
+    /// The name shown for the account; absent: the username.
+    pub display_name: Option<String>,
     /// `admin` or `user`.
     pub role: String,
     pub disabled: bool,
@@ -51,6 +53,7 @@ impl From<&User> for UserView {
             user_id: u.user_id.clone(),
             username: u.username.clone(),
             email: u.email.clone(),
+            display_name: u.display_name.clone(),
             role: u.role.as_str().to_string(),
             disabled: u.disabled,
             created_at: u.created_at,

@@ -459,6 +459,8 @@ struct Inner {
     task_metrics: sled::Tree,
     /// `id` (time-ordered) → [`AuditRecord`].
     audit: sled::Tree,
+    /// `purpose:user_id` → [`MailCode`].
+    mail_codes: sled::Tree,
     flusher: Arc<Flusher>,
 }
 
@@ -503,6 +505,7 @@ impl Store {
             users_by_email: db.open_tree("users_by_email")?,
             refresh_tokens: db.open_tree("refresh_tokens")?,
             sessions: db.open_tree("sessions")?,
+            mail_codes: db.open_tree("mail_codes")?,
             api_key_hashes: db.open_tree("api_key_hashes")?,
             api_keys: Owned::open(&db, "api_keys", flusher.clone(), gate.clone())?,
             datasets: Owned::open(&db, "datasets", flusher.clone(), gate.clone())?,
@@ -811,16 +814,158 @@ impl Store {
 
     /// Replaces a user's record. Username and email are immutable here (their indexes are not
     /// touched), so only role, disabled and similar fields may change.
-    pub async fn update_user(&self, user: &User) -> Result<()> {
-        let value = encode(user)?;
-        let users = self.inner.users.clone();
-        let id = user.user_id.clone();
+    /// Changes a user's record atomically: `change` runs on the stored record (again, should
+    /// a concurrent write intervene) and the result is saved with the e-mail index kept
+    /// consistent — an e-mail another account has is `Conflict("email")`. Concurrent changes
+    /// of different fields (a password and a display name) both stay. `None`: no such user.
+    pub async fn modify_user<F>(&self, user_id: &str, change: F) -> Result<Option<User>>
+    where
+        F: Fn(&mut User) + Send + 'static,
+    {
+        let i = self.inner.clone();
+        let user_id = user_id.to_string();
+        let user = write_blocking(&self.inner.gate, move || {
+            Ok(
+                (&i.users, &i.users_by_email).transaction(|(users, by_email)| {
+                    let Some(raw) = users.get(user_id.as_bytes())? else {
+                        return Ok(None);
+                    };
+                    let old: User = decode(&raw).map_err(ConflictableTransactionError::Abort)?;
+                    let mut user = old.clone();
+                    change(&mut user);
+                    user.user_id = old.user_id.clone();
+                    user.username = old.username.clone();
+                    let (old_key, new_key) = (old.email.to_lowercase(), user.email.to_lowercase());
+                    if old_key != new_key {
+                        if by_email.get(new_key.as_bytes())?.is_some() {
+                            return Err(ConflictableTransactionError::Abort(StoreError::Conflict(
+                                "email",
+                            )));
+                        }
+                        by_email.remove(old_key.as_bytes())?;
+                        by_email.insert(new_key.as_bytes(), user.user_id.as_bytes())?;
+                    }
+                    let value = encode(&user).map_err(ConflictableTransactionError::Abort)?;
+                    users.insert(user_id.as_bytes(), value)?;
+                    Ok(Some(user))
+                })?,
+            )
+        })
+        .await?;
+        self.flush().await?;
+        Ok(user)
+    }
+
+    /// A user's login sessions, newest sign-in first.
+    pub async fn user_sessions(&self, user_id: &str) -> Result<Vec<LoginSession>> {
+        let sessions = self.inner.sessions.clone();
+        let user_id = user_id.to_string();
+        blocking(move || {
+            let mut out = Vec::new();
+            for item in sessions.iter() {
+                let (_, v) = item?;
+                let s: LoginSession = decode(&v)?;
+                if s.user_id == user_id {
+                    out.push(s);
+                }
+            }
+            // Ids are time-ordered (UUIDv7): they order sign-ins within one second.
+            out.sort_by(|a, b| {
+                let key = |s: &LoginSession| {
+                    (s.signed_in_at.unwrap_or(s.created_at), s.session_id.clone())
+                };
+                key(b).cmp(&key(a))
+            });
+            Ok(out)
+        })
+        .await
+    }
+
+    // ---- codes sent by e-mail -----------------------------------------------------------
+
+    /// Stores a code (replacing the user's earlier one for the same purpose), durably.
+    pub async fn put_mail_code(&self, code: &MailCode) -> Result<()> {
+        let tree = self.inner.mail_codes.clone();
+        let (key, value) = (MailCode::key(&code.purpose, &code.user_id), encode(code)?);
         write_blocking(&self.inner.gate, move || {
-            users.insert(id.as_bytes(), value)?;
+            tree.insert(key, value)?;
             Ok(())
         })
         .await?;
         self.flush().await
+    }
+
+    /// Takes the user's code for `purpose` if `check` accepts it (removed then, so it works
+    /// once); otherwise counts a failed attempt and removes the code once `max_attempts`
+    /// have failed. Atomic: concurrent guesses are each counted.
+    pub async fn use_mail_code<F>(
+        &self,
+        purpose: &str,
+        user_id: &str,
+        max_attempts: u32,
+        check: F,
+    ) -> Result<Option<MailCode>>
+    where
+        F: Fn(&MailCode) -> bool + Send + 'static,
+    {
+        let tree = self.inner.mail_codes.clone();
+        let key = MailCode::key(purpose, user_id);
+        let taken = write_blocking(&self.inner.gate, move || {
+            loop {
+                let Some(old) = tree.get(&key)? else {
+                    return Ok(None);
+                };
+                let code: MailCode = decode(&old)?;
+                let (next, taken) = if check(&code) {
+                    (None, Some(code))
+                } else {
+                    let attempts = code.attempts + 1;
+                    let next = (attempts < max_attempts)
+                        .then(|| encode(&MailCode { attempts, ..code }))
+                        .transpose()?;
+                    (next, None)
+                };
+                if tree.compare_and_swap(&key, Some(old), next)?.is_ok() {
+                    return Ok(taken);
+                }
+            }
+        })
+        .await?;
+        self.flush().await?;
+        Ok(taken)
+    }
+
+    /// The user's pending code for `purpose`, if any.
+    pub async fn mail_code(&self, purpose: &str, user_id: &str) -> Result<Option<MailCode>> {
+        let tree = self.inner.mail_codes.clone();
+        let key = MailCode::key(purpose, user_id);
+        blocking(move || tree.get(key)?.map(|v| decode(&v)).transpose()).await
+    }
+
+    /// Removes login sessions by id (their access tokens stop working).
+    pub async fn remove_sessions(&self, ids: Vec<String>) -> Result<()> {
+        let sessions = self.inner.sessions.clone();
+        write_blocking(&self.inner.gate, move || {
+            for id in &ids {
+                sessions.remove(id.as_bytes())?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.flush().await
+    }
+
+    /// One login session.
+    pub async fn session(&self, session_id: &str) -> Result<Option<LoginSession>> {
+        let sessions = self.inner.sessions.clone();
+        let session_id = session_id.to_string();
+        blocking(move || {
+            sessions
+                .get(session_id.as_bytes())?
+                .map(|v| decode(&v))
+                .transpose()
+        })
+        .await
     }
 
     /// Removes a user and everything the store keeps of theirs: indexes, login sessions and
@@ -845,6 +990,9 @@ impl Store {
                 i.api_key_hashes.remove(&key.secret_hash)?;
                 i.api_keys.ids.remove(key.key_id.as_bytes())?;
                 i.api_keys.tree.remove(owned_key(&user_id, &key.key_id))?;
+            }
+            for purpose in MailCode::PURPOSES {
+                i.mail_codes.remove(MailCode::key(purpose, &user_id))?;
             }
             remove_owned_blocking(&i.datasets, &user_id)?;
             remove_owned_blocking(&i.chat_sessions, &user_id)?;
@@ -1155,6 +1303,88 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn user_changes_are_atomic_and_keep_the_email_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = store
+            .create_user(user("alice", "a@x.io"), None)
+            .await
+            .unwrap();
+        store
+            .create_user(user("bob", "b@x.io"), None)
+            .await
+            .unwrap();
+        // An e-mail another account has is refused, whatever its case; nothing changes.
+        let taken = store
+            .modify_user(&a.user_id, |u| u.email = "B@x.IO".into())
+            .await;
+        assert!(
+            matches!(taken, Err(StoreError::Conflict("email"))),
+            "{taken:?}"
+        );
+        assert_eq!(
+            store.user(&a.user_id).await.unwrap().unwrap().email,
+            "a@x.io"
+        );
+        // A new one moves the index: the old address no longer signs in, the new one does.
+        let moved = store
+            .modify_user(&a.user_id, |u| u.email = "alice@new.io".into())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(moved.email, "alice@new.io");
+        assert!(store.user_by_login("a@x.io").await.unwrap().is_none());
+        assert_eq!(
+            store
+                .user_by_login("ALICE@new.io")
+                .await
+                .unwrap()
+                .unwrap()
+                .user_id,
+            a.user_id
+        );
+        store
+            .create_user(user("carol", "a@x.io"), None)
+            .await
+            .unwrap();
+        // The id and username are not the closure's to change.
+        let same = store
+            .modify_user(&a.user_id, |u| {
+                u.user_id = "other".into();
+                u.username = "mallory".into();
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (same.user_id.as_str(), same.username.as_str()),
+            (a.user_id.as_str(), "alice")
+        );
+        assert!(store.modify_user("nobody", |_| {}).await.unwrap().is_none());
+        // Concurrent changes of different fields all stay.
+        let mut handles = Vec::new();
+        for n in 0..16u64 {
+            let (store, id) = (store.clone(), a.user_id.clone());
+            handles.push(tokio::spawn(async move {
+                if n % 2 == 0 {
+                    store.modify_user(&id, |u| u.token_version += 1).await
+                } else {
+                    store
+                        .modify_user(&id, move |u| u.display_name = Some(format!("A{n}")))
+                        .await
+                }
+            }));
+        }
+        for h in handles {
+            h.await.unwrap().unwrap().unwrap();
+        }
+        let end = store.user(&a.user_id).await.unwrap().unwrap();
+        assert_eq!(end.token_version, 8);
+        assert!(end.display_name.is_some_and(|d| d.starts_with('A')));
+        assert_eq!(end.email, "alice@new.io");
+    }
+
+    #[tokio::test]
     async fn unique_indexes_and_first_admin() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -1328,6 +1558,9 @@ mod tests {
             user_id: "u1".into(),
             created_at: 0,
             expires_at: i64::MAX,
+            signed_in_at: None,
+            client: None,
+            user_agent: None,
         };
         let token = RefreshToken {
             user_id: "u1".into(),

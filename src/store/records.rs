@@ -41,6 +41,13 @@ pub struct User {
     /// before (a leaked one among them) stop working at once.
     #[serde(default)]
     pub token_version: u64,
+    /// The name shown for the account (defaults to the username).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// The notices also sent to the account's e-mail when a mail relay is configured
+    /// (`task.succeeded`, `task.*`, …, as webhooks choose them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub email_events: Vec<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
@@ -58,9 +65,37 @@ impl User {
             role: Role::User,
             disabled: false,
             token_version: 0,
+            display_name: None,
+            email_events: Vec::new(),
             created_at: now,
             updated_at: now,
         }
+    }
+}
+
+/// A one-time code sent by e-mail: a password reset, or the confirmation of a new address.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MailCode {
+    pub user_id: String,
+    /// `password_reset` or `email_change`.
+    pub purpose: String,
+    /// SHA-256 of the code.
+    #[serde(with = "hex_bytes")]
+    pub hash: Vec<u8>,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// Wrong codes tried so far.
+    pub attempts: u32,
+    /// The address being confirmed (`email_change`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_email: Option<String>,
+}
+
+impl MailCode {
+    pub const PURPOSES: [&'static str; 2] = ["password_reset", "email_change"];
+
+    pub fn key(purpose: &str, user_id: &str) -> Vec<u8> {
+        format!("{purpose}:{user_id}").into_bytes()
     }
 }
 
@@ -90,6 +125,16 @@ pub struct LoginSession {
     pub created_at: i64,
     /// Unix seconds: the expiry of its newest refresh token.
     pub expires_at: i64,
+    /// Unix seconds: the sign-in that opened it (absent in sessions older than the field:
+    /// `created_at` then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_in_at: Option<i64>,
+    /// The client address of the sign-in, then of its latest refresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// The browser or program that signed in (its `User-Agent`, cut to 200 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -117,6 +117,8 @@ impl Training {
                 max_concurrent,
                 has_gpus,
                 notices,
+                log_max_bytes: config.log_max_bytes(),
+                log_keep: config.log_file_count,
             },
             completed_tx,
         );
@@ -152,6 +154,16 @@ impl Training {
     /// The workers this process supervises: (task id, pid, GPUs).
     pub fn running_workers(&self) -> Vec<(String, u32, Vec<u32>)> {
         self.supervisor.running_workers()
+    }
+
+    /// Running workers silent for `at_least` or more: task id, owner, how long.
+    pub fn silent_workers(&self, at_least: Duration) -> Vec<(String, String, Duration)> {
+        self.supervisor.silent_workers(at_least)
+    }
+
+    /// The ids of the tasks whose workers run.
+    pub fn running_task_ids(&self) -> Vec<String> {
+        self.supervisor.running_task_ids()
     }
 
     fn tasks_dir(&self) -> PathBuf {
@@ -946,13 +958,15 @@ fn output_folder(requested: Option<&str>) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// The last `n` lines of a task's log (empty before it starts).
+/// The last `n` lines of a task's log (empty before it starts), reaching into its rotated
+/// files when the current one holds fewer.
 pub async fn read_log_tail(task: &Task, n: usize) -> Result<String> {
-    match tokio::fs::read(task.log_path()).await {
-        Ok(bytes) => Ok(tail_lines(&String::from_utf8_lossy(&bytes), n)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
-        Err(e) => Err(e.into()),
-    }
+    let path = task.log_path();
+    Ok(
+        tokio::task::spawn_blocking(move || crate::logs::tail(&path, n))
+            .await
+            .map_err(Error::internal)??,
+    )
 }
 
 fn has_chat_template(model_dir: &Path) -> bool {
@@ -963,17 +977,6 @@ fn has_chat_template(model_dir: &Path) -> bool {
         .ok()
         .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
         .is_some_and(|v| v.get("chat_template").is_some_and(|t| !t.is_null()))
-}
-
-/// The last `n` lines of `text`.
-pub fn tail_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    let start = lines.len().saturating_sub(n);
-    let mut out = lines[start..].join("\n");
-    if !out.is_empty() {
-        out.push('\n');
-    }
-    out
 }
 
 #[cfg(test)]
@@ -991,12 +994,5 @@ mod tests {
         for bad in ["../x", "/abs", "a/../../b", "."] {
             assert!(output_folder(Some(bad)).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn tails() {
-        assert_eq!(tail_lines("a\nb\nc\n", 2), "b\nc\n");
-        assert_eq!(tail_lines("", 2), "");
-        assert_eq!(tail_lines("a", 5), "a\n");
     }
 }

@@ -41,6 +41,8 @@ struct Running {
     pid: u32,
     gpus: Vec<u32>,
     cancel_requested: bool,
+    /// When the worker last wrote an event (or was started or re-attached).
+    last_heard: Instant,
 }
 
 /// How the supervisor runs workers.
@@ -54,6 +56,9 @@ pub struct Settings {
     pub has_gpus: bool,
     /// Where status changes are announced (webhooks listen).
     pub notices: crate::notify::Notices,
+    /// A worker's log (`train.log`) is rotated past this many bytes, keeping this many files.
+    pub log_max_bytes: usize,
+    pub log_keep: usize,
 }
 
 pub struct Supervisor {
@@ -122,6 +127,20 @@ impl Supervisor {
             .filter(|(_, r)| r.pid != 0)
             .map(|(id, r)| (id.clone(), r.pid, r.gpus.clone()))
             .collect()
+    }
+
+    /// Running workers that have written nothing for a while: task id, owner, and how long.
+    pub fn silent_workers(&self, at_least: Duration) -> Vec<(String, String, Duration)> {
+        self.lock_running()
+            .iter()
+            .filter(|(_, r)| r.pid != 0 && r.last_heard.elapsed() >= at_least)
+            .map(|(id, r)| (id.clone(), r.owner.clone(), r.last_heard.elapsed()))
+            .collect()
+    }
+
+    /// The ids of the tasks whose workers run.
+    pub fn running_task_ids(&self) -> Vec<String> {
+        self.lock_running().keys().cloned().collect()
     }
 
     /// Records a server-side event in the task's log (and publishes it).
@@ -198,6 +217,7 @@ impl Supervisor {
                 pid: 0,
                 gpus: gpus.clone(),
                 cancel_requested: false,
+                last_heard: Instant::now(),
             },
         );
         // Claim it: queued → running, atomically (a cancel may be writing too).
@@ -309,6 +329,11 @@ impl Supervisor {
             exit_file,
             heartbeat_secs: HEARTBEAT_SECS,
             save_every_s: task.spec.save_minutes.map(|m| m * 60.0),
+            log: Some(crate::logs::Rotation {
+                path: log_file.clone(),
+                max_bytes: self.settings.log_max_bytes,
+                keep: self.settings.log_keep,
+            }),
         };
         let job_path = task_dir.join("job.json");
         tokio::fs::write(
@@ -418,6 +443,7 @@ impl Supervisor {
             };
             // Every complete line (after an exit: the last ones too).
             if let Some(r) = reader.as_mut() {
+                let mut heard = false;
                 while let Ok(n) = r.read_line(&mut partial).await {
                     if n == 0 || !partial.ends_with('\n') {
                         break;
@@ -425,8 +451,12 @@ impl Supervisor {
                     let line = std::mem::take(&mut partial);
                     offset += line.len() as u64;
                     last_activity = Instant::now();
+                    heard = true;
                     self.handle_line(&task, offset, line.trim_end(), &mut progress, &mut state)
                         .await;
+                }
+                if heard && let Some(r) = self.lock_running().get_mut(&task_id) {
+                    r.last_heard = last_activity;
                 }
             }
             if let Some(code) = exited {
@@ -681,6 +711,7 @@ impl Supervisor {
                             pid,
                             gpus: task.gpu_ids.clone(),
                             cancel_requested: false,
+                            last_heard: Instant::now(),
                         },
                     );
                     let offset = self

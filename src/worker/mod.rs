@@ -1,7 +1,8 @@
 //! `ferrotune worker`: the child side of training. One process runs one job (an embedded
 //! interpreter cannot be restarted). The supervisor starts it in its own process group with
 //! stdout and stderr on the task's log, so everything Python and native code print lands
-//! there. The worker embeds CPython through pyo3 with the managed environment's
+//! there; the worker then routes both through a pipe into that log rotated by size
+//! ([`crate::logs::capture_std_streams`]). The worker embeds CPython through pyo3 with the managed environment's
 //! site-packages on `sys.path`, checks the interpreter matches the environment, and runs
 //! `worker.py`, which calls LlamaFactory's `run_exp` in-process and appends events as JSON
 //! lines to the task's events file. At the end it writes `exit.json` next to it, so a
@@ -40,6 +41,10 @@ pub struct Job {
     /// Also save a checkpoint when this many seconds have passed since the last one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub save_every_s: Option<f64>,
+    /// The task's log, rotated by size: the worker sends its stdout and stderr there through
+    /// a pipe. Absent (older jobs): they stay on the file the supervisor opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<crate::logs::Rotation>,
 }
 
 /// Exit codes: 0 done, 1 training failed, 3 import failed, 5 stopped on request (from
@@ -62,6 +67,16 @@ pub fn run(job_file: &Path) -> i32 {
             return EXIT_SETUP;
         }
     };
+    let captured =
+        job.log.as_ref().and_then(
+            |rotation| match crate::logs::capture_std_streams(rotation) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    eprintln!("ferrotune worker: cannot rotate the log, writing it whole: {e}");
+                    None
+                }
+            },
+        );
     let code = match run_python(&job) {
         Ok(code) => code,
         Err(message) => {
@@ -73,6 +88,10 @@ pub fn run(job_file: &Path) -> i32 {
             EXIT_SETUP
         }
     };
+    if let Some(captured) = captured {
+        // The last lines reach the log before the exit is recorded.
+        captured.finish(std::time::Duration::from_secs(3));
+    }
     let _ = std::fs::write(
         &job.exit_file,
         serde_json::json!({ "code": code }).to_string(),

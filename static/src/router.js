@@ -15,6 +15,7 @@ const routes = [
   { path: '/keys', name: 'keys', component: () => import('./pages/KeysPage.vue'), meta: { title: 'Account and API keys' } },
   { path: '/activity', name: 'activity', component: () => import('./pages/ActivityPage.vue'), meta: { title: 'Activity', wide: true } },
   { path: '/docs', name: 'docs', component: () => import('./pages/DocsPage.vue'), meta: { public: true, title: 'API reference', wide: true } },
+  { path: '/logs', name: 'logs', component: () => import('./pages/LogsPage.vue'), meta: { title: 'Server log', wide: true, admin: true } },
   { path: '/admin', name: 'admin', component: () => import('./pages/AdminPage.vue'), meta: { title: 'Administration', admin: true } },
   { path: '/:rest(.*)*', name: 'not-found', component: () => import('./pages/NotFoundPage.vue'), meta: { title: 'Not found' } },
 ]

@@ -12,6 +12,7 @@
 //   CHROMIUM                  the browser (default /usr/bin/chromium)
 import { spawn } from 'node:child_process'
 import fs from 'node:fs'
+import net from 'node:net'
 import os from 'node:os'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -41,15 +42,60 @@ function check(cond, message) {
   if (!cond) throw new Failure(message)
 }
 
+// ---- a mail relay ---------------------------------------------------------------------------
+
+// A real SMTP server on loopback (the plain RFC 5321 dialogue) keeping the messages it takes,
+// so the password reset by e-mail code is tried from the sign-in page.
+const mails = []
+function startSmtp() {
+  const server = net.createServer((socket) => {
+    socket.setEncoding('utf8')
+    let buf = ''
+    let data = null
+    let to = []
+    socket.write('220 localhost ESMTP test\r\n')
+    socket.on('data', (chunk) => {
+      buf += chunk
+      let nl
+      while ((nl = buf.indexOf('\r\n')) >= 0) {
+        const line = buf.slice(0, nl)
+        buf = buf.slice(nl + 2)
+        if (data !== null) {
+          if (line === '.') {
+            mails.push({ to, data: data.join('\n') })
+            data = null
+            to = []
+            socket.write('250 OK queued\r\n')
+          } else data.push(line.startsWith('.') ? line.slice(1) : line)
+          continue
+        }
+        const cmd = line.toUpperCase()
+        if (cmd.startsWith('EHLO')) socket.write('250-localhost\r\n250 8BITMIME\r\n')
+        else if (cmd.startsWith('RCPT TO:')) {
+          to.push(line.slice(8).trim().replace(/^<|>$/g, ''))
+          socket.write('250 OK\r\n')
+        } else if (cmd === 'DATA') {
+          data = []
+          socket.write('354 end with <CRLF>.<CRLF>\r\n')
+        } else if (cmd.startsWith('QUIT')) {
+          socket.end('221 bye\r\n')
+        } else socket.write('250 OK\r\n')
+      }
+    })
+    socket.on('error', () => {})
+  })
+  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve({ server, url: `smtp://127.0.0.1:${server.address().port}` })))
+}
+
 // ---- the server -----------------------------------------------------------------------------
 
 const serverLog = []
 let expectHttpError = null
-function startServer(dataDir) {
+function startServer(dataDir, smtpUrl) {
   check(fs.existsSync(BIN), `${BIN} does not exist: run \`cargo build\` first`)
   fs.mkdirSync(MODELS, { recursive: true })
   // Webhooks may reach loopback here (the test's receiver address is on it).
-  const env = { ...process.env, RUST_LOG: 'info', FERROTUNE_AUTO_SETUP: 'true', FERROTUNE_DEFAULT_MODEL: 'smollm2-135m-instruct', FERROTUNE_WEBHOOK_ALLOW_PRIVATE_ADDRESSES: 'true' }
+  const env = { ...process.env, RUST_LOG: 'info', FERROTUNE_AUTO_SETUP: 'true', FERROTUNE_DEFAULT_MODEL: 'smollm2-135m-instruct', FERROTUNE_WEBHOOK_ALLOW_PRIVATE_ADDRESSES: 'true', FERROTUNE_SMTP_URL: smtpUrl }
   delete env.FERROTUNE_CONFIG
   delete env.FERROTUNE_STATIC_DIR
   const child = spawn(BIN, ['serve', '--bind', '127.0.0.1:0', '--data-dir', dataDir, '--models-dir', MODELS], {
@@ -101,7 +147,8 @@ async function main() {
   fs.mkdirSync(SHOTS, { recursive: true })
   check(fs.existsSync(CHROMIUM), `${CHROMIUM} is missing: apt-get install -y chromium (make test-ui does it)`)
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'ferrotune-ui-'))
-  const { child, base } = await startServer(path.join(tmp, 'data'))
+  const smtp = await startSmtp()
+  const { child, base } = await startServer(path.join(tmp, 'data'), smtp.url)
   log(`server at ${base} (models in ${MODELS})`)
   let context = null
   let page = null
@@ -364,6 +411,9 @@ async function main() {
       }
       check(watched.texts.length >= 3, `the progress should update live while running (saw ${watched.texts.join(', ') || 'nothing'})`)
       check(watched.points.filter((n) => n > 0).length >= 2, `the chart should grow while running (saw ${watched.points.join(', ')} points)`)
+      // the ending is announced from the server's notification stream (a toast; a browser
+      // notification when allowed)
+      await page.getByText('Task “ui-arith” finished.').waitFor({ timeout: 10000 })
       await page.locator(`.loss-chart[data-points="${MAX_STEPS}"]`).waitFor({ state: 'attached', timeout: 15000 })
       await page.locator('[data-test=chat-with-result]').waitFor()
       check((await page.locator('[data-test=progress]').getAttribute('aria-valuenow')) === '100', 'the progress bar ends at 100%')
@@ -547,6 +597,26 @@ async function main() {
     check(relogin.status === 200, `the new password signs in (${relogin.status})`)
     log('changed the password')
 
+    // -- the profile: a display name shows in the header; where the account is signed in
+    // (this browser, and the sign-in just made by hand), and "sign out other devices"
+    where = 'profile'
+    await visit('/keys', 'account')
+    await page.fill('[data-test=profile-name]', 'Rea Searcher')
+    await page.click('[data-test=profile-save]')
+    await page.getByText('Profile saved').waitFor()
+    await page.locator('header').getByText('Rea Searcher').waitFor()
+    await page.locator('[data-test=sessions-table] tr[data-current="true"]').waitFor()
+    await waitFor('two sessions listed', 10000, async () => (await page.locator('[data-test=sessions-table] tbody tr').count()) === 2)
+    await page.locator('[data-test=recent-sign-ins] li').first().waitFor()
+    await snap('account-sessions')
+    await page.click('[data-test=end-others]')
+    await page.getByRole('button', { name: 'Sign out others' }).click()
+    await page.getByText('Signed out 1 other session').waitFor()
+    await waitFor('one session left', 10000, async () => (await page.locator('[data-test=sessions-table] tbody tr').count()) === 1)
+    const other = await fetch(`${base}/api/auth/me`, { headers: { authorization: `Bearer ${(await relogin.json()).access_token}` } })
+    check(other.status === 401, `the other sign-in is signed out (${other.status})`)
+    log('edited the profile and signed out the other session')
+
     // -- a webhook: added (its secret shown once), a test event to a port nobody listens
     // on is logged as not delivered
     where = 'webhooks'
@@ -564,6 +634,8 @@ async function main() {
     await visit('/admin', 'admin')
     await page.locator('[data-test=users-table]').getByText('researcher@example.com').waitFor()
     await page.locator('[data-test=admin-stats]').waitFor()
+    // each user's disk use: the researcher's datasets and task folders
+    await page.locator('[data-test=disk-table] tr[data-user="researcher"]').waitFor()
     await snap('admin')
 
     // -- the activity (audit) log: the password change just made, from this machine; the
@@ -579,6 +651,17 @@ async function main() {
     await page.locator('[data-test=audit-table] tr[data-action="auth.password_change"]').first().waitFor({ state: 'detached' })
     await page.locator('[data-test=audit-table] tr[data-action="dataset.upload"]').first().waitFor()
     await snap('activity')
+    // an entry's request id opens what the server logged while answering it
+    await page.locator('[data-test=audit-table] tr[data-action="dataset.upload"] a').first().click()
+    where = 'server log'
+    await page.waitForURL(/\/logs\?/)
+    await page.locator('[data-test=log-table] tbody tr').first().waitFor()
+    check(
+      (await page.locator('[data-test=log-table]').innerText()).includes('dataset uploaded'),
+      'the upload request’s log lines are shown',
+    )
+    await snap('server-log')
+    log('followed an audit entry to its log lines')
 
     // -- "Add model" (administrators): the form reaches the server and shows its answer; a
     // folder already in the models dir is refused with 409 (the hub pull itself is covered by
@@ -645,6 +728,28 @@ async function main() {
     page.off('request', onRequest)
     check(offsite.length === 0, `the API reference fetched from elsewhere: ${offsite.join(', ')}`)
 
+    // -- a forgotten password: "Forgot your password?" on the sign-in page mails a code (to the
+    // test's SMTP server); the code and a new password sign in again
+    where = 'password reset'
+    await visit('/', 'dashboard (before signing out)')
+    await page.click('[data-test=sign-out]')
+    await page.waitForURL(/\/login/)
+    await page.click('[data-test=forgot]')
+    await page.fill('[data-test=reset-email]', 'researcher@example.com')
+    await page.click('[data-test=reset-submit]')
+    await page.locator('[data-test=reset-code]').waitFor()
+    await waitFor('the reset e-mail', 15000, async () => mails.some((m) => m.to.includes('researcher@example.com')))
+    const code = /\b(\d{8})\b/.exec(mails.find((m) => m.to.includes('researcher@example.com')).data)[1]
+    await page.fill('[data-test=reset-code]', code)
+    await page.fill('[data-test=reset-password]', 'a reset password')
+    await page.click('[data-test=reset-submit]')
+    await page.getByText('Password changed: sign in with it').waitFor()
+    await snap('password-reset')
+    await page.fill('#password', 'a reset password')
+    await page.click('[data-test=auth-submit]')
+    await page.waitForURL((u) => !u.pathname.startsWith('/login'))
+    log('reset the password with an e-mailed code and signed in with it')
+
     fs.writeFileSync(path.join(SHOTS, 'first-load.json'), JSON.stringify(firstLoad, null, 2))
     if (warnings.length) log(`browser warnings (not failures):\n  ${warnings.join('\n  ')}`)
     check(errors.length === 0, `JavaScript errors:\n  ${errors.join('\n  ')}`)
@@ -656,6 +761,7 @@ async function main() {
   } finally {
     if (context) await context.close().catch(() => {})
     child.kill('SIGTERM')
+    smtp.server.close()
     await sleep(500)
     fs.writeFileSync(path.join(SHOTS, 'server.log'), serverLog.join('\n') + '\n')
     fs.rmSync(tmp, { recursive: true, force: true })

@@ -636,3 +636,104 @@ pub fn verify(secret: &str, r: &Received) -> bool {
     ferrotune::webhooks::sign(secret, &r.id, r.timestamp.parse().unwrap_or(0), &r.body)
         .is_ok_and(|s| s == r.signature)
 }
+
+/// One message an SMTP server took: the envelope and the message as sent.
+#[derive(Clone, Debug)]
+pub struct Mail {
+    pub from: String,
+    pub to: Vec<String>,
+    pub data: String,
+}
+
+impl Mail {
+    /// The first run of `n` digits in the message (a code).
+    pub fn code(&self, n: usize) -> Option<String> {
+        let b = self.data.as_bytes();
+        (0..b.len().saturating_sub(n - 1))
+            .find(|&i| {
+                b[i..i + n].iter().all(u8::is_ascii_digit)
+                    && (i == 0 || !b[i - 1].is_ascii_digit())
+                    && b.get(i + n).is_none_or(|c| !c.is_ascii_digit())
+            })
+            .map(|i| self.data[i..i + n].to_string())
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.data
+            .lines()
+            .take_while(|l| !l.is_empty())
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+    }
+}
+
+/// A real SMTP server on loopback (RFC 5321's plain dialogue: EHLO, MAIL, RCPT, DATA with
+/// dot-unstuffing, RSET, NOOP, QUIT) that keeps the messages it is given. Returns its
+/// `smtp://` URL.
+pub async fn smtp_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Mail>>>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mails = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Mail>::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let kept = mails.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else {
+                return;
+            };
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = socket.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let _ = write.write_all(b"220 localhost ESMTP test\r\n").await;
+                let (mut from, mut to) = (String::new(), Vec::new());
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let upper = line.to_ascii_uppercase();
+                    let reply: &[u8] = if upper.starts_with("EHLO") {
+                        b"250-localhost\r\n250 8BITMIME\r\n"
+                    } else if upper.starts_with("HELO") || upper.starts_with("NOOP") {
+                        b"250 OK\r\n"
+                    } else if upper.starts_with("MAIL FROM:") {
+                        from = line[10..].trim().trim_matches(['<', '>']).to_string();
+                        b"250 OK\r\n"
+                    } else if upper.starts_with("RCPT TO:") {
+                        to.push(line[8..].trim().trim_matches(['<', '>']).to_string());
+                        b"250 OK\r\n"
+                    } else if upper.starts_with("RSET") {
+                        from.clear();
+                        to.clear();
+                        b"250 OK\r\n"
+                    } else if upper == "DATA" {
+                        let _ = write.write_all(b"354 end with <CRLF>.<CRLF>\r\n").await;
+                        let mut data = String::new();
+                        while let Ok(Some(l)) = lines.next_line().await {
+                            if l == "." {
+                                break;
+                            }
+                            data.push_str(l.strip_prefix('.').unwrap_or(&l));
+                            data.push('\n');
+                        }
+                        kept.lock().unwrap().push(Mail {
+                            from: std::mem::take(&mut from),
+                            to: std::mem::take(&mut to),
+                            data,
+                        });
+                        b"250 OK queued\r\n"
+                    } else if upper.starts_with("QUIT") {
+                        let _ = write.write_all(b"221 bye\r\n").await;
+                        return;
+                    } else {
+                        b"502 not implemented\r\n"
+                    };
+                    if write.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (format!("smtp://{addr}"), mails)
+}

@@ -1,7 +1,7 @@
 // App-wide state that is not the session: toasts, the theme, confirmations, and the watcher
 // that notifies when a task finishes.
 import { reactive, ref } from 'vue'
-import { get, saveBlob, session } from './api.js'
+import { authHeaders, get, readSse, refresh, saveBlob, session } from './api.js'
 
 // ---- toasts ---------------------------------------------------------------------------------
 
@@ -85,11 +85,12 @@ export async function enableNotifications() {
   if (notifications.permission === 'granted') toast('You will be notified when a task finishes or fails.', 'success')
 }
 
-const FINAL = new Set(['completed', 'failed', 'cancelled'])
 let watchTimer = null
-let known = null
+let notices = null
 /** Latest task list, shared with pages that show it. */
 export const taskFeed = reactive({ tasks: [], at: 0 })
+/** Whether the notification stream is connected. */
+export const noticeFeed = reactive({ live: false })
 
 let onFinished = () => {}
 
@@ -99,26 +100,63 @@ async function pollTasks() {
     const { tasks } = await get('/api/tasks')
     taskFeed.tasks = tasks
     taskFeed.at = Date.now()
-    const now = new Map(tasks.map((t) => [t.task_id, t.status]))
-    if (known) {
-      for (const t of tasks) {
-        const before = known.get(t.task_id)
-        if (before && before !== t.status && FINAL.has(t.status) && !FINAL.has(before)) onFinished(t)
-      }
-    }
-    known = now
   } catch {
     /* the next poll tries again */
   }
 }
 
-/** Polls the task list every few seconds; notifies when one of the user's tasks ends. */
+const ENDED = { succeeded: 'completed', failed: 'failed', cancelled: 'cancelled' }
+
+/** A notice from the server's stream: the list is re-read; an ending is announced. */
+function onNotice({ event, data }) {
+  if (event === 'lagged') return pollTasks()
+  if (!event.startsWith('task.') && !event.startsWith('evaluation.')) return
+  pollTasks()
+  let body = null
+  try {
+    body = JSON.parse(data).data
+  } catch {
+    return
+  }
+  const status = ENDED[event.split('.')[1]]
+  if (status && body) onFinished({ task_id: body.task_id || body.evaluation_id, name: body.name, model_name: body.model_name, status, evaluation: event.startsWith('evaluation.') })
+}
+
+/** Holds `/api/notifications` open (reconnecting) until stopped. */
+async function followNotices(controller) {
+  while (!controller.signal.aborted && session.user) {
+    try {
+      let res = await fetch('/api/notifications', { headers: authHeaders({ accept: 'text/event-stream' }), signal: controller.signal })
+      if (res.status === 401 && (await refresh())) {
+        res = await fetch('/api/notifications', { headers: authHeaders({ accept: 'text/event-stream' }), signal: controller.signal })
+      }
+      if (res.ok) {
+        noticeFeed.live = true
+        // Whatever ended while the stream was down shows in the list.
+        pollTasks()
+        await readSse(res, onNotice)
+      }
+    } catch {
+      /* reconnect below */
+    }
+    noticeFeed.live = false
+    if (controller.signal.aborted) return
+    await new Promise((r) => setTimeout(r, 2000))
+  }
+}
+
+/**
+ * Keeps the shared task list fresh (re-read on every notice, and every few seconds for the
+ * progress of running tasks) and announces — as a toast, and as a browser notification when
+ * allowed — each of the user's tasks and evaluations that ends, from the server's
+ * notification stream (the same events as webhooks), not by comparing polls.
+ */
 export function startTaskWatcher(openTask) {
   stopTaskWatcher()
-  known = null
   onFinished = (t) => {
     const verb = t.status === 'completed' ? 'finished' : t.status === 'failed' ? 'failed' : 'was cancelled'
-    toast(`Task “${t.name}” ${verb}.`, t.status === 'completed' ? 'success' : t.status === 'failed' ? 'error' : 'info', 8000)
+    const what = t.evaluation ? 'Evaluation' : 'Task'
+    toast(`${what} “${t.name}” ${verb}.`, t.status === 'completed' ? 'success' : t.status === 'failed' ? 'error' : 'info', 8000)
     if (notifications.supported && Notification.permission === 'granted') {
       try {
         const n = new Notification(`ferrotune: ${t.name} ${verb}`, {
@@ -136,12 +174,16 @@ export function startTaskWatcher(openTask) {
   }
   pollTasks()
   watchTimer = setInterval(pollTasks, 4000)
+  notices = new AbortController()
+  followNotices(notices)
 }
 
 export function stopTaskWatcher() {
   clearInterval(watchTimer)
   watchTimer = null
-  known = null
+  if (notices) notices.abort()
+  notices = null
+  noticeFeed.live = false
   taskFeed.tasks = []
 }
 
