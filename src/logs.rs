@@ -174,11 +174,19 @@ pub fn tail(path: &Path, n: usize) -> std::io::Result<String> {
 /// processes too) through a pipe into `rotation`'s file, line by line. Returns the copying
 /// thread; [`Captured::finish`] closes the pipe and waits for the last lines.
 pub fn capture_std_streams(rotation: &Rotation) -> std::io::Result<Captured> {
+    let path = rotation.path.clone();
     let mut file = rotation.open()?;
     let (reader, writer) = std::io::pipe()?;
-    use std::os::fd::AsRawFd;
+    use std::os::fd::{AsRawFd, FromRawFd};
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
+    // The stderr the worker was started with (the file the supervisor opened): where a failure
+    // to write the rotated log is reported, since the log itself cannot say it.
+    // SAFETY: dup of this process's descriptor 2; the new descriptor is owned by `fallback`.
+    let fallback = match unsafe { libc::dup(2) } {
+        fd if fd >= 0 => Some(unsafe { std::fs::File::from_raw_fd(fd) }),
+        _ => None,
+    };
     // SAFETY: dup2 on descriptors this process owns; 1 and 2 are replaced atomically.
     unsafe {
         if libc::dup2(writer.as_raw_fd(), 1) < 0 || libc::dup2(writer.as_raw_fd(), 2) < 0 {
@@ -191,13 +199,28 @@ pub fn capture_std_streams(rotation: &Rotation) -> std::io::Result<Captured> {
         .spawn(move || {
             let mut reader = BufReader::new(reader);
             let mut line = Vec::new();
+            let mut fallback = fallback;
+            let mut lost = 0u64;
             loop {
                 line.clear();
                 match reader.read_until(b'\n', &mut line) {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
-                        let _ = file.write_all(&line);
-                        let _ = file.flush();
+                        if let Err(e) = file.write_all(&line).and_then(|()| file.flush()) {
+                            lost += 1;
+                            // Said once where it can still be read; the line itself goes
+                            // there too.
+                            if let Some(f) = fallback.as_mut() {
+                                if lost == 1 {
+                                    let _ = writeln!(
+                                        f,
+                                        "ferrotune worker: cannot write the log {}: {e}",
+                                        path.display()
+                                    );
+                                }
+                                let _ = f.write_all(&line);
+                            }
+                        }
                     }
                 }
             }

@@ -88,7 +88,12 @@ impl Mailer {
     async fn mail_notice(&self, store: &Store, n: &Notice) {
         let user = match store.user(&n.owner).await {
             Ok(Some(u)) if !u.disabled => u,
-            _ => return,
+            // Deleted or disabled since: nobody to mail.
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(event = %n.event, error = %e, "e-mail notice not sent: the account could not be read");
+                return;
+            }
         };
         if !crate::webhooks::subscribed(&user.email_events, &n.event) {
             return;

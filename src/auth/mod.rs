@@ -745,7 +745,7 @@ impl Auth {
             .throttle
             .pace(
                 &format!("reset:{email}"),
-                1,
+                0,
                 ACCOUNT_PACE * 15,
                 Duration::ZERO,
             )
