@@ -730,17 +730,33 @@ impl QuantMatrix {
                 while a_done.load(Ordering::Acquire) < n_items {
                     std::hint::spin_loop();
                 }
-                for (i, low) in lows.iter().enumerate() {
-                    let Some(low) = low else { continue };
-                    // SAFETY: rows `range` of position `i` belong to this work item.
-                    let o =
-                        unsafe { std::slice::from_raw_parts_mut(at(i, range.start), range.len()) };
-                    let base = first[i];
-                    let s = |j: usize| f32::from_bits(s_bits[base + j].load(Ordering::Relaxed));
-                    low.add_rows(s, range.clone(), o, simd);
+                // Per adapter, up to four of its positions at a time: each row of `B` is
+                // read once for them all.
+                for (_, _, members) in &groups {
+                    let Some(low) = lows[members[0]] else {
+                        continue;
+                    };
+                    for chunk in members.chunks(LOW_RANK_POSITIONS) {
+                        let mut outs = [std::ptr::null_mut(); LOW_RANK_POSITIONS];
+                        for (o, &i) in outs.iter_mut().zip(chunk) {
+                            *o = at(i, range.start);
+                        }
+                        let s = |p: usize, j: usize| {
+                            f32::from_bits(s_bits[first[chunk[p]] + j].load(Ordering::Relaxed))
+                        };
+                        // SAFETY: rows `range` of these positions belong to this work item;
+                        // `outs[p]` is row `range.start` of position `chunk[p]`.
+                        unsafe { low.add_rows(s, range.clone(), &outs[..chunk.len()], simd) };
+                    }
                     if let Some(g) = low.gains {
-                        for (v, g) in o.iter_mut().zip(&g[range.clone()]) {
-                            *v *= g;
+                        for &i in members {
+                            // SAFETY: as above.
+                            let o = unsafe {
+                                std::slice::from_raw_parts_mut(at(i, range.start), range.len())
+                            };
+                            for (v, g) in o.iter_mut().zip(&g[range.clone()]) {
+                                *v *= g;
+                            }
                         }
                     }
                 }
@@ -783,6 +799,9 @@ impl QuantMatrix {
     }
 }
 
+/// Positions whose low-rank terms one pass over `B` adds at once.
+const LOW_RANK_POSITIONS: usize = 4;
+
 /// A LoRA term for [`QuantMatrix::matmul`]: `A` (R × cols, row-major) and, per rank, the scaled
 /// row of `B` restricted to the output rows it touches (`(first row, values)`; the other rows
 /// of a fused projection are zeros and are skipped). A DoRA also has `gains`, one per output
@@ -795,15 +814,20 @@ pub(crate) struct LowRank<'a> {
 }
 
 impl LowRank<'_> {
-    /// `o += Σ_j s(j) · B_j` over the output rows `range` (`o` holds exactly those rows).
-    /// Consecutive ranks that cover the same rows (one projection's, in a fused matrix) are
-    /// summed in registers, 64 rows at a time, before one update of `o` (rather than one pass
-    /// over `o` per rank).
-    fn add_rows(
+    /// `o_p += Σ_j s(p, j) · B_j` over the output rows `range`, for each position `p` of
+    /// `outs` (`outs[p]` points at row `range.start` of its output; at most
+    /// [`LOW_RANK_POSITIONS`]). Consecutive ranks that cover the same rows (one projection's,
+    /// in a fused matrix) are summed in registers, 64 rows at a time, before one update of
+    /// each output (rather than one pass over it per rank), and each tile of `B` is loaded
+    /// once for all the positions.
+    ///
+    /// # Safety
+    /// Each `outs[p]` is valid for `range.len()` values, and no other thread touches them.
+    unsafe fn add_rows(
         &self,
-        s: impl Fn(usize) -> f32,
+        s: impl Fn(usize, usize) -> f32,
         range: std::ops::Range<usize>,
-        o: &mut [f32],
+        outs: &[*mut f32],
         simd: Simd,
     ) {
         let mut j0 = 0;
@@ -815,20 +839,41 @@ impl LowRank<'_> {
             }
             let (lo, hi) = (range.start.max(first), range.end.min(first + len));
             if lo < hi {
-                let o = &mut o[lo - range.start..hi - range.start];
                 let ranks = &self.b[j0..j1];
+                let at = lo - range.start;
                 #[cfg(target_arch = "x86_64")]
                 if simd == Simd::Avx512 {
+                    let s = |p: usize, j: usize| s(p, j0 + j);
                     // SAFETY: AVX-512F was detected at run time; every rank's row holds
-                    // `first..first + len`, which contains `lo..hi`.
-                    unsafe { low_rank_rows_avx512(&s, j0, ranks, lo - first, o) };
+                    // `first..first + len`, which contains `lo..hi`; each output holds
+                    // `at + (hi - lo)` values (the caller's promise).
+                    unsafe {
+                        match outs.len() {
+                            1 => {
+                                low_rank_rows_avx512::<1>(&s, ranks, lo - first, outs, at, hi - lo)
+                            }
+                            2 => {
+                                low_rank_rows_avx512::<2>(&s, ranks, lo - first, outs, at, hi - lo)
+                            }
+                            3 => {
+                                low_rank_rows_avx512::<3>(&s, ranks, lo - first, outs, at, hi - lo)
+                            }
+                            _ => {
+                                low_rank_rows_avx512::<4>(&s, ranks, lo - first, outs, at, hi - lo)
+                            }
+                        }
+                    }
                     j0 = j1;
                     continue;
                 }
-                for (j, (_, b)) in ranks.iter().enumerate() {
-                    let sj = s(j0 + j);
-                    if sj != 0.0 {
-                        axpy(sj, &b[lo - first..hi - first], o, simd);
+                for (p, &op) in outs.iter().enumerate() {
+                    // SAFETY: the caller's promise.
+                    let o = unsafe { std::slice::from_raw_parts_mut(op.add(at), hi - lo) };
+                    for (j, (_, b)) in ranks.iter().enumerate() {
+                        let sj = s(p, j0 + j);
+                        if sj != 0.0 {
+                            axpy(sj, &b[lo - first..hi - first], o, simd);
+                        }
                     }
                 }
             }
@@ -1765,69 +1810,84 @@ unsafe fn axpy_avx512(s: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// `o += Σ_j s(j0 + j) · b_j[off..off + o.len()]` over the ranks `b` (see
-/// `LowRank::add_rows`): 64 rows per pass in four accumulators, the ranks' terms summed in
-/// registers, `o` read and written once.
+/// `o_p[at..at + n] += Σ_j s(p, j) · b_j[off..off + n]` over the ranks `b`, for the `P`
+/// outputs `outs` (see `LowRank::add_rows`): 64 rows per pass, four accumulators per
+/// position, the ranks' terms summed in registers and each tile of `b_j` loaded once for all
+/// the positions; each output read and written once.
 ///
 /// # Safety
-/// AVX-512F must be available, and every `b_j` must hold `off + o.len()` values.
+/// AVX-512F must be available, every `b_j` must hold `off + n` values and every `outs[p]`
+/// `at + n`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn low_rank_rows_avx512(
-    s: &impl Fn(usize) -> f32,
-    j0: usize,
+unsafe fn low_rank_rows_avx512<const P: usize>(
+    s: &impl Fn(usize, usize) -> f32,
     b: &[(usize, Vec<f32>)],
     off: usize,
-    o: &mut [f32],
+    outs: &[*mut f32],
+    at: usize,
+    n: usize,
 ) {
     use std::arch::x86_64::*;
-    let n = o.len();
+    debug_assert_eq!(outs.len(), P);
     let mut t = 0;
-    // SAFETY: every load and store touches values below `n` of `o` and below `off + n` of
-    // each `b_j` (the caller's promise); the tail is masked.
+    // SAFETY: every load and store touches values below `n` past `at` of each output and
+    // below `off + n` of each `b_j` (the caller's promise); the tail is masked.
     unsafe {
         while t + 64 <= n {
-            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut acc = [[_mm512_setzero_ps(); 4]; P];
             for (j, (_, bj)) in b.iter().enumerate() {
-                let sv = _mm512_set1_ps(s(j0 + j));
                 let p = bj.as_ptr().add(off + t);
-                for (q, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(sv, _mm512_loadu_ps(p.add(16 * q)), *a);
+                let w = [
+                    _mm512_loadu_ps(p),
+                    _mm512_loadu_ps(p.add(16)),
+                    _mm512_loadu_ps(p.add(32)),
+                    _mm512_loadu_ps(p.add(48)),
+                ];
+                for (pos, acc) in acc.iter_mut().enumerate() {
+                    let sv = _mm512_set1_ps(s(pos, j));
+                    for (a, w) in acc.iter_mut().zip(&w) {
+                        *a = _mm512_fmadd_ps(sv, *w, *a);
+                    }
                 }
             }
-            let op = o.as_mut_ptr().add(t);
-            for (q, a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(
-                    op.add(16 * q),
-                    _mm512_add_ps(_mm512_loadu_ps(op.add(16 * q)), *a),
-                );
+            for (acc, &o) in acc.iter().zip(outs) {
+                let op = o.add(at + t);
+                for (q, a) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(
+                        op.add(16 * q),
+                        _mm512_add_ps(_mm512_loadu_ps(op.add(16 * q)), *a),
+                    );
+                }
             }
             t += 64;
         }
         while t < n {
             let left = (n - t).min(16);
-            let mask: __mmask16 = if left == 16 {
-                0xffff
-            } else {
-                (1u16 << left) - 1
-            };
-            let mut acc = _mm512_setzero_ps();
+            let mask = tail_mask(left);
+            let mut acc = [_mm512_setzero_ps(); P];
             for (j, (_, bj)) in b.iter().enumerate() {
-                let sv = _mm512_set1_ps(s(j0 + j));
-                acc = _mm512_fmadd_ps(
-                    sv,
-                    _mm512_maskz_loadu_ps(mask, bj.as_ptr().add(off + t)),
-                    acc,
-                );
+                let w = _mm512_maskz_loadu_ps(mask, bj.as_ptr().add(off + t));
+                for (pos, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_set1_ps(s(pos, j)), w, *a);
+                }
             }
-            let op = o.as_mut_ptr().add(t);
-            _mm512_mask_storeu_ps(
-                op,
-                mask,
-                _mm512_add_ps(_mm512_maskz_loadu_ps(mask, op), acc),
-            );
+            for (a, &o) in acc.iter().zip(outs) {
+                let op = o.add(at + t);
+                _mm512_mask_storeu_ps(op, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, op), *a));
+            }
             t += left;
         }
+    }
+}
+
+/// The mask of the first `left` lanes of sixteen (`left` ≤ 16).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn tail_mask(left: usize) -> std::arch::x86_64::__mmask16 {
+    if left >= 16 {
+        0xffff
+    } else {
+        (1u16 << left) - 1
     }
 }
 
@@ -2169,10 +2229,11 @@ mod tests {
         };
         let adapters = [adapter(7), adapter(3)];
         let wflat: Vec<f32> = wd.flatten_all().unwrap().to_vec1().unwrap();
-        for m in [1, 2, 5] {
+        for m in [1, 2, 5, 13] {
             let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu).unwrap();
             let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-            // Position i: the first adapter, the second, none, in turn.
+            // Position i: the first adapter, the second, none, in turn (13: five positions
+            // on the first, more than one pass over `B` takes at once).
             let pick = |i: usize| adapters.get(i % 3);
             let mut want: Vec<f32> = Vec::new();
             for (i, xr) in xs.chunks_exact(cols).enumerate() {
