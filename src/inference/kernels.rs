@@ -1829,7 +1829,7 @@ unsafe fn low_rank_rows_avx512<const P: usize>(
     n: usize,
 ) {
     use std::arch::x86_64::*;
-    debug_assert_eq!(outs.len(), P);
+    assert_eq!(outs.len(), P, "one output per position");
     let mut t = 0;
     // SAFETY: every load and store touches values below `n` past `at` of each output and
     // below `off + n` of each `b_j` (the caller's promise); the tail is masked.

@@ -354,13 +354,16 @@ unsafe fn exp_sub_sum(s: &mut [f32], max: f32) -> f32 {
     }
 }
 
-/// `exp(x)` per lane (below −87.3 gives 0, as `expf` underflows; above 88.7, infinity).
+/// `exp(x)` per lane (below −87.3 gives about 1.2e-38 where `expf` underflows to 0 — the
+/// same to a softmax or SiLU; above 88.7, infinity).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn exp_ps(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    let x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654));
+    // (The bound first: `max_ps` returns its second operand where either is NaN, so a NaN
+    // stays NaN, as it does through `expf`.)
+    let x = _mm512_max_ps(_mm512_set1_ps(-87.33654), x);
     // x = n·ln 2 + r, |r| ≤ ln 2 / 2; ln 2 in two parts so that r is exact.
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
