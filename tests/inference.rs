@@ -16,8 +16,8 @@ use candle_core::quantized::GgmlDType;
 use ferrotune::inference::text::{ChatAssets, tokenizer_from_gguf};
 use ferrotune::inference::{
     ChatMessage, Engine, EngineError, EngineOptions, FinishReason, GenEvent, GenerateRequest,
-    InferenceDevice, Model, Placement, Requantize, SamplingParams, WeightsFormat, WeightsSource,
-    lora,
+    InferenceDevice, KvPrecision, Model, Placement, Requantize, SamplingParams, WeightsFormat,
+    WeightsSource, lora,
 };
 use serde_json::{Value, json};
 
@@ -68,6 +68,13 @@ fn test_models_dir() -> PathBuf {
 /// kernels ran (float rounding only); 1e-2 where its integer kernels did (AVX-512 VNNI: the
 /// activations rounded to 16 bits per block move SmolLM2's logits, max ≈27, by up to ≈5e-3 —
 /// the greedy tokens, asserted apart, stay the same).
+/// The model with 32-bit KV caches: the comparisons with transformers then hold to float
+/// rounding (the default half-float caches are checked against them apart).
+fn full(mut model: Model) -> Model {
+    model.set_kv_precision(KvPrecision::Full);
+    model
+}
+
 fn tol(model: &Model, float: f64) -> f64 {
     if model.description.contains("integer activations") {
         1e-2
@@ -255,12 +262,14 @@ fn tiny_models_of_every_family_match_transformers_with_lora() {
         let mut results = results.iter();
         for family in families {
             let dir = tmp.path().join(family);
-            let model = Model::load_on(
-                &WeightsSource::Hf(dir.clone()),
-                Requantize::Keep,
-                &placement,
-            )
-            .unwrap();
+            let model = full(
+                Model::load_on(
+                    &WeightsSource::Hf(dir.clone()),
+                    Requantize::Keep,
+                    &placement,
+                )
+                .unwrap(),
+            );
             let lora = lora::load(&dir.join("lora"), &model.config).unwrap();
             assert_eq!(
                 lora.modules,
@@ -334,7 +343,7 @@ fn safetensors_path_matches_transformers_and_peft() {
     let adapter_dir = trained_adapter();
     let source = WeightsSource::Hf(dir.clone());
     let assets = ChatAssets::load(&dir, source.clone()).unwrap();
-    let model = Model::load(&source, Requantize::Keep).unwrap();
+    let model = full(Model::load(&source, Requantize::Keep).unwrap());
     let adapter = lora::load(&adapter_dir, &model.config).unwrap();
     let prompt = poem_prompt(&assets);
     let r = reference(json!({
@@ -432,7 +441,7 @@ fn bf16_checkpoint_is_quantised_at_load_cached_and_mapped() {
     // (to float rounding); the bf16 reference measures what the format itself costs.
     let logits_of = |requant: Requantize, matched: usize, max_diff: f64| -> (Model, Vec<f32>) {
         let started = Instant::now();
-        let model = Model::load(&source, requant).unwrap();
+        let model = full(Model::load(&source, requant).unwrap());
         let load = started.elapsed();
         let adapter = lora::load(&adapter_dir, &model.config).unwrap();
         let (all, greedy) = ours(&model, Some(&adapter), &prompt, 32);
@@ -778,7 +787,7 @@ fn gguf_path_matches_its_dequantised_form_with_lora() {
     // The engine's kernels multiply the quantised weights with float activations: the GGUF
     // path computes what its de-quantised form computes, to float rounding.
     for requant in [Requantize::Auto, Requantize::Keep] {
-        let model = Model::load(&source, requant).unwrap();
+        let model = full(Model::load(&source, requant).unwrap());
         let adapter = lora::load(&adapter_dir, &model.config).unwrap();
         let (all, greedy) = ours(&model, Some(&adapter), &prompt, 32);
         let last = all.last().unwrap();
@@ -801,6 +810,31 @@ fn gguf_path_matches_its_dequantised_form_with_lora() {
             "same next token"
         );
         assert_eq!(greedy, want_greedy, "{requant:?}: 32 greedy tokens");
+        // The default cache (half floats, what the server runs): close to the 32-bit one, and
+        // the same answer.
+        let mut half = model;
+        half.set_kv_precision(KvPrecision::Half);
+        let (all_half, greedy_half) = ours(&half, Some(&adapter), &prompt, 32);
+        let d_half = max_abs_diff(all_half.last().unwrap(), &want);
+        eprintln!(
+            "  with a half-float KV cache: max |Δlogit| {d_half:.2e} vs transformers + peft, \
+             {:.2e} vs the 32-bit cache",
+            all_half
+                .last()
+                .unwrap()
+                .iter()
+                .zip(last)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max)
+        );
+        assert!(
+            d_half < 3e-2,
+            "{requant:?}: half-float cache: logits differ by {d_half}"
+        );
+        assert_eq!(
+            greedy_half, want_greedy,
+            "{requant:?}: half-float cache: 32 greedy tokens"
+        );
     }
     // Other quantised formats (Q5_0 here, the K-quants) run on candle's kernels (8-bit
     // activations), with the LoRA term added apart: the adapter must move the logits toward
@@ -895,7 +929,7 @@ fn k_quants_run_on_the_engines_kernels_like_their_dequantised_form() {
     let adapter_dir = trained_adapter();
     // The reference: the same file with every matrix de-quantised to float32 (exactly what
     // the K-quant blocks hold), on the same kernels.
-    let dense = Model::load(&source, Requantize::To(GgmlDType::F32)).unwrap();
+    let dense = full(Model::load(&source, Requantize::To(GgmlDType::F32)).unwrap());
     let adapter = lora::load(&adapter_dir, &dense.config).unwrap();
     // Prefill (several positions: rows expanded, then blocked dots) and one decode step (one
     // position: the K-quant dot itself) after it.
@@ -919,7 +953,7 @@ fn k_quants_run_on_the_engines_kernels_like_their_dequantised_form() {
     let (_, want_step) = step(&dense);
     let want_step: Vec<f64> = want_step.iter().map(|v| *v as f64).collect();
     drop(dense);
-    let model = Model::load(&source, Requantize::Auto).unwrap();
+    let model = full(Model::load(&source, Requantize::Auto).unwrap());
     for k in ["Q4K", "Q5K", "Q6K"] {
         assert!(
             model.description.contains(k),

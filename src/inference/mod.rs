@@ -54,6 +54,7 @@ pub use metrics::EngineMetrics;
 pub use model::{
     BatchItem, KvCache, Model, Placement, Requantize, Want, WeightsSource, describe_device,
 };
+pub use ops::KvPrecision;
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

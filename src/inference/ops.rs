@@ -7,6 +7,8 @@
 #[cfg(target_arch = "x86_64")]
 use super::kernels::tail_mask;
 use super::kernels::{Simd, axpy, dot_f32, simd_level};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 /// `out_i = x_i / sqrt(mean(x²) + eps) · w_i` for each row of `x` (rows of `w.len()`).
 pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -96,9 +98,59 @@ pub(crate) struct AttnSeq<'a> {
     pub row: usize,
     pub rows: usize,
     pub pos: usize,
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub k: KvSlice<'a>,
+    pub v: KvSlice<'a>,
     pub cap: usize,
+}
+
+/// A sequence's cached keys or values, in the cache's precision ([`KvPrecision`]).
+#[derive(Clone, Copy)]
+pub(crate) enum KvSlice<'a> {
+    Half(&'a [f16]),
+    Full(&'a [f32]),
+}
+
+/// How the plain layer loop's KV caches hold keys and values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvPrecision {
+    /// Half floats (llama.cpp's default): a decode step's attention reads every cached
+    /// position, so half the bytes is about half its time, and twice the sequences fit the
+    /// same memory. Logits move by about 1e-2 on SmolLM2-135M (greedy answers unchanged in the
+    /// tests) — finer than the bf16 caches transformers and vLLM keep for bf16 checkpoints.
+    #[default]
+    Half,
+    /// 32-bit floats: what the reference implementations compute in f32, to float rounding.
+    Full,
+}
+
+/// An element type of a KV cache: read back as floats.
+pub(crate) trait KvElem: Copy {
+    /// `out[i] = src[i]` as floats.
+    fn widen(src: &[Self], out: &mut [f32]);
+    /// `dst[i] = src[i]` rounded to this type.
+    fn narrow(src: &[f32], dst: &mut [Self]);
+    /// Half floats (else 32-bit floats): how the kernels load them.
+    const HALF: bool;
+}
+
+impl KvElem for f32 {
+    fn widen(src: &[f32], out: &mut [f32]) {
+        out.copy_from_slice(src);
+    }
+    fn narrow(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    const HALF: bool = false;
+}
+
+impl KvElem for f16 {
+    fn widen(src: &[f16], out: &mut [f32]) {
+        src.convert_to_f32_slice(out);
+    }
+    fn narrow(src: &[f32], dst: &mut [f16]) {
+        dst.convert_from_f32_slice(src);
+    }
+    const HALF: bool = true;
 }
 
 /// Causal attention of the query rows of several sequences, each over its own keys and
@@ -123,6 +175,7 @@ pub(crate) fn attention_batch(q: &[f32], seqs: &[AttnSeq<'_>], h: HeadShape, out
     let out_ptr = out.as_mut_ptr() as usize;
     let work = |items: std::ops::Range<usize>| {
         let mut scores = Vec::new();
+        let mut row_f32 = vec![0f32; hd];
         for item in items {
             let (row, head) = (item / nh, item % nh);
             let sq = &seqs[row_seq[row]];
@@ -130,8 +183,7 @@ pub(crate) fn attention_batch(q: &[f32], seqs: &[AttnSeq<'_>], h: HeadShape, out
             let first = window.map_or(0, |w| (qpos + 1).saturating_sub(w));
             let g = head / n_rep;
             let qv = &q[(row * nh + head) * hd..][..hd];
-            let keys = &sq.k[g * sq.cap * hd..][..sq.cap * hd];
-            let values = &sq.v[g * sq.cap * hd..][..sq.cap * hd];
+            let kv_range = g * sq.cap * hd..(g + 1) * sq.cap * hd;
             // SAFETY: item (row, head) alone writes these `hd` values, inside `out`.
             let o = unsafe {
                 std::slice::from_raw_parts_mut(
@@ -145,10 +197,20 @@ pub(crate) fn attention_batch(q: &[f32], seqs: &[AttnSeq<'_>], h: HeadShape, out
                 // SAFETY: AVX-512F was detected; the rows `first..=qpos` are in the cache
                 // (`cap` rows) and `qv`/`o` hold `hd` values (`NV` vectors of 16).
                 unsafe {
-                    if hd == 64 {
-                        attend_avx512::<4>(qv, keys, values, span, scale, &mut scores, o);
-                    } else {
-                        attend_avx512::<8>(qv, keys, values, span, scale, &mut scores, o);
+                    macro_rules! attend {
+                        ($k:expr, $v:expr) => {{
+                            let (k, v) = (&$k[kv_range.clone()], &$v[kv_range.clone()]);
+                            if hd == 64 {
+                                attend_avx512::<4, _>(qv, k, v, span, scale, &mut scores, o);
+                            } else {
+                                attend_avx512::<8, _>(qv, k, v, span, scale, &mut scores, o);
+                            }
+                        }};
+                    }
+                    match (sq.k, sq.v) {
+                        (KvSlice::Half(k), KvSlice::Half(v)) => attend!(k, v),
+                        (KvSlice::Full(k), KvSlice::Full(v)) => attend!(k, v),
+                        _ => unreachable!("a cache holds keys and values in one precision"),
                     }
                 }
                 continue;
@@ -156,7 +218,12 @@ pub(crate) fn attention_batch(q: &[f32], seqs: &[AttnSeq<'_>], h: HeadShape, out
             scores.clear();
             let mut max = f32::NEG_INFINITY;
             for j in first..=qpos {
-                let sc = dot_f32(qv, &keys[j * hd..][..hd], simd) * scale;
+                let at = kv_range.start + j * hd;
+                match sq.k {
+                    KvSlice::Half(k) => f16::widen(&k[at..at + hd], &mut row_f32),
+                    KvSlice::Full(k) => f32::widen(&k[at..at + hd], &mut row_f32),
+                }
+                let sc = dot_f32(qv, &row_f32, simd) * scale;
                 max = max.max(sc);
                 scores.push(sc);
             }
@@ -167,7 +234,12 @@ pub(crate) fn attention_batch(q: &[f32], seqs: &[AttnSeq<'_>], h: HeadShape, out
             }
             o.fill(0.0);
             for (j, p) in (first..=qpos).zip(&scores) {
-                axpy(p / sum, &values[j * hd..][..hd], o, simd);
+                let at = kv_range.start + j * hd;
+                match sq.v {
+                    KvSlice::Half(v) => f16::widen(&v[at..at + hd], &mut row_f32),
+                    KvSlice::Full(v) => f32::widen(&v[at..at + hd], &mut row_f32),
+                }
+                axpy(p / sum, &row_f32, o, simd);
             }
         }
     };
@@ -190,10 +262,10 @@ pub(crate) fn attention_batch(q: &[f32], seqs: &[AttnSeq<'_>], h: HeadShape, out
 /// `16·NV` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn attend_avx512<const NV: usize>(
+unsafe fn attend_avx512<const NV: usize, T: KvElem>(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     span: std::ops::Range<usize>,
     scale: f32,
     scores: &mut Vec<f32>,
@@ -221,9 +293,9 @@ unsafe fn attend_avx512<const NV: usize>(
             let mut part = [_mm512_setzero_ps(); 16];
             for (p, part) in part.iter_mut().enumerate() {
                 let k = keys.as_ptr().add((j + p) * hd);
-                let mut acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+                let mut acc = _mm512_mul_ps(qv[0], load16::<T>(k));
                 for (i, v) in qv.iter().enumerate().skip(1) {
-                    acc = _mm512_fmadd_ps(*v, _mm512_loadu_ps(k.add(16 * i)), acc);
+                    acc = _mm512_fmadd_ps(*v, load16::<T>(k.add(16 * i)), acc);
                 }
                 *part = acc;
             }
@@ -235,9 +307,9 @@ unsafe fn attend_avx512<const NV: usize>(
         let mut max = _mm512_reduce_max_ps(maxv);
         while j < span.end {
             let k = keys.as_ptr().add(j * hd);
-            let mut acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+            let mut acc = _mm512_mul_ps(qv[0], load16::<T>(k));
             for (i, v) in qv.iter().enumerate().skip(1) {
-                acc = _mm512_fmadd_ps(*v, _mm512_loadu_ps(k.add(16 * i)), acc);
+                acc = _mm512_fmadd_ps(*v, load16::<T>(k.add(16 * i)), acc);
             }
             let sc = _mm512_reduce_add_ps(acc) * scale;
             max = max.max(sc);
@@ -251,11 +323,30 @@ unsafe fn attend_avx512<const NV: usize>(
             let v = values.as_ptr().add(j * hd);
             let p = _mm512_set1_ps(p * inv);
             for (i, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(p, _mm512_loadu_ps(v.add(16 * i)), *a);
+                *a = _mm512_fmadd_ps(p, load16::<T>(v.add(16 * i)), *a);
             }
         }
         for (i, a) in acc.iter().enumerate() {
             _mm512_storeu_ps(o.as_mut_ptr().add(16 * i), *a);
+        }
+    }
+}
+
+/// Sixteen cached values from `p` as a vector of floats (half floats widened exactly).
+///
+/// # Safety
+/// AVX-512F is available; `p` points at 16 readable values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn load16<T: KvElem>(p: *const T) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // SAFETY: as this function's.
+    unsafe {
+        if T::HALF {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        } else {
+            _mm512_loadu_ps(p as *const f32)
         }
     }
 }
@@ -391,7 +482,7 @@ unsafe fn exp_ps(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
 
     fn vec(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1().unwrap()
@@ -456,8 +547,10 @@ mod tests {
         for (hd, pos, s, window) in cases {
             let cap = cap.max(pos + s);
             let q = Tensor::randn(0f32, 1.0, (s, nh * hd), d).unwrap();
-            let k = Tensor::randn(0f32, 1.0, (nkv, cap, hd), d).unwrap();
-            let v = Tensor::randn(0f32, 1.0, (nkv, cap, hd), d).unwrap();
+            // The cache holds half floats: the reference takes the same (rounded) values.
+            let half = |t: Tensor| t.to_dtype(DType::F16).unwrap();
+            let k = half(Tensor::randn(0f32, 1.0, (nkv, cap, hd), d).unwrap());
+            let v = half(Tensor::randn(0f32, 1.0, (nkv, cap, hd), d).unwrap());
             let mut got = vec![0f32; s * nh * hd];
             let shape = HeadShape {
                 nh,
@@ -465,16 +558,32 @@ mod tests {
                 hd,
                 window,
             };
-            let (kv, vv) = (vec(&k), vec(&v));
-            let seq = AttnSeq {
-                row: 0,
-                rows: s,
-                pos,
-                k: &kv,
-                v: &vv,
-                cap,
-            };
-            attention_batch(&vec(&q), &[seq], shape, &mut got);
+            let (kv, vv): (Vec<f16>, Vec<f16>) = (
+                k.flatten_all().unwrap().to_vec1().unwrap(),
+                v.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            let (k, v) = (
+                k.to_dtype(DType::F32).unwrap(),
+                v.to_dtype(DType::F32).unwrap(),
+            );
+            // Both precisions of the cache, holding the same values.
+            let (kf, vf) = (vec(&k), vec(&v));
+            let mut got_full = vec![0f32; s * nh * hd];
+            for (k, v, got) in [
+                (KvSlice::Half(&kv), KvSlice::Half(&vv), &mut got),
+                (KvSlice::Full(&kf), KvSlice::Full(&vf), &mut got_full),
+            ] {
+                let seq = AttnSeq {
+                    row: 0,
+                    rows: s,
+                    pos,
+                    k,
+                    v,
+                    cap,
+                };
+                attention_batch(&vec(&q), &[seq], shape, got);
+            }
+            assert_eq!(got, got_full, "the two precisions, the same values");
             // The same with candle: scores, mask, softmax, weighted sum.
             let t = pos + s;
             let qh = q.reshape((s, nh, hd)).unwrap().transpose(0, 1).unwrap(); // nh, s, hd

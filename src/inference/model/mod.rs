@@ -21,6 +21,9 @@ use anyhow::{Context, bail};
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, ggml_file::qtensor_from_ggml};
 use candle_core::{DType, Device, Module, Tensor};
+use half::f16;
+
+use super::ops::{self, KvElem, KvPrecision};
 
 use super::config::{Family, ModelConfig};
 use super::kernels::{Format, LowRank, QuantMatrix};
@@ -198,6 +201,8 @@ pub struct Model {
     /// Set when every matmul runs on the engine's own kernels: the layers then run on plain
     /// slices (see [`Model::forward_plain`]) instead of candle tensors.
     plain: Option<Plain>,
+    /// How new caches on the plain loop hold keys and values.
+    kv_precision: KvPrecision,
 }
 
 /// `cpu`, `cuda:0`, ….
@@ -236,8 +241,9 @@ pub struct BatchItem<'a> {
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
     /// The same for the plain layer loop: per layer, keys and values as
-    /// `num_kv_heads × cap × head_dim` floats. A cache uses one of the two, by its model.
-    raw: Vec<(Vec<f32>, Vec<f32>)>,
+    /// `num_kv_heads × cap × head_dim` values in the model's [`KvPrecision`]. A cache uses one
+    /// of the two, by its model.
+    raw: Vec<(KvBuf, KvBuf)>,
     len: usize,
     cap: usize,
 }
@@ -265,12 +271,65 @@ impl KvCache {
             .iter()
             .map(|(k, v)| (k.elem_count() + v.elem_count()) * 4)
             .sum();
-        let raw: usize = self.raw.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum();
+        let raw: usize = self.raw.iter().map(|(k, v)| k.bytes() + v.bytes()).sum();
         tensors + raw
     }
 }
 
+/// One layer's keys or values on the plain layer loop.
+pub(super) enum KvBuf {
+    Half(Vec<f16>),
+    Full(Vec<f32>),
+}
+
+impl KvBuf {
+    fn zeros(precision: KvPrecision, n: usize) -> KvBuf {
+        match precision {
+            KvPrecision::Half => KvBuf::Half(vec![f16::ZERO; n]),
+            KvPrecision::Full => KvBuf::Full(vec![0.0; n]),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            KvBuf::Half(b) => b.len() * 2,
+            KvBuf::Full(b) => b.len() * 4,
+        }
+    }
+
+    pub(super) fn slice(&self) -> ops::KvSlice<'_> {
+        match self {
+            KvBuf::Half(b) => ops::KvSlice::Half(b),
+            KvBuf::Full(b) => ops::KvSlice::Full(b),
+        }
+    }
+
+    /// Values `at..at + x.len()` set to `x` (rounded to the buffer's precision).
+    pub(super) fn write(&mut self, at: usize, x: &[f32]) {
+        match self {
+            KvBuf::Half(b) => f16::narrow(x, &mut b[at..at + x.len()]),
+            KvBuf::Full(b) => f32::narrow(x, &mut b[at..at + x.len()]),
+        }
+    }
+
+    /// Values `to..to + n` copied from `from`'s `at..at + n` (the same precision).
+    fn copy_from(&mut self, to: usize, from: &KvBuf, at: usize, n: usize) -> anyhow::Result<()> {
+        match (self, from) {
+            (KvBuf::Half(b), KvBuf::Half(f)) => b[to..to + n].copy_from_slice(&f[at..at + n]),
+            (KvBuf::Full(b), KvBuf::Full(f)) => b[to..to + n].copy_from_slice(&f[at..at + n]),
+            _ => bail!("the cache holds another precision"),
+        }
+        Ok(())
+    }
+}
+
 impl Model {
+    /// How the caches this model makes from now on hold keys and values on the plain layer
+    /// loop (half floats unless set; candle's tensors keep 32-bit floats).
+    pub fn set_kv_precision(&mut self, precision: KvPrecision) {
+        self.kv_precision = precision;
+    }
+
     /// Loads the weights. Takes seconds for large models: call it off the async runtime.
     ///
     /// A Hugging Face folder's float weights are quantised as they are read (`Auto`: Q8_0;
@@ -449,6 +508,7 @@ impl Model {
             sin,
             device,
             plain: None,
+            kv_precision: KvPrecision::default(),
         };
         model.plain = Plain::new(&model)?;
         Ok(model)
@@ -483,8 +543,8 @@ impl Model {
             for ((k, v), (fk, fv)) in cache.raw.iter_mut().zip(&from.raw) {
                 for g in 0..nkv {
                     let (to, at) = (g * cache.cap * hd, g * from.cap * hd);
-                    k[to..][..len * hd].copy_from_slice(&fk[at..][..len * hd]);
-                    v[to..][..len * hd].copy_from_slice(&fv[at..][..len * hd]);
+                    k.copy_from(to, fk, at, len * hd)?;
+                    v.copy_from(to, fv, at, len * hd)?;
                 }
             }
         } else {
@@ -500,10 +560,15 @@ impl Model {
         Ok(cache)
     }
 
-    /// Bytes of KV cache one position of one sequence takes (keys and values, every layer).
+    /// Bytes of KV cache one position of one sequence takes (keys and values, every layer:
+    /// in the [`KvPrecision`] on the plain layer loop, 32-bit floats on candle's tensors).
     pub fn kv_bytes_per_token(&self) -> usize {
         let c = &self.config;
-        2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
+        let elem = match (&self.plain, self.kv_precision) {
+            (Some(_), KvPrecision::Half) => 2,
+            _ => 4,
+        };
+        2 * c.num_layers * c.num_kv_heads * c.head_dim * elem
     }
 
     /// Bytes of the weights in memory.
@@ -737,22 +802,27 @@ impl Model {
         let c = &self.config;
         if self.plain.is_some() {
             let (nkv, hd) = (c.num_kv_heads, c.head_dim);
-            let grow = |old: Option<&Vec<f32>>| {
-                let mut buf = vec![0f32; nkv * cap * hd];
+            // A cache keeps the precision it was made with.
+            let precision = match cache.raw.first() {
+                Some((KvBuf::Half(_), _)) => KvPrecision::Half,
+                Some((KvBuf::Full(_), _)) => KvPrecision::Full,
+                None => self.kv_precision,
+            };
+            let grow = |old: Option<&KvBuf>| -> anyhow::Result<KvBuf> {
+                let mut buf = KvBuf::zeros(precision, nkv * cap * hd);
                 if let Some(old) = old {
                     for g in 0..nkv {
-                        let n = cache.len * hd;
-                        buf[g * cap * hd..][..n].copy_from_slice(&old[g * cache.cap * hd..][..n]);
+                        buf.copy_from(g * cap * hd, old, g * cache.cap * hd, cache.len * hd)?;
                     }
                 }
-                buf
+                Ok(buf)
             };
             cache.raw = (0..c.num_layers)
                 .map(|i| {
                     let old = cache.raw.get(i);
-                    (grow(old.map(|o| &o.0)), grow(old.map(|o| &o.1)))
+                    Ok((grow(old.map(|o| &o.0))?, grow(old.map(|o| &o.1))?))
                 })
-                .collect();
+                .collect::<anyhow::Result<_>>()?;
             cache.cap = cap;
             return Ok(());
         }

@@ -167,8 +167,8 @@ impl Model {
                     }
                     ops::rope(kh, cos, sin);
                     let at = (g * cap + p) * hd;
-                    kc[at..at + hd].copy_from_slice(kh);
-                    vc[at..at + hd].copy_from_slice(vh);
+                    kc.write(at, kh);
+                    vc.write(at, vh);
                 }
             }
             {
@@ -181,8 +181,8 @@ impl Model {
                             row,
                             rows: it.tokens.len(),
                             pos: it.cache.len,
-                            k,
-                            v,
+                            k: k.slice(),
+                            v: v.slice(),
                             cap: it.cache.cap,
                         };
                         row += it.tokens.len();
