@@ -166,7 +166,7 @@ fn main() -> anyhow::Result<()> {
         v[v.len() / 2]
     };
     // Memory: resident now and at its peak (the first load's quantisation included), against
-    // the weights and the KV cache at the positions used (f32 keys and values).
+    // the weights and the KV cache at the positions used (in the model's KV precision).
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let kb = |key: &str| -> f64 {
         status
@@ -177,8 +177,7 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or(0.0)
     };
     let (rss, peak) = (kb("VmRSS:") * 1024.0, kb("VmHWM:") * 1024.0);
-    let c = &model.config;
-    let kv = (c.num_layers * 2 * c.kv_size() * (prompt.len() + a.tokens) * 4) as f64;
+    let kv = (model.kv_bytes_per_token() * (prompt.len() + a.tokens)) as f64;
     let weights = model.weight_bytes() as f64;
     let ttft = median(&mut ttfts);
     let decode = median(&mut decode_rates);

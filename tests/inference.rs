@@ -64,10 +64,6 @@ fn test_models_dir() -> PathBuf {
     ferrotune::pyenv::cache_root().join("test-models")
 }
 
-/// The largest |Δlogit| allowed against a float reference: `float` where the engine's float
-/// kernels ran (float rounding only); 1e-2 where its integer kernels did (AVX-512 VNNI: the
-/// activations rounded to 16 bits per block move SmolLM2's logits, max ≈27, by up to ≈5e-3 —
-/// the greedy tokens, asserted apart, stay the same).
 /// The model with 32-bit KV caches: the comparisons with transformers then hold to float
 /// rounding (the default half-float caches are checked against them apart).
 fn full(mut model: Model) -> Model {
@@ -75,6 +71,10 @@ fn full(mut model: Model) -> Model {
     model
 }
 
+/// The largest |Δlogit| allowed against a float reference: `float` where the engine's float
+/// kernels ran (float rounding only); 1e-2 where its integer kernels did (AVX-512 VNNI: the
+/// activations rounded to 16 bits per block move SmolLM2's logits, max ≈27, by up to ≈5e-3 —
+/// the greedy tokens, asserted apart, stay the same).
 fn tol(model: &Model, float: f64) -> f64 {
     if model.description.contains("integer activations") {
         1e-2

@@ -124,7 +124,11 @@ pub enum KvPrecision {
 }
 
 /// An element type of a KV cache: read back as floats.
-pub(crate) trait KvElem: Copy {
+///
+/// # Safety
+/// `HALF` says the layout the kernels read: `true` only for a 2-byte IEEE half float, `false`
+/// only for `f32`.
+pub(crate) unsafe trait KvElem: Copy {
     /// `out[i] = src[i]` as floats.
     fn widen(src: &[Self], out: &mut [f32]);
     /// `dst[i] = src[i]` rounded to this type.
@@ -133,7 +137,8 @@ pub(crate) trait KvElem: Copy {
     const HALF: bool;
 }
 
-impl KvElem for f32 {
+// SAFETY: `f32`, `HALF` false.
+unsafe impl KvElem for f32 {
     fn widen(src: &[f32], out: &mut [f32]) {
         out.copy_from_slice(src);
     }
@@ -143,7 +148,8 @@ impl KvElem for f32 {
     const HALF: bool = false;
 }
 
-impl KvElem for f16 {
+// SAFETY: an IEEE half float, `HALF` true.
+unsafe impl KvElem for f16 {
     fn widen(src: &[f16], out: &mut [f32]) {
         src.convert_to_f32_slice(out);
     }

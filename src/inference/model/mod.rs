@@ -244,6 +244,8 @@ pub struct KvCache {
     /// `num_kv_heads × cap × head_dim` values in the model's [`KvPrecision`]. A cache uses one
     /// of the two, by its model.
     raw: Vec<(KvBuf, KvBuf)>,
+    /// The precision of `raw` (the model's when the cache was made).
+    precision: KvPrecision,
     len: usize,
     cap: usize,
 }
@@ -324,8 +326,8 @@ impl KvBuf {
 }
 
 impl Model {
-    /// How the caches this model makes from now on hold keys and values on the plain layer
-    /// loop (half floats unless set; candle's tensors keep 32-bit floats).
+    /// How the caches this model makes from now on ([`Model::new_cache`]) hold keys and values
+    /// on the plain layer loop (half floats unless set; candle's tensors keep 32-bit floats).
     pub fn set_kv_precision(&mut self, precision: KvPrecision) {
         self.kv_precision = precision;
     }
@@ -519,6 +521,7 @@ impl Model {
         KvCache {
             layers: Vec::new(),
             raw: Vec::new(),
+            precision: self.kv_precision,
             len: 0,
             cap: 0,
         }
@@ -531,6 +534,8 @@ impl Model {
     pub fn copy_prefix(&self, from: &KvCache, len: usize) -> anyhow::Result<KvCache> {
         let len = len.min(from.len);
         let mut cache = self.new_cache();
+        // The copy keeps the precision of the cache it copies.
+        cache.precision = from.precision;
         if len == 0 {
             return Ok(cache);
         }
@@ -803,11 +808,7 @@ impl Model {
         if self.plain.is_some() {
             let (nkv, hd) = (c.num_kv_heads, c.head_dim);
             // A cache keeps the precision it was made with.
-            let precision = match cache.raw.first() {
-                Some((KvBuf::Half(_), _)) => KvPrecision::Half,
-                Some((KvBuf::Full(_), _)) => KvPrecision::Full,
-                None => self.kv_precision,
-            };
+            let precision = cache.precision;
             let grow = |old: Option<&KvBuf>| -> anyhow::Result<KvBuf> {
                 let mut buf = KvBuf::zeros(precision, nkv * cap * hd);
                 if let Some(old) = old {
