@@ -17,6 +17,14 @@ transformers under ~/.cache/ferrotune/bench-models (2.3 GB), the GGUFs beside it
 Both engines: greedy, EOS ignored, the same chat-templated prompt, median of --runs after a
 warm-up run. ferrotune's side is `cargo bench --bench throughput` (release) on the folder;
 llama.cpp's runs in its own virtual environment (a subprocess: its resident memory is its own).
+
+    $(target/debug/ferrotune setup --print-python) benches/real_models.py --batch 8 \
+        [--formats q4_1] [--tokens 64] [--adapters 4]
+
+`--batch N` (no llama.cpp needed): ferrotune alone, N sequences decoded in one batched step
+each on `--adapters` different random rank-8 LoRAs (every projection), against one sequence on
+one of them: the serving case of issue 14 on a model whose weights do not fit the processor's
+caches, where decoding one sequence is bound by reading them.
 """
 
 import argparse
@@ -134,6 +142,54 @@ def llama_cpp_run(args):
                       "file_bytes": os.path.getsize(args.llama_run)}))
 
 
+def make_adapters(hf_dir, n):
+    """`n` random rank-8 PEFT LoRAs on every projection of the model in `hf_dir`."""
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h),
+              "self_attn.v_proj": (kv, h), "self_attn.o_proj": (h, h),
+              "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
+              "mlp.down_proj": (h, inter)}
+    dirs = []
+    for k in range(n):
+        out = hf_dir.parent / f".{NAME}-lora-{k}"
+        dirs.append(out)
+        if (out / "adapter_model.safetensors").is_file():
+            continue
+        g = torch.Generator().manual_seed(k)
+        tensors = {}
+        for layer in range(layers):
+            for name, (o, i) in shapes.items():
+                p = f"base_model.model.model.layers.{layer}.{name}"
+                tensors[f"{p}.lora_A.weight"] = torch.randn(8, i, generator=g) * 0.02
+                tensors[f"{p}.lora_B.weight"] = torch.randn(o, 8, generator=g) * 0.02
+        out.mkdir(exist_ok=True)
+        save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+        (out / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": 8, "lora_alpha": 16, "bias": "none",
+            "base_model_name_or_path": str(hf_dir), "task_type": "CAUSAL_LM",
+            "target_modules": [n.split(".")[1] for n in shapes]}))
+    return dirs
+
+
+def batched(args, models, hf_dir):
+    adapters = make_adapters(hf_dir, args.adapters)
+    fmt = (args.formats or "q4_1").split(",")[0]
+    cmd = ["cargo", "bench", "--quiet", "--bench", "throughput", "--", "--models-dir",
+           str(models), "--model", NAME, "--format", "safetensors", "--requant", fmt,
+           "--tokens", str(args.tokens), "--threads", str(args.threads), "--batch",
+           str(args.batch)]
+    for a in adapters:
+        cmd += ["--adapter", str(a)]
+    print(f"{NAME}, {fmt}, {args.batch} sequences on {len(adapters)} adapters, "
+          f"{args.tokens} steps, {args.threads} threads:", flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
 def ferrotune_run(args, models, fmt):
     cmd = ["cargo", "bench", "--quiet", "--bench", "throughput", "--", "--models-dir",
            str(models), "--model", NAME, "--format", "safetensors",
@@ -146,10 +202,13 @@ def ferrotune_run(args, models, fmt):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--formats", default="f32,q8_0,q4_0,q4_k")
+    p.add_argument("--formats", help="default: f32,q8_0,q4_0,q4_k (with --batch: q4_1)")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--batch", type=int, default=0,
+                   help="ferrotune alone: N sequences batched on --adapters LoRAs against one")
+    p.add_argument("--adapters", type=int, default=4)
     p.add_argument("--llama-python", type=Path,
                    default=os.environ.get("FERROTUNE_LLAMA_PYTHON",
                                           CACHE / "llama-bench-venv" / "bin" / "python"))
@@ -163,6 +222,10 @@ def main():
     if args.llama_run:
         llama_cpp_run(args)
         return
+    if args.batch:
+        models = CACHE / "bench-models"
+        batched(args, models, make_model(models, CACHE / "test-models" / "SmolLM2-135M-Instruct"))
+        return
     if not Path(args.llama_python).is_file() or not (LLAMA_SRC / "convert_hf_to_gguf.py").is_file():
         sys.exit("llama.cpp is not set up: run `bash benches/llama_cpp_setup.sh` first")
     models = CACHE / "bench-models"
@@ -175,7 +238,7 @@ def main():
     subprocess.run(["cargo", "bench", "--quiet", "--bench", "throughput", "--no-run"], cwd=ROOT,
                    check=True)
     rows = []
-    for fmt in args.formats.split(","):
+    for fmt in (args.formats or "f32,q8_0,q4_0,q4_k").split(","):
         gguf = make_gguf(hf_dir, ggufs, fmt, args.llama_python)
         cache = hf_dir / ".ferrotune"
         shutil.rmtree(cache, ignore_errors=True)

@@ -148,8 +148,13 @@ struct PyEngine {
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (models_dir=None, weights=None))]
-    fn new(py: Python<'_>, models_dir: Option<PathBuf>, weights: Option<String>) -> PyResult<Self> {
+    #[pyo3(signature = (models_dir=None, weights=None, kv_cache_dtype=None))]
+    fn new(
+        py: Python<'_>,
+        models_dir: Option<PathBuf>,
+        weights: Option<String>,
+        kv_cache_dtype: Option<String>,
+    ) -> PyResult<Self> {
         let file = std::env::var_os("FERROTUNE_CONFIG").map(PathBuf::from);
         let mut config = crate::config::Config::load(file.as_deref(), &Default::default())
             .map_err(|e| error(py, "FerrotuneError", format!("{e:#}")))?;
@@ -158,6 +163,11 @@ impl PyEngine {
                 .map_err(|e| PyValueError::new_err(format!("weights: {e:#}")))?;
             config.inference_weights = w;
             config.model_weights.clear();
+        }
+        if let Some(k) = kv_cache_dtype {
+            crate::inference::KvPrecision::parse(&k)
+                .map_err(|e| PyValueError::new_err(format!("kv_cache_dtype: {e:#}")))?;
+            config.kv_cache_dtype = k;
         }
         let dir = models_dir.unwrap_or_else(|| config.models_dir.clone());
         Ok(PyEngine {

@@ -155,6 +155,11 @@ async fn streams_on_four_adapters_are_batched_and_answer_as_alone() {
     assert!(count("ferrotune_adapter_cache_hits_total") >= 8.0, "{m}");
     assert!(m.contains("ferrotune_prefix_cache_hits_total "), "{m}");
     assert!(count("ferrotune_tokens_generated_total") > 0.0);
+    // SmolLM2: 30 layers × 3 KV heads × 64 values, keys and values, in half floats.
+    assert!(
+        m.contains("ferrotune_kv_cache_bytes_per_token{model=\"SmolLM2-135M-Instruct\"} 23040"),
+        "{m}"
+    );
     assert!(
         m.contains(
             "ferrotune_http_request_duration_seconds_count{method=\"POST\",route=\"/v1/chat/completions\",status=\"200\"} 16"
@@ -163,19 +168,22 @@ async fn streams_on_four_adapters_are_batched_and_answer_as_alone() {
     );
     // The gauge follows the worker's bookkeeping after the step that ended the streams: a
     // client may read the metrics between the last event it got and that bookkeeping.
-    let idle = "ferrotune_active_sequences{model=\"SmolLM2-135M-Instruct\"} 0";
+    let idle = [
+        "ferrotune_active_sequences{model=\"SmolLM2-135M-Instruct\"} 0",
+        "ferrotune_kv_cache_reserved_bytes{model=\"SmolLM2-135M-Instruct\"} 0",
+    ];
     let mut last = String::new();
     for _ in 0..50 {
         let (_, m, _) = admin.get_bytes("/metrics").await;
         last = String::from_utf8(m).unwrap();
-        if last.contains(idle) {
+        if idle.iter().all(|l| last.contains(l)) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(
-        last.contains(idle),
-        "the batch empties once every stream ended:\n{last}"
+        idle.iter().all(|l| last.contains(l)),
+        "the batch empties, and its KV reservations with it, once every stream ended:\n{last}"
     );
     let (user, _) = c.signup("user").await;
     assert_eq!(user.get("/metrics").await.status, 403);
@@ -640,6 +648,8 @@ async fn beyond_the_batch_requests_queue_and_beyond_the_limit_get_429() {
         ("FERROTUNE_MAX_BATCH_SEQUENCES", "1"),
         ("FERROTUNE_MAX_CONCURRENT_GENERATIONS", "3"),
         ("FERROTUNE_MAX_GENERATIONS_PER_USER", "16"),
+        // The 32-bit KV cache, chosen by setting: its positions take twice the bytes.
+        ("FERROTUNE_KV_CACHE_DTYPE", "f32"),
     ]);
     let c = server.client();
     let (u, _) = c.signup("alice").await;
@@ -699,4 +709,10 @@ async fn beyond_the_batch_requests_queue_and_beyond_the_limit_get_429() {
             assert!(body["choices"][0]["message"]["content"].as_str().is_some());
         }
     }
+    let (_, m, _) = u.get_bytes("/metrics").await;
+    let m = String::from_utf8(m).unwrap();
+    assert!(
+        m.contains("ferrotune_kv_cache_bytes_per_token{model=\"SmolLM2-135M-Instruct\"} 46080"),
+        "{m}"
+    );
 }

@@ -44,12 +44,16 @@ class Engine:
             float weights are quantised to Q8_0, cached beside the model and memory-mapped on
             later loads; GGUF files keep their formats), ``"q8_0"``, ``"q4_0"``, ``"q4_1"``,
             or ``"keep"`` (float32). Default: the server's ``inference_weights`` setting.
+        kv_cache_dtype: how the CPU's kernels keep the KV cache: ``"f16"`` (half the memory
+            and attention time; logits within about 1e-2 of a 32-bit cache) or ``"f32"``.
+            Default: the server's ``kv_cache_dtype`` setting (``"f16"``).
     """
 
     def __init__(
         self,
         models_dir: Union[str, os.PathLike[str], None] = None,
         weights: Optional[str] = None,
+        kv_cache_dtype: Optional[str] = None,
     ) -> None: ...
     @property
     def models_dir(self) -> pathlib.Path:

@@ -139,3 +139,13 @@ def test_errors_are_exceptions_with_clear_messages(engine, tmp_path):
     with pytest.raises(ferrotune.InvalidRequestError, match="adapter"):
         engine.chat(MODEL, FRANCE, adapter=tmp_path)  # a folder without an adapter in it
     assert isinstance(ferrotune.InvalidRequestError("x"), ferrotune.FerrotuneError)
+
+
+def test_the_kv_cache_type_is_chosen_and_checked(models_dir):
+    # A 32-bit KV cache: the same greedy answer as the default half-float one.
+    full = ferrotune.Engine(models_dir, kv_cache_dtype="f32")
+    assert full.chat(MODEL, FRANCE, temperature=0, max_tokens=32) == (
+        "The capital of France is Paris."
+    )
+    with pytest.raises(ValueError, match="kv_cache_dtype: unknown KV-cache type"):
+        ferrotune.Engine(models_dir, kv_cache_dtype="q8_0")

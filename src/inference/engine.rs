@@ -377,6 +377,7 @@ impl Engine {
             max_batch: self.opts.max_batch.max(1),
             kv_cache_bytes: self.opts.kv_cache_bytes,
             prefix_cache_bytes: self.opts.prefix_cache_bytes,
+            kv_precision: self.opts.kv_precision,
             device: self.opts.device,
             assets: assets.clone(),
             load: load.clone(),
@@ -418,6 +419,7 @@ struct Worker {
     max_batch: usize,
     kv_cache_bytes: usize,
     prefix_cache_bytes: usize,
+    kv_precision: super::KvPrecision,
     device: super::InferenceDevice,
     assets: Arc<ChatAssets>,
     load: Arc<SlotLoad>,
@@ -667,7 +669,7 @@ impl Worker {
                 },
             )
         });
-        let model = match loaded {
+        let mut model = match loaded {
             Ok(m) => m,
             Err(e) => {
                 let msg = format!("cannot load the model {}: {e:#}", self.name);
@@ -688,7 +690,9 @@ impl Worker {
             secs = format!("{:.1}", started.elapsed().as_secs_f64()),
             "model loaded"
         );
+        model.set_kv_precision(self.kv_precision);
         let per_token = model.kv_bytes_per_token();
+        self.metrics.set_kv_bytes_per_token(&self.name, per_token);
         let context = model.config.max_positions;
         let mut waiting: VecDeque<Job> = VecDeque::new();
         let mut active: Vec<Seq> = Vec::new();
@@ -745,7 +749,7 @@ impl Worker {
             }
             self.load.active.store(active.len(), Ordering::Relaxed);
             self.metrics
-                .set_load(&self.name, waiting.len(), active.len());
+                .set_load(&self.name, waiting.len(), active.len(), reserved);
             if active.is_empty() {
                 continue;
             }
@@ -765,7 +769,7 @@ impl Worker {
             }
             self.load.active.store(active.len(), Ordering::Relaxed);
             self.metrics
-                .set_load(&self.name, waiting.len(), active.len());
+                .set_load(&self.name, waiting.len(), active.len(), reserved);
         }
     }
 

@@ -1,7 +1,7 @@
 //! The engine's serving metrics, kept with `prometheus-client` (the Prometheus project's Rust
-//! client) and served by the server's `/metrics`: how many requests wait and run per model,
-//! the size and duration of each batched step, tokens generated, time to first token, and the
-//! adapter cache's hits, misses and evictions. Tokens per second is
+//! client) and served by the server's `/metrics`: how many requests wait and run per model and
+//! the KV cache they reserve, the size and duration of each batched step, tokens generated,
+//! time to first token, and the adapter cache's hits, misses and evictions. Tokens per second is
 //! `rate(ferrotune_tokens_generated_total[1m])`.
 
 use std::time::Duration;
@@ -19,6 +19,10 @@ type ModelLabel = Vec<(String, String)>;
 pub struct EngineMetrics {
     pub queue_depth: Family<ModelLabel, Gauge>,
     pub active_sequences: Family<ModelLabel, Gauge>,
+    /// KV-cache bytes the sequences in a model's batch have reserved (`kv_cache_mb` bounds it).
+    pub kv_reserved: Family<ModelLabel, Gauge>,
+    /// KV-cache bytes one position of a sequence takes in a model (its precision shows here).
+    pub kv_bytes_per_token: Family<ModelLabel, Gauge>,
     /// Sequences per batched step.
     pub batch_sequences: Histogram,
     /// Token rows per batched step (decode tokens plus prompt-chunk tokens).
@@ -40,6 +44,8 @@ impl Default for EngineMetrics {
         EngineMetrics {
             queue_depth: Family::default(),
             active_sequences: Family::default(),
+            kv_reserved: Family::default(),
+            kv_bytes_per_token: Family::default(),
             batch_sequences: Histogram::new(exponential_buckets(1.0, 2.0, 8)),
             batch_rows: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             step_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
@@ -66,6 +72,16 @@ impl EngineMetrics {
             "active_sequences",
             "Sequences in a model's batch",
             self.active_sequences.clone(),
+        );
+        registry.register(
+            "kv_cache_reserved_bytes",
+            "KV-cache bytes reserved by the sequences in a model's batch",
+            self.kv_reserved.clone(),
+        );
+        registry.register(
+            "kv_cache_bytes_per_token",
+            "KV-cache bytes one position of a sequence takes in a model",
+            self.kv_bytes_per_token.clone(),
         );
         registry.register(
             "batch_sequences",
@@ -119,12 +135,22 @@ impl EngineMetrics {
         );
     }
 
-    pub(crate) fn set_load(&self, model: &str, waiting: usize, active: usize) {
+    pub(crate) fn set_load(&self, model: &str, waiting: usize, active: usize, reserved: usize) {
         let label = vec![("model".to_string(), model.to_string())];
         self.queue_depth.get_or_create(&label).set(waiting as i64);
         self.active_sequences
             .get_or_create(&label)
             .set(active as i64);
+        self.kv_reserved
+            .get_or_create(&label)
+            .set(i64::try_from(reserved).unwrap_or(i64::MAX));
+    }
+
+    pub(crate) fn set_kv_bytes_per_token(&self, model: &str, bytes: usize) {
+        let label = vec![("model".to_string(), model.to_string())];
+        self.kv_bytes_per_token
+            .get_or_create(&label)
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     pub(crate) fn record_step(&self, sequences: usize, rows: usize, took: Duration) {

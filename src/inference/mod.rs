@@ -519,6 +519,9 @@ pub struct EngineOptions {
     /// Most requests that may wait for a place in one model's batch; beyond it they are
     /// refused with [`EngineError::Busy`].
     pub max_queue: usize,
+    /// How the CPU's own layer loop keeps keys and values (half floats by default; the
+    /// tensor path, GPUs included, keeps 32-bit floats whatever this says).
+    pub kv_precision: KvPrecision,
 }
 
 impl Default for EngineOptions {
@@ -535,6 +538,7 @@ impl Default for EngineOptions {
             kv_cache_bytes: 4 << 30,
             prefix_cache_bytes: 1 << 30,
             max_queue: 64,
+            kv_precision: KvPrecision::default(),
         }
     }
 }

@@ -110,6 +110,23 @@ pub(crate) enum KvSlice<'a> {
     Full(&'a [f32]),
 }
 
+impl<'a> KvSlice<'a> {
+    /// The `n` values from `at` as floats: the cache's own for 32-bit floats, widened into
+    /// `buf` for half floats.
+    fn row<'b>(self, at: usize, n: usize, buf: &'b mut [f32]) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        match self {
+            KvSlice::Full(x) => &x[at..at + n],
+            KvSlice::Half(x) => {
+                f16::widen(&x[at..at + n], &mut buf[..n]);
+                &buf[..n]
+            }
+        }
+    }
+}
+
 /// How the plain layer loop's KV caches hold keys and values.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvPrecision {
@@ -121,6 +138,17 @@ pub enum KvPrecision {
     Half,
     /// 32-bit floats: what the reference implementations compute in f32, to float rounding.
     Full,
+}
+
+impl KvPrecision {
+    /// From a setting: `f16` ([`KvPrecision::Half`]) or `f32` ([`KvPrecision::Full`]).
+    pub fn parse(s: &str) -> anyhow::Result<KvPrecision> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f16" => Ok(KvPrecision::Half),
+            "f32" => Ok(KvPrecision::Full),
+            other => anyhow::bail!("unknown KV-cache type {other:?} (f16 or f32)"),
+        }
+    }
 }
 
 /// An element type of a KV cache: read back as floats.
@@ -224,12 +252,8 @@ pub(crate) fn attention_batch(q: &[f32], seqs: &[AttnSeq<'_>], h: HeadShape, out
             scores.clear();
             let mut max = f32::NEG_INFINITY;
             for j in first..=qpos {
-                let at = kv_range.start + j * hd;
-                match sq.k {
-                    KvSlice::Half(k) => f16::widen(&k[at..at + hd], &mut row_f32),
-                    KvSlice::Full(k) => f32::widen(&k[at..at + hd], &mut row_f32),
-                }
-                let sc = dot_f32(qv, &row_f32, simd) * scale;
+                let k = sq.k.row(kv_range.start + j * hd, hd, &mut row_f32);
+                let sc = dot_f32(qv, k, simd) * scale;
                 max = max.max(sc);
                 scores.push(sc);
             }
@@ -240,12 +264,8 @@ pub(crate) fn attention_batch(q: &[f32], seqs: &[AttnSeq<'_>], h: HeadShape, out
             }
             o.fill(0.0);
             for (j, p) in (first..=qpos).zip(&scores) {
-                let at = kv_range.start + j * hd;
-                match sq.v {
-                    KvSlice::Half(v) => f16::widen(&v[at..at + hd], &mut row_f32),
-                    KvSlice::Full(v) => f32::widen(&v[at..at + hd], &mut row_f32),
-                }
-                axpy(p / sum, &row_f32, o, simd);
+                let v = sq.v.row(kv_range.start + j * hd, hd, &mut row_f32);
+                axpy(p / sum, v, o, simd);
             }
         }
     };
