@@ -14,6 +14,14 @@ median stream's tokens/s (after its first token), and the worst time to first to
 llama.cpp's server runs with `-np N` (N slots, continuous batching) and the adapters loaded
 unapplied (`--lora-init-without-apply`), each request naming its own (`"lora"`). Both use
 the same number of threads. The ratio column is ferrotune / llama.cpp aggregate tokens/s.
+
+    python3 benches/serving.py --models-dir DIR --model NAME --adapter A --adapter B … \
+        [--weights q4_1]
+
+ferrotune alone on another model folder and its adapters (at least one; stream i of the
+spread runs uses adapter i mod their number), its weights quantised as `--weights` says (the
+server's `inference_weights`): e.g. the 1.17B random-weight model and LoRAs that
+`benches/real_models.py --batch 8` makes under ~/.cache/ferrotune/bench-models.
 """
 
 import argparse
@@ -47,7 +55,14 @@ PROMPTS = [
 
 
 def adapter_dirs():
+    if ADAPTERS:
+        return ADAPTERS
     return [MODELS / f".ferrotune-serving-lora-x{s}" for s in SCALES]
+
+
+# Set from the command line (another model and its adapters).
+ADAPTERS = []
+WEIGHTS = None
 
 
 def wait_http(url, timeout=300):
@@ -109,6 +124,8 @@ def ferrotune_server(port, threads, data):
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads), FERROTUNE_AUTO_SETUP="false",
                FERROTUNE_DEFAULT_MODEL="", FERROTUNE_MAX_GENERATIONS_PER_USER="64",
                FERROTUNE_MAX_CONCURRENT_GENERATIONS="64", RUST_LOG="warn")
+    if WEIGHTS:
+        env["FERROTUNE_INFERENCE_WEIGHTS"] = WEIGHTS
     proc = subprocess.Popen(
         [str(ROOT / "target/release/ferrotune"), "serve", "--bind", f"127.0.0.1:{port}",
          "--data-dir", data, "--models-dir", str(MODELS)], env=env)
@@ -143,9 +160,24 @@ def main():
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--models-dir", type=Path, help="another models folder (ferrotune only)")
+    ap.add_argument("--model", help="the base model's folder name in --models-dir")
+    ap.add_argument("--adapter", type=Path, action="append", default=[],
+                    help="an adapter folder for --model (repeat; stream i uses i mod their number)")
+    ap.add_argument("--weights", help="what the weights become at load (inference_weights)")
     args = ap.parse_args()
+    global MODELS, MODEL, ADAPTERS, WEIGHTS
+    if args.models_dir or args.model or args.adapter:
+        if not (args.models_dir and args.model and args.adapter):
+            sys.exit("--models-dir, --model and --adapter go together")
+        if args.llama_server:
+            sys.exit("--llama-server runs on the test model only")
+        MODELS, MODEL, ADAPTERS = args.models_dir, args.model, args.adapter
+    WEIGHTS = args.weights
     counts = [int(x) for x in args.streams.split(",")]
-    gguf = next((MODELS / MODEL).glob("*.gguf"))
+    n_ad = len(adapter_dirs())
+    spread = f"{n_ad} adapters"
+    gguf = next((MODELS / MODEL).glob("*.gguf"), MODELS / MODEL)
     need = "adapter.gguf" if args.llama_server else "adapter_model.safetensors"
     missing = [d for d in adapter_dirs() if not (d / need).is_file()]
     if missing:
@@ -172,7 +204,8 @@ def main():
             token = user(base, "bench")
             ids = [upload_adapter(base, token, d, d.name.lstrip(".")) for d in adapter_dirs()]
             url = base + "/v1/chat/completions"
-            for mode, pick in (("one adapter", lambda i: ids[0]), ("4 adapters", lambda i: ids[i % 4])):
+            for mode, pick in (("one adapter", lambda i: ids[0]),
+                               (spread, lambda i: ids[i % n_ad])):
                 b = bodies(pick, lambda i: None)
                 burst(url, 1, b, token)  # loads the model and the adapters
                 burst(url, 4, b, token)
@@ -194,7 +227,7 @@ def main():
         try:
             wait_http(f"http://127.0.0.1:{port}/health")
             url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            for mode, pick in (("one adapter", lambda i: 0), ("4 adapters", lambda i: i % 4)):
+            for mode, pick in (("one adapter", lambda i: 0), (spread, lambda i: i % 4)):
                 b = bodies(lambda i: MODEL,
                            lambda i, pick=pick: [{"id": j, "scale": 1.0 if j == pick(i) else 0.0}
                                                  for j in range(4)])
@@ -210,12 +243,12 @@ def main():
         print(json.dumps({" / ".join(map(str, k)): v for k, v in results.items()}, indent=1))
         return
     single = {mode: results[("ferrotune", mode, counts[0])]["aggregate"]
-              for mode in ("one adapter", "4 adapters")}
+              for mode in ("one adapter", spread)}
     print(f"{gguf.name}, {args.tokens} greedy tokens per stream, {args.threads} threads")
     print("| adapters | streams | ferrotune tok/s (× 1 stream) | slowest stream | median stream "
           "| worst TTFT s | llama.cpp tok/s | slowest | worst TTFT s | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for mode in ("one adapter", "4 adapters"):
+    for mode in ("one adapter", spread):
         for n in counts:
             f = results[("ferrotune", mode, n)]
             ll = results.get(("llama.cpp", mode, n))
