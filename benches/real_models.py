@@ -158,7 +158,7 @@ def make_adapters(hf_dir, n):
     for k in range(n):
         out = hf_dir.parent / f".{NAME}-lora-{k}"
         dirs.append(out)
-        if (out / "adapter_model.safetensors").is_file():
+        if out.is_dir():
             continue
         g = torch.Generator().manual_seed(k)
         tensors = {}
@@ -167,18 +167,24 @@ def make_adapters(hf_dir, n):
                 p = f"base_model.model.model.layers.{layer}.{name}"
                 tensors[f"{p}.lora_A.weight"] = torch.randn(8, i, generator=g) * 0.02
                 tensors[f"{p}.lora_B.weight"] = torch.randn(o, 8, generator=g) * 0.02
-        out.mkdir(exist_ok=True)
-        save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
-        (out / "adapter_config.json").write_text(json.dumps({
+        # Written whole under a temporary name, then renamed: an interrupted run leaves none.
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps({
             "peft_type": "LORA", "r": 8, "lora_alpha": 16, "bias": "none",
             "base_model_name_or_path": str(hf_dir), "task_type": "CAUSAL_LM",
-            "target_modules": [n.split(".")[1] for n in shapes]}))
+            "target_modules": [m.split(".")[1] for m in shapes]}))
+        tmp.rename(out)
     return dirs
 
 
 def batched(args, models, hf_dir):
     adapters = make_adapters(hf_dir, args.adapters)
-    fmt = (args.formats or "q4_1").split(",")[0]
+    fmt = args.formats or "q4_1"
+    if "," in fmt:
+        sys.exit("--batch runs one format")
     cmd = ["cargo", "bench", "--quiet", "--bench", "throughput", "--", "--models-dir",
            str(models), "--model", NAME, "--format", "safetensors", "--requant", fmt,
            "--tokens", str(args.tokens), "--threads", str(args.threads), "--batch",

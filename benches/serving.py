@@ -178,10 +178,17 @@ def main():
     n_ad = len(adapter_dirs())
     spread = f"{n_ad} adapters"
     gguf = next((MODELS / MODEL).glob("*.gguf"), MODELS / MODEL)
-    need = "adapter.gguf" if args.llama_server else "adapter_model.safetensors"
-    missing = [d for d in adapter_dirs() if not (d / need).is_file()]
+    need = ["adapter_config.json", "adapter_model.safetensors"]
+    if args.llama_server:
+        need.append("adapter.gguf")
+    missing = [d / n for d in adapter_dirs() for n in need if not (d / n).is_file()]
+    if missing and ADAPTERS:
+        sys.exit(f"{missing[0]} is missing (benches/real_models.py --batch makes the 1.17B "
+                 "model's adapters)")
     if missing:
         sys.exit(f"run `bash benches/llama_cpp_setup.sh --serving` first ({missing[0]} is missing)")
+    if len({d.name for d in adapter_dirs()}) < len(adapter_dirs()):
+        sys.exit("the adapter folders need different names (they are uploaded by name)")
     results = {}
 
     def bodies(model_of, lora_of):

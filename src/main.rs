@@ -120,6 +120,10 @@ enum Command {
         /// setting].
         #[arg(long)]
         device: Option<String>,
+        /// How the CPU's kernels keep the KV cache: `f16` or `f32` [default: the
+        /// `kv_cache_dtype` setting].
+        #[arg(long)]
+        kv_cache_dtype: Option<String>,
     },
     /// Merge a LoRA adapter into its base model (or take a full fine-tune) and write it as a
     /// Hugging Face safetensors folder or a GGUF file with an Ollama Modelfile. Works on
@@ -345,8 +349,14 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             seed,
             weights,
             device,
+            kv_cache_dtype,
         } => {
             let mut config = config;
+            if let Some(k) = kv_cache_dtype {
+                ferrotune::inference::KvPrecision::parse(&k)
+                    .map_err(|e| anyhow::anyhow!("--kv-cache-dtype: {e}"))?;
+                config.kv_cache_dtype = k;
+            }
             if let Some(d) = device {
                 ferrotune::inference::InferenceDevice::parse(&d)?.check_build()?;
                 config.inference_device = d;

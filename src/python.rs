@@ -175,6 +175,12 @@ impl PyEngine {
         })
     }
 
+    /// How this engine's models keep their KV caches: `"f16"` or `"f32"`.
+    #[getter]
+    fn kv_cache_dtype(&self) -> &'static str {
+        self.engine.kv_precision().name()
+    }
+
     /// The models directory this engine reads.
     #[getter]
     fn models_dir(&self) -> PathBuf {

@@ -715,4 +715,57 @@ async fn beyond_the_batch_requests_queue_and_beyond_the_limit_get_429() {
         m.contains("ferrotune_kv_cache_bytes_per_token{model=\"SmolLM2-135M-Instruct\"} 46080"),
         "{m}"
     );
+
+    // A running sequence holds its reservation (prompt + max_tokens positions at 46080 bytes
+    // each), and a client that goes away gives it back.
+    let reserved = || async {
+        let (_, m, _) = u.get_bytes("/metrics").await;
+        let m = String::from_utf8(m).unwrap();
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    "ferrotune_kv_cache_reserved_bytes{model=\"SmolLM2-135M-Instruct\"} ",
+                )
+            })
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no reservation gauge:\n{m}"))
+    };
+    let long = u
+        .http
+        .post(format!("{}/v1/chat/completions", u.base))
+        .bearer_auth(u.token.as_deref().unwrap())
+        .json(&chat(
+            MODEL,
+            "Tell me a long story.",
+            json!({"max_tokens": 1000, "ignore_eos": true, "stream": true}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(long.status(), 200);
+    let mut held = 0;
+    for _ in 0..100 {
+        held = reserved().await;
+        if held > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        held >= 1000 * 46080 && held % 46080 == 0,
+        "reserved {held} bytes"
+    );
+    drop(long);
+    let mut left = held;
+    for _ in 0..100 {
+        left = reserved().await;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        left, 0,
+        "the reservation is freed when the client goes away"
+    );
 }

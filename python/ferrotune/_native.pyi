@@ -56,6 +56,9 @@ class Engine:
         kv_cache_dtype: Optional[str] = None,
     ) -> None: ...
     @property
+    def kv_cache_dtype(self) -> str:
+        """How this engine's models keep their KV caches: ``"f16"`` or ``"f32"``."""
+    @property
     def models_dir(self) -> pathlib.Path:
         """The models directory this engine reads."""
     def models(self) -> list[str]:

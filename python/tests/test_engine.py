@@ -141,9 +141,11 @@ def test_errors_are_exceptions_with_clear_messages(engine, tmp_path):
     assert isinstance(ferrotune.InvalidRequestError("x"), ferrotune.FerrotuneError)
 
 
-def test_the_kv_cache_type_is_chosen_and_checked(models_dir):
+def test_the_kv_cache_type_is_chosen_and_checked(engine, models_dir):
+    assert engine.kv_cache_dtype == "f16"
     # A 32-bit KV cache: the same greedy answer as the default half-float one.
-    full = ferrotune.Engine(models_dir, kv_cache_dtype="f32")
+    full = ferrotune.Engine(models_dir, kv_cache_dtype="F32")
+    assert full.kv_cache_dtype == "f32"
     assert full.chat(MODEL, FRANCE, temperature=0, max_tokens=32) == (
         "The capital of France is Paris."
     )

@@ -86,7 +86,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 /// Prometheus metrics (text exposition format): `ferrotune_queue_depth`,
-/// `ferrotune_active_sequences`, `ferrotune_batch_sequences`, `ferrotune_batch_rows`,
+/// `ferrotune_active_sequences`, `ferrotune_kv_cache_reserved_bytes`,
+/// `ferrotune_kv_cache_bytes_per_token`, `ferrotune_batch_sequences`, `ferrotune_batch_rows`,
 /// `ferrotune_step_seconds`, `ferrotune_tokens_generated_total`,
 /// `ferrotune_time_to_first_token_seconds`, `ferrotune_adapter_cache_{hits,misses,evictions}_total`,
 /// `ferrotune_prefix_cache_{hits,tokens}_total`, `ferrotune_http_request_duration_seconds`.

@@ -93,6 +93,11 @@ impl Engine {
         self.models.models_dir()
     }
 
+    /// How this engine's models keep their KV caches on the CPU's own kernels.
+    pub fn kv_precision(&self) -> super::KvPrecision {
+        self.opts.kv_precision
+    }
+
     /// Where this engine finds base models.
     pub fn registry(&self) -> &Arc<crate::models::Registry> {
         &self.models

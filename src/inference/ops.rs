@@ -149,6 +149,14 @@ impl KvPrecision {
             other => anyhow::bail!("unknown KV-cache type {other:?} (f16 or f32)"),
         }
     }
+
+    /// The setting's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvPrecision::Half => "f16",
+            KvPrecision::Full => "f32",
+        }
+    }
 }
 
 /// An element type of a KV cache: read back as floats.
